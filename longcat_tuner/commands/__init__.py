@@ -1,0 +1,1 @@
+"""One module per `longcat-tuner` subcommand; each exposes `register(subparsers)`."""

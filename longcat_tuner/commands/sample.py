@@ -1,0 +1,83 @@
+"""`longcat-tuner sample`: image-to-video (or text-to-video without --image) from a checkpoint and optional LoRAs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample",
+        help="generate a video from a start frame and a prompt",
+        description="Image-to-video (text-to-video without --image) with the official Euler sampler and CFG-Zero*.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint root in the official layout (dit/ text_encoder/ vae/ ...)")
+    p.add_argument("--lora", action="append", default=[], help="LoRA file (official LongCat, ComfyUI or ours); repeatable")
+    p.add_argument("--lora-multiplier", type=float, action="append", default=[], help="strength per --lora (default 1.0)")
+    p.add_argument("--image", help="start frame (PNG/JPEG); omit for text-to-video")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="", help='negative prompt for CFG (default: empty, as the official code)')
+    p.add_argument("--frames", type=int, default=93, help="pixel frames, (frames - 1) %% 4 == 0 (default 93)")
+    p.add_argument("--resolution", default="480p", help="HEIGHTxWIDTH (480x832) or a bucket following the image aspect (480p, 720p)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; 1 disables CFG (use with --distilled)")
+    p.add_argument("--shift", type=float, default=12.0)
+    p.add_argument("--distilled", action="store_true", help="16-step distilled grid (use with the official cfg_step_lora)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=int, default=15)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, xformers, block_sparse, reference")
+    p.add_argument("--output", required=True, help="output .mp4")
+    p.add_argument("--progress-json", action="store_true", help="print one JSON line per step (for the web UI)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from longcat_tuner.encoders import TextEncoder, VideoVAE
+    from longcat_tuner.generate import generate
+    from longcat_tuner.media import check_frames, image_to_tensor, load_image, parse_resolution, resize_and_crop, video_to_uint8, write_mp4
+    from longcat_tuner.model.loading import load_dit
+    from longcat_tuner.model.lora import load_lora
+
+    check_frames(args.frames)
+    image = load_image(args.image) if args.image else None
+    height, width = parse_resolution(args.resolution, aspect=image.width / image.height if image else None)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    dit = load_dit(args.model, dtype=dtype, device=device, attention_backend=args.attention)
+    for i, lora in enumerate(args.lora):
+        multiplier = args.lora_multiplier[i] if i < len(args.lora_multiplier) else 1.0
+        load_lora(dit, lora, multiplier=multiplier, name=f"lora{i}")
+    text_encoder = TextEncoder.from_pretrained(args.model, dtype=dtype, device=device)
+    embeds, mask = text_encoder.encode([args.prompt])
+    negative_embeds = negative_mask = None
+    if args.guidance > 1:
+        negative_embeds, negative_mask = text_encoder.encode([args.negative_prompt])
+    del text_encoder
+    vae = VideoVAE.from_pretrained(args.model, dtype=dtype, device=device)
+    start = image_to_tensor(resize_and_crop(image, height, width)) if image else None
+
+    bar = tqdm(total=args.steps, desc="sampling", unit="step", disable=args.progress_json)
+
+    def on_step(step: int, total: int, _latents) -> None:
+        bar.update(1)
+        if args.progress_json:
+            print(json.dumps({"event": "sample_step", "step": step, "total": total}), flush=True)
+
+    result = generate(
+        dit, vae, text_embeds=embeds, text_mask=mask, negative_embeds=negative_embeds, negative_mask=negative_mask,
+        height=height, width=width, frames=args.frames, start_frame=start, steps=args.steps, guidance=args.guidance,
+        shift=args.shift, distilled=args.distilled, seed=args.seed, callback=on_step,
+    )
+    bar.close()
+    out = write_mp4(args.output, video_to_uint8(result.video), fps=args.fps)
+    message = {"event": "sample_done", "output": str(out), "height": height, "width": width, "frames": args.frames}
+    print(json.dumps(message) if args.progress_json else f"wrote {out} ({args.frames} frames, {height}x{width}, {args.fps} fps)", file=sys.stdout)
+    return 0

@@ -1,0 +1,1 @@
+"""Flow-matching math (pure functions) and the Euler sampler with CFG-Zero*."""

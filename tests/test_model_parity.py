@@ -1,0 +1,114 @@
+"""The DiT against the official code's outputs (../shared/reference/parity), float32 on CPU, atol=rtol=1e-4."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longcat_tuner import load_dit, load_lora
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def dit(tiny_checkpoint):
+    return load_dit(tiny_checkpoint)
+
+
+def _inputs(cases):
+    return cases["x"], cases["encoder_hidden_states"], cases["encoder_attention_mask"]
+
+
+def test_text_to_video(dit, dit_cases):
+    x, ehs, mask = _inputs(dit_cases)
+    with torch.no_grad():
+        out = dit(x, dit_cases["t2v_timestep"], ehs, mask)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out, dit_cases["t2v_out"], **TOL)
+
+
+def test_text_embeds_without_singleton_axis(dit, dit_cases):
+    x, ehs, mask = _inputs(dit_cases)
+    with torch.no_grad():
+        out = dit(x, dit_cases["t2v_timestep"], ehs.squeeze(1), mask)
+    torch.testing.assert_close(out, dit_cases["t2v_out"], **TOL)
+
+
+def test_image_to_video(dit, dit_cases):
+    x, ehs, mask = _inputs(dit_cases)
+    with torch.no_grad():
+        out = dit(x, dit_cases["i2v_timestep"], ehs, mask, num_cond_latents=1)
+    torch.testing.assert_close(out, dit_cases["i2v_out"], **TOL)
+
+
+def test_video_continuation(dit, dit_cases):
+    x, ehs, mask = _inputs(dit_cases)
+    with torch.no_grad():
+        out = dit(x, dit_cases["vc_timestep"], ehs, mask, num_cond_latents=2)
+    torch.testing.assert_close(out, dit_cases["vc_out"], **TOL)
+
+
+def test_kv_cache_matches_official_cached_path(dit, dit_cases):
+    x, ehs, mask = _inputs(dit_cases)
+    with torch.no_grad():
+        cache = dit.build_kv_cache(x[:, :, :2])
+        out = dit(x[:, :, 2:], dit_cases["vc_timestep"][:, 2:], ehs, mask, kv_cache=cache)
+    torch.testing.assert_close(out, dit_cases["vc_cached_noisy_out"], **TOL)
+    torch.testing.assert_close(out, dit_cases["vc_out"][:, :, 2:], **TOL)
+
+
+def test_i2v_loss_gradients(tiny_checkpoint, dit_cases):
+    dit = load_dit(tiny_checkpoint)
+    dit.requires_grad_(True)
+    x, ehs, mask = _inputs(dit_cases)
+    x = x.clone().requires_grad_(True)
+    out = dit(x, dit_cases["i2v_timestep"], ehs, mask, num_cond_latents=1)
+    loss = torch.nn.functional.mse_loss(out[:, :, 1:], dit_cases["grad_target"][:, :, 1:])
+    loss.backward()
+    torch.testing.assert_close(loss.detach().reshape(1), dit_cases["grad_loss"], **TOL)
+    torch.testing.assert_close(x.grad, dit_cases["grad_x"], **TOL)
+    params = dict(dit.named_parameters())
+    for name in ("blocks.0.attn.qkv.weight", "final_layer.linear.weight"):
+        torch.testing.assert_close(params[name].grad, dit_cases[f"grad_{name}"], **TOL)
+
+
+def test_official_lora(tiny_checkpoint, dit_cases):
+    dit = load_dit(tiny_checkpoint)
+    load_lora(dit, tiny_checkpoint / "lora" / "tiny_lora.safetensors", multiplier=1.0)
+    x, ehs, mask = _inputs(dit_cases)
+    with torch.no_grad():
+        out = dit(x, dit_cases["i2v_timestep"], ehs, mask, num_cond_latents=1)
+    torch.testing.assert_close(out, dit_cases["i2v_lora_out"], **TOL)
+
+
+def test_condition_tokens_ignore_noisy_frames_and_text(dit, dit_cases):
+    """Condition-frame outputs depend on neither the noisy frames nor the caption (block-causal, zero cross-attn)."""
+    x, ehs, mask = _inputs(dit_cases)
+    t = dit_cases["i2v_timestep"]
+    with torch.no_grad():
+        a = dit(x, t, ehs, mask, num_cond_latents=1)
+        x2 = x.clone()
+        x2[:, :, 1:] = torch.randn_like(x2[:, :, 1:])
+        b = dit(x2, t, torch.randn_like(ehs), mask, num_cond_latents=1)
+    torch.testing.assert_close(a[:, :, :1], b[:, :, :1], atol=1e-6, rtol=0)
+    assert (a[:, :, 1:] - b[:, :, 1:]).abs().max() > 1e-2
+
+
+def test_bfloat16_runs_with_fp32_output(tiny_checkpoint, dit_cases):
+    dit = load_dit(tiny_checkpoint, dtype=torch.bfloat16)
+    x, ehs, mask = _inputs(dit_cases)
+    with torch.no_grad():
+        out = dit(x, dit_cases["i2v_timestep"], ehs, mask, num_cond_latents=1)
+    assert out.dtype == torch.float32
+    assert dit.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    # bf16 weights and residual stream: close to the fp32 reference, not equal.
+    rel = (out - dit_cases["i2v_out"]).norm() / dit_cases["i2v_out"].norm()
+    assert 0 < rel < 0.05
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_attention_backends_agree(tiny_checkpoint, dit_cases, backend):
+    dit = load_dit(tiny_checkpoint, attention_backend=backend)
+    x, ehs, mask = _inputs(dit_cases)
+    with torch.no_grad():
+        out = dit(x, dit_cases["i2v_timestep"], ehs, mask, num_cond_latents=1)
+    torch.testing.assert_close(out, dit_cases["i2v_out"], **TOL)
