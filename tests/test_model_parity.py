@@ -112,3 +112,32 @@ def test_attention_backends_agree(tiny_checkpoint, dit_cases, backend):
     with torch.no_grad():
         out = dit(x, dit_cases["i2v_timestep"], ehs, mask, num_cond_latents=1)
     torch.testing.assert_close(out, dit_cases["i2v_out"], **TOL)
+
+
+def test_auto_attention_policy():
+    from longcat_tuner.model.attention import AttentionOptions, resolve_backend
+
+    q = torch.zeros(1, 2, 8, 64)
+    on = AttentionOptions(backend="auto", enable_bsa=True)
+    # On the CPU, or without enable_bsa, `auto` is dense SDPA.
+    assert resolve_backend(q, (4, 4, 4), (4, 4, 4), None, on).name == "sdpa"
+    assert resolve_backend(q, (4, 4, 4), (4, 4, 4), None, AttentionOptions(backend="auto")).name == "sdpa"
+    # Cross-attention (no grid) never goes block-sparse, even when forced.
+    forced = AttentionOptions(backend="block_sparse")
+    assert resolve_backend(q, None, None, None, forced).name == "sdpa"
+    assert resolve_backend(q, (3, 4, 4), (4, 4, 4), None, forced).name == "block_sparse"
+
+
+def test_block_sparse_backend_in_the_model(tiny_checkpoint, dit_cases):
+    """Forced block-sparse on the ragged I2V split: dense at sparsity 0, different (but close) when sparse."""
+    dit = load_dit(tiny_checkpoint)
+    x, ehs, mask = _inputs(dit_cases)
+    t = dit_cases["i2v_timestep"]
+    dit.set_attention_backend("block_sparse", sparsity=0.0)
+    with torch.no_grad():
+        dense_equivalent = dit(x, t, ehs, mask, num_cond_latents=1)
+    torch.testing.assert_close(dense_equivalent, dit_cases["i2v_out"], **TOL)
+    dit.set_attention_backend("block_sparse", sparsity=0.75)
+    with torch.no_grad():
+        sparse = dit(x, t, ehs, mask, num_cond_latents=1)
+    assert (sparse - dit_cases["i2v_out"]).abs().max() > 1e-4

@@ -9,8 +9,10 @@ Every attention call in the DiT goes through `attention(q, k, v, ...)` with tens
 - `reference`: plain torch softmax attention (slow, the numeric yardstick for the others).
 - `block_sparse`: LongCat's block-sparse attention (MODEL.md section 6), our Triton kernel on CUDA and a torch
   reference elsewhere. Needs the token grids; calls without a grid (cross-attention) run dense.
-- `auto`: block-sparse where the checkpoint enables it (`enable_bsa`), the device is CUDA and both token grids
-  are multiples of the block shape with more than one frame (as the official code requires); `sdpa` otherwise.
+- `auto`: block-sparse where the checkpoint enables it (`enable_bsa`), the device is CUDA with Triton and the key
+  grid (the whole latent grid for noisy queries) is a multiple of the block shape with more than one frame, as the
+  official code requires; `sdpa` otherwise. The query grid may be ragged: with one condition latent the noisy
+  queries span T-1 frames, which our kernel takes without padding. The 1-frame condition call runs dense.
 """
 from __future__ import annotations
 
@@ -139,21 +141,19 @@ register_backend(
 )
 
 
-def _grid_fits_blocks(grid: Optional[Grid], chunk: Grid) -> bool:
-    return grid is not None and grid[0] > 1 and all(n % c == 0 for n, c in zip(grid, chunk))
+def _auto_uses_block_sparse(q: torch.Tensor, k_grid: Optional[Grid], chunk: Grid) -> bool:
+    if k_grid is None or k_grid[0] <= 1 or not q.is_cuda:
+        return False
+    from longcat_tuner.model.block_sparse import block_sparse_supported
+
+    return block_sparse_supported(k_grid, k_grid, chunk, q.device)[0]
 
 
 def resolve_backend(q: torch.Tensor, q_grid, k_grid, key_mask, options: AttentionOptions) -> Backend:
     """The backend that runs this call (see the module docstring for the policy)."""
     name = options.backend
     if name == "auto":
-        use_bsa = (
-            options.enable_bsa
-            and q.is_cuda
-            and _grid_fits_blocks(q_grid, options.chunk)
-            and _grid_fits_blocks(k_grid, options.chunk)
-        )
-        name = "block_sparse" if use_bsa else "sdpa"
+        name = "block_sparse" if options.enable_bsa and _auto_uses_block_sparse(q, k_grid, options.chunk) else "sdpa"
     backend = _BACKENDS[name]
     if backend.needs_grid and (q_grid is None or k_grid is None):
         # Cross-attention has no token grid: block-sparse applies to self-attention only.

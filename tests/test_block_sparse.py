@@ -1,0 +1,280 @@
+"""Block-sparse attention: the torch reference against the official fixture and a brute-force version, and our
+Triton kernel against the reference (Triton's CPU interpreter here, bf16 on CUDA under the `gpu` marker)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longcat_tuner.errors import ShapeError
+from longcat_tuner.model.block_sparse import (
+    block_layout,
+    block_sparse_attention,
+    block_sparse_supported,
+    num_selected_blocks,
+    pool_blocks,
+    select_key_blocks,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BSA_CASE = SHARED / "reference" / "parity" / "bsa_case.safetensors"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def _interpreter_usable() -> bool:
+    """Older Triton interpreters (3.6 seen on the GPU image) call int() on 1-element arrays for loop
+    bounds, which numpy >= 2.5 refuses; Triton 3.9 squeezes them first."""
+    if not HAS_TRITON:
+        return False
+    import numpy
+    import triton
+
+    try:
+        int(numpy.ones(1))
+    except TypeError:
+        return tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 9)
+    return True
+
+
+needs_interpreter = pytest.mark.skipif(
+    not _interpreter_usable(), reason="Triton's CPU interpreter is missing or too old for this numpy (need triton>=3.9)"
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def brute_force_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_grid: tuple[int, int, int],
+    k_grid: tuple[int, int, int],
+    sparsity: float,
+    chunk: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight from the definition: per-token block coordinates, pooling matrices, per-query token masks."""
+
+    def pooling(grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        coords = [tuple(c // s for c, s in zip(co, chunk)) for co in itertools.product(*map(range, grid))]
+        blocks = sorted(set(coords))  # tuple order is row-major block order
+        token_block = torch.tensor([blocks.index(c) for c in coords])
+        one_hot = F.one_hot(token_block, len(blocks)).T.to(q.dtype)
+        return token_block, one_hot / one_hot.sum(1, keepdim=True)
+
+    q_block, q_pool = pooling(q_grid)
+    k_block, k_pool = pooling(k_grid)
+    scores = (q_pool @ q) @ (k_pool @ k).transpose(-1, -2)
+    topk = max(1, int((1 - sparsity) * k_pool.shape[0]))
+    selected = torch.topk(scores, topk, dim=-1).indices
+    block_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, selected, True)
+    token_mask = block_mask[..., q_block, :][..., k_block]
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    out = torch.softmax(logits.masked_fill(~token_mask, float("-inf")), dim=-1) @ v
+    return out, selected
+
+
+def random_qkv(q_grid, k_grid, *, batch=1, heads=2, head_dim=16, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    nq, nk = math.prod(q_grid), math.prod(k_grid)
+    q = torch.randn(batch, heads, nq, head_dim, generator=gen, dtype=torch.float32)
+    k = torch.randn(batch, heads, nk, head_dim, generator=gen, dtype=torch.float32)
+    v = torch.randn(batch, heads, nk, head_dim, generator=gen, dtype=torch.float32)
+    # A shared low-frequency component makes block scores differ clearly, so top-k has no near-ties.
+    q = q + 2 * torch.randn(batch, heads, 1, head_dim, generator=gen) * torch.linspace(-1, 1, nq)[:, None]
+    k = k + 2 * torch.randn(batch, heads, 1, head_dim, generator=gen) * torch.linspace(-1, 1, nk)[:, None]
+    return [t.to(device=device, dtype=dtype).requires_grad_(True) for t in (q, k, v)]
+
+
+def grads_of(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    return list(torch.autograd.grad(out, inputs, grad_out))
+
+
+# --- layout and selection ------------------------------------------------------------------------------------
+
+
+def test_block_layout_order_and_ragged_pooling():
+    layout = block_layout((4, 8, 8), (4, 4, 4))
+    # Token (0, 0, 4) is the first of block 1 (t 0-3, h 0-3, w 4-7); token (0, 4, 0) the first of block 2.
+    assert layout.token_block[[0, 4, 32]].tolist() == [0, 1, 2]
+    assert layout.block_count.tolist() == [64] * 4
+
+    ragged = block_layout((1, 5, 6), (4, 4, 4))
+    assert ragged.blocks_per_axis == (1, 2, 2)
+    assert ragged.block_count.tolist() == [16, 8, 4, 2]
+    x = torch.randn(1, 2, 30, 3)
+    expected = torch.stack([x[:, :, ragged.token_block == b].mean(2) for b in range(4)], dim=2)
+    torch.testing.assert_close(pool_blocks(x, ragged), expected)
+
+
+def test_num_selected_blocks_keeps_at_least_one():
+    assert num_selected_blocks(2640, 0.9375) == 165
+    assert num_selected_blocks(16, 0.9375) == 1
+    assert num_selected_blocks(8, 0.9375) == 1  # int(0.5) == 0 in the official formula: we keep one block
+    assert num_selected_blocks(8, 0.0) == 8
+    with pytest.raises(ShapeError):
+        num_selected_blocks(8, 1.0)
+
+
+def test_supported_and_shape_errors():
+    assert block_sparse_supported((8, 8, 16), (8, 8, 16)) == (True, "")
+    ok, reason = block_sparse_supported((23, 32, 52), (24, 32, 52))
+    assert not ok and "(23, 32, 52)" in reason and "block_sparse" in reason
+    ok, reason = block_sparse_supported((4, 4, 4), (4, 4, 4), device="cpu")
+    assert not ok and "CUDA" in reason
+    q, k, v = random_qkv((4, 4, 4), (4, 4, 4))
+    with pytest.raises(ShapeError, match="grid"):
+        block_sparse_attention(q, k, v, (4, 4, 5), (4, 4, 4))
+    with pytest.raises(ShapeError, match="impl"):
+        block_sparse_attention(q, k, v, (4, 4, 4), (4, 4, 4), impl="flash")
+
+
+# --- reference ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not BSA_CASE.exists(), reason=f"parity fixture {BSA_CASE} is absent (needs ../shared)")
+def test_reference_matches_official_fixture():
+    from safetensors.torch import load_file
+
+    case = load_file(str(BSA_CASE))
+    grid = tuple(case["latent_shape"].tolist())
+    indices = select_key_blocks(case["q"], case["k"], grid, grid, sparsity=0.9375, chunk=(4, 4, 4))
+    assert torch.equal(indices, case["block_indices"])
+    out = block_sparse_attention(case["q"], case["k"], case["v"], grid, grid, impl="reference")
+    torch.testing.assert_close(out, case["out"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("q_grid,k_grid", [((4, 8, 8), (4, 8, 8)), ((4, 4, 8), (8, 4, 8)), ((3, 5, 6), (4, 5, 6))])
+def test_sparsity_zero_is_dense_attention(q_grid, k_grid):
+    q, k, v = random_qkv(q_grid, k_grid)
+    out = block_sparse_attention(q, k, v, q_grid, k_grid, sparsity=0.0, impl="reference")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+# Ragged cases are LongCat's image-to-video calls shrunk: a 1-frame condition grid, the (T-1)-frame noisy
+# queries against the full key grid (KV-cache call), H and W not multiples of 4; plus separate divisible grids.
+RAGGED_CASES = [
+    ((1, 6, 10), (1, 6, 10), 0.5),
+    ((3, 6, 10), (4, 6, 10), 0.75),
+    ((5, 5, 7), (5, 5, 7), 0.9375),
+    ((4, 8, 8), (8, 8, 8), 0.8),
+]
+
+
+@pytest.mark.parametrize("q_grid,k_grid,sparsity", RAGGED_CASES)
+def test_reference_matches_brute_force_with_grads(q_grid, k_grid, sparsity):
+    chunk = (4, 4, 4)
+    q, k, v = random_qkv(q_grid, k_grid, seed=3)
+    expected, expected_idx = brute_force_attention(q, k, v, q_grid, k_grid, sparsity, chunk)
+    assert torch.equal(select_key_blocks(q, k, q_grid, k_grid, sparsity=sparsity, chunk=chunk), expected_idx)
+    out = block_sparse_attention(q, k, v, q_grid, k_grid, sparsity=sparsity, chunk=chunk, impl="reference")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads_of(out, [q, k, v]), grads_of(expected, [q, k, v])):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_is_reference_on_cpu():
+    q, k, v = random_qkv((4, 4, 8), (4, 4, 8))
+    auto = block_sparse_attention(q, k, v, (4, 4, 8), (4, 4, 8), sparsity=0.5)
+    torch.testing.assert_close(auto, block_sparse_attention(q, k, v, (4, 4, 8), (4, 4, 8), sparsity=0.5, impl="reference"))
+
+
+# --- Triton kernel through the CPU interpreter ---------------------------------------------------------------
+
+
+def _check_triton_against_reference(
+    q_grid, k_grid, sparsity, chunk, dtype, head_dim, tol, device="cpu", heads=2, token_major=False
+):
+    """Triton output and grads vs the float32 reference: |error| <= tol * (max |reference| + |reference|).
+
+    token_major: feed q, k, v as [B, heads, N, D] views of [B, N, heads, D] storage (the model's layout).
+    """
+    q, k, v = random_qkv(q_grid, k_grid, heads=heads, head_dim=head_dim, dtype=dtype, device=device, seed=5)
+    if token_major:
+        q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
+    out = block_sparse_attention(q, k, v, q_grid, k_grid, sparsity=sparsity, chunk=chunk, impl="triton")
+    if token_major:
+        assert out.stride() == q.stride()
+    grads = grads_of(out, [q, k, v])
+    # The reference runs in float32 on the same (rounded) inputs.
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref = block_sparse_attention(q32, k32, v32, q_grid, k_grid, sparsity=sparsity, chunk=chunk, impl="reference")
+    ref_grads = grads_of(ref, [q32, k32, v32])
+    assert out.dtype == dtype
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_grads]):
+        assert got.dtype == dtype, name
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want, atol=tol * scale, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@needs_interpreter
+@pytest.mark.skipif(not BSA_CASE.exists(), reason=f"parity fixture {BSA_CASE} is absent (needs ../shared)")
+def test_triton_interpreter_matches_official_fixture():
+    from safetensors.torch import load_file
+
+    case = load_file(str(BSA_CASE))
+    grid = tuple(case["latent_shape"].tolist())
+    out = block_sparse_attention(case["q"], case["k"], case["v"], grid, grid, impl="triton")
+    torch.testing.assert_close(out, case["out"], atol=1e-4, rtol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "q_grid,k_grid,sparsity,chunk,dtype,head_dim,tol",
+    [
+        ((4, 4, 8), (8, 4, 8), 0.5, (4, 4, 4), torch.float32, 16, 1e-5),  # whole blocks, mask-free kernel
+        ((3, 6, 10), (4, 6, 10), 0.5, (4, 4, 4), torch.float32, 16, 1e-5),  # ragged KV-cache call
+        ((1, 6, 10), (1, 6, 10), 0.5, (4, 4, 4), torch.float32, 24, 1e-5),  # 1-frame condition, odd head_dim
+        ((2, 4, 6), (2, 4, 6), 0.5, (2, 2, 4), torch.float16, 32, 3e-3),  # 16-token chunk, fp16
+    ],
+)
+def test_triton_interpreter_matches_reference(q_grid, k_grid, sparsity, chunk, dtype, head_dim, tol):
+    _check_triton_against_reference(q_grid, k_grid, sparsity, chunk, dtype, head_dim, tol)
+
+
+@needs_interpreter
+def test_triton_interpreter_reads_token_major_strides():
+    _check_triton_against_reference((3, 4, 5), (4, 4, 5), 0.5, (2, 2, 4), torch.float32, 16, 1e-5, token_major=True)
+
+
+def test_triton_rejects_large_head_dim():
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    q, k, v = random_qkv((1, 4, 4), (1, 4, 4), head_dim=320)
+    with pytest.raises(ShapeError, match="head_dim"):
+        block_sparse_attention(q, k, v, (1, 4, 4), (1, 4, 4), impl="triton")
+
+
+# --- Triton kernel on CUDA ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize(
+    "q_grid,k_grid,sparsity,head_dim",
+    [
+        ((8, 16, 16), (8, 16, 16), 0.9375, 128),  # official shape class: whole 64-token blocks
+        ((8, 8, 16), (16, 8, 16), 0.75, 64),  # KV-cache call, whole blocks
+        ((5, 10, 14), (6, 10, 14), 0.75, 128),  # ragged noisy call
+        ((1, 10, 14), (1, 10, 14), 0.5, 64),  # ragged 1-frame condition call
+    ],
+)
+def test_triton_cuda_bf16_matches_reference(q_grid, k_grid, sparsity, head_dim):
+    _check_triton_against_reference(
+        q_grid, k_grid, sparsity, (4, 4, 4), torch.bfloat16, head_dim, 2e-2, device="cuda", heads=4, token_major=True
+    )
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_triton_cuda_fp32_and_fp16_match_reference():
+    _check_triton_against_reference((4, 8, 8), (8, 8, 8), 0.5, (4, 4, 4), torch.float32, 64, 1e-5, device="cuda")
+    _check_triton_against_reference((3, 6, 10), (4, 6, 10), 0.5, (4, 4, 4), torch.float16, 128, 5e-3, device="cuda")
