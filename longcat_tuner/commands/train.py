@@ -1,0 +1,42 @@
+"""`longcat-tuner train --config config/config.json [--<key> value ...]`: cache, train, validate, checkpoint.
+
+Every config key is also an option (generated from the schema), so `train --help` documents them all
+and `--learning_rate 5e-5` overrides the file for one run.
+"""
+from __future__ import annotations
+
+import argparse
+
+from longcat_tuner.config.training import add_config_arguments, config_overrides
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a LoRA (or the full DiT) from config.json",
+        description="Train a LongCat-Video LoRA (image-to-video first) as config.json describes. "
+        "Options below override the file's keys for this run.",
+    )
+    parser.add_argument("--config", required=True, help="path of config.json (relative paths inside resolve against its folder)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (events.jsonl is still written)")
+    add_config_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from longcat_tuner.config.training import TrainConfig
+    from longcat_tuner.train.trainer import train
+
+    config = TrainConfig.from_file(args.config, overrides=config_overrides(args))
+    result = train(config, progress=not args.no_progress)
+    print(f"run folder: {result.run_dir}")
+    if result.lora_path is not None:
+        print(f"LoRA (official LongCat format): {result.lora_path}")
+    if result.comfyui_lora_path is not None:
+        print(f"LoRA (ComfyUI keys): {result.comfyui_lora_path}")
+    for video in result.validation_videos:
+        print(f"validation video: {video}")
+    if result.status == "interrupted":
+        print(f"interrupted at step {result.step}; resume with --resume_from_checkpoint latest")
+        return 130
+    return 0

@@ -1,0 +1,324 @@
+"""The `multidatabackend.json` schema: the list of datasets a run trains and validates on.
+
+The guide's keys (`id`, `type`, `dataset_type`, `is_i2v`, `instance_data_dir`, `caption_strategy`,
+`resolution`, `cache_dir_vae`, `conditioning_data`) keep their meaning; SPEC section 4 adds `repeats`,
+`video: {num_frames, min_frames, max_frames, fps}`, `crop` / `crop_style`, `disabled` and a text-embed
+cache location (`cache_dir_text`). Every problem becomes a `ConfigError` naming the file, the dataset
+id, the key and the fix. The guide's example (section 3) validates as is.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from longcat_tuner.errors import ConfigError
+
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".webm", ".mkv", ".m4v", ".avi")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def causal_frame_count_error(frames: int) -> Optional[str]:
+    """Why `frames` does not fit the causal VAE (1 + 4k frames), or None when it does."""
+    if frames >= 1 and (frames - 1) % 4 == 0:
+        return None
+    lower = max(1, frames - (frames - 1) % 4)
+    return f"{frames} frames: (frames - 1) must be divisible by 4 (causal VAE); use {lower} or {lower + 4}"
+
+
+class VideoSettings(BaseModel):
+    """How clips become training frames."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_frames: int = Field(
+        93, ge=1, description="Frames per training clip at `fps`; (frames - 1) % 4 == 0 (93 -> 24 latents)."
+    )
+    min_frames: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Clips with fewer frames (at `fps`) than num_frames but at least this many are kept, "
+        "shortened to the largest 1+4k count (a separate bucket). Empty: clips shorter than num_frames "
+        "are skipped.",
+    )
+    max_frames: Optional[int] = Field(
+        None, ge=1, description="Only the first max_frames frames (at `fps`) of each clip are considered."
+    )
+    fps: float = Field(
+        15.0,
+        gt=0,
+        description="Frames are picked by timestamp at this rate (the base model's 15 fps); "
+        "a 30 fps source gives every second frame.",
+    )
+
+    @field_validator("num_frames")
+    @classmethod
+    def _causal(cls, value: int) -> int:
+        problem = causal_frame_count_error(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "VideoSettings":
+        if self.min_frames is not None and self.min_frames > self.num_frames:
+            raise ValueError(f"min_frames {self.min_frames} > num_frames {self.num_frames}; lower min_frames")
+        if self.max_frames is not None and self.max_frames < (self.min_frames or self.num_frames):
+            raise ValueError(
+                f"max_frames {self.max_frames} is below the frames a clip needs "
+                f"({self.min_frames or self.num_frames}); raise max_frames or lower num_frames/min_frames"
+            )
+        return self
+
+
+class DatasetConfig(BaseModel):
+    """One entry of multidatabackend.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(..., min_length=1, description="Unique name; other datasets and eval_dataset_id refer to it.")
+    type: Literal["local"] = Field("local", description="Storage backend; only local folders are supported.")
+    dataset_type: Literal["video", "image", "conditioning"] = Field(
+        ...,
+        description="`video`: clips to train on; `image`: still images (1-frame samples); "
+        "`conditioning`: start frames paired with the clips of a video dataset.",
+    )
+    is_i2v: bool = Field(
+        False,
+        description="Image-to-video: each clip is paired with its start frame from `conditioning_data`.",
+    )
+    instance_data_dir: Path = Field(..., description="Folder scanned recursively for media.")
+    caption_strategy: Optional[Literal["textfile", "filename", "instanceprompt"]] = Field(
+        "textfile",
+        description="`textfile`: sidecar .txt with the same stem; `filename`: the file stem "
+        "(underscores become spaces); `instanceprompt`: `instance_prompt` for every item; "
+        "null: no captions (conditioning sets).",
+    )
+    instance_prompt: Optional[str] = Field(None, description="Caption for every item with `instanceprompt`.")
+    resolution: Union[int, str] = Field(
+        480,
+        description="Pixel-area target as the guide means it: 480 -> 480p buckets (480x832 for 16:9, 608x640 for "
+        "square; a multiple of 16); or a fixed `HEIGHTxWIDTH` such as `480x832`.",
+    )
+    crop: bool = Field(
+        True,
+        description="Scale to cover the bucket and crop the overflow (true), or stretch to it (false).",
+    )
+    crop_style: Literal["center", "random"] = Field(
+        "center",
+        description="Where the crop sits; `random` is drawn once per item from the seed (cached, stable).",
+    )
+    cache_dir_vae: Path = Field(..., description="Folder of this dataset's VAE posterior cache (one file per item).")
+    cache_dir_text: Optional[Path] = Field(
+        None,
+        description="Folder of the text-embedding cache. Empty: `text` next to cache_dir_vae "
+        "(e.g. /cache/vae/longcat/text for /cache/vae/longcat/video).",
+    )
+    conditioning_data: list[str] = Field(
+        default_factory=list, description="Ids of the conditioning datasets holding this dataset's start frames."
+    )
+    repeats: int = Field(0, ge=0, description="Extra passes over this dataset per epoch (0: each item once).")
+    video: VideoSettings = Field(default_factory=VideoSettings, description="Frame count and rate of clips.")
+    disabled: bool = Field(False, description="Skip this dataset entirely.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, value: Union[int, str]) -> Union[int, str]:
+        parse_dataset_resolution(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DatasetConfig":
+        if self.is_i2v and not self.conditioning_data:
+            raise ValueError(
+                "is_i2v is true but conditioning_data is empty: add the id of the start-frame dataset, "
+                'e.g. "conditioning_data": ["longcat-video-cond"]'
+            )
+        if self.is_i2v and self.dataset_type != "video":
+            raise ValueError(f"is_i2v needs dataset_type 'video' (got '{self.dataset_type}')")
+        if self.dataset_type == "conditioning" and self.conditioning_data:
+            raise ValueError("a conditioning dataset cannot itself have conditioning_data; remove the key")
+        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+            raise ValueError("caption_strategy 'instanceprompt' needs instance_prompt; add it")
+        return self
+
+    @property
+    def text_cache_dir(self) -> Path:
+        return self.cache_dir_text if self.cache_dir_text is not None else self.cache_dir_vae.parent / "text"
+
+
+def parse_dataset_resolution(value: Union[int, str]) -> Union[int, tuple[int, int]]:
+    """`480` -> 480 (area target); `"480x832"` -> (480, 832) fixed height x width."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number such as 480 or a size such as 480x832")
+    if isinstance(value, int):
+        if value < 32:
+            raise ValueError(f"{value} is too small; use 480 (480p) or 720 (720p)")
+        if value % 16:
+            lower = value - value % 16
+            raise ValueError(f"{value} is not a multiple of 16; use {lower} or {lower + 16}")
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*(?:p|[xX]\s*(\d+))?\s*", str(value))
+    if not match:
+        raise ValueError(f"'{value}' is neither a number (480) nor HEIGHTxWIDTH (480x832)")
+    if match.group(2) is None:
+        return parse_dataset_resolution(int(match.group(1)))
+    height, width = int(match.group(1)), int(match.group(2))
+    if height % 16 or width % 16:
+        raise ValueError(f"{height}x{width}: height and width must be divisible by 16 (e.g. 480x832)")
+    return height, width
+
+
+class DatasetList(BaseModel):
+    """All datasets of multidatabackend.json, checked against each other."""
+
+    datasets: list[DatasetConfig]
+    source: str = "multidatabackend.json"
+
+    def by_id(self, dataset_id: str) -> DatasetConfig:
+        for dataset in self.datasets:
+            if dataset.id == dataset_id:
+                return dataset
+        raise ConfigError(
+            f"{self.source}: no dataset with id '{dataset_id}'; known ids: {[d.id for d in self.datasets]}"
+        )
+
+    @property
+    def enabled(self) -> list[DatasetConfig]:
+        return [d for d in self.datasets if not d.disabled]
+
+    def clip_datasets(self) -> list[DatasetConfig]:
+        """Enabled datasets that yield samples (video and image); conditioning sets only pair."""
+        return [d for d in self.enabled if d.dataset_type != "conditioning"]
+
+    def split(self, eval_dataset_id: Optional[str]) -> tuple[list[DatasetConfig], Optional[DatasetConfig]]:
+        """(training datasets, eval dataset). The eval split is never trained on."""
+        eval_dataset = None
+        if eval_dataset_id:
+            if eval_dataset_id not in {d.id for d in self.datasets}:
+                raise ConfigError(
+                    f"eval split missing: eval_dataset_id '{eval_dataset_id}' (config.json) is not a dataset id in "
+                    f"{self.source} (ids: {[d.id for d in self.datasets]}); add the eval split (same paired structure "
+                    "as the training set) or set eval_dataset_id to one of the ids"
+                )
+            eval_dataset = self.by_id(eval_dataset_id)
+            if eval_dataset.disabled:
+                raise ConfigError(
+                    f"{self.source}: eval_dataset_id '{eval_dataset_id}' names a disabled dataset; "
+                    "set its `disabled` to false or pick another eval split"
+                )
+            if eval_dataset.dataset_type == "conditioning":
+                raise ConfigError(
+                    f"{self.source}: eval_dataset_id '{eval_dataset_id}' is a conditioning dataset; point it "
+                    "at the eval split's clip dataset (is_i2v with its own conditioning_data)"
+                )
+        train = [d for d in self.clip_datasets() if eval_dataset is None or d.id != eval_dataset.id]
+        if not train:
+            raise ConfigError(
+                f"{self.source}: no enabled video or image dataset left to train on "
+                f"(eval split: {eval_dataset_id!r}); add one"
+            )
+        return train, eval_dataset
+
+
+def _check_cross_references(datasets: list[DatasetConfig], source: str) -> None:
+    seen: set[str] = set()
+    for dataset in datasets:
+        if dataset.id in seen:
+            raise ConfigError(f"{source}: dataset id '{dataset.id}' appears twice; ids must be unique")
+        seen.add(dataset.id)
+    by_id = {d.id: d for d in datasets}
+    for dataset in datasets:
+        for cond_id in dataset.conditioning_data:
+            target = by_id.get(cond_id)
+            if target is None:
+                raise ConfigError(
+                    f"{source}: dataset '{dataset.id}' key 'conditioning_data' names '{cond_id}', which is not "
+                    f"a dataset id; known ids: {sorted(by_id)}"
+                )
+            if target.dataset_type != "conditioning":
+                raise ConfigError(
+                    f"{source}: dataset '{dataset.id}' key 'conditioning_data' names '{cond_id}', whose "
+                    f"dataset_type is '{target.dataset_type}'; set it to 'conditioning'"
+                )
+            if target.disabled and not dataset.disabled:
+                raise ConfigError(
+                    f"{source}: dataset '{dataset.id}' uses conditioning dataset '{cond_id}', which is "
+                    "disabled; enable it or disable both"
+                )
+        if len(dataset.conditioning_data) > 1:
+            raise ConfigError(
+                f"{source}: dataset '{dataset.id}' key 'conditioning_data' lists {len(dataset.conditioning_data)} "
+                "datasets; one start-frame dataset per clip dataset is supported"
+            )
+    vae_dirs: dict[Path, str] = {}
+    for dataset in datasets:
+        key = Path(dataset.cache_dir_vae).expanduser().resolve()
+        if key in vae_dirs:
+            raise ConfigError(
+                f"{source}: datasets '{vae_dirs[key]}' and '{dataset.id}' share cache_dir_vae {dataset.cache_dir_vae}; "
+                "give each its own folder (clips and start frames use separate VAE caches)"
+            )
+        vae_dirs[key] = dataset.id
+
+
+def _format_dataset_error(err: ValidationError, dataset_id: str, index: int, source: str) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "entry"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "missing":
+            lines.append(f"key '{key}' is required; add it")
+        elif problem["type"] == "extra_forbidden":
+            known = list(DatasetConfig.model_fields) + [f"video.{k}" for k in VideoSettings.model_fields]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else "; remove it"
+            lines.append(f"unknown key '{key}'{hint}")
+        else:
+            lines.append(f"key '{key}': {message} (got {problem.get('input')!r})")
+    return f"{source}: dataset '{dataset_id}' (entry {index}): " + "; ".join(lines)
+
+
+def parse_datasets(data: Any, *, source: str = "multidatabackend.json", base_dir: Optional[Path] = None) -> DatasetList:
+    """Validate the parsed JSON list. Relative paths resolve against `base_dir` (the file's folder)."""
+    if not isinstance(data, list):
+        raise ConfigError(f"{source}: expected a JSON list of datasets ([{{...}}, ...]), got {type(data).__name__}")
+    datasets = []
+    for index, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: entry {index} is a {type(entry).__name__}, expected an object")
+        dataset_id = str(entry.get("id", f"#{index}"))
+        try:
+            dataset = DatasetConfig.model_validate(entry)
+        except ValidationError as err:
+            raise ConfigError(_format_dataset_error(err, dataset_id, index, source)) from None
+        if base_dir is not None:
+            updates = {}
+            for key in ("instance_data_dir", "cache_dir_vae", "cache_dir_text"):
+                value = getattr(dataset, key)
+                if value is not None and not Path(value).expanduser().is_absolute():
+                    updates[key] = base_dir / Path(value).expanduser()
+                elif value is not None:
+                    updates[key] = Path(value).expanduser()
+            dataset = dataset.model_copy(update=updates)
+        datasets.append(dataset)
+    if not datasets:
+        raise ConfigError(f"{source}: the dataset list is empty; add a video dataset (see config/multidatabackend.json.example)")
+    _check_cross_references(datasets, source)
+    return DatasetList(datasets=datasets, source=source)
+
+
+def load_datasets(path: str | Path) -> DatasetList:
+    """Read and validate multidatabackend.json (`//` comments allowed)."""
+    from longcat_tuner.config.training import read_json  # one JSON(C) reader for both config files
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"dataset config {path} does not exist; create it with "
+            "`cp config/multidatabackend.json.example config/multidatabackend.json` and set the folders"
+        )
+    return parse_datasets(read_json(path), source=str(path), base_dir=path.resolve().parent)

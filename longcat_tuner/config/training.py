@@ -1,0 +1,441 @@
+"""The `config.json` schema: one typed, documented model of every training setting.
+
+The guide's flat JSON keys are the user contract (SPEC section 3). `TrainConfig` validates them up
+front, rejects unknown keys by name (with the closest known key as a hint), and is the single source
+of truth for `longcat-tuner train --help` (`add_config_arguments`), the web UI form
+(`TrainConfig.model_json_schema()`) and the docs. Components get the few values they need, never this
+object as a whole.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from longcat_tuner.errors import ConfigError
+
+# Every linear layer of every DiT block (the official cfg_step_lora targets, MODEL.md 4.4).
+DEFAULT_LORA_TARGETS: tuple[str, ...] = (
+    "attn.qkv",
+    "attn.proj",
+    "cross_attn.q_linear",
+    "cross_attn.kv_linear",
+    "cross_attn.proj",
+    "ffn.w1",
+    "ffn.w2",
+    "ffn.w3",
+)
+
+# Named validation sizes: the training bucket of that height for the start frame's aspect ratio.
+RESOLUTION_BUCKETS: tuple[str, ...] = ("480p", "720p")
+
+# Fields holding filesystem paths: `from_file` resolves them against the config file's folder.
+PATH_FIELDS: tuple[str, ...] = (
+    "pretrained_model_name_or_path",
+    "output_dir",
+    "data_backend_config",
+    "resume_from_checkpoint",
+)
+
+
+class TrainConfig(BaseModel):
+    """Every setting of a training run, as flat keys of `config.json`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model -----------------------------------------------------------------------------------
+    model_family: Literal["longcat_video"] = Field(
+        "longcat_video", description="Model family. Only LongCat-Video is supported."
+    )
+    model_flavour: Literal["final"] = Field(
+        "final",
+        description="Checkpoint flavour. `final` serves both text-to-video and image-to-video; the task "
+        "comes from the data and validation settings.",
+    )
+    model_type: Literal["lora", "full"] = Field(
+        "lora", description="`lora` trains low-rank adapters only; `full` trains every DiT weight."
+    )
+    pretrained_model_name_or_path: Path = Field(
+        ...,
+        description="Local folder in the official hub layout (dit/ text_encoder/ tokenizer/ vae/ scheduler/).",
+    )
+    base_model_precision: Literal["no_change", "bf16", "fp32", "int8-quanto", "fp8-torchao"] = Field(
+        "no_change",
+        description="Storage precision of the frozen base weights. `no_change` means bf16 on CUDA and "
+        "fp32 on CPU; `int8-quanto` / `fp8-torchao` need optimum-quanto / torchao installed.",
+    )
+    attention_implementation: Literal["auto", "sdpa", "xformers", "block_sparse"] = Field(
+        "auto",
+        description="Attention backend: `auto` uses block-sparse on CUDA where the checkpoint enables it "
+        "and the token grid allows, else SDPA. The run trains and samples with the same backend.",
+    )
+
+    # --- LoRA ------------------------------------------------------------------------------------
+    lora_rank: int = Field(8, ge=1, description="LoRA rank (adapter width).")
+    lora_alpha: Optional[float] = Field(
+        None,
+        gt=0,
+        description="LoRA alpha; the adapter output is scaled by alpha/rank. Empty means alpha = rank (scale 1).",
+    )
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        description="Linear layers inside each DiT block that get adapters (default: every linear layer).",
+    )
+
+    # --- data ------------------------------------------------------------------------------------
+    data_backend_config: Path = Field(
+        ..., description="Path of multidatabackend.json (the dataset list: clips, start frames, eval split)."
+    )
+    aspect_bucket_alignment: int = Field(
+        64,
+        ge=16,
+        description="Bucket sizes snap to this many pixels (multiple of 16; 64 keeps the token grid "
+        "block-sparse friendly).",
+    )
+    train_batch_size: int = Field(1, ge=1, description="Clips per optimizer micro-step (same bucket).")
+    caption_dropout_probability: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Chance that a training caption is replaced by the empty-prompt embedding "
+        "(keeps classifier-free guidance working).",
+    )
+    video_continuation_latents: int = Field(
+        0,
+        ge=0,
+        description="For clips without a start frame: keep this many leading clip latents clean as "
+        "condition (video continuation). 0 trains those clips as text-to-video.",
+    )
+
+    # --- objective -------------------------------------------------------------------------------
+    flow_schedule_shift: float = Field(
+        12.0, gt=0, description="Shift applied to training sigmas: s' = shift*s / (1 + (shift-1)*s)."
+    )
+    flow_sigma_distribution: Literal["uniform", "logit_normal"] = Field(
+        "uniform", description="Base distribution of training sigmas before the shift."
+    )
+
+    # --- optimisation ----------------------------------------------------------------------------
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="AdamW, or bitsandbytes' 8-bit AdamW (needs bitsandbytes and CUDA)."
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant_with_warmup", description="Learning-rate schedule after warmup."
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 disables).")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches summed before each optimizer step."
+    )
+    max_train_steps: Optional[int] = Field(
+        1000, ge=1, description="Optimizer steps to train. Empty means use num_train_epochs."
+    )
+    num_train_epochs: Optional[int] = Field(
+        None, ge=1, description="Epochs to train when max_train_steps is empty."
+    )
+    seed: int = Field(42, description="Seed for noise, sigmas, caption dropout and data order.")
+    mixed_precision: Literal["bf16", "no"] = Field(
+        "bf16", description="bf16 autocast on CUDA (`no`: full fp32). CPU always runs fp32."
+    )
+
+    # --- memory ----------------------------------------------------------------------------------
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute each DiT block in backward instead of storing its activations."
+    )
+    musubi_blocks_to_swap: int = Field(
+        0, ge=0, description="Keep the last N DiT blocks on musubi_block_swap_device and stream them in."
+    )
+    musubi_block_swap_device: str = Field("cpu", description="Device that holds swapped blocks.")
+    enable_group_offload: bool = Field(
+        False,
+        description="Group offloading (diffusers) is not available for training: it moves trainable adapters "
+        "between devices. true stops with a pointer to musubi_blocks_to_swap, which streams the same "
+        "frozen weights while adapters stay resident.",
+    )
+
+    # --- validation ------------------------------------------------------------------------------
+    validation_step_interval: Optional[int] = Field(
+        100, ge=1, description="Run validation every N optimizer steps (and at the end). Empty: only at the end."
+    )
+    validation_using_datasets: bool = Field(
+        True, description="Take validation start frames and captions from the eval split."
+    )
+    eval_dataset_id: Optional[str] = Field(
+        "longcat-video-val",
+        description="`id` of the eval split in multidatabackend.json (never trained on).",
+    )
+    validation_resolution: str = Field(
+        "480x832",
+        description="`HEIGHTxWIDTH` (480x832 is 480 high, 832 wide) or a bucket name (`480p`, `720p`) "
+        "that follows the start frame's aspect.",
+    )
+    validation_num_video_frames: int = Field(
+        93, ge=1, description="Frames per validation video; (frames - 1) must be divisible by 4."
+    )
+    validation_num_inference_steps: int = Field(40, ge=1, description="Sampling steps per validation video.")
+    validation_guidance: float = Field(
+        4.0, ge=1.0, description="Classifier-free guidance scale (CFG-Zero*); 3.5-5.0 is typical, 1 disables."
+    )
+    validation_prompt: Optional[str] = Field(
+        None, description="Prompt used when validation_using_datasets is false (text-to-video samples)."
+    )
+    validation_negative_prompt: str = Field(
+        "", description="Negative prompt for guidance; empty is the official default."
+    )
+    validation_seed: int = Field(42, description="Seed for validation noise (same every validation).")
+    validation_max_samples: int = Field(4, ge=1, description="At most this many eval items per validation.")
+    validation_loss_sigmas: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 0.9],
+        description="Fixed sigmas (after shift) at which the held-out flow-matching loss is measured.",
+    )
+
+    # --- checkpoints and logging -----------------------------------------------------------------
+    output_dir: Path = Field(
+        ..., description="Run folder: checkpoints, validation videos, final LoRA and events.jsonl."
+    )
+    checkpoint_step_interval: Optional[int] = Field(
+        500, ge=1, description="Save a resumable checkpoint every N optimizer steps. Empty: only on exit."
+    )
+    checkpoints_total_limit: Optional[int] = Field(
+        3, ge=1, description="Keep at most this many checkpoints (oldest removed first). Empty: keep all."
+    )
+    resume_from_checkpoint: Optional[str] = Field(
+        None, description="`latest` (newest complete checkpoint in output_dir) or a checkpoint folder."
+    )
+    report_to: Literal["none", "tensorboard"] = Field(
+        "none", description="Also log to TensorBoard (needs the tensorboard package)."
+    )
+
+    # --- validators ------------------------------------------------------------------------------
+    @field_validator("aspect_bucket_alignment")
+    @classmethod
+    def _alignment_multiple_of_16(cls, value: int) -> int:
+        if value % 16:
+            raise ValueError(f"{value} is not a multiple of 16 (VAE 8 x patch 2); use 64")
+        return value
+
+    @field_validator("validation_num_video_frames")
+    @classmethod
+    def _causal_frame_count(cls, value: int) -> int:
+        if (value - 1) % 4:
+            lower, upper = value - (value - 1) % 4, value + 4 - (value - 1) % 4
+            raise ValueError(f"{value} frames: (frames - 1) must be divisible by 4; use {lower} or {upper}")
+        return value
+
+    @field_validator("validation_resolution")
+    @classmethod
+    def _resolution_format(cls, value: str) -> str:
+        parse_resolution(value)
+        return value
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _targets_non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("empty list; leave the key out to adapt every linear layer of every block")
+        return value
+
+    @field_validator("validation_loss_sigmas")
+    @classmethod
+    def _sigmas_in_range(cls, value: list[float]) -> list[float]:
+        bad = [s for s in value if not 0.0 < s <= 1.0]
+        if bad:
+            raise ValueError(f"sigmas {bad} are outside (0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.max_train_steps is None and self.num_train_epochs is None:
+            raise ValueError("set max_train_steps or num_train_epochs")
+        if self.validation_using_datasets and not self.eval_dataset_id:
+            raise ValueError(
+                "validation_using_datasets is true but eval_dataset_id is empty: name the eval split's id"
+            )
+        return self
+
+    # --- helpers ---------------------------------------------------------------------------------
+    @property
+    def effective_lora_alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Validate a dict; problems become a `ConfigError` naming the key, the source and the fix."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object of settings, got {type(data).__name__}")
+        known = list(cls.model_fields)
+        unknown = [key for key in data if key not in cls.model_fields]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=1)
+                hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise ConfigError(
+                f"{source}: unknown key(s) {', '.join(hints)}. Remove them or fix the spelling; "
+                "`longcat-tuner train --help` lists every key."
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(f"{source}: {format_validation_error(err)}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, overrides: Optional[dict[str, Any]] = None) -> "TrainConfig":
+        """Read config.json (comments allowed); relative paths resolve against the file's folder."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} does not exist; create it with "
+                "`cp config/config.json.example config/config.json` and fill the paths"
+            )
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of settings")
+        data = resolve_paths(data, path.resolve().parent)
+        # Command-line overrides are relative to the working directory, not to the file.
+        data.update(resolve_paths(dict(overrides or {}), Path.cwd()))
+        return cls.from_dict(data, source=str(path))
+
+
+def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the path-valued keys of `data` absolute, relative to `base`."""
+    for key in PATH_FIELDS:
+        value = data.get(key)
+        if value is None or (key == "resume_from_checkpoint" and value == "latest"):
+            continue
+        candidate = Path(str(value)).expanduser()
+        data[key] = str(candidate if candidate.is_absolute() else (base / candidate))
+    return data
+
+
+def parse_resolution(value: str) -> tuple[int, int] | str:
+    """`"480x832"` -> (480, 832) (height, width); a bucket name (`480p`) is returned as is."""
+    if value in RESOLUTION_BUCKETS:
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
+    if not match:
+        raise ValueError(f"'{value}' is neither HEIGHTxWIDTH (e.g. 480x832) nor one of {list(RESOLUTION_BUCKETS)}")
+    height, width = int(match.group(1)), int(match.group(2))
+    if height % 16 or width % 16:
+        raise ValueError(f"{height}x{width}: height and width must be divisible by 16 (e.g. 480x832)")
+    return height, width
+
+
+def read_json(path: Path) -> Any:
+    """Parse JSON, allowing `//` and `/* */` comments as in the guide's jsonc examples."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    stripped = _strip_json_comments(text)
+    try:
+        return json.loads(stripped)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+
+
+def _strip_json_comments(text: str) -> str:
+    # Walk the text so that "//" inside strings (URLs, paths) is kept.
+    out, i, in_string = [], 0, False
+    while i < len(text):
+        char = text[i]
+        if in_string:
+            out.append(char)
+            if char == "\\" and i + 1 < len(text):
+                out.append(text[i + 1])
+                i += 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+            out.append(char)
+        elif text.startswith("//", i):
+            while i < len(text) and text[i] != "\n":
+                i += 1
+            continue
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            i = len(text) if end < 0 else end + 2
+            continue
+        else:
+            out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: `key: message (got value)`."""
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "config"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "missing":
+            message = "required; add it to config.json"
+            lines.append(f"{key}: {message}")
+            continue
+        lines.append(f"{key}: {message} (got {problem.get('input')!r})")
+    return "; ".join(lines)
+
+
+# --- argparse generated from the schema -----------------------------------------------------------
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def _cli_value(text: str, kind: Any) -> Any:
+    if text.lower() in ("none", "null", ""):
+        return None
+    return kind(text) if kind in (int, float) else text
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel] = TrainConfig) -> None:
+    """Add `--<key>` for every schema field; help text and defaults come from the schema.
+
+    Defaults are suppressed in the namespace so that only options the user typed override the file.
+    """
+    group = parser.add_argument_group("config keys (override config.json)")
+    for name, field in model.model_fields.items():
+        annotation, optional = _unwrap_optional(field.annotation)
+        default = "required" if field.is_required() else field.get_default(call_default_factory=True)
+        help_text = f"{field.description} [default: {default}]".replace("%", "%%")
+        flag = f"--{name}"
+        if annotation is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(annotation) is Literal:
+            group.add_argument(flag, choices=list(typing.get_args(annotation)), default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(annotation) is list:
+            (item,) = typing.get_args(annotation)
+            group.add_argument(flag, nargs="+", type=item, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+        elif annotation in (int, float):
+            group.add_argument(
+                flag,
+                type=(lambda text, kind=annotation: _cli_value(text, kind)) if optional else annotation,
+                default=argparse.SUPPRESS,
+                metavar=annotation.__name__.upper(),
+                help=help_text,
+            )
+        else:
+            group.add_argument(flag, type=str, default=argparse.SUPPRESS, metavar="VALUE", help=help_text)
+
+
+def config_overrides(args: argparse.Namespace, model: type[BaseModel] = TrainConfig) -> dict[str, Any]:
+    """The schema keys the user typed on the command line."""
+    return {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}

@@ -1,0 +1,1 @@
+"""Training: the loop (`trainer.train`), its pure step, checkpoints, validation, events and optimizer."""

@@ -1,0 +1,229 @@
+"""Resumable training checkpoints, written atomically.
+
+A checkpoint is a folder `checkpoints/checkpoint-<step>/` holding the trainable weights, the optimizer
+and LR-schedule states, the trainer state (step, epoch, data-sampler position) and every RNG state.
+It is first written to a hidden temporary folder, each file fsync'ed, then a `COMPLETE` marker is
+written and the folder renamed into place: a crash or a full disk leaves either the old set of
+checkpoints or the new one, never a half-written folder that `resume_from_checkpoint: latest` could
+pick. Old checkpoints are pruned only after a new one is complete, so the last good one survives.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from longcat_tuner.errors import CheckpointError
+
+COMPLETE_MARKER = "COMPLETE"
+WEIGHTS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_state.pt"
+STATE_FILE = "trainer_state.json"
+REQUIRED_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, STATE_FILE, COMPLETE_MARKER)
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes the rename itself durable (POSIX); not available everywhere.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def capture_rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """Every RNG that can influence the next step: python, numpy, torch (CPU/CUDA) and named generators."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": {name: gen.get_state() for name, gen in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in generators.items():
+        if name in state["generators"]:
+            gen.set_state(state["generators"][name])
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    *,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    rng_state: dict[str, Any],
+    extra_files: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Write a complete checkpoint atomically and return its folder.
+
+    `extra_files` maps file names to callables `write(path)` (e.g. the LoRA in the official format, so
+    an intermediate checkpoint is directly usable). On any failure the temporary folder is removed and
+    a `CheckpointError` says why; existing checkpoints are untouched.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / checkpoint_name(step)
+    tmp = checkpoints_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        torch.save(scheduler_state, tmp / SCHEDULER_FILE)
+        torch.save(rng_state, tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+        for path in tmp.iterdir():
+            _fsync_file(path)
+        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+        _fsync_file(tmp / COMPLETE_MARKER)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. signal right after a periodic save): replace it
+            stale = checkpoints_dir / f".old-{final.name}-{os.getpid()}"
+            final.rename(stale)
+            tmp.rename(final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(checkpoints_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        raise CheckpointError(
+            f"could not save checkpoint for step {step} in {checkpoints_dir}: {reason}. "
+            "Earlier checkpoints are kept; free space or lower checkpoints_total_limit."
+        ) from err
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (with the marker), oldest first."""
+    found = []
+    if not Path(checkpoints_dir).is_dir():
+        return found
+    for path in Path(checkpoints_dir).iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir() and (path / COMPLETE_MARKER).exists():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def remove_stale_temporaries(checkpoints_dir: Path) -> None:
+    """Delete leftovers of saves that were interrupted (never complete, never used)."""
+    if Path(checkpoints_dir).is_dir():
+        for path in Path(checkpoints_dir).iterdir():
+            if path.name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def prune_checkpoints(checkpoints_dir: Path, limit: Optional[int], *, keep: Path) -> list[Path]:
+    """Remove the oldest complete checkpoints beyond `limit`; `keep` (the newest good one) never goes."""
+    if limit is None:
+        return []
+    existing = [path for _, path in list_checkpoints(checkpoints_dir)]
+    removed = []
+    for path in existing[: max(len(existing) - limit, 0)]:
+        if path.resolve() == Path(keep).resolve():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def resolve_resume_path(value: Optional[str], checkpoints_dir: Path) -> Optional[Path]:
+    """`latest` -> newest complete checkpoint (None when the run is new); a path -> that folder."""
+    if value is None:
+        return None
+    if value == "latest":
+        found = list_checkpoints(checkpoints_dir)
+        return found[-1][1] if found else None
+    path = Path(value)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"resume_from_checkpoint: {path} is not a folder; give a checkpoint folder "
+            f"(e.g. {Path(checkpoints_dir) / checkpoint_name(100)}) or 'latest'"
+        )
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint folder; a missing file or marker is a `CheckpointError` that names it."""
+    path = Path(path)
+    missing = [name for name in REQUIRED_FILES if not (path / name).exists()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: missing {', '.join(missing)}. "
+            "Resume from an earlier checkpoint folder or use resume_from_checkpoint: latest"
+        )
+    try:
+        return {
+            "path": path,
+            "weights": load_file(str(path / WEIGHTS_FILE)),
+            "optimizer": torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False),
+            "scheduler": torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=False),
+            "rng": torch.load(path / RNG_FILE, map_location="cpu", weights_only=False),
+            "state": json.loads((path / STATE_FILE).read_text()),
+        }
+    except Exception as err:  # corrupt file: say which checkpoint, never a bare pickle trace
+        raise CheckpointError(f"checkpoint {path} could not be read ({err}); resume from an earlier one") from err
+
+
+def apply_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], *, source: Path) -> None:
+    """Copy saved trainable tensors into `module`; every saved and every trainable name must match."""
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {source} does not match this run's trainable weights "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); "
+            "resume with the same model_type, lora_rank and lora_targets"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            if tuple(weights[name].shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"checkpoint {source}: {name} has shape {tuple(weights[name].shape)}, "
+                    f"the run expects {tuple(param.shape)}; resume with the same lora_rank"
+                )
+            param.copy_(weights[name].to(param.dtype))

@@ -1,0 +1,432 @@
+"""`train(config)`: a short training loop that owns its state.
+
+Setup (precision, data, model, optimizer, resume) happens in small helpers; the loop itself reads like
+the recipe: take a micro-batch, compute the flow loss, accumulate, clip, step, then the "once in a while"
+blocks for logging, validation and checkpoints. Everything needed to resume exactly (weights, optimizer,
+LR schedule, step, data-sampler position, RNG states) goes into each checkpoint. SIGINT/SIGTERM ask
+the loop to save a checkpoint at the next step boundary and exit cleanly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from longcat_tuner.config.training import TrainConfig
+from longcat_tuner.errors import ConfigError, LongcatError
+from longcat_tuner.train import checkpoint as ckpt
+from longcat_tuner.train.events import EventLog
+from longcat_tuner.train.feed import TrainingData, prepare_data
+from longcat_tuner.train.memory import apply_gradient_checkpointing
+from longcat_tuner.train.optim import build_lr_scheduler, build_optimizer
+from longcat_tuner.train.step import heldout_loss, training_loss
+from longcat_tuner.train.validate import run_validation
+
+LORA_FILE = "longcat_lora.safetensors"
+COMFYUI_LORA_FILE = "longcat_lora_comfyui.safetensors"
+MAX_NONFINITE_IN_A_ROW = 3
+
+
+class TrainingDivergedError(LongcatError):
+    """The loss or gradient stayed non-finite (NaN/inf) for several steps in a row."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # "completed" | "interrupted"
+    step: int
+    lora_path: Optional[Path] = None
+    comfyui_lora_path: Optional[Path] = None
+    validation_videos: list[Path] = dataclasses.field(default_factory=list)
+    losses: dict[int, float] = dataclasses.field(default_factory=dict)
+    dit: Optional[torch.nn.Module] = None  # the trained model, for callers that keep working in-process
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    device: torch.device
+    base_dtype: torch.dtype  # frozen base weights
+    autocast_dtype: Optional[torch.dtype]  # None: plain fp32 math
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries (restored on exit)."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:  # a second Ctrl-C/kill: stop now, the last checkpoint stays
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        # os.write, not print: a handler that re-enters a buffered stream mid-write raises.
+        os.write(2, f"\n{self.signal_name}: saving a checkpoint after this step, then exiting (again to stop at once)\n".encode())
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+# --- setup helpers --------------------------------------------------------------------------------------
+
+
+def choose_precision(config: TrainConfig) -> Precision:
+    """bf16 base + bf16 autocast on CUDA; fp32 everywhere on CPU (bf16 matmuls there are slow and lossy)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.model_type == "full":
+        base = torch.float32  # trained weights keep fp32 master copies; autocast does the bf16 math
+    elif config.base_model_precision == "fp32":
+        base = torch.float32
+    elif config.base_model_precision == "bf16":
+        base = torch.bfloat16
+    else:  # no_change, and the layers a quantized format leaves alone
+        base = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = torch.bfloat16 if device.type == "cuda" and config.mixed_precision == "bf16" else None
+    return Precision(device=device, base_dtype=base, autocast_dtype=autocast)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
+    """Load the DiT, attach adapters (or unfreeze it for a full fine-tune), apply memory options."""
+    from longcat_tuner.model import load_dit
+
+    if config.enable_group_offload:
+        # diffusers' group offloading swaps parameter storage between devices, trainable adapters included,
+        # which breaks their gradients (seen on an H100: "mat1 is on cuda:0 ... other tensors on cpu").
+        raise ConfigError(
+            "enable_group_offload is not available for training; set it to false and use musubi_blocks_to_swap "
+            "(e.g. 8) to stream the frozen block weights from host memory instead"
+        )
+    backend = config.attention_implementation
+    dit = load_dit(
+        config.pretrained_model_name_or_path,
+        dtype=precision.base_dtype,
+        device=precision.device,
+        attention_backend=backend,
+    )
+    if config.base_model_precision in ("int8-quanto", "fp8-torchao"):
+        from longcat_tuner.train.quantize import quantize_base_weights
+
+        # Before the adapters are attached, so only frozen base weights are quantized.
+        if config.model_type == "full":
+            raise ConfigError(
+                f"base_model_precision '{config.base_model_precision}' stores frozen weights in 8 bits; "
+                "a full fine-tune trains them: use model_type 'lora' or base_model_precision 'no_change'"
+            )
+        quantize_base_weights(dit, config.base_model_precision)
+    if config.model_type == "lora":
+        from longcat_tuner.model.lora import inject_lora
+
+        # Adapters in fp32 over a (possibly bf16) base: small, and fp32 keeps AdamW updates exact.
+        inject_lora(dit, rank=config.lora_rank, alpha=config.effective_lora_alpha, targets=config.lora_targets, dtype=torch.float32)
+    else:
+        dit.requires_grad_(True)
+    if config.gradient_checkpointing:
+        apply_gradient_checkpointing(dit)
+    if config.musubi_blocks_to_swap:
+        _apply_block_swap(dit, config, precision)
+    return dit.train()
+
+
+def _apply_block_swap(dit: torch.nn.Module, config: TrainConfig, precision: Precision) -> None:
+    """Stream the frozen weights of the last N blocks from host memory (after LoRA and quantization)."""
+    from longcat_tuner.train.block_swap import apply_block_swap
+
+    if precision.device.type != "cuda":
+        raise ConfigError("musubi_blocks_to_swap needs a CUDA device; set it to 0 for CPU runs")
+    if config.model_type == "full":
+        raise ConfigError("musubi_blocks_to_swap streams frozen weights; a full fine-tune trains them: use model_type 'lora'")
+    apply_block_swap(
+        dit, config.musubi_blocks_to_swap, swap_device=config.musubi_block_swap_device, compute_device=precision.device
+    )
+
+
+def total_optimizer_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    if config.max_train_steps is not None:
+        return config.max_train_steps
+    return max(1, math.ceil(config.num_train_epochs * batches_per_epoch / config.gradient_accumulation_steps))
+
+
+def trainable_state(dit: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in dit.named_parameters() if p.requires_grad}
+
+
+def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metadata: dict[str, Any]) -> tuple[Path, Optional[Path]]:
+    """The final weights: LoRA in the official LongCat format + ComfyUI keys, or the full DiT."""
+    if config.model_type == "lora":
+        from longcat_tuner.model.lora import save_lora
+
+        official = save_lora(dit, run_dir / LORA_FILE, format="official", metadata=metadata)
+        comfy = save_lora(dit, run_dir / COMFYUI_LORA_FILE, format="comfyui", metadata=metadata)
+        return official, comfy
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = run_dir / "dit"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dit.config.to_dict(), indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in dit.state_dict().items()}
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder, None
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Train as `config` says; returns where the outputs are. Raises `LongcatError` on user errors."""
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_stale_temporaries(run_dir / "checkpoints")
+    events = EventLog(run_dir, tensorboard_dir=run_dir / "tensorboard" if config.report_to == "tensorboard" else None)
+    try:
+        return _train(config, run_dir, events, progress)
+    except KeyboardInterrupt:  # before the loop installs its handler (cache stage, loading): nothing to save
+        events.emit("end", status="interrupted", step=None, lora_path=None)
+        raise
+    except Exception as err:
+        message = str(err) if isinstance(err, LongcatError) else f"{type(err).__name__}: {err}"
+        events.emit("error", message=message)
+        events.emit("end", status="failed", step=None, lora_path=None)
+        raise
+    finally:
+        events.close()
+
+
+@dataclasses.dataclass
+class Run:
+    """The state a run owns; everything needed to resume it goes into each checkpoint."""
+
+    config: TrainConfig
+    run_dir: Path
+    precision: Precision
+    data: TrainingData
+    dit: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator  # sigmas, noise, posterior samples, caption dropout
+    events: EventLog
+    total_steps: int
+    step: int = 0
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool) -> Run:
+    """Precision, caches, model, optimizer, schedule; then the saved state when resuming."""
+    precision = choose_precision(config)
+    seed_everything(config.seed)
+    data = prepare_data(config, device=precision.device, progress=progress)
+    dit = build_model(config, precision)
+    params = list(trainable_state(dit).values())
+    optimizer = build_optimizer(
+        params, kind=config.optimizer, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+    )
+    total_steps = total_optimizer_steps(config, data.batches_per_epoch)
+    scheduler = build_lr_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.lr_warmup_steps, total_steps=total_steps)
+    run = Run(config, run_dir, precision, data, dit, params, optimizer, scheduler,
+              torch.Generator(device="cpu").manual_seed(config.seed), events, total_steps)
+    resume_path = ckpt.resolve_resume_path(config.resume_from_checkpoint, run.checkpoints_dir)
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(resume_path)
+        ckpt.apply_weights(dit, state["weights"], source=resume_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        data.sampler.load_state_dict(state["state"]["sampler"])
+        ckpt.restore_rng_state(state["rng"], {"train": run.generator})
+        run.step = int(state["state"]["step"])
+        print(f"resumed from {resume_path} at step {run.step}")
+    elif config.resume_from_checkpoint == "latest":
+        print(f"no complete checkpoint in {run.checkpoints_dir} yet: starting at step 0")
+    events.emit(
+        "start", run_dir=str(run_dir), config=config.model_dump(mode="json"), total_steps=total_steps,
+        pid=os.getpid(), resumed_from=str(resume_path) if resume_path else None, start_step=run.step,
+    )
+    return run
+
+
+def optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float, bool]:
+    """Accumulate micro-batches, clip, step. Returns (loss, grad norm, skipped: non-finite)."""
+    config = run.config
+    run.optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for _ in range(config.gradient_accumulation_steps):
+        batch = run.data.to_flow_batch(next(batches), generator=run.generator, caption_dropout=config.caption_dropout_probability)
+        loss = training_loss(
+            run.dit, batch, generator=run.generator, shift=config.flow_schedule_shift,
+            distribution=config.flow_sigma_distribution, continuation_latents=config.video_continuation_latents,
+            autocast_dtype=run.precision.autocast_dtype,
+        )
+        losses.append(float(loss.detach()))
+        if math.isfinite(losses[-1]):
+            (loss / config.gradient_accumulation_steps).backward()  # the sum of scaled losses is the mean
+    loss_value = float(np.mean(losses))
+    grad_norm = float("nan")
+    if math.isfinite(loss_value):
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        run.optimizer.zero_grad(set_to_none=True)  # a NaN update would poison the weights: skip it
+        return loss_value, grad_norm, True
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss_value, grad_norm, False
+
+
+def save(run: Run) -> Optional[Path]:
+    """A checkpoint at the current step; a failed save (disk full) is reported and training goes on."""
+    extra = {}
+    if run.config.model_type == "lora":
+        from longcat_tuner.model.lora import save_lora
+
+        extra[LORA_FILE] = lambda path: save_lora(run.dit, path, format="official")
+    try:
+        path = ckpt.save_checkpoint(
+            run.checkpoints_dir, step=run.step, weights=trainable_state(run.dit),
+            optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
+            rng_state=ckpt.capture_rng_state({"train": run.generator}),
+            trainer_state={"sampler": run.data.sampler.state_dict(), "total_steps": run.total_steps}, extra_files=extra,
+        )
+    except LongcatError as err:  # older checkpoints stay intact
+        run.events.emit("error", message=str(err), step=run.step)
+        print(f"warning: {err}")
+        return None
+    ckpt.prune_checkpoints(run.checkpoints_dir, run.config.checkpoints_total_limit, keep=path)
+    run.events.emit("checkpoint", step=run.step, path=str(path))
+    return path
+
+
+def validate(run: Run) -> list[Path]:
+    """Validation videos, first-frame PSNR and the held-out loss; returns the video paths."""
+    config, data = run.config, run.data
+    items = []
+    if data.validation_items:
+        items = run_validation(
+            run.dit, data.vae, data.validation_items, step=run.step, run_dir=run.run_dir,
+            num_frames=config.validation_num_video_frames, steps=config.validation_num_inference_steps,
+            guidance=config.validation_guidance, shift=config.flow_schedule_shift,
+            negative_embeds=data.negative_embeds, negative_mask=data.negative_mask,
+            seed=config.validation_seed, device=run.precision.device,
+        )
+    held = None
+    if data.heldout_batches:
+        run.dit.eval()
+        held = float(np.mean([
+            heldout_loss(run.dit, batch, config.validation_loss_sigmas, seed=config.validation_seed,
+                         continuation_latents=config.video_continuation_latents,
+                         autocast_dtype=run.precision.autocast_dtype)
+            for batch in data.heldout_batches
+        ]))
+        run.dit.train()
+    run.events.emit("validation", step=run.step, items=items, heldout_loss=held)
+    return [run.run_dir / item["video"] for item in items]
+
+
+def _every(interval: Optional[int], step: int) -> bool:
+    return bool(interval) and step % interval == 0
+
+
+def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool) -> TrainResult:
+    run = start_run(config, run_dir, events, progress)
+    result = TrainResult(run_dir=run_dir, status="completed", step=run.step, dit=run.dit)
+    bar = _progress_bar(progress, run.step, run.total_steps)
+    batches = run.data.batches()
+    nonfinite_in_a_row, saved_at, seconds_avg = 0, None, None
+    with StopRequest() as stop:
+        while run.step < run.total_steps and not stop.requested:
+            started = time.perf_counter()
+            loss, grad_norm, skipped = optimizer_step(run, batches)
+            run.step += 1
+            if skipped:
+                nonfinite_in_a_row += 1
+                events.emit("error", message=f"step {run.step}: non-finite loss {loss} or grad norm {grad_norm}; step skipped", step=run.step)
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise TrainingDivergedError(
+                        f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (last at step {run.step}); "
+                        "lower learning_rate, raise lr_warmup_steps, keep max_grad_norm at 1.0, or resume from an "
+                        "earlier checkpoint"
+                    )
+            else:
+                nonfinite_in_a_row = 0
+
+            # Once in a while: log, validate, checkpoint (s/step measures training only).
+            seconds = time.perf_counter() - started
+            seconds_avg = seconds if seconds_avg is None else 0.9 * seconds_avg + 0.1 * seconds
+            result.losses[run.step] = loss
+            events.emit(
+                "step", step=run.step, total_steps=run.total_steps, loss=loss, lr=run.scheduler.get_last_lr()[0],
+                s_per_step=seconds, eta_s=seconds_avg * (run.total_steps - run.step),
+                peak_mem_gib=_peak_memory_gib(run.precision.device), grad_norm=grad_norm, skipped=skipped,
+            )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", s_per_step=f"{seconds:.2f}")
+            if _every(config.validation_step_interval, run.step) and run.step < run.total_steps:
+                result.validation_videos = validate(run)
+            if _every(config.checkpoint_step_interval, run.step):
+                saved_at = run.step if save(run) else saved_at
+        if bar is not None:
+            bar.close()
+        result.step = run.step
+        if stop.requested:
+            if saved_at != run.step:
+                save(run)
+            result.status = "interrupted"
+            events.emit("end", status="interrupted", step=run.step, lora_path=None, signal=stop.signal_name)
+            return result
+
+        # The end, still under StopRequest: a SIGTERM here lets the final weights be written before exiting.
+        result.validation_videos = validate(run)
+        if saved_at != run.step:
+            save(run)
+        metadata = {"step": run.step, "lora_rank": config.lora_rank, "lora_alpha": config.effective_lora_alpha,
+                    "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path)}
+        result.lora_path, result.comfyui_lora_path = save_outputs(run.dit, config, run_dir, metadata)
+        events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path))
+        return result
+
+
+def _progress_bar(enabled: bool, start: int, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _peak_memory_gib(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30

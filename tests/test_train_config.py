@@ -1,0 +1,125 @@
+"""config.json schema: the guide's keys, defaults, errors that name the key, and the generated CLI help."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longcat_tuner.config import TrainConfig
+from longcat_tuner.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+GUIDE = REPO.parent / "shared" / "seed" / "000_fe2af4613b1ea2b9.txt"
+
+
+def guide_config() -> dict:
+    """The jsonc block of the guide's section 2, as a dict."""
+    if not GUIDE.is_file():
+        pytest.skip(f"the quick-start guide is not at {GUIDE}")
+    text = GUIDE.read_text(encoding="utf-8")
+    section = text[text.index("## 2)") :]
+    block = re.search(r"```jsonc\n(.*?)```", section, re.S).group(1)
+    return json.loads(block)
+
+
+def test_guide_config_validates_with_paths_filled(tmp_path):
+    data = guide_config()
+    data.update(pretrained_model_name_or_path="model", output_dir="out", data_backend_config="multidatabackend.json")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    config = TrainConfig.from_file(path)
+    assert config.lora_rank == 8 and config.validation_num_inference_steps == 40
+    assert config.flow_schedule_shift == 12.0 and config.aspect_bucket_alignment == 64
+    assert config.lora_targets == [
+        "attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
+        "ffn.w1", "ffn.w2", "ffn.w3",
+    ]
+    # Relative paths resolve against the config file's folder, not the working directory.
+    assert config.output_dir == tmp_path / "out"
+    assert config.data_backend_config == tmp_path / "multidatabackend.json"
+
+
+def test_example_file_holds_the_guide_keys():
+    example = json.loads((REPO / "config" / "config.json.example").read_text())
+    for key, value in guide_config().items():
+        assert example[key] == value, key
+    TrainConfig.from_dict(example)
+
+
+def test_unknown_key_is_named_with_a_hint():
+    with pytest.raises(ConfigError, match=r"'lora_rnak' \(did you mean 'lora_rank'\?\)"):
+        TrainConfig.from_dict({"pretrained_model_name_or_path": "m", "output_dir": "o",
+                               "data_backend_config": "d", "lora_rnak": 4})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("validation_num_video_frames", 92, "use 89 or 93"),
+        ("aspect_bucket_alignment", 40, "multiple of 16"),
+        ("validation_resolution", "480x830", "divisible by 16"),
+        ("model_type", "dora", "model_type"),
+        ("eval_dataset_id", None, "eval_dataset_id is empty"),
+    ],
+)
+def test_bad_values_name_the_key(key, value, message):
+    data = {"pretrained_model_name_or_path": "m", "output_dir": "o", "data_backend_config": "d", key: value}
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(data)
+
+
+def test_missing_path_says_to_add_it():
+    with pytest.raises(ConfigError, match="output_dir: required"):
+        TrainConfig.from_dict({"pretrained_model_name_or_path": "m", "data_backend_config": "d"})
+
+
+def test_jsonc_comments_and_cli_overrides(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{\n // comment\n "pretrained_model_name_or_path": "http://x//y", /* c */ "output_dir": "o",\n'
+                    ' "data_backend_config": "d.json"}')
+    config = TrainConfig.from_file(path, overrides={"lora_rank": 16})
+    assert config.lora_rank == 16 and str(config.pretrained_model_name_or_path).endswith("http:/x/y")
+
+
+def test_every_field_is_described_and_in_train_help():
+    for name, field in TrainConfig.model_fields.items():
+        assert field.description, f"{name} has no description"
+    out = subprocess.run(
+        [sys.executable, "-m", "longcat_tuner.cli", "train", "--help"], capture_output=True, text=True,
+        cwd=REPO, env={**os.environ, "COLUMNS": "200",
+                       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+    )
+    assert out.returncode == 0, out.stderr
+    for name in TrainConfig.model_fields:
+        assert f"--{name}" in out.stdout, name
+
+
+def test_cli_options_override_the_file(tmp_path):
+    import argparse
+
+    from longcat_tuner.config import add_config_arguments, config_overrides
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--lora_rank", "4", "--no-gradient_checkpointing", "--lora_targets", "attn.qkv",
+                              "--max_train_steps", "none", "--num_train_epochs", "2"])
+    assert config_overrides(args) == {"lora_rank": 4, "gradient_checkpointing": False, "lora_targets": ["attn.qkv"],
+                                      "max_train_steps": None, "num_train_epochs": 2}
+
+
+def test_epochs_give_the_step_count_and_group_offload_is_refused():
+    from longcat_tuner.train.trainer import build_model, choose_precision, total_optimizer_steps
+
+    base = {"pretrained_model_name_or_path": "m", "output_dir": "o", "data_backend_config": "d"}
+    config = TrainConfig.from_dict({**base, "max_train_steps": None, "num_train_epochs": 3,
+                                    "gradient_accumulation_steps": 2})
+    assert total_optimizer_steps(config, batches_per_epoch=5) == 8  # ceil(3 * 5 / 2)
+    assert total_optimizer_steps(TrainConfig.from_dict(base), batches_per_epoch=5) == 1000
+    config = TrainConfig.from_dict({**base, "enable_group_offload": True})
+    with pytest.raises(ConfigError, match="musubi_blocks_to_swap"):
+        build_model(config, choose_precision(config))
