@@ -141,3 +141,10 @@ def test_block_sparse_backend_in_the_model(tiny_checkpoint, dit_cases):
     with torch.no_grad():
         sparse = dit(x, t, ehs, mask, num_cond_latents=1)
     assert (sparse - dit_cases["i2v_out"]).abs().max() > 1e-4
+
+
+def test_modulation_stays_float32_under_bf16_autocast(dit):
+    t = torch.randn(2, 3, dit.config.adaln_tembed_dim)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mod = dit.blocks[0].adaLN_modulation(t)
+    assert mod.dtype == torch.float32

@@ -14,11 +14,16 @@ import torch.nn.functional as F
 
 
 class FP32Linear(nn.Linear):
-    """A linear layer that always computes in float32 (the official code runs it under fp32 autocast)."""
+    """A linear layer that always computes in float32 (the official code runs it under fp32 autocast).
+
+    Autocast is switched off inside, so a bf16 training autocast cannot lower the modulation and final
+    layer to bf16.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), bias)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), bias)
 
 
 def layer_norm_fp32(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
