@@ -1,0 +1,61 @@
+"""`longcat-tuner cache`: build (or bring up to date) the VAE latent and text-embedding caches.
+
+Only entries whose fingerprint changed are rebuilt; an interrupted build resumes where it stopped.
+`train` runs the same step automatically.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from longcat_tuner.commands.check import add_data_arguments, data_settings, format_summary
+from longcat_tuner.errors import ConfigError
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from longcat_tuner.data.backends import plan_summary
+    from longcat_tuner.data.cache import build_caches
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    settings = data_settings(args)
+    model_root = args.model or settings.model_root
+    if model_root is None:
+        raise ConfigError("give --config config/config.json (pretrained_model_name_or_path) or --model FOLDER")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 halves VAE/umT5 memory on GPUs; the CPU path stays in fp32 (bf16 matmuls are slow there).
+    encoder_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.encoder_dtype or ("bf16" if str(device).startswith("cuda") else "fp32")]
+    index = build_caches(
+        settings.data_backend_config,
+        model_root=model_root,
+        eval_dataset_id=settings.eval_dataset_id,
+        alignment=settings.alignment,
+        seed=settings.seed,
+        device=device,
+        encoder_dtype=encoder_dtype,
+        progress=not args.no_progress,
+        decode_workers=args.decode_workers,
+    )
+    print(format_summary(plan_summary(index.plan)))
+    report = index.report
+    for problem in report.failed:
+        print(f"failed: {problem}")
+    print(
+        f"cache: built {report.built['clip']} clips, {report.built['start_frame']} start frames, "
+        f"{report.built['text']} captions; reused {report.reused['clip']} / {report.reused['start_frame']} / "
+        f"{report.reused['text']}; {len(report.failed)} failed; {report.seconds:.1f} s. "
+        f"{len(index.train)} training and {len(index.eval)} eval samples ready."
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("cache", help="build the latent and text-embedding caches", description=__doc__)
+    add_data_arguments(parser)
+    parser.add_argument("--model", help="checkpoint folder (overrides pretrained_model_name_or_path)")
+    parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    parser.add_argument("--encoder_dtype", choices=["bf16", "fp32"], help="encoder precision (default bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--decode_workers", type=int, default=2, help="clips decoded ahead of the VAE (threads)")
+    parser.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)

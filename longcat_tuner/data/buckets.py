@@ -1,0 +1,206 @@
+"""Buckets (frames, height, width) and a batch sampler that never mixes them.
+
+Bucket rule for an area target `resolution: R` (the guide's 480 means 480p):
+  * the native size N(R) = R x W(R), W(R) = 16/9 x R rounded to a multiple of 64: the model's 16:9
+    format at that height (480 -> 480x832, 720 -> 720x1280, 704 -> 704x1280); area A = R x W(R);
+  * the bucket grid is anchored at the native size with the `aspect_bucket_alignment` step a:
+    heights R + k*a paired with widths W(R) + j*a (landscape side), and the transpose (portrait side);
+    for each grid height the grid width that brings the area closest to A is the candidate;
+  * the bucket is the candidate whose aspect W/H is closest to the source's in log ratio (ties: larger
+    area, then smaller height).
+At 480 with a = 64: 16:9 -> 480x832, 9:16 -> 832x480, 1:1 -> 608x640, 4:3 -> 544x704 (480x832 and
+608x640 are what the official 480p bucket table gives for 16:9 and square inputs). Why anchored: the
+guide's 480x832 is not on a 0-based 64 px grid (480 = 7.5 x 64), so a grid through 0 could never give
+the model's own 480p size; anchoring keeps it and still steps buckets by `aspect_bucket_alignment`.
+Every size is a multiple of 16 (R and a are). The grid sits on multiples of 64 (block-sparse friendly
+token grid) when R is: `resolution: 704` gives 704x1280 for 16:9, the official 720p refinement size.
+A fixed `HEIGHTxWIDTH` resolution is used as is for every item.
+
+The sampler shuffles deterministically from (seed, epoch), batches within a bucket, shuffles the
+batch order, and can save and restore its position (epoch, batches done) for exact resume.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Hashable, Iterator, Optional, Sequence, Union
+
+from longcat_tuner.errors import ConfigError, DataError, ShapeError
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    """The tensor shape of a sample in pixels: frames x height x width."""
+
+    frames: int
+    height: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    @property
+    def latent_frames(self) -> int:
+        return 1 + (self.frames - 1) // 4
+
+
+def native_size(resolution: int) -> tuple[int, int]:
+    """The model's 16:9 frame of height `resolution`, width snapped to 64 (480 -> (480, 832))."""
+    return resolution, max(64, round(resolution * 16 / 9 / 64) * 64)
+
+
+def area_target(resolution: int) -> int:
+    """Pixel area the buckets of `resolution` aim for (480 -> 480 * 832)."""
+    height, width = native_size(resolution)
+    return height * width
+
+
+def check_alignment(alignment: int) -> None:
+    if alignment < 16 or alignment % 16:
+        raise ConfigError(
+            f"aspect_bucket_alignment {alignment} must be a positive multiple of 16 (VAE 8 x patch 2); use 64"
+        )
+
+
+def check_resolution(resolution: int) -> None:
+    if resolution % 16:
+        lower = resolution - resolution % 16
+        raise ConfigError(f"resolution {resolution} must be a multiple of 16; use {lower} or {lower + 16}")
+
+
+def _lattice_start(anchor: int, step: int) -> int:
+    """Smallest positive member of the lattice anchor + k * step."""
+    return anchor - (anchor // step) * step or step
+
+
+def bucket_candidates(resolution: int, alignment: int = 64) -> list[tuple[int, int]]:
+    """(height, width) pairs of the grid anchored at `native_size(resolution)`, area closest to A."""
+    check_alignment(alignment)
+    check_resolution(resolution)
+    native_h, native_w = native_size(resolution)
+    area = native_h * native_w
+    # Past 4:1 either way the buckets are degenerate strips; no real clip needs them.
+    tallest = math.isqrt(4 * area)
+    candidates = set()
+    for height_anchor, width_anchor in ((native_h, native_w), (native_w, native_h)):
+        height_start = _lattice_start(height_anchor, alignment)
+        width_start = _lattice_start(width_anchor, alignment)
+        for height in range(height_start, tallest + 1, alignment):
+            steps = max(0, round((area / height - width_start) / alignment))
+            width = min(
+                (width_start + k * alignment for k in (steps - 1, steps, steps + 1) if k >= 0),
+                key=lambda w: (abs(height * w - area), w),
+            )
+            if 0.25 <= width / height <= 4.0:
+                candidates.add((height, width))
+    return sorted(candidates)
+
+
+def bucket_size(
+    resolution: Union[int, tuple[int, int]], src_height: int, src_width: int, alignment: int = 64
+) -> tuple[int, int]:
+    """(height, width) of the bucket for a source of (src_height, src_width); see the module docstring."""
+    if isinstance(resolution, tuple):
+        height, width = resolution
+        if height % 16 or width % 16:
+            raise ShapeError(f"resolution {height}x{width}: height and width must be divisible by 16")
+        return height, width
+    if src_height <= 0 or src_width <= 0:
+        raise DataError(f"source size {src_height}x{src_width} is empty")
+    aspect = math.log(src_width / src_height)
+    return min(
+        bucket_candidates(resolution, alignment),
+        key=lambda hw: (round(abs(math.log(hw[1] / hw[0]) - aspect), 9), -hw[0] * hw[1], hw[0]),
+    )
+
+
+class BucketBatchSampler:
+    """Yields lists of dataset indices; every batch comes from one group (bucket).
+
+    `group_keys[i]` is the bucket (or any hashable group) of item i and `repeats[i]` how many extra times
+    it appears per epoch. Per epoch (seed, epoch) fixes a shuffle within each group, batches of
+    `batch_size` are cut from it (the last short batch of a group is dropped with `drop_last`), and the
+    batch order is shuffled. With `world_size > 1` rank r takes batches r, r+W, ... of the epoch.
+
+    Iterating continues from the saved position to the end of the current epoch and then advances the
+    epoch; `state_dict()` / `load_state_dict()` save and restore (epoch, position).
+    """
+
+    def __init__(
+        self,
+        group_keys: Sequence[Hashable],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        repeats: Optional[Sequence[int]] = None,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"train_batch_size {batch_size} must be at least 1")
+        if not group_keys:
+            raise DataError("no cached samples to train on; run `longcat-tuner check` to see why items were skipped")
+        if repeats is not None and len(repeats) != len(group_keys):
+            raise ValueError(f"repeats has {len(repeats)} entries for {len(group_keys)} items")
+        self.group_keys = list(group_keys)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.repeats = list(repeats) if repeats is not None else [0] * len(group_keys)
+        self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.position = 0  # batches of this rank already yielded in `epoch`
+        if not self.batches_for_epoch(0):
+            raise DataError(
+                f"no bucket holds {batch_size} samples (x {world_size} ranks), so no full batch can be formed; "
+                "lower train_batch_size, add repeats, or add data (`longcat-tuner check` lists the buckets)"
+            )
+
+    def batches_for_epoch(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`, in order (a pure function of seed, epoch and the items)."""
+        rng = random.Random(f"{self.seed}:{epoch}")
+        groups: dict[Hashable, list[int]] = {}
+        for index, key in enumerate(self.group_keys):
+            groups.setdefault(key, []).extend([index] * (1 + self.repeats[index]))
+        batches: list[list[int]] = []
+        for key in sorted(groups, key=repr):  # a fixed group order keeps the shuffle reproducible
+            members = groups[key]
+            rng.shuffle(members)
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        rng.shuffle(batches)
+        if self.world_size > 1:
+            usable = len(batches) - len(batches) % self.world_size  # equal step counts on every rank
+            batches = batches[self.rank : usable : self.world_size]
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.batches_for_epoch(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.batches_for_epoch(self.epoch)
+        while self.position < len(batches):
+            batch = batches[self.position]
+            self.position += 1
+            yield batch
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Position to resume from. With DataLoader prefetching, save the count the trainer consumed."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": len(self.group_keys)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("num_items", len(self.group_keys)) != len(self.group_keys):
+            raise DataError(
+                f"the checkpoint's data sampler saw {state['num_items']} items but the cache now has "
+                f"{len(self.group_keys)}; the data changed since the checkpoint, so the position cannot be "
+                "restored exactly (resume with the same data, or start a new run)"
+            )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self.seed = int(state.get("seed", self.seed))

@@ -1,0 +1,631 @@
+"""Latent and text caches: one safetensors file per entry, keyed by a fingerprint in its header.
+
+Three kinds of entries, each in its own folder:
+  * clip: `<clip dataset cache_dir_vae>/<relative path>.safetensors`, tensors `mean`, `std` [16, T, h, w]
+    (the VAE posterior of the clip encoded as a video, T = 1 + (F - 1) // 4, normalised latent space);
+  * start frame: `<conditioning dataset cache_dir_vae>/<relative path>.safetensors`, `mean`, `std`
+    [16, 1, h, w] (the image encoded alone as a 1-frame video, cropped to its clip's bucket);
+  * text: `<cache_dir_text>/<sha256 of the caption>.safetensors`, `embeds` [512, C], `mask` [512]; the
+    empty prompt always has one (caption dropout and CFG negatives use it).
+The posterior is stored (not a sample) so training draws `mean + std * randn` each time it sees the
+clip, as the official code samples `latent_dist.sample()`.
+
+The header metadata holds the fingerprint: every setting that changes the content (format version,
+model identity, size, frames, fps, crop, dtype, source path, size and mtime). An entry is reused only
+when its stored fingerprint equals the expected one, so a changed input or setting rebuilds exactly the
+entries it affects. Files are written to a temporary name and renamed, so a killed build leaves only
+complete entries and the next build resumes where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+
+import numpy as np
+import torch
+
+from longcat_tuner.config.datasets import DatasetConfig, DatasetList, load_datasets
+from longcat_tuner.data.backends import DataPlan, DatasetPlan, PlannedSample, Problem, plan_data, require_usable
+from longcat_tuner.data.images import load_image
+from longcat_tuner.data.video import decode_frames, frames_to_pixels
+from longcat_tuner.errors import DataError, LongcatError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+MANIFEST_NAME = "manifest.json"
+EMPTY_PROMPT = ""
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+# --- file helpers ------------------------------------------------------------------------------------
+def source_stat(path: Path) -> dict[str, str]:
+    stat = path.stat()
+    return {"source": str(path.resolve()), "source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
+
+
+def read_fingerprint(path: Path) -> Optional[dict[str, str]]:
+    """The header metadata of a cache file, or None when it is missing or unreadable (rebuild it)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # a truncated or foreign file is just a stale entry
+        return None
+
+
+def is_current(path: Path, fingerprint: dict[str, str]) -> bool:
+    return read_fingerprint(path) == fingerprint
+
+
+def write_entry(path: Path, tensors: dict[str, torch.Tensor], fingerprint: dict[str, str]) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see a partial entry."""
+    from safetensors.torch import save_file
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DataError(f"{fingerprint.get('source', path)}: the encoder produced NaN/inf in '{name}'; not cached")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary), metadata=fingerprint)
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise DataError(f"cannot write cache entry {path}: {err} (disk full or read-only?); free space and rerun") from None
+
+
+def remove_stale_temporaries(folder: Path, older_than_s: float = 600.0) -> int:
+    """Delete `*.safetensors.tmp<pid>` files left by killed builds (not fresh ones of a running build)."""
+    if not folder.is_dir():
+        return 0
+    removed, now = 0, time.time()
+    for file in folder.rglob("*.safetensors.tmp*"):
+        try:
+            if now - file.stat().st_mtime > older_than_s:
+                file.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def text_cache_path(text_dir: Path, caption: str) -> Path:
+    return text_dir / f"{hashlib.sha256(caption.encode('utf-8')).hexdigest()[:32]}.safetensors"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def default_cache_dtype(device: Union[str, torch.device]) -> torch.dtype:
+    """bf16 entries on CUDA (half the disk and I/O), fp32 on the CPU; `train` and `cache` share this rule
+    because the dtype is part of the fingerprint."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# --- fingerprints ----------------------------------------------------------------------------------
+def clip_fingerprint(sample: PlannedSample, vae_identity: str, dtype: torch.dtype) -> dict[str, str]:
+    plan = sample.plan
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "clip" if sample.source.media_type == "video" else "image",
+        "model": vae_identity,
+        "height": str(sample.bucket.height),
+        "width": str(sample.bucket.width),
+        "frames": str(sample.bucket.frames),
+        "fps": f"{sample.fps:g}",
+        "frame_indices": hashlib.sha256(",".join(map(str, sample.frame_indices)).encode()).hexdigest()[:16],
+        "crop": f"{sample.crop_style}:{sample.crop_fraction[0]:.6f},{sample.crop_fraction[1]:.6f}:"
+        f"{plan.scaled_height}x{plan.scaled_width}+{plan.top}+{plan.left}",
+        "dtype": _dtype_name(dtype),
+        **source_stat(sample.source.media_path),
+    }
+
+
+def cond_fingerprint(sample: PlannedSample, vae_identity: str, dtype: torch.dtype) -> dict[str, str]:
+    assert sample.source.cond_path is not None and sample.cond_plan is not None
+    plan = sample.cond_plan
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "start_frame",
+        "model": vae_identity,
+        "height": str(sample.bucket.height),
+        "width": str(sample.bucket.width),
+        "frames": "1",
+        "crop": f"{sample.crop_style}:{sample.crop_fraction[0]:.6f},{sample.crop_fraction[1]:.6f}:"
+        f"{plan.scaled_height}x{plan.scaled_width}+{plan.top}+{plan.left}",
+        "dtype": _dtype_name(dtype),
+        **source_stat(sample.source.cond_path),
+    }
+
+
+def text_fingerprint(caption: str, text_identity: str, dtype: torch.dtype) -> dict[str, str]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "text",
+        "model": text_identity,
+        "caption": caption,
+        "dtype": _dtype_name(dtype),
+    }
+
+
+def channels_last_conv3d(module: torch.nn.Module) -> int:
+    """Store every Conv3d weight as channels_last_3d (NDHWC), so cuDNN picks its tensor-core kernels
+    for the VAE's 3D convolutions. Returns how many weights were converted."""
+    converted = 0
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Conv3d):
+            layer.weight.data = layer.weight.data.to(memory_format=torch.channels_last_3d)
+            converted += 1
+    return converted
+
+
+# --- encoders, loaded only when something must be built -------------------------------------------
+class LazyEncoder:
+    """An encoder that is loaded on first use. `identity` is known without loading (for staleness checks)
+    when `predicted_identity` is given; after loading, the real `.identity` wins."""
+
+    def __init__(
+        self, loader: Callable[[], Any], predicted_identity: Optional[str] = None, instance: Any = None, *, compute_dtype: str
+    ) -> None:
+        self._loader = loader
+        self._instance = instance
+        self._predicted = predicted_identity
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def of(cls, instance: Any) -> "LazyEncoder":
+        module = getattr(instance, "model", instance)
+        dtype = getattr(instance, "dtype", None) or getattr(module, "dtype", None)
+        return cls(lambda: instance, instance=instance, compute_dtype=_dtype_name(dtype) if dtype is not None else "unknown")
+
+    @property
+    def model_key(self) -> str:
+        """What the fingerprint records as `model`: identity and the precision the encoder ran in."""
+        return f"{self.identity}@{self.compute_dtype}"
+
+    @property
+    def loaded(self) -> bool:
+        return self._instance is not None
+
+    @property
+    def identity(self) -> str:
+        if self._instance is None and self._predicted is not None:
+            return self._predicted
+        return str(self.get().identity)
+
+    def get(self) -> Any:
+        if self._instance is None:
+            self._instance = self._loader()
+        return self._instance
+
+    def release(self) -> None:
+        """Drop the model (frees GPU memory between the text and the VAE stage)."""
+        if self._instance is not None and self._loader is not None:
+            self._instance = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def predicted_identities(model_root: Path) -> tuple[Optional[str], Optional[str]]:
+    """(VAE, text encoder) identities as `longcat_tuner.encoders` computes them, without loading weights.
+
+    Only an optimisation: if the encoders compute something else, the loaded identity wins and the
+    entries are checked again against it.
+    """
+    try:
+        from longcat_tuner.encoders.text import folder_identity
+        from longcat_tuner.model.loading import find_component
+
+        vae_dir = find_component(model_root, "vae")
+        text_dir = find_component(model_root, "text_encoder")
+        model_type = json.loads((text_dir / "config.json").read_text()).get("model_type", "")
+        return f"wan-vae-{folder_identity(vae_dir)}", f"{model_type}-{folder_identity(text_dir)}"
+    except (LongcatError, OSError, ValueError, ImportError):
+        return None, None
+
+
+def load_encoders(model_root: Path, *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> tuple[LazyEncoder, LazyEncoder]:
+    """Lazy handles to the checkpoint's VAE and text encoder (`longcat_tuner.encoders`)."""
+    from longcat_tuner.encoders import TextEncoder, VideoVAE
+
+    vae_identity, text_identity = predicted_identities(model_root)
+    vae = LazyEncoder(
+        lambda: VideoVAE.from_pretrained(model_root, dtype=dtype, device=device), vae_identity, compute_dtype=_dtype_name(dtype)
+    )
+    text = LazyEncoder(
+        lambda: TextEncoder.from_pretrained(model_root, dtype=dtype, device=device), text_identity, compute_dtype=_dtype_name(dtype)
+    )
+    return vae, text
+
+
+# --- the index the training step reads -----------------------------------------------------------------
+@dataclass(frozen=True)
+class CachedSample:
+    """Where one sample's cached tensors are, plus the metadata training and validation need."""
+
+    sample_id: str
+    dataset_id: str
+    caption: str
+    bucket: tuple[int, int, int]  # frames, height, width (pixels)
+    latent_path: str
+    text_path: str
+    cond_path: Optional[str]
+    media_path: str
+    cond_media_path: Optional[str]
+    repeats: int = 0
+
+    @property
+    def group_key(self) -> tuple[int, int, int, bool]:
+        """Samples batch together only with the same shape and the same presence of a start frame."""
+        return (*self.bucket, self.cond_path is not None)
+
+
+@dataclass
+class CacheReport:
+    """Counts per entry kind: built, reused, failed; and the problems met while building."""
+
+    built: dict[str, int] = field(default_factory=lambda: {"clip": 0, "start_frame": 0, "text": 0})
+    reused: dict[str, int] = field(default_factory=lambda: {"clip": 0, "start_frame": 0, "text": 0})
+    failed: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class CacheIndex:
+    """What `build_caches` produced: usable samples of the training datasets and of the eval split."""
+
+    train: list[CachedSample]
+    eval: list[CachedSample]
+    empty_text_path: str
+    plan: DataPlan
+    report: CacheReport
+    manifests: list[Path] = field(default_factory=list)
+
+
+def write_manifest(path: Path, dataset_id: str, samples: Sequence[CachedSample], empty_text_path: str) -> None:
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "dataset_id": dataset_id,
+        "empty_text_path": empty_text_path,
+        "samples": [asdict(s) for s in samples],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def read_manifest(path: Path) -> tuple[list[CachedSample], str]:
+    """(samples, empty-prompt text entry) of a dataset's manifest written by `build_caches`."""
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"cache manifest {path} is missing or unreadable ({err}); run `longcat-tuner cache`") from None
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"cache manifest {path} has format {payload.get('format_version')}; rebuild with `longcat-tuner cache`")
+    samples = [CachedSample(**{**s, "bucket": tuple(s["bucket"])}) for s in payload["samples"]]
+    return samples, payload["empty_text_path"]
+
+
+# --- building ----------------------------------------------------------------------------------------
+def _prefetch(items: Sequence[_T], fn: Callable[[_T], _R], workers: int) -> Iterator[tuple[_T, Union[_R, BaseException]]]:
+    """Apply `fn` on a thread pool, `workers` ahead, yielding (item, result or exception) in order.
+
+    Decoding (PyAV releases the GIL) then overlaps with encoding of the previous clip.
+    """
+    if workers <= 0:
+        for item in items:
+            try:
+                yield item, fn(item)
+            except Exception as err:  # reported per item by the caller
+                yield item, err
+        return
+
+    def guarded(item: _T) -> Union[_R, BaseException]:
+        try:
+            return fn(item)
+        except Exception as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = []
+        iterator = iter(items)
+        for item in iterator:
+            pending.append((item, pool.submit(guarded, item)))
+            if len(pending) > workers:
+                break
+        while pending:
+            item, future = pending.pop(0)
+            result = future.result()
+            next_item = next(iterator, None)
+            if next_item is not None:
+                pending.append((next_item, pool.submit(guarded, next_item)))
+            yield item, result
+
+
+def decode_sample(sample: PlannedSample) -> np.ndarray:
+    """uint8 [F, H, W, 3] frames of a planned clip or image, on its bucket."""
+    if sample.source.media_type == "video":
+        assert sample.video_info is not None
+        return decode_frames(sample.source.media_path, sample.video_info, sample.frame_indices, sample.plan)
+    return load_image(sample.source.media_path, sample.plan)[None]
+
+
+def _progress(total: int, desc: str, enabled: bool, unit: str):
+    from tqdm import tqdm
+
+    # tqdm shows rate (it/s or s/it) and ETA; `mininterval` keeps logs short when stderr is a file.
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total == 0, dynamic_ncols=True, mininterval=1.0)
+
+
+@dataclass
+class _Job:
+    sample: PlannedSample
+    dataset: DatasetConfig
+    latent_path: Path
+    cond_path: Optional[Path]
+    text_path: Path
+    clip_current: bool = False
+    cond_current: bool = False
+
+
+def _plan_jobs(plan: DatasetPlan, datasets: DatasetList) -> list[_Job]:
+    jobs = []
+    for sample in plan.samples:
+        source = sample.source
+        cond_path = None
+        if source.cond_dataset_id is not None:
+            cond_path = datasets.by_id(source.cond_dataset_id).cache_dir_vae / f"{source.key}.safetensors"
+        jobs.append(
+            _Job(
+                sample,
+                plan.dataset,
+                plan.dataset.cache_dir_vae / f"{source.key}.safetensors",
+                cond_path,
+                text_cache_path(plan.dataset.text_cache_dir, source.caption),
+            )
+        )
+    return jobs
+
+
+def _build_text(jobs: list[_Job], text_dirs: set[Path], encoder: LazyEncoder, dtype: torch.dtype, report: CacheReport, *, batch_size: int, progress: bool) -> None:
+    wanted: dict[Path, str] = {}
+    for folder in text_dirs:
+        wanted[text_cache_path(folder, EMPTY_PROMPT)] = EMPTY_PROMPT
+    for job in jobs:
+        wanted[job.text_path] = job.sample.source.caption
+
+    def stale() -> list[tuple[Path, str]]:
+        return [(p, c) for p, c in wanted.items() if not is_current(p, text_fingerprint(c, encoder.model_key, dtype))]
+
+    todo = stale()
+    if todo and not encoder.loaded:
+        encoder.get()
+        todo = stale()  # the loaded identity is authoritative
+    report.reused["text"] += len(wanted) - len(todo)
+    with _progress(len(todo), "text embeddings", progress, "caption") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            embeds, mask = encoder.get().encode([caption for _, caption in chunk])
+            for row, (path, caption) in enumerate(chunk):
+                write_entry(path, {"embeds": embeds[row].to(dtype), "mask": mask[row].long()}, text_fingerprint(caption, encoder.model_key, dtype))
+                report.built["text"] += 1
+            bar.update(len(chunk))
+
+
+def _build_latents(jobs: list[_Job], vae: LazyEncoder, dtype: torch.dtype, report: CacheReport, *, progress: bool, decode_workers: int) -> list[_Job]:
+    """Encode stale clip and start-frame entries; returns the jobs whose entries are all usable."""
+
+    def refresh() -> None:
+        for job in jobs:
+            job.clip_current = is_current(job.latent_path, clip_fingerprint(job.sample, vae.model_key, dtype))
+            job.cond_current = job.cond_path is None or is_current(job.cond_path, cond_fingerprint(job.sample, vae.model_key, dtype))
+
+    refresh()
+    if any(not (j.clip_current and j.cond_current) for j in jobs) and not vae.loaded:
+        vae.get()
+        refresh()
+    todo = [j for j in jobs if not (j.clip_current and j.cond_current)]
+    report.reused["clip"] += sum(j.clip_current for j in jobs)
+    report.reused["start_frame"] += sum(j.cond_current and j.cond_path is not None for j in jobs)
+
+    def decode(job: _Job) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        frames = None if job.clip_current else decode_sample(job.sample)
+        start = None
+        if not job.cond_current:
+            assert job.sample.source.cond_path is not None and job.sample.cond_plan is not None
+            start = load_image(job.sample.source.cond_path, job.sample.cond_plan)[None]
+        return frames, start
+
+    failed: set[int] = set()
+    with _progress(len(todo), "VAE latents", progress, "clip") as bar, _fast_convolutions(vae if todo else None):
+        for job, result in _prefetch(todo, decode, decode_workers):
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                frames, start = result
+                device = getattr(vae.get(), "device", None)
+                if frames is not None:
+                    mean, std = vae.get().encode_posterior(frames_to_pixels(frames, device))
+                    write_entry(job.latent_path, {"mean": mean[0].to(dtype), "std": std[0].to(dtype)}, clip_fingerprint(job.sample, vae.model_key, dtype))
+                    report.built["clip"] += 1
+                if start is not None:
+                    mean, std = vae.get().encode_posterior(frames_to_pixels(start, device))
+                    write_entry(job.cond_path, {"mean": mean[0].to(dtype), "std": std[0].to(dtype)}, cond_fingerprint(job.sample, vae.model_key, dtype))
+                    report.built["start_frame"] += 1
+            except torch.cuda.OutOfMemoryError:
+                bucket = job.sample.bucket
+                raise DataError(
+                    f"the VAE ran out of GPU memory encoding {job.sample.source.media_path} (bucket {bucket}); "
+                    "lower the dataset's resolution or video.num_frames, free the GPU, or run "
+                    "`longcat-tuner cache --device cpu` (slow); finished entries are kept"
+                ) from None
+            except LongcatError as err:
+                source = job.sample.source
+                message = str(err)
+                where = next((str(p) for p in (source.cond_path, source.media_path) if p and message.startswith(f"{p}: ")), str(source.media_path))
+                message = message.removeprefix(f"{where}: ")
+                report.failed.append(Problem(source.dataset_id, where, message))
+                log.warning("skipped %s: %s", where, message)
+                failed.add(id(job))
+            bar.update(1)
+    return [j for j in jobs if id(j) not in failed]
+
+
+@contextlib.contextmanager
+def _fast_convolutions(vae: Optional[LazyEncoder]) -> Iterator[None]:
+    """On CUDA: cuDNN autotuning and channels-last Conv3d weights for the VAE stage.
+
+    Measured on one H100 with the full-size Wan VAE in bf16 (93x480x832): 1.47 s -> 1.14 s per clip
+    (bench/bench_cache.py). Clips of one bucket share a shape, so autotuning pays off after the first.
+    """
+    model = getattr(vae.get(), "model", None) if vae is not None else None
+    device = getattr(vae.get(), "device", None) if vae is not None else None
+    if not isinstance(model, torch.nn.Module) or device is None or torch.device(device).type != "cuda":
+        yield
+        return
+    channels_last_conv3d(model)
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _cached_samples(jobs: Iterable[_Job]) -> list[CachedSample]:
+    out = []
+    for job in jobs:
+        source, bucket = job.sample.source, job.sample.bucket
+        out.append(
+            CachedSample(
+                sample_id=source.sample_id,
+                dataset_id=source.dataset_id,
+                caption=source.caption,
+                bucket=(bucket.frames, bucket.height, bucket.width),
+                latent_path=str(job.latent_path),
+                text_path=str(job.text_path),
+                cond_path=str(job.cond_path) if job.cond_path else None,
+                media_path=str(source.media_path),
+                cond_media_path=str(source.cond_path) if source.cond_path else None,
+                repeats=job.dataset.repeats,
+            )
+        )
+    return out
+
+
+def build_latent_cache(
+    plan: DataPlan, datasets: DatasetList, *, vae: LazyEncoder, dtype: torch.dtype, progress: bool = True, decode_workers: int = 2
+) -> CacheReport:
+    """Only the VAE stage of `cache_plan` (clips and start frames; no text): what `bench/bench_cache.py` times."""
+    report = CacheReport()
+    jobs = [job for dataset_plan in plan.all_plans for job in _plan_jobs(dataset_plan, datasets)]
+    _build_latents(jobs, vae, dtype, report, progress=progress, decode_workers=decode_workers)
+    return report
+
+
+def cache_plan(
+    plan: DataPlan,
+    datasets: DatasetList,
+    *,
+    vae: LazyEncoder,
+    text_encoder: LazyEncoder,
+    dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+    text_batch_size: int = 8,
+    decode_workers: int = 2,
+) -> CacheIndex:
+    """Build every stale entry of `plan` (text first, then VAE latents) and write the manifests."""
+    started = time.perf_counter()
+    report = CacheReport()
+    train_jobs = [job for dataset_plan in plan.train for job in _plan_jobs(dataset_plan, datasets)]
+    eval_jobs = _plan_jobs(plan.eval, datasets) if plan.eval is not None else []
+    all_jobs = train_jobs + eval_jobs
+    text_dirs = {dataset_plan.dataset.text_cache_dir for dataset_plan in plan.all_plans}
+    for folder in {j.latent_path.parent for j in all_jobs} | {j.cond_path.parent for j in all_jobs if j.cond_path} | text_dirs:
+        remove_stale_temporaries(folder)
+    _build_text(all_jobs, text_dirs, text_encoder, dtype, report, batch_size=text_batch_size, progress=progress)
+    text_encoder.release()  # the VAE stage does not need it; free its memory first
+    usable = {id(j) for j in _build_latents(all_jobs, vae, dtype, report, progress=progress, decode_workers=decode_workers)}
+    vae.release()
+    first_text_dir = sorted(text_dirs)[0]
+    empty_text = str(text_cache_path(first_text_dir, EMPTY_PROMPT))
+    index = CacheIndex(
+        train=_cached_samples(j for j in train_jobs if id(j) in usable),
+        eval=_cached_samples(j for j in eval_jobs if id(j) in usable),
+        empty_text_path=empty_text,
+        plan=plan,
+        report=report,
+    )
+    for dataset_plan in plan.all_plans:
+        dataset = dataset_plan.dataset
+        samples = [s for s in index.train + index.eval if s.dataset_id == dataset.id]
+        manifest = dataset.cache_dir_vae / MANIFEST_NAME
+        write_manifest(manifest, dataset.id, samples, str(text_cache_path(dataset.text_cache_dir, EMPTY_PROMPT)))
+        index.manifests.append(manifest)
+    report.seconds = time.perf_counter() - started
+    if not index.train:
+        reasons = "; ".join(str(p) for p in report.failed[:5])
+        raise DataError(f"no training sample could be cached ({len(report.failed)} failed): {reasons}")
+    return index
+
+
+def build_caches(
+    data_backend_config: Union[str, Path, DatasetList],
+    *,
+    model_root: Optional[Union[str, Path]] = None,
+    eval_dataset_id: Optional[str] = None,
+    alignment: int = 64,
+    seed: int = 42,
+    device: Union[str, torch.device] = "cpu",
+    encoder_dtype: torch.dtype = torch.float32,
+    cache_dtype: Optional[torch.dtype] = None,
+    vae: Any = None,
+    text_encoder: Any = None,
+    progress: bool = True,
+    text_batch_size: int = 8,
+    decode_workers: int = 2,
+) -> CacheIndex:
+    """Scan, pair and plan the datasets, then build every stale cache entry (what `train` calls).
+
+    `cache_dtype` defaults to `default_cache_dtype(device)`. Encoders come from `model_root` (loaded
+    only if something must be built) unless `vae` /
+    `text_encoder` instances are given. Problems with single items are logged and counted in the
+    returned index (`index.plan` problems, `index.report.failed`); `DataError` only when no training
+    sample (or no eval sample, with `eval_dataset_id`) is usable.
+    """
+    datasets = data_backend_config if isinstance(data_backend_config, DatasetList) else load_datasets(data_backend_config)
+    plan = plan_data(datasets, eval_dataset_id=eval_dataset_id, alignment=alignment, seed=seed)
+    for dataset_plan in plan.all_plans:
+        for problem in dataset_plan.problems:
+            log.warning("%s %s", "skipped" if problem.skipped else "warning", problem)
+    for problem in plan.conditioning_problems:
+        log.warning("skipped %s", problem)
+    require_usable(plan, eval_dataset_id=eval_dataset_id)
+    if vae is None or text_encoder is None:
+        if model_root is None:
+            raise DataError("build_caches needs model_root (pretrained_model_name_or_path) or both encoders")
+        lazy_vae, lazy_text = load_encoders(Path(model_root), device=device, dtype=encoder_dtype)
+    lazy_vae = LazyEncoder.of(vae) if vae is not None else lazy_vae
+    lazy_text = LazyEncoder.of(text_encoder) if text_encoder is not None else lazy_text
+    index = cache_plan(
+        plan, datasets, vae=lazy_vae, text_encoder=lazy_text, dtype=cache_dtype or default_cache_dtype(device), progress=progress,
+        text_batch_size=text_batch_size, decode_workers=decode_workers,
+    )
+    if eval_dataset_id and plan.eval is not None and not index.eval:
+        raise DataError(f"eval split '{eval_dataset_id}': no sample could be cached; see the problems above")
+    return index
