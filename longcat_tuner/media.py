@@ -8,48 +8,32 @@ area closest to the target.
 from __future__ import annotations
 
 import math
-import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from longcat_tuner.errors import DataError, ShapeError
 
-BUCKET_AREAS = {480: 480 * 832, 540: 544 * 960, 720: 720 * 1280}
 
+def parse_resolution(
+    spec: str, source_hw: Optional[tuple[int, int]] = None, alignment: int = 64
+) -> tuple[int, int]:
+    """`"480x832"` -> (480, 832); a bucket name (`480p`, `720p`) -> the training bucket for a source of
+    `source_hw` (height, width; default 16:9) on the `alignment` grid, so sampling, validation and training agree."""
+    from longcat_tuner.config.training import parse_resolution as parse_spec
+    from longcat_tuner.data.buckets import bucket_size
 
-def bucket_size(base: int, aspect: float, alignment: int = 16) -> tuple[int, int]:
-    """(H, W) on the alignment grid with area near the class's area and aspect (W/H) closest to `aspect`."""
-    if alignment % 16:
-        raise ShapeError(f"aspect_bucket_alignment {alignment} must be a multiple of 16")
-    area = BUCKET_AREAS.get(base, base * base * 16 / 9)
-    best = None
-    for h in range(alignment, int(math.sqrt(area * 4)) + alignment, alignment):
-        w = max(alignment, round(area / h / alignment) * alignment)
-        key = (abs(math.log((w / h) / aspect)), abs(h * w - area))
-        if best is None or key < best[0]:
-            best = (key, (h, w))
-    return best[1]
-
-
-def parse_resolution(spec: Union[str, int], aspect: Optional[float] = None, alignment: int = 16) -> tuple[int, int]:
-    """`"480x832"` -> (480, 832); `"480p"`, `"480"` or 480 -> the bucket for `aspect` (default 832/480)."""
-    text = str(spec).strip().lower()
-    match = re.fullmatch(r"(\d+)\s*[x*]\s*(\d+)", text)
-    if match:
-        h, w = int(match[1]), int(match[2])
-        if h % 16 or w % 16:
-            raise ShapeError(
-                f"resolution {h}x{w}: height and width must be divisible by 16, e.g. {h // 16 * 16}x{w // 16 * 16}"
-            )
-        return h, w
-    match = re.fullmatch(r"(\d+)p?", text)
-    if not match:
-        raise ShapeError(f"resolution '{spec}' is neither HEIGHTxWIDTH (e.g. 480x832) nor a bucket name (480p, 720p)")
-    return bucket_size(int(match[1]), aspect if aspect else 832 / 480, alignment)
+    try:
+        parsed = parse_spec(str(spec).strip())
+    except ValueError as err:
+        raise ShapeError(f"resolution {err}") from None
+    if isinstance(parsed, tuple):
+        return parsed
+    height, width = source_hw or (9, 16)
+    return bucket_size(int(parsed.removesuffix("p")), height, width, alignment)
 
 
 def load_image(path: Union[str, Path]):
@@ -80,6 +64,11 @@ def resize_and_crop(image, height: int, width: int, *, crop: str = "center", rng
     return image.crop((left, top, left + width, top + height))
 
 
+def load_start_frame(path: Union[str, Path], height: int, width: int) -> torch.Tensor:
+    """A start frame as the model gets it: EXIF-rotated, resized to cover, center-cropped, `[3, H, W]` in [-1, 1]."""
+    return image_to_tensor(resize_and_crop(load_image(path), height, width))
+
+
 def image_to_tensor(image) -> torch.Tensor:
     """PIL RGB -> float tensor `[3, H, W]` in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -100,10 +89,12 @@ def write_mp4(path: Union[str, Path], frames: np.ndarray, fps: int = 15, crf: in
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial" + path.suffix)
     with av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        if codec == "libx264":
+            stream.options = {"crf": str(crf)}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
@@ -113,18 +104,15 @@ def write_mp4(path: Union[str, Path], frames: np.ndarray, fps: int = 15, crf: in
     return path
 
 
-def contact_sheet(frames: np.ndarray, columns: int = 4, max_frames: int = 8):
-    """A PIL image tiling up to `max_frames` evenly spaced frames of `[F, H, W, 3]` uint8."""
+def write_contact_sheet(frames: np.ndarray, path: Union[str, Path], *, columns: int = 8) -> Path:
+    """Up to `columns` evenly spaced frames of `[F, H, W, 3]` uint8 side by side in one PNG."""
     from PIL import Image
 
-    count = min(max_frames, len(frames))
-    picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
-    rows = math.ceil(count / columns)
-    h, w = frames.shape[1:3]
-    sheet = Image.new("RGB", (min(columns, count) * w, rows * h))
-    for slot, index in enumerate(picks):
-        sheet.paste(Image.fromarray(frames[index]), ((slot % columns) * w, (slot // columns) * h))
-    return sheet
+    picks = np.unique(np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate([frames[i] for i in picks], axis=1)).save(path)
+    return path
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,9 +129,3 @@ def check_frames(frames: int, what: str = "--frames") -> None:
     if not frame_count_ok(frames):
         down = max(1, frames - (frames - 1) % 4)
         raise ShapeError(f"{what} {frames}: the VAE needs (frames - 1) % 4 == 0, e.g. {down} or {down + 4}")
-
-
-__all__: Sequence[str] = [
-    "bucket_size", "parse_resolution", "load_image", "resize_and_crop", "image_to_tensor", "video_to_uint8",
-    "write_mp4", "contact_sheet", "psnr", "check_frames",
-]

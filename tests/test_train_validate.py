@@ -6,14 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from longcat_tuner.train.validate import (
-    load_start_frame,
-    psnr,
-    to_uint8_frames,
-    validation_size,
-    write_contact_sheet,
-    write_mp4,
-)
+from longcat_tuner.media import load_start_frame, psnr, write_contact_sheet, write_mp4
+from longcat_tuner.media import parse_resolution as validation_size
+from longcat_tuner.media import video_to_uint8 as to_uint8_frames
 
 
 def test_validation_size_follows_the_start_frame_for_bucket_names():
@@ -30,7 +25,7 @@ def test_mp4_contact_sheet_and_psnr(tmp_path):
     video = torch.linspace(-1, 1, 3 * 9 * 32 * 48).reshape(3, 9, 32, 48)
     frames = to_uint8_frames(video)
     assert frames.shape == (9, 32, 48, 3) and frames.dtype == np.uint8
-    path = write_mp4(frames, tmp_path / "v.mp4")
+    path = write_mp4(tmp_path / "v.mp4", frames)
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]

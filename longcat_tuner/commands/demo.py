@@ -74,7 +74,7 @@ def write_split(
     """`root/clips/*.mp4` + captions and `root/start-frames/*.png` (frame 0 of each clip, same stem)."""
     from PIL import Image
 
-    from longcat_tuner.train.validate import write_mp4
+    from longcat_tuner.media import write_mp4
 
     rng = np.random.default_rng(seed)
     clips, starts = root / "clips", root / "start-frames"
@@ -91,7 +91,7 @@ def write_split(
             frames=frames, height=height, width=width, size=size, start=start,
         )
         stem = f"clip_{index:03d}"
-        write_mp4(video, clips / f"{stem}.mp4", fps=15)
+        write_mp4(clips / f"{stem}.mp4", video, fps=15)
         Image.fromarray(video[0]).save(starts / f"{stem}.png")
         (clips / f"{stem}.txt").write_text(f"a {colour} square moves {direction} over a {background} background\n")
     return clips, starts

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_frames(args.frames)
     image = load_image(args.image) if args.image else None
-    height, width = parse_resolution(args.resolution, aspect=image.width / image.height if image else None)
+    height, width = parse_resolution(args.resolution, source_hw=(image.height, image.width) if image else None)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 

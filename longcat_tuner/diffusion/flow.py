@@ -6,7 +6,6 @@ get t = 0 (MODEL.md 5.1); the loss covers noisy frames only.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -19,7 +19,8 @@ from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.data.dataset import CachedVideoDataset, collate_samples, sample_posterior
 from longcat_tuner.errors import ConfigError, DataError
 from longcat_tuner.train.step import FlowBatch, drop_captions
-from longcat_tuner.train.validate import ValidationItem, load_start_frame, validation_size
+from longcat_tuner.media import image_to_tensor, load_image, parse_resolution, resize_and_crop
+from longcat_tuner.train.validate import ValidationItem
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,6 @@ def prepare_data(config: TrainConfig, *, device: torch.device, progress: bool = 
 
 def validation_items(config: TrainConfig, eval_set: CachedVideoDataset, text_encoder: Any) -> list[ValidationItem]:
     """Eval-split start frames + captions (image-to-video), or `validation_prompt` (text-to-video)."""
-    from PIL import Image
-
     items = []
     if config.validation_using_datasets:
         if not len(eval_set):
@@ -152,10 +151,11 @@ def validation_items(config: TrainConfig, eval_set: CachedVideoDataset, text_enc
             sample = eval_set[position]
             start = None
             if sample["cond_media_path"]:
-                with Image.open(sample["cond_media_path"]) as image:
-                    source_hw = (image.height, image.width)
-                height, width = validation_size(config.validation_resolution, source_hw, config.aspect_bucket_alignment)
-                start = load_start_frame(Path(sample["cond_media_path"]), height, width)
+                image = load_image(sample["cond_media_path"])  # EXIF-rotated, as the cache saw it
+                height, width = parse_resolution(
+                    config.validation_resolution, (image.height, image.width), config.aspect_bucket_alignment
+                )
+                start = image_to_tensor(resize_and_crop(image, height, width))
             elif not isinstance(_fixed_size(config), tuple):
                 raise ConfigError(
                     f"eval sample {sample['sample_id']} has no start frame, so validation_resolution must be "
