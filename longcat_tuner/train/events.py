@@ -89,11 +89,13 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     """All complete events of a run (a partly written last line is ignored)."""
     events = []
     path = Path(path)
-    if path.is_dir():
+    if path.suffix != ".jsonl":  # a run folder (which may not exist yet)
         path = path / EVENTS_FILE
-    if not path.exists():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return events
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:
