@@ -96,8 +96,9 @@ class TrainConfig(BaseModel):
     aspect_bucket_alignment: int = Field(
         64,
         ge=16,
-        description="Bucket sizes snap to this many pixels (multiple of 16; 64 keeps the token grid "
-        "block-sparse friendly).",
+        description="Bucket grid step in pixels (a multiple of 16). The grid is anchored at the native size of "
+        "the resolution class (480x832 for 480), so 480p buckets are 480x832, 832x480, 608x640, ...; for sizes "
+        "on whole multiples of 64 (a block-sparse-friendly token grid) use a resolution such as 512 or 704.",
     )
     train_batch_size: int = Field(1, ge=1, description="Clips per optimizer micro-step (same bucket).")
     caption_dropout_probability: float = Field(
