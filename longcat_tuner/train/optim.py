@@ -28,11 +28,8 @@ def build_optimizer(
             import bitsandbytes  # noqa: PLC0415 - optional dependency
         except ImportError:
             raise ConfigError(
-                "optimizer 'adamw8bit' needs bitsandbytes: `pip install bitsandbytes` (CUDA only), "
-                "or set optimizer to 'adamw'"
+                "optimizer 'adamw8bit' needs bitsandbytes: `pip install bitsandbytes`, or set optimizer to 'adamw'"
             ) from None
-        if not all(p.is_cuda for p in params):
-            raise ConfigError("optimizer 'adamw8bit' runs on CUDA only; use optimizer 'adamw' on CPU")
         return bitsandbytes.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
     raise ConfigError(f"optimizer {kind!r} is not supported; use 'adamw' or 'adamw8bit'")
 
