@@ -69,7 +69,10 @@ class LoRAAdapter(nn.Module):
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.linear(x.to(self.down.dtype), self.down)
+        # Under autocast the matmul runs in the autocast dtype anyway: skip a float32 copy of the activations.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.down.dtype)
+        h = nn.functional.linear(x, self.down)
         h = h.unflatten(-1, (self.parts, self.rank))
         out = torch.einsum("...pr,por->...po", h, self.up).flatten(-2)
         return out * (self.alpha_scale.to(out.dtype) * self.multiplier)

@@ -57,24 +57,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def capture_rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    """Every RNG that can influence the next step: python, numpy, torch (CPU/CUDA) and named generators."""
+def capture_rng_state(
+    generators: dict[str, torch.Generator], *, cuda_device: Optional[torch.device] = None
+) -> dict[str, Any]:
+    """Every RNG that can influence the next step: python, numpy, torch (CPU/CUDA) and named generators.
+
+    `cuda_device` (a multi-GPU rank): only that GPU's state, so a rank never touches the other GPUs.
+    """
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "generators": {name: gen.get_state() for name, gen in generators.items()},
     }
-    if torch.cuda.is_available():
+    if cuda_device is not None and cuda_device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(cuda_device)
+    elif torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+def restore_rng_state(
+    state: dict[str, Any], generators: dict[str, torch.Generator], *, cuda_device: Optional[torch.device] = None
+) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda_device" in state and cuda_device is not None and cuda_device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], cuda_device)
+    elif "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     for name, gen in generators.items():
         if name in state["generators"]:
@@ -205,6 +216,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         }
     except Exception as err:  # corrupt file: say which checkpoint, never a bare pickle trace
         raise CheckpointError(f"checkpoint {path} could not be read ({err}); resume from an earlier one") from err
+
+
+def saved_world_size(path: Path) -> Optional[int]:
+    """How many processes trained the checkpoint at `path` (1 before multi-GPU existed); None when its
+    state file is missing or unreadable (`load_checkpoint` then says what is wrong)."""
+    try:
+        state = json.loads((Path(path) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return int(state.get("world_size", 1))
 
 
 def apply_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], *, source: Path) -> None:

@@ -71,6 +71,19 @@ class EventLog:
             self._tensorboard = None
 
 
+class SilentEventLog(EventLog):
+    """The event log of a rank other than 0 in a multi-GPU run: rank 0 alone writes `events.jsonl`."""
+
+    def __init__(self) -> None:  # no file, no TensorBoard
+        self.path = None
+        self._tensorboard = None
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {kind!r}; expected one of {EVENT_KINDS}")
+        return {"event": kind, "time": time.time(), **_jsonable(fields)}
+
+
 def open_tensorboard(log_dir: Path) -> Any:
     """A TensorBoard SummaryWriter, or a clear error when the package is missing."""
     try:

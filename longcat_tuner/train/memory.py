@@ -7,13 +7,17 @@ weights live in `block_swap.py` and `quantize.py`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from longcat_tuner.errors import ConfigError
 
-_WRAPPED_ATTR = "_longcat_checkpointed_forward"
+
+# Marks a checkpointed block (holds its original forward); shared by every checkpointing variant and
+# read by block swap, which must know whether a block is recomputed in backward.
+CHECKPOINT_ATTR = "_longcat_checkpointed_forward"
 
 
 def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,16 +37,47 @@ def apply_gradient_checkpointing(dit: torch.nn.Module) -> int:
     if not isinstance(blocks, torch.nn.ModuleList):
         raise TypeError("gradient checkpointing needs `dit.blocks` as an nn.ModuleList (docs/CONTRACTS.md)")
     for block in blocks:
-        if getattr(block, _WRAPPED_ATTR, None) is None:
+        if getattr(block, CHECKPOINT_ATTR, None) is None:
             original = block.forward
-            setattr(block, _WRAPPED_ATTR, original)
+            setattr(block, CHECKPOINT_ATTR, original)
             block.forward = _checkpointed(original)
     return len(blocks)
 
 
 def remove_gradient_checkpointing(dit: torch.nn.Module) -> None:
     for block in dit.blocks:
-        original = getattr(block, _WRAPPED_ATTR, None)
+        original = getattr(block, CHECKPOINT_ATTR, None)
         if original is not None:
             block.forward = original
-            setattr(block, _WRAPPED_ATTR, None)
+            setattr(block, CHECKPOINT_ATTR, None)
+
+
+def apply_memory_options(
+    dit: torch.nn.Module,
+    *,
+    gradient_checkpointing: bool,
+    mode: str = "full",
+    keep_attention_blocks: Optional[int] = None,
+    compile_blocks: bool = False,
+) -> None:
+    """The config's compute/memory trade-offs, in the order they compose: compile inside, checkpoint outside.
+
+    Block swap (`block_swap.apply_block_swap`) goes on afterwards: it reads which blocks are checkpointed.
+    """
+    if compile_blocks:
+        for block in dit.blocks:
+            block.forward = torch.compile(block.forward)
+    if not gradient_checkpointing:
+        return
+    if mode == "full":
+        apply_gradient_checkpointing(dit)
+    elif mode == "keep_attention":
+        from longcat_tuner.train.selective_checkpoint import apply_selective_checkpointing
+
+        apply_selective_checkpointing(dit, save_attention_blocks=keep_attention_blocks)
+    elif mode == "offload_inputs":
+        from longcat_tuner.train.selective_checkpoint import apply_offloaded_checkpointing
+
+        apply_offloaded_checkpointing(dit)
+    else:
+        raise ConfigError(f"gradient_checkpointing_mode '{mode}' is unknown; use full, keep_attention or offload_inputs")

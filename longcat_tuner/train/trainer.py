@@ -5,9 +5,14 @@ the recipe: take a micro-batch, compute the flow loss, accumulate, clip, step, t
 blocks for logging, validation and checkpoints. Everything needed to resume exactly (weights, optimizer,
 LR schedule, step, data-sampler position, RNG states) goes into each checkpoint. SIGINT/SIGTERM ask
 the loop to save a checkpoint at the next step boundary and exit cleanly.
+
+Under `torchrun` (see `distributed.py`) each rank runs this same loop on its share of the batches with
+its own noise stream; DDP averages the gradients, the ranks agree on stopping and on the reported
+(mean) loss at every step, and rank 0 alone writes events, checkpoints, validation and the final LoRA.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,9 +28,10 @@ import torch
 from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.errors import ConfigError, LongcatError
 from longcat_tuner.train import checkpoint as ckpt
-from longcat_tuner.train.events import EventLog
+from longcat_tuner.train.distributed import Distributed, check_resume_world_size, init_distributed, rank_seed, wrap_ddp
+from longcat_tuner.train.events import EventLog, SilentEventLog
 from longcat_tuner.train.feed import TrainingData, prepare_data
-from longcat_tuner.train.memory import apply_gradient_checkpointing
+from longcat_tuner.train.memory import apply_memory_options
 from longcat_tuner.train.optim import build_lr_scheduler, build_optimizer
 from longcat_tuner.train.step import heldout_loss, training_loss
 from longcat_tuner.train.validate import run_validation
@@ -92,9 +98,9 @@ class StopRequest:
 # --- setup helpers --------------------------------------------------------------------------------------
 
 
-def choose_precision(config: TrainConfig) -> Precision:
+def choose_precision(config: TrainConfig, device: Optional[torch.device] = None) -> Precision:
     """bf16 base + bf16 autocast on CUDA; fp32 everywhere on CPU (bf16 matmuls there are slow and lossy)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.model_type == "full":
         base = torch.float32  # trained weights keep fp32 master copies; autocast does the bf16 math
     elif config.base_model_precision == "fp32":
@@ -148,8 +154,10 @@ def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
         inject_lora(dit, rank=config.lora_rank, alpha=config.effective_lora_alpha, targets=config.lora_targets, dtype=torch.float32)
     else:
         dit.requires_grad_(True)
-    if config.gradient_checkpointing:
-        apply_gradient_checkpointing(dit)
+    apply_memory_options(
+        dit, gradient_checkpointing=config.gradient_checkpointing, mode=config.gradient_checkpointing_mode,
+        keep_attention_blocks=config.gradient_checkpointing_keep_attention_blocks, compile_blocks=config.compile_blocks,
+    )
     if config.musubi_blocks_to_swap:
         _apply_block_swap(dit, config, precision)
     return dit.train()
@@ -204,11 +212,19 @@ def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metad
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train as `config` says; returns where the outputs are. Raises `LongcatError` on user errors."""
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_temporaries(run_dir / "checkpoints")
-    events = EventLog(run_dir, tensorboard_dir=run_dir / "tensorboard" if config.report_to == "tensorboard" else None)
+    dist = init_distributed()  # single-process unless launched by torchrun
     try:
-        return _train(config, run_dir, events, progress)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(run_dir / "checkpoints")
+        dist.barrier()  # the others list checkpoints only after rank 0 has cleaned up
+        tensorboard = run_dir / "tensorboard" if config.report_to == "tensorboard" else None
+        events = EventLog(run_dir, tensorboard_dir=tensorboard) if dist.is_main else SilentEventLog()
+    except BaseException:
+        dist.close()
+        raise
+    try:
+        return _train(config, run_dir, events, progress and dist.is_main, dist)
     except KeyboardInterrupt:  # before the loop installs its handler (cache stage, loading): nothing to save
         events.emit("end", status="interrupted", step=None, lora_path=None)
         raise
@@ -219,6 +235,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         raise
     finally:
         events.close()
+        dist.close()
 
 
 @dataclasses.dataclass
@@ -237,17 +254,31 @@ class Run:
     events: EventLog
     total_steps: int
     step: int = 0
+    dist: Distributed = dataclasses.field(default_factory=Distributed)
+    model: Optional[torch.nn.Module] = None  # what the loss calls: the DDP wrapper of `dit`, or `dit` itself
+    gradients_checked: bool = False  # multi-GPU: every trainable parameter got a gradient (first step)
+
+    def __post_init__(self) -> None:
+        self.model = self.model or self.dit
 
     @property
     def checkpoints_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
 
-def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool) -> Run:
+def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool, dist: Optional[Distributed] = None) -> Run:
     """Precision, caches, model, optimizer, schedule; then the saved state when resuming."""
-    precision = choose_precision(config)
-    seed_everything(config.seed)
-    data = prepare_data(config, device=precision.device, progress=progress)
+    dist = dist or Distributed()
+    # Rank 0 picks the checkpoint, so every rank resumes from the same one; a world-size mismatch is
+    # reported now, before minutes of caching and model loading.
+    resume_path = dist.broadcast(ckpt.resolve_resume_path(config.resume_from_checkpoint, run_dir / "checkpoints")
+                                 if dist.is_main else None)
+    saved_world_size = ckpt.saved_world_size(resume_path) if resume_path is not None else None
+    if saved_world_size is not None:
+        check_resume_world_size(saved_world_size, dist, resume_path)
+    precision = choose_precision(config, dist.device if dist.enabled else None)
+    seed_everything(config.seed)  # the same on every rank: adapters start identical
+    data = prepare_data(config, device=precision.device, progress=progress, dist=dist)
     dit = build_model(config, precision)
     params = list(trainable_state(dit).values())
     optimizer = build_optimizer(
@@ -256,43 +287,63 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     )
     total_steps = total_optimizer_steps(config, data.batches_per_epoch)
     scheduler = build_lr_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.lr_warmup_steps, total_steps=total_steps)
-    run = Run(config, run_dir, precision, data, dit, params, optimizer, scheduler,
-              torch.Generator(device="cpu").manual_seed(config.seed), events, total_steps)
-    resume_path = ckpt.resolve_resume_path(config.resume_from_checkpoint, run.checkpoints_dir)
+    # Each rank draws its own sigmas/noise/posterior samples (its batches differ too); rank 0's stream
+    # is the single-process one.
+    generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, dist.rank))
+    model = wrap_ddp(dit, dist) if dist.enabled else dit
+    run = Run(config, run_dir, precision, data, dit, params, optimizer, scheduler, generator, events, total_steps,
+              dist=dist, model=model)
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path)
+        check_resume_world_size(state["state"].get("world_size"), dist, resume_path)
         ckpt.apply_weights(dit, state["weights"], source=resume_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         data.sampler.load_state_dict(state["state"]["sampler"])
-        ckpt.restore_rng_state(state["rng"], {"train": run.generator})
+        rng = state["rng"]["ranks"][dist.rank] if dist.enabled else state["rng"]
+        ckpt.restore_rng_state(rng, {"train": run.generator}, cuda_device=_rank_cuda_device(dist))
         run.step = int(state["state"]["step"])
-        print(f"resumed from {resume_path} at step {run.step}")
-    elif config.resume_from_checkpoint == "latest":
+        if dist.is_main:
+            print(f"resumed from {resume_path} at step {run.step}")
+    elif config.resume_from_checkpoint == "latest" and dist.is_main:
         print(f"no complete checkpoint in {run.checkpoints_dir} yet: starting at step 0")
     events.emit(
         "start", run_dir=str(run_dir), config=config.model_dump(mode="json"), total_steps=total_steps,
         pid=os.getpid(), resumed_from=str(resume_path) if resume_path else None, start_step=run.step,
+        world_size=dist.world_size,
     )
     return run
 
 
+def _rank_cuda_device(dist: Distributed) -> Optional[torch.device]:
+    """A multi-GPU rank saves and restores only its own GPU's RNG state."""
+    return dist.device if dist.enabled and dist.device.type == "cuda" else None
+
+
 def optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float, bool]:
     """Accumulate micro-batches, clip, step. Returns (loss, grad norm, skipped: non-finite)."""
-    config = run.config
+    config, dist = run.config, run.dist
     run.optimizer.zero_grad(set_to_none=True)
     losses = []
-    for _ in range(config.gradient_accumulation_steps):
+    for micro in range(config.gradient_accumulation_steps):
         batch = run.data.to_flow_batch(next(batches), generator=run.generator, caption_dropout=config.caption_dropout_probability)
-        loss = training_loss(
-            run.dit, batch, generator=run.generator, shift=config.flow_schedule_shift,
-            distribution=config.flow_sigma_distribution, continuation_latents=config.video_continuation_latents,
-            autocast_dtype=run.precision.autocast_dtype,
-        )
-        losses.append(float(loss.detach()))
-        if math.isfinite(losses[-1]):
-            (loss / config.gradient_accumulation_steps).backward()  # the sum of scaled losses is the mean
-    loss_value = float(np.mean(losses))
+        # DDP all-reduces the gradients in the last micro-batch's backward only (no_sync before it).
+        last = micro == config.gradient_accumulation_steps - 1
+        with contextlib.nullcontext() if last or not dist.enabled else run.model.no_sync():
+            loss = training_loss(
+                run.model, batch, generator=run.generator, shift=config.flow_schedule_shift,
+                distribution=config.flow_sigma_distribution, continuation_latents=config.video_continuation_latents,
+                autocast_dtype=run.precision.autocast_dtype,
+            )
+            losses.append(float(loss.detach()))
+            # Multi-GPU: every rank must join DDP's all-reduce, so a non-finite loss is backpropagated
+            # too; its NaN reaches every rank's averaged gradient and all ranks skip the step together.
+            if math.isfinite(losses[-1]) or dist.enabled:
+                (loss / config.gradient_accumulation_steps).backward()  # the sum of scaled losses is the mean
+    if dist.enabled and not run.gradients_checked:  # once per process, on its first step
+        _require_all_trainable_used(run)
+        run.gradients_checked = True
+    loss_value = dist.mean(float(np.mean(losses)))  # the same value, and the same skip decision, on every rank
     grad_norm = float("nan")
     if math.isfinite(loss_value):
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
@@ -305,8 +356,35 @@ def optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float
     return loss_value, grad_norm, False
 
 
+def _require_all_trainable_used(run: Run) -> None:
+    """DDP averages a gradient only once every trainable parameter has one; a parameter the forward never
+    uses would leave its bucket un-averaged (ranks drift apart) and fail the next step deep inside DDP."""
+    unused = [name for name, param in trainable_state(run.dit).items() if param.grad is None]
+    if unused:
+        raise ConfigError(
+            f"{len(unused)} trainable parameter(s) got no gradient in the first step (e.g. {unused[0]}), which "
+            "multi-GPU (DDP) training cannot average; narrow lora_targets to layers the DiT uses "
+            "(the default targets do)"
+        )
+
+
 def save(run: Run) -> Optional[Path]:
-    """A checkpoint at the current step; a failed save (disk full) is reported and training goes on."""
+    """A checkpoint at the current step; a failed save (disk full) is reported and training goes on.
+
+    Multi-GPU: every rank calls this (its RNG state goes in), rank 0 writes, and every rank returns
+    rank 0's result so they all agree on whether the step is saved.
+    """
+    dist = run.dist
+    rng = ckpt.capture_rng_state({"train": run.generator}, cuda_device=_rank_cuda_device(dist))
+    if dist.enabled:
+        # Rank 0's state at the top level (what a single-process resume reads), every rank's under "ranks".
+        ranks = dist.gather(rng)
+        rng = {**ranks[0], "ranks": ranks}
+    path = _write_checkpoint(run, rng) if dist.is_main else None
+    return dist.broadcast(path)
+
+
+def _write_checkpoint(run: Run, rng_state: dict[str, Any]) -> Optional[Path]:
     extra = {}
     if run.config.model_type == "lora":
         from longcat_tuner.model.lora import save_lora
@@ -316,8 +394,9 @@ def save(run: Run) -> Optional[Path]:
         path = ckpt.save_checkpoint(
             run.checkpoints_dir, step=run.step, weights=trainable_state(run.dit),
             optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
-            rng_state=ckpt.capture_rng_state({"train": run.generator}),
-            trainer_state={"sampler": run.data.sampler.state_dict(), "total_steps": run.total_steps}, extra_files=extra,
+            rng_state=rng_state, extra_files=extra,
+            trainer_state={"sampler": run.data.sampler.state_dict(), "total_steps": run.total_steps,
+                           "world_size": run.dist.world_size},
         )
     except LongcatError as err:  # older checkpoints stay intact
         run.events.emit("error", message=str(err), step=run.step)
@@ -329,8 +408,10 @@ def save(run: Run) -> Optional[Path]:
 
 
 def validate(run: Run) -> list[Path]:
-    """Validation videos, first-frame PSNR and the held-out loss; returns the video paths."""
+    """Validation videos, first-frame PSNR and the held-out loss; returns the video paths (rank 0 only)."""
     config, data = run.config, run.data
+    if not run.dist.is_main:  # the others go on to the next agreement and wait there
+        return []
     items = []
     if data.validation_items:
         items = run_validation(
@@ -358,14 +439,17 @@ def _every(interval: Optional[int], step: int) -> bool:
     return bool(interval) and step % interval == 0
 
 
-def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool) -> TrainResult:
-    run = start_run(config, run_dir, events, progress)
+def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool, dist: Distributed) -> TrainResult:
+    run = start_run(config, run_dir, events, progress, dist)
     result = TrainResult(run_dir=run_dir, status="completed", step=run.step, dit=run.dit)
     bar = _progress_bar(progress, run.step, run.total_steps)
     batches = run.data.batches()
     nonfinite_in_a_row, saved_at, seconds_avg = 0, None, None
+    stopping = False
     with StopRequest() as stop:
-        while run.step < run.total_steps and not stop.requested:
+        # A signal may reach one rank only, or the ranks at different steps: they agree at every step
+        # boundary, so all stop after the same step and none waits alone in a collective.
+        while run.step < run.total_steps and not (stopping := dist.any(stop.requested)):
             started = time.perf_counter()
             loss, grad_norm, skipped = optimizer_step(run, batches)
             run.step += 1
@@ -400,20 +484,23 @@ def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool)
         if bar is not None:
             bar.close()
         result.step = run.step
-        if stop.requested:
+        if stopping:
             if saved_at != run.step:
                 save(run)
             result.status = "interrupted"
-            events.emit("end", status="interrupted", step=run.step, lora_path=None, signal=stop.signal_name)
+            signal_name = next((name for name in dist.gather(stop.signal_name) if name), None)
+            events.emit("end", status="interrupted", step=run.step, lora_path=None, signal=signal_name)
             return result
 
         # The end, still under StopRequest: a SIGTERM here lets the final weights be written before exiting.
         result.validation_videos = validate(run)
         if saved_at != run.step:
             save(run)
-        metadata = {"step": run.step, "lora_rank": config.lora_rank, "lora_alpha": config.effective_lora_alpha,
-                    "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path)}
-        result.lora_path, result.comfyui_lora_path = save_outputs(run.dit, config, run_dir, metadata)
+        if dist.is_main:
+            metadata = {"step": run.step, "lora_rank": config.lora_rank, "lora_alpha": config.effective_lora_alpha,
+                        "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path)}
+            result.lora_path, result.comfyui_lora_path = save_outputs(run.dit, config, run_dir, metadata)
+        dist.barrier()  # no rank leaves (and tears down the group) before the outputs are written
         events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path))
         return result
 

@@ -1,0 +1,297 @@
+"""Benchmark: one LoRA training step of the full 13.6B DiT at 480x832x93 I2V on one GPU, printed as JSON.
+
+Random bf16 weights built straight on the GPU, rank-32 adapters (float32) on the default targets, bf16
+autocast as in the trainer, the trainer's flow-matching loss, AdamW on the adapters. Each run varies:
+
+* `ckpt`: `full` (memory.apply_gradient_checkpointing: recompute the whole block), `attn` (selective:
+  keep attention outputs, recompute the rest; `keep` limits it to the first k blocks) or `offload`
+  (recompute the whole block, block inputs kept in pinned host memory);
+* `sdpa`: the SDPA kernel asked for first (`cudnn` or `flash`);
+* `compile`: `inner` (torch.compile of the block forward inside the checkpoint) or `outer` (of the
+  checkpointed block), empty for eager;
+* `swap`: blocks streamed from pinned host memory (train/block_swap.py);
+* `precision`: `bf16` or `fp8-torchao` / `int8-quanto` base weights (train/quantize.py).
+
+Usage: `python bench/bench_train_step.py --suite speed|ladder [--steps 2] [--warmup 1]` or
+`--run ckpt=attn,swap=8 ...`. Results go to `$OUT/<name>.json` (or bench/results/).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    H100_BF16_PEAK_TFLOPS,
+    LATENT_SHAPE,
+    gib,
+    i2v_inputs,
+    lora_train_flops,
+    random_dit,
+    select_sdpa_backend,
+    sync_time,
+    write_result,
+)
+from longcat_tuner.model.config import DiTConfig  # noqa: E402
+from longcat_tuner.model.lora import inject_lora  # noqa: E402
+from longcat_tuner.train.block_swap import apply_block_swap  # noqa: E402
+from longcat_tuner.train.memory import apply_gradient_checkpointing, remove_gradient_checkpointing  # noqa: E402
+from longcat_tuner.train.quantize import quantize_base_weights  # noqa: E402
+from longcat_tuner.train.selective_checkpoint import (  # noqa: E402
+    apply_offloaded_checkpointing,
+    apply_selective_checkpointing,
+)
+from longcat_tuner.train.step import flow_matching_loss  # noqa: E402
+
+SUITES = {
+    "speed": [
+        "ckpt=full,sdpa=cudnn,compile=inner",
+        "ckpt=attn,sdpa=cudnn,swap=12,compile=inner",
+    ],
+    "ladder": [
+        f"ckpt={ckpt},sdpa=cudnn,swap={n},precision={p}"
+        for p in ("bf16", "fp8-torchao")
+        for ckpt, n in (("full", 0), ("full", 16), ("full", 32), ("full", 47))
+    ] + ["ckpt=offload,sdpa=cudnn,swap=47,precision=fp8-torchao"],
+}
+DEFAULTS = {"ckpt": "full", "sdpa": "cudnn", "compile": "", "swap": "0", "precision": "bf16", "keep": "", "rank": "32"}
+
+
+def parse_run(spec: str) -> dict:
+    run = dict(DEFAULTS)
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in DEFAULTS:
+            raise SystemExit(f"unknown run key '{key}' in '{spec}'; keys: {', '.join(DEFAULTS)}")
+        run[key] = value
+    run["name"] = spec
+    return run
+
+
+def apply_checkpointing(dit, run: dict) -> None:
+    if run["ckpt"] == "full":
+        if run["compile"]:
+            for block in dit.blocks:
+                block.forward = torch.compile(block.forward)
+        apply_gradient_checkpointing(dit)
+    elif run["ckpt"] == "attn":
+        keep = int(run["keep"]) if run["keep"] else None
+        if run["compile"] == "inner":
+            for block in dit.blocks:
+                block.forward = torch.compile(block.forward)
+        apply_selective_checkpointing(dit, save_attention_blocks=keep, compile_blocks=run["compile"] == "outer")
+    elif run["ckpt"] == "offload":
+        if run["compile"]:
+            for block in dit.blocks:
+                block.forward = torch.compile(block.forward)
+        apply_offloaded_checkpointing(dit)
+    else:
+        raise SystemExit(f"ckpt must be full, attn or offload, got {run['ckpt']}")
+
+
+def reset_model(dit) -> None:
+    remove_gradient_checkpointing(dit)
+    for block in dit.blocks:  # drop torch.compile wrappers (instance attribute over the class method)
+        block.__dict__.pop("forward", None)
+
+
+def one_step(dit, optimizer, inputs) -> float:
+    latents, text, mask = inputs
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    noise = torch.randn(latents.shape, generator=gen, device="cuda")
+    sigma = torch.tensor([0.7], device="cuda")
+    loss = flow_matching_loss(dit, latents, noise, sigma, text, mask, 1, autocast_dtype=torch.bfloat16)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def bench_run(dit, run: dict, inputs, *, steps: int, warmup: int, config: DiTConfig) -> dict:
+    select_sdpa_backend(run["sdpa"])
+    apply_checkpointing(dit, run)
+    swap = apply_block_swap(dit, int(run["swap"]), compute_device="cuda") if int(run["swap"]) else None
+    params = [p for p in dit.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    result = {"run": run}
+    try:
+        t0 = sync_time()
+        losses = [one_step(dit, optimizer, inputs) for _ in range(warmup)]
+        result["warmup_s"] = round(sync_time() - t0, 2)
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            t0 = sync_time()
+            losses.append(one_step(dit, optimizer, inputs))
+            times.append(sync_time() - t0)
+        step_s = sorted(times)[len(times) // 2]
+        flops = lora_train_flops(config, recompute="attention_saved" if run["ckpt"] == "attn" else "full")
+        result.update(
+            step_s=round(step_s, 3),
+            step_times_s=[round(t, 3) for t in times],
+            peak_allocated_gib=gib(torch.cuda.max_memory_allocated()),
+            peak_reserved_gib=gib(torch.cuda.max_memory_reserved()),
+            model_tflop=round(flops["model"] / 1e12, 1),
+            hardware_tflop=round(flops["hardware"] / 1e12, 1),
+            mfu=round(flops["model"] / step_s / 1e12 / H100_BF16_PEAK_TFLOPS, 3),
+            hfu=round(flops["hardware"] / step_s / 1e12 / H100_BF16_PEAK_TFLOPS, 3),
+            losses=[round(x, 4) for x in losses],
+            swapped_gib=gib(swap.swapped_bytes) if swap else 0.0,
+        )
+    except torch.OutOfMemoryError as err:
+        result["error"] = f"out of memory: {str(err).splitlines()[0]}"
+    except Exception as err:  # keep the other runs of the suite going
+        result["error"] = f"{type(err).__name__}: {err}"[:2000]
+        traceback.print_exc()
+    finally:
+        del optimizer
+        for p in params:
+            p.grad = None
+        if swap is not None:
+            swap.remove()
+        reset_model(dit)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
+
+
+def sdpa_check() -> list[dict]:
+    """Time the noisy self-attention call (35,880 queries x 37,440 keys) per SDPA kernel and q/k/v layout."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n, n_cond, heads, dim = 37440, 1560, 32, 128
+    qkv = torch.randn(1, n, 3, heads, dim, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for layout in ("model_strided", "contiguous"):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        q = q[:, :, n_cond:]
+        if layout == "contiguous":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel([backend]):
+                    def fwd():
+                        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    out = fwd()
+                    grad = torch.randn_like(out)
+                    for _ in range(2):
+                        fwd().backward(grad)
+                    t0 = sync_time()
+                    for _ in range(3):
+                        with torch.no_grad():
+                            fwd()
+                    t_fwd = (sync_time() - t0) / 3
+                    t0 = sync_time()
+                    for _ in range(3):
+                        fwd().backward(grad)
+                    t_both = (sync_time() - t0) / 3
+                flop = 4 * (n - n_cond) * n * heads * dim
+                rows.append({"layout": layout, "kernel": name, "fwd_ms": round(t_fwd * 1e3, 1),
+                             "fwd_bwd_ms": round(t_both * 1e3, 1), "fwd_tflops": round(flop / t_fwd / 1e12),
+                             "bwd_tflops": round(2 * flop / (t_both - t_fwd) / 1e12)})
+            except Exception as err:
+                rows.append({"layout": layout, "kernel": name, "error": str(err)[:200]})
+            print(json.dumps(rows[-1]), flush=True)
+            q.grad = k.grad = v.grad = None
+    return rows
+
+
+def profile_blocks(depth: int = 2) -> str:
+    """Kernel-time table of one eager LoRA step of a `depth`-block model (full checkpointing, cuDNN)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = DiTConfig(depth=depth)
+    dit = random_dit(config)
+    inject_lora(dit, rank=32, dtype=torch.float32)
+    select_sdpa_backend("cudnn")
+    apply_gradient_checkpointing(dit)
+    optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=1e-4)
+    inputs = i2v_inputs()
+    one_step(dit, optimizer, inputs)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        one_step(dit, optimizer, inputs)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    del dit, optimizer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=sorted(SUITES))
+    parser.add_argument("--run", nargs="*", default=[], help="run specs such as ckpt=attn,swap=8")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--name", default=None, help="result file name (default: train_step_<suite>)")
+    parser.add_argument("--depth", type=int, default=None, help="fewer blocks for a quick check")
+    parser.add_argument("--sdpa-check", action="store_true", help="time SDPA kernels on the noisy-call shape")
+    parser.add_argument("--profile", type=int, default=0, help="print a kernel table of a model with this many blocks")
+    args = parser.parse_args()
+    if args.sdpa_check:
+        write_result("sdpa_check", {"benchmark": "sdpa_noisy_call", "results": sdpa_check()})
+    if args.profile:
+        table = profile_blocks(args.profile)
+        print(table)
+        out = Path(__import__("os").environ.get("OUT", "."))
+        (out / "profile.txt").write_text(table)
+    specs = (SUITES[args.suite] if args.suite else []) + args.run
+    if not specs:
+        return 0
+    runs = [parse_run(s) for s in specs]
+    config = DiTConfig() if args.depth is None else DiTConfig(depth=args.depth)
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64
+    t0 = time.perf_counter()
+    dit = random_dit(config)
+    inject_lora(dit, rank=int(runs[0]["rank"]), dtype=torch.float32)
+    build_s = time.perf_counter() - t0
+    inputs = i2v_inputs()
+    results = []
+    precision = "bf16"
+    for run in runs:
+        if run["precision"] != precision:
+            if precision != "bf16":
+                raise SystemExit("runs must list bf16 before one quantized precision")
+            t1 = time.perf_counter()
+            quantize_base_weights(dit, run["precision"])
+            torch.cuda.empty_cache()
+            print(f"quantized to {run['precision']} in {time.perf_counter() - t1:.1f}s", flush=True)
+            precision = run["precision"]
+        result = bench_run(dit, run, inputs, steps=args.steps, warmup=args.warmup, config=config)
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    payload = {
+        "benchmark": "lora_train_step",
+        "setting": {
+            "latents": list(LATENT_SHAPE), "text": [1, 512, 4096], "num_cond_latents": 1, "lora_rank": int(runs[0]["rank"]),
+            "depth": config.depth, "autocast": "bf16", "optimizer": "AdamW (adapters, float32)",
+        },
+        "flops_note": "model FLOPs = forward + frozen-linear input grads + attention backward (2x fwd); "
+                      "hardware adds checkpoint recompute; MFU against 989 TFLOP/s bf16",
+        "model_build_s": round(build_s, 1),
+        "results": results,
+    }
+    path = write_result(args.name or f"train_step_{args.suite or 'custom'}", payload)
+    print(f"{'run':55s} {'s/step':>8s} {'peak GiB':>9s} {'MFU':>6s}")
+    for r in results:
+        print(f"{r['run']['name']:55s} {r.get('step_s', float('nan')):8.2f} {r.get('peak_allocated_gib', float('nan')):9.2f} "
+              f"{r.get('mfu', float('nan')):6.3f} {r.get('error', '')[:60]}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""`longcat-tuner plan`: expected peak GPU memory and step time of a training config, and settings that fit.
+
+Reads the config with its own loader (`TrainConfig.from_file`); the clip size comes from
+`--resolution`/`--frames` (default: the config's validation resolution and frame count, which is what
+480p I2V training usually uses). The numbers come from `longcat_tuner.train.planner`, a model
+calibrated by the H100 benchmarks in `bench/results/`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from longcat_tuner.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="estimate peak GPU memory and step time of a training config",
+        description="Print the expected peak GPU memory and seconds per step of a LoRA training config, "
+        "and the settings (block swap, base precision, checkpointing) that fit a GPU.",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="config.json")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GPU memory in GiB (default 80)")
+    parser.add_argument("--resolution", help="training clip size HEIGHTxWIDTH (default: validation_resolution)")
+    parser.add_argument("--frames", type=int, help="frames per training clip (default: validation_num_video_frames)")
+    parser.add_argument("--keep-attention", action="store_true",
+                        help="plan for selective checkpointing that keeps attention outputs")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="plan for checkpointing with the block inputs in pinned host memory")
+    parser.add_argument("--compile", action="store_true", help="plan for torch.compile'd blocks")
+    parser.set_defaults(func=run)
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"resolution '{text}' must be HEIGHTxWIDTH, e.g. 480x832") from None
+    return height, width
+
+
+def setting_from_config(
+    config, *, resolution: str | None, frames: int | None, keep_attention: bool = False,
+    offload_activations: bool = False, compiled: bool = False,
+):
+    from longcat_tuner.train.planner import Setting
+
+    text = resolution or config.validation_resolution
+    if text in ("480p", "720p"):
+        text = {"480p": "480x832", "720p": "720x1280"}[text]
+    height, width = _resolution(text)
+    if config.model_type != "lora":
+        raise ConfigError("plan estimates LoRA training (model_type 'lora'); full fine-tuning needs several GPUs")
+    precision = config.base_model_precision
+    if precision == "no_change":
+        precision = "bf16"
+    return Setting(
+        height=height,
+        width=width,
+        frames=frames or config.validation_num_video_frames,
+        batch=config.train_batch_size,
+        lora_rank=config.lora_rank,
+        blocks_to_swap=config.musubi_blocks_to_swap,
+        precision=precision,
+        gradient_checkpointing=config.gradient_checkpointing,
+        keep_attention=keep_attention,
+        offload_activations=offload_activations,
+        compiled=compiled,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from longcat_tuner.config.training import TrainConfig
+    from longcat_tuner.train.planner import format_plan
+
+    config = TrainConfig.from_file(args.config)
+    setting = setting_from_config(
+        config, resolution=args.resolution, frames=args.frames, keep_attention=args.keep_attention,
+        offload_activations=args.offload_activations, compiled=args.compile,
+    )
+    try:
+        print(format_plan(setting, args.gpu_memory))
+    except ValueError as err:
+        raise ConfigError(f"{args.config}: {err}") from None
+    return 0

@@ -1,0 +1,290 @@
+"""Planner: expected peak GPU memory and step time of a LoRA training setting, and settings that fit.
+
+A simple additive model, calibrated by the H100 benchmarks in `bench/results/` (see `CALIBRATION`):
+
+peak memory (allocated) = resident base weights (blocks not swapped, two swap buffers, the rest)
+                        + LoRA training state (float32 adapter, gradient, two AdamW moments: 16 B a parameter)
+                        + checkpointed block inputs (one bf16 hidden state per block, unless offloaded)
+                        + kept attention outputs (selective checkpointing)
+                        + the working set of one block's recompute and backward (bytes per token, measured)
+step time = attention (forward passes at the measured forward rate, backward at the measured rate)
+          + linear layers and element-wise work (effective rate measured, eager or torch.compile)
+          + block swap, activation offload and fp8 dequantization costs (measured)
+
+Every constant lives in `CALIBRATION`, next to the measurement it came from. Everything is pure
+arithmetic on plain values (no torch), so `longcat-tuner plan` runs anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+GIB = 2**30
+
+# Measured on one NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, cuDNN SDPA), full 13.6B DiT with random bf16
+# weights, I2V, batch 1, 480x832x93 = 37,440 tokens, rank-32 LoRA on the default targets, AdamW, bf16
+# autocast, 2026-11-25. Files: bench/results/sdpa_check.json, train_step_ladder.json (eager),
+# train_step_speed.json (torch.compile).
+CALIBRATION = {
+    "device": "NVIDIA H100 80GB HBM3",
+    "source": "bench/results/{sdpa_check,train_step_ladder,train_step_speed}.json (2026-11-25)",
+    # cuDNN SDPA on the noisy call (35,880 x 37,440, 32 heads of 128): 60.7 ms forward (363 TFLOP/s),
+    # 78.8 ms backward (558 TFLOP/s counting 2x the forward FLOPs).
+    "attention_fwd_tflops": 363.0,
+    "attention_bwd_tflops": 558.0,
+    # Linear layers plus all element-wise work, per linear FLOP (forward, recompute, input gradients):
+    # eager full checkpointing 19.21 s/step - 9.75 s attention = 9.46 s for 3 x 844.6 TFLOP -> 268;
+    # torch.compile'd blocks 14.35 s - 9.75 s = 4.60 s -> 551.
+    "linear_tflops_eager": 268.0,
+    "linear_tflops_compiled": 551.0,
+    # Selective checkpointing (attention kept) measured 12.49 s vs 14.35 s: it saved 63% of one attention
+    # forward pass (not 100%: the kept outputs are re-read, and the run also swapped 12 blocks).
+    "keep_attention_saving": 0.63,
+    # Block swap: 47 blocks cost 0.11 s per step (19.21 -> 19.32 s): copies hide behind compute.
+    "swap_s_per_block": 0.0023,
+    "h2d_gbps": 20.0,
+    # Activation offload: +0.69 s (compiled) / +1.14 s (eager) for 13.7 GiB of block inputs -> ~15 GB/s.
+    "offload_gbps": 15.0,
+    # fp8 weights: dequantizing per layer call costs 0.3 s per step (19.21 -> 19.51 s), independent of tokens.
+    "fp8_dequant_s": 0.3,
+    # Working set of one block in recompute + backward beyond the checkpointed inputs, bytes per token:
+    # eager 53.27 GiB peak - 25.29 weights - 2.54 LoRA state - 13.71 inputs = 11.73 GiB -> 336 KB;
+    # compiled 51.76 GiB -> 10.22 GiB -> 293 KB.
+    "working_bytes_per_token_eager": 336_000.0,
+    "working_bytes_per_token_compiled": 293_000.0,
+    # Offloaded checkpointing holds a larger backward working set (the block's output gradient, its input
+    # and the recomputed graph at once): 20.12 GiB measured vs 15.17 GiB counted -> 4.95 GiB -> 142 KB.
+    "offload_extra_bytes_per_token": 142_000.0,
+    # Reserved (what nvidia-smi shows) over allocated, seen up to 1.25x with offload; used for "fits".
+    "reserved_factor": 1.08,
+    "headroom_gib": 1.5,
+}
+
+# LongCat-Video 13.6B shapes (DiTConfig defaults).
+HIDDEN = 4096
+FFN = 11008
+DEPTH = 48
+ADALN = 512
+CAPTION = 4096
+TEXT_TOKENS = 512
+LINEAR_TARGETS = {  # (in, out, parts) of the default LoRA targets
+    "attn.qkv": (HIDDEN, 3 * HIDDEN, 3),
+    "attn.proj": (HIDDEN, HIDDEN, 1),
+    "cross_attn.q_linear": (HIDDEN, HIDDEN, 1),
+    "cross_attn.kv_linear": (HIDDEN, 2 * HIDDEN, 2),
+    "cross_attn.proj": (HIDDEN, HIDDEN, 1),
+    "ffn.w1": (HIDDEN, FFN, 1),
+    "ffn.w2": (FFN, HIDDEN, 1),
+    "ffn.w3": (HIDDEN, FFN, 1),
+}
+QUANTIZED = ("int8-quanto", "fp8-torchao")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What the planner needs from a training config (plain values)."""
+
+    height: int = 480
+    width: int = 832
+    frames: int = 93
+    batch: int = 1
+    lora_rank: int = 32
+    blocks_to_swap: int = 0
+    precision: str = "bf16"  # bf16 | fp8-torchao | int8-quanto (no_change = bf16 on CUDA)
+    gradient_checkpointing: bool = True
+    keep_attention: bool = False  # selective checkpointing: attention outputs kept, not recomputed
+    offload_activations: bool = False  # checkpointed block inputs in pinned host memory
+    compiled: bool = False  # torch.compile of the blocks
+    num_cond_latents: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    tokens: int
+    memory_gib: dict[str, float]
+    peak_gib: float
+    step_s: float
+    step_parts_s: dict[str, float]
+
+
+def token_grid(height: int, width: int, frames: int) -> tuple[int, int, int]:
+    """Token grid of a clip: VAE 4x temporal / 8x spatial, then 1x2x2 patches."""
+    if height % 16 or width % 16:
+        raise ValueError(f"resolution {height}x{width} must be divisible by 16")
+    if (frames - 1) % 4:
+        raise ValueError(f"frames={frames}: (frames - 1) must be divisible by 4")
+    return (1 + (frames - 1) // 4, height // 16, width // 16)
+
+
+def block_linear_params() -> int:
+    block = sum(i * o for i, o, _ in LINEAR_TARGETS.values())
+    biases = 3 * HIDDEN + HIDDEN + HIDDEN + 2 * HIDDEN + HIDDEN  # qkv, proj, q, kv, cross proj
+    adaln = ADALN * 6 * HIDDEN + 6 * HIDDEN
+    norms = 2 * HIDDEN + 2 * (HIDDEN // 32)
+    return block, biases + adaln + norms
+
+
+def weight_bytes_per_block(precision: str) -> float:
+    linear, other = block_linear_params()
+    per_weight = 1.0 if precision in QUANTIZED else 2.0
+    scales = 4.0 * sum(o for _, o, _ in LINEAR_TARGETS.values()) if precision in QUANTIZED else 0.0
+    return linear * per_weight + scales + other * 2.0
+
+
+def other_weight_bytes() -> float:
+    """Embedders and the final layer (bf16)."""
+    patch = 16 * 4 * HIDDEN + HIDDEN
+    caption = CAPTION * HIDDEN + HIDDEN * HIDDEN + 2 * HIDDEN
+    timestep = 256 * ADALN + ADALN * ADALN + 2 * ADALN
+    final = HIDDEN * 64 + ADALN * 2 * HIDDEN
+    return 2.0 * (patch + caption + timestep + final)
+
+
+def lora_params(rank: int) -> int:
+    per_block = sum(parts * rank * i + o * rank for i, o, parts in LINEAR_TARGETS.values())
+    return per_block * DEPTH
+
+
+def flops(setting: Setting) -> dict[str, float]:
+    """Forward matmul FLOPs (linear, attention) for the setting; same count as bench/common.py."""
+    t, h, w = token_grid(setting.height, setting.width, setting.frames)
+    n = t * h * w
+    n_cond = setting.num_cond_latents * h * w
+    n_noisy = n - n_cond
+    c, f = HIDDEN, FFN
+    linear = 2 * (n * (4 * c * c + 3 * c * f) + n_noisy * 2 * c * c + TEXT_TOKENS * 2 * c * c)
+    attention = 4 * c * (n_cond * n_cond + n_noisy * n) + 4 * c * n_noisy * TEXT_TOKENS
+    return {"linear": linear * DEPTH * setting.batch, "attention": attention * DEPTH * setting.batch, "tokens": n}
+
+
+def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
+    """Peak allocated GPU memory and seconds per optimizer step (one micro-batch) for `setting`."""
+    cal = dict(CALIBRATION, **(calibration or {}))
+    precision = "bf16" if setting.precision in ("no_change", "bf16") else setting.precision
+    if precision not in ("bf16", "fp32") + QUANTIZED:
+        raise ValueError(f"unknown precision {setting.precision}")
+    if not 0 <= setting.blocks_to_swap <= DEPTH:
+        raise ValueError(f"blocks_to_swap must be within 0..{DEPTH}")
+    if (setting.keep_attention or setting.offload_activations) and not setting.gradient_checkpointing:
+        raise ValueError("keep_attention and offload_activations are checkpointing variants: enable checkpointing")
+    f = flops(setting)
+    n = f["tokens"] * setting.batch
+    mode = "compiled" if setting.compiled else "eager"
+    per_block = weight_bytes_per_block(precision) * (2.0 if precision == "fp32" else 1.0)
+    resident_blocks = DEPTH - setting.blocks_to_swap + min(2, setting.blocks_to_swap)
+    memory = {
+        "base_weights": resident_blocks * per_block + other_weight_bytes(),
+        "lora_training_state": 16.0 * lora_params(setting.lora_rank),
+    }
+    hidden_state = n * HIDDEN * 2.0
+    working = n * cal[f"working_bytes_per_token_{mode}"]
+    if setting.gradient_checkpointing:
+        if setting.offload_activations:
+            memory["offload_working_set"] = n * cal["offload_extra_bytes_per_token"]
+        else:
+            memory["checkpointed_inputs"] = DEPTH * hidden_state
+        if setting.keep_attention:
+            memory["kept_attention"] = DEPTH * hidden_state * (1 - setting.num_cond_latents * 1.0 / max(1, token_grid(
+                setting.height, setting.width, setting.frames)[0]))
+        memory["block_working_set"] = working
+    else:
+        memory["activations"] = DEPTH * working  # every block keeps its whole working set for backward
+    peak = sum(memory.values())
+
+    attention_fwd = f["attention"] / (cal["attention_fwd_tflops"] * 1e12)
+    attention_bwd = 2 * f["attention"] / (cal["attention_bwd_tflops"] * 1e12)
+    recompute = setting.gradient_checkpointing
+    attention_passes = 1.0 + (1.0 if recompute else 0.0)
+    if setting.keep_attention:
+        attention_passes -= cal["keep_attention_saving"]
+    linear_passes = 3.0 if recompute else 2.0  # forward, input gradients, recompute
+    parts = {
+        "attention": attention_passes * attention_fwd + attention_bwd,
+        "linear_and_elementwise": linear_passes * f["linear"] / (cal[f"linear_tflops_{mode}"] * 1e12),
+    }
+    if precision in QUANTIZED:
+        parts["dequantize"] = cal["fp8_dequant_s"] * (linear_passes / 3.0)
+    if setting.blocks_to_swap:
+        # Each swapped block is copied in twice (forward, backward), overlapping the previous block's compute.
+        copy_s = per_block / (cal["h2d_gbps"] * 1e9)
+        compute_per_block = (parts["attention"] + parts["linear_and_elementwise"]) / DEPTH / 2
+        stall = max(0.0, copy_s - compute_per_block)
+        parts["block_swap"] = setting.blocks_to_swap * (cal["swap_s_per_block"] + 2 * stall)
+    if setting.offload_activations:
+        parts["activation_offload"] = DEPTH * hidden_state / (cal["offload_gbps"] * 1e9)
+    step = sum(parts.values())
+    return Estimate(
+        tokens=f["tokens"],
+        memory_gib={k: round(v / GIB, 2) for k, v in memory.items()},
+        peak_gib=round(peak / GIB, 2),
+        step_s=round(step, 2),
+        step_parts_s={k: round(v, 2) for k, v in parts.items()},
+    )
+
+
+def fits(est: Estimate, gpu_memory_gib: float) -> bool:
+    """Whether the allocator's reserve (allocated x reserved_factor) plus headroom fits the GPU."""
+    return est.peak_gib * CALIBRATION["reserved_factor"] + CALIBRATION["headroom_gib"] <= gpu_memory_gib
+
+
+def suggest(setting: Setting, gpu_memory_gib: float) -> list[tuple[Setting, Estimate]]:
+    """Settings close to `setting` that fit `gpu_memory_gib`, fastest first.
+
+    Varies only the memory knobs (kept attention, activation offload, block swap, base precision) with
+    checkpointing on; keeps the resolution, frames, rank and compile choice, and lowers the rank only if
+    nothing else fits. For each combination the fewest swapped blocks that fit are taken.
+    """
+    candidates = []
+    for rank in sorted({setting.lora_rank, min(setting.lora_rank, 16), min(setting.lora_rank, 8)}, reverse=True):
+        for precision in ("bf16", "fp8-torchao"):
+            for keep, offload in ((True, False), (False, False), (True, True), (False, True)):
+                for swap in range(0, DEPTH + 1):
+                    option = dataclasses.replace(
+                        setting, lora_rank=rank, precision=precision, gradient_checkpointing=True,
+                        keep_attention=keep, offload_activations=offload, blocks_to_swap=swap,
+                    )
+                    est = estimate(option)
+                    if fits(est, gpu_memory_gib):
+                        candidates.append((option, est))
+                        break
+        if candidates:
+            break
+    candidates.sort(key=lambda item: (item[1].step_s, item[1].peak_gib))
+    return candidates[:4]
+
+
+def describe(setting: Setting) -> str:
+    knobs = [f"lora_rank {setting.lora_rank}", f"base_model_precision {setting.precision}",
+             f"musubi_blocks_to_swap {setting.blocks_to_swap}",
+             "gradient_checkpointing " + ("on" if setting.gradient_checkpointing else "off")]
+    if setting.keep_attention:
+        knobs.append("keep attention (selective checkpointing)")
+    if setting.offload_activations:
+        knobs.append("offload block inputs to host")
+    if setting.compiled:
+        knobs.append("torch.compile")
+    return ", ".join(knobs)
+
+
+def format_plan(setting: Setting, gpu_memory_gib: float) -> str:
+    est = estimate(setting)
+    t, h, w = token_grid(setting.height, setting.width, setting.frames)
+    lines = [
+        f"setting: {setting.height}x{setting.width}, {setting.frames} frames, batch {setting.batch} "
+        f"-> {t}x{h}x{w} = {est.tokens:,} tokens; {describe(setting)}",
+        f"expected peak GPU memory: {est.peak_gib:.1f} GiB  ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in est.memory_gib.items()) + ")",
+        f"expected step time: {est.step_s:.1f} s  ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in est.step_parts_s.items()) + ")",
+        f"GPU memory: {gpu_memory_gib:g} GiB -> " + ("fits" if fits(est, gpu_memory_gib) else "does NOT fit")
+        + f" (allocator reserve ~{est.peak_gib * CALIBRATION['reserved_factor']:.1f} GiB + {CALIBRATION['headroom_gib']} GiB headroom)",
+    ]
+    options = suggest(setting, gpu_memory_gib)
+    if options:
+        lines.append("settings that fit, fastest first:")
+        for option, option_est in options:
+            lines.append(f"  {option_est.step_s:5.1f} s/step, {option_est.peak_gib:5.1f} GiB: {describe(option)}")
+    else:
+        lines.append("nothing fits: lower the resolution or the number of frames")
+    lines.append(f"(model calibrated on {CALIBRATION['device']}; {CALIBRATION['source']})")
+    return "\n".join(lines)

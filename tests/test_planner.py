@@ -1,0 +1,124 @@
+"""Planner arithmetic (no GPU): token counts, parameter counts, memory terms and suggestions."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from longcat_tuner.train import planner
+from longcat_tuner.train.planner import Setting, estimate, fits, suggest, token_grid
+
+
+def test_token_grid_and_flops_match_the_benchmark_setting():
+    assert token_grid(480, 832, 93) == (24, 30, 52)
+    assert estimate(Setting()).tokens == 37_440
+    f = planner.flops(Setting())
+    # Self-attention: condition (1560^2) + noisy (35880 x 37440) pairs, 4*4096 FLOPs each, 48 blocks.
+    self_attn = 4 * 4096 * (1560**2 + 35880 * 37440) * 48
+    cross = 4 * 4096 * 35880 * 512 * 48
+    assert f["attention"] == self_attn + cross
+    with pytest.raises(ValueError, match="divisible by 4"):
+        token_grid(480, 832, 90)
+
+
+def test_parameter_counts_match_the_13_6b_model():
+    linear, other = planner.block_linear_params()
+    total = planner.DEPTH * (linear + other) + planner.other_weight_bytes() / 2
+    assert 13.4e9 < total < 13.8e9
+    # rank-32 adapters on the default targets (fused qkv/kv get 3/2 down blocks): ~3.5M per block.
+    assert planner.lora_params(32) == 48 * sum(p * 32 * i + o * 32 for i, o, p in planner.LINEAR_TARGETS.values())
+    assert 3.3e6 < planner.lora_params(32) / 48 < 3.7e6
+
+
+def test_memory_terms_add_up_and_respond_to_the_knobs():
+    base = estimate(Setting())
+    terms = dict(base.memory_gib)
+    assert abs(sum(terms.values()) - base.peak_gib) < 0.05
+    # Checkpointed inputs: one bf16 hidden state per block.
+    assert terms["checkpointed_inputs"] == pytest.approx(48 * 37_440 * 4096 * 2 / 2**30, abs=0.01)
+
+    swapped = estimate(Setting(blocks_to_swap=16))
+    per_block_gib = planner.weight_bytes_per_block("bf16") / 2**30
+    # 16 blocks leave the GPU, two swap buffers come back.
+    assert swapped.memory_gib["base_weights"] == pytest.approx(base.memory_gib["base_weights"] - 14 * per_block_gib, abs=0.02)
+
+    fp8 = estimate(Setting(precision="fp8-torchao"))
+    assert fp8.memory_gib["base_weights"] < 0.55 * base.memory_gib["base_weights"]
+    assert fp8.step_parts_s["dequantize"] > 0
+
+    kept = estimate(Setting(keep_attention=True))
+    assert kept.peak_gib > base.peak_gib and kept.step_s < base.step_s
+    offloaded = estimate(Setting(offload_activations=True))
+    assert "checkpointed_inputs" not in offloaded.memory_gib and offloaded.peak_gib < base.peak_gib - 8
+    assert offloaded.step_s > base.step_s
+    assert estimate(Setting(compiled=True)).step_s < base.step_s
+    no_ckpt = estimate(Setting(gradient_checkpointing=False))
+    assert no_ckpt.peak_gib > base.peak_gib and no_ckpt.step_s < base.step_s
+    smaller = estimate(Setting(height=320, width=576, frames=49))
+    assert smaller.peak_gib < base.peak_gib and smaller.step_s < base.step_s / 3
+    with pytest.raises(ValueError, match="checkpointing"):
+        estimate(Setting(gradient_checkpointing=False, offload_activations=True))
+
+
+@pytest.mark.parametrize(
+    "setting,step_s,peak_gib",
+    [  # measured on the H100 (bench/results/train_step_ladder.json, train_step_speed.json)
+        (Setting(), 19.21, 53.27),
+        (Setting(blocks_to_swap=16), 19.32, 46.20),
+        (Setting(precision="fp8-torchao", blocks_to_swap=32), 19.43, 33.28),
+        (Setting(precision="fp8-torchao", blocks_to_swap=47, offload_activations=True), 20.65, 20.12),
+        (Setting(compiled=True, keep_attention=True, blocks_to_swap=12), 12.49, 59.57),
+        (Setting(compiled=True, blocks_to_swap=47, offload_activations=True), 15.04, 19.84),
+    ],
+)
+def test_calibration_reproduces_the_measurements(setting, step_s, peak_gib):
+    est = estimate(setting)
+    assert est.step_s == pytest.approx(step_s, rel=0.04)
+    assert est.peak_gib == pytest.approx(peak_gib, rel=0.04)
+
+
+def test_swap_cost_grows_only_when_copies_outrun_compute():
+    slow_bus = {"h2d_gbps": 0.5}
+    assert "block_swap" not in estimate(Setting()).step_parts_s
+    assert estimate(Setting(blocks_to_swap=47)).step_parts_s["block_swap"] < 0.2  # copies hidden at 480x832x93
+    assert estimate(Setting(blocks_to_swap=47), slow_bus).step_parts_s["block_swap"] > 10
+
+
+def test_suggestions_fit_the_budget_and_prefer_speed():
+    options = suggest(Setting(), 24.0)
+    assert options, "a 24 GiB setting must exist for 480x832x93"
+    for option, est in options:
+        assert fits(est, 24.0) and est.peak_gib * 1.08 + 1.5 <= 24.0
+        assert option.height == 480 and option.frames == 93 and option.lora_rank == 32
+        assert option.offload_activations  # 24 GiB needs the block inputs off the GPU
+    assert [e.step_s for _, e in options] == sorted(e.step_s for _, e in options)
+    roomy = suggest(Setting(), 80.0)
+    assert roomy[0][0].blocks_to_swap == 0 and roomy[0][0].keep_attention  # fastest: keep attention, no swap
+    assert suggest(Setting(height=1280, width=1280, frames=189), 16.0) == []
+
+
+def test_plan_command_reads_a_config(tmp_path, capsys):
+    from longcat_tuner.cli import main
+
+    data = tmp_path / "multidatabackend.json"
+    data.write_text("[]")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "pretrained_model_name_or_path": str(tmp_path),
+        "data_backend_config": str(data),
+        "output_dir": str(tmp_path / "out"),
+        "lora_rank": 32,
+        "musubi_blocks_to_swap": 16,
+    }))
+    assert main(["plan", "--config", str(config), "--gpu-memory", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "37,440 tokens" in out and "musubi_blocks_to_swap 16" in out
+    assert "settings that fit" in out
+    assert main(["plan", "--config", str(config), "--resolution", "320x576", "--frames", "49"]) == 0
+    assert "13x20x36" in capsys.readouterr().out
+
+
+def test_setting_is_a_plain_value():
+    s = Setting()
+    assert dataclasses.replace(s, lora_rank=8).lora_rank == 8
