@@ -122,3 +122,21 @@ def test_plan_command_reads_a_config(tmp_path, capsys):
 def test_setting_is_a_plain_value():
     s = Setting()
     assert dataclasses.replace(s, lora_rank=8).lora_rank == 8
+
+
+def test_plan_uses_the_config_checkpointing_and_compile_keys(tmp_path):
+    from longcat_tuner.commands.plan import setting_from_config
+    from longcat_tuner.config.training import TrainConfig
+
+    data = tmp_path / "multidatabackend.json"
+    data.write_text("[]")
+    base = {"pretrained_model_name_or_path": str(tmp_path), "data_backend_config": str(data),
+            "output_dir": str(tmp_path / "out")}
+    plain = setting_from_config(TrainConfig.model_validate(base), resolution=None, frames=None)
+    assert not (plain.keep_attention or plain.offload_activations or plain.compiled)
+    tuned = setting_from_config(
+        TrainConfig.model_validate({**base, "gradient_checkpointing_mode": "keep_attention", "compile_blocks": True}),
+        resolution=None, frames=None,
+    )
+    assert tuned.keep_attention and tuned.compiled and not tuned.offload_activations
+    assert estimate(tuned).step_s < estimate(plain).step_s

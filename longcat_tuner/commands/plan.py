@@ -25,10 +25,10 @@ def register(subparsers) -> None:
     parser.add_argument("--resolution", help="training clip size HEIGHTxWIDTH (default: validation_resolution)")
     parser.add_argument("--frames", type=int, help="frames per training clip (default: validation_num_video_frames)")
     parser.add_argument("--keep-attention", action="store_true",
-                        help="plan for selective checkpointing that keeps attention outputs")
+                        help="plan for gradient_checkpointing_mode keep_attention (default: as in the config)")
     parser.add_argument("--offload-activations", action="store_true",
-                        help="plan for checkpointing with the block inputs in pinned host memory")
-    parser.add_argument("--compile", action="store_true", help="plan for torch.compile'd blocks")
+                        help="plan for gradient_checkpointing_mode offload_inputs (default: as in the config)")
+    parser.add_argument("--compile", action="store_true", help="plan for compile_blocks (default: as in the config)")
     parser.set_defaults(func=run)
 
 
@@ -64,9 +64,10 @@ def setting_from_config(
         blocks_to_swap=config.musubi_blocks_to_swap,
         precision=precision,
         gradient_checkpointing=config.gradient_checkpointing,
-        keep_attention=keep_attention,
-        offload_activations=offload_activations,
-        compiled=compiled,
+        # The config's own choices count too; the flags add to them.
+        keep_attention=keep_attention or config.gradient_checkpointing_mode == "keep_attention",
+        offload_activations=offload_activations or config.gradient_checkpointing_mode == "offload_inputs",
+        compiled=compiled or config.compile_blocks,
     )
 
 

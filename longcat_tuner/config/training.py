@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from longcat_tuner.errors import ConfigError
 
-# Every linear layer of every DiT block (the official cfg_step_lora targets, MODEL.md 4.4).
+# Every linear layer of every DiT block: the official cfg_step_lora targets (MODEL.md 4.4) plus cross_attn.proj.
+# Defined here, torch-free, for the schema and the web UI; `longcat_tuner.model.lora` uses the same tuple.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     "attn.qkv",
     "attn.proj",

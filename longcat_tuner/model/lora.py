@@ -22,18 +22,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from longcat_tuner.config.training import DEFAULT_LORA_TARGETS
 from longcat_tuner.errors import CheckpointError, ConfigError
 
-DEFAULT_TARGETS = (
-    "attn.qkv",
-    "attn.proj",
-    "cross_attn.q_linear",
-    "cross_attn.kv_linear",
-    "cross_attn.proj",
-    "ffn.w1",
-    "ffn.w2",
-    "ffn.w3",
-)
+DEFAULT_TARGETS = DEFAULT_LORA_TARGETS  # every linear of every block (see the config schema)
 # Suffix -> number of block-diagonal parts; the first match wins (final_layer before blocks' adaLN).
 FUSED_SPLITS = (
     ("final_layer.adaLN_modulation.1", 2),
