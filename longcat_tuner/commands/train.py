@@ -6,6 +6,7 @@ and `--learning_rate 5e-5` overrides the file for one run.
 from __future__ import annotations
 
 import argparse
+import os
 
 from longcat_tuner.config.training import add_config_arguments, config_overrides
 
@@ -29,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = TrainConfig.from_file(args.config, overrides=config_overrides(args))
     result = train(config, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (it wrote the outputs)
+        return 130 if result.status == "interrupted" else 0
     print(f"run folder: {result.run_dir}")
     if result.lora_path is not None:
         print(f"LoRA (official LongCat format): {result.lora_path}")
