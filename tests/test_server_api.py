@@ -515,3 +515,20 @@ def test_log_stream_starts_near_the_end_of_a_long_log(tmp_path: Path) -> None:
     _, lines, _ = read_new_lines(log, offset)
     assert lines[-1] == "line 19999" and 80 < len(lines) <= 100 and lines[0] == f"line {20000 - len(lines)}"
     assert log_tail_offset(tmp_path / "missing.log") == 0
+
+
+def test_fast_preview_uses_the_official_distilled_lora(env) -> None:
+    client, _, work, _ = env
+    save_config(client, work)
+    upload = client.post("/api/uploads", files={"file": ("g.png", png_bytes(), "image/png")}, headers=WRITE).json()
+    body = {"upload": upload["id"], "prompt": "a girl smiles", "frames": 5, "resolution": "64x64", "fast": True}
+    missing = client.post("/api/previews", json=body, headers=WRITE)
+    assert missing.status_code == 404 and "cfg_step_lora" in missing.text
+    distill = work / "model" / "lora" / "cfg_step_lora.safetensors"
+    distill.parent.mkdir(parents=True, exist_ok=True)
+    distill.write_bytes(b"{}")
+    job = client.post("/api/previews", json=body, headers=WRITE).json()
+    done = wait_for(lambda: (d := client.get(f"/api/previews/{job['id']}", headers=AUTH).json())["status"] != "running" and d)
+    argv = json.loads(done["log"][-1])
+    assert "--distilled" in argv and argv[argv.index("--lora") + 1] == str(distill)
+    assert argv[argv.index("--steps") + 1] == "16" and argv[argv.index("--guidance") + 1] == "1.0"

@@ -94,6 +94,11 @@ class PreviewBody(BaseModel):
     guidance: float = Field(4.0, ge=1.0, le=20.0)
     resolution: str = Field("480p", description="HEIGHTxWIDTH, or 480p / 720p following the image's aspect.")
     seed: int = 42
+    fast: bool = Field(
+        False,
+        description="16-step distilled preview (guidance 1) with the checkpoint's official lora/cfg_step_lora.safetensors; "
+        "steps and guidance are then ignored.",
+    )
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -631,10 +636,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
             if not lora.is_file() or lora.suffix != ".safetensors":
                 raise HTTPException(404, f"LoRA {lora} is not a .safetensors file")
             args += ["--lora", str(lora)]
+        steps, guidance = body.steps, body.guidance
+        if body.fast:
+            # The official CFG- and step-distilled LoRA: 16 steps on the distilled grid, no CFG (MODEL.md 4.4).
+            distill = model_path / "lora" / "cfg_step_lora.safetensors"
+            if not distill.is_file():
+                raise HTTPException(404, f"fast preview needs the official {distill}; it is not in the model folder")
+            args += ["--lora", str(distill), "--distilled"]
+            steps, guidance = 16, 1.0
         job_id, folder = store.new_folder("preview")
         output = folder / "preview.mp4"
         args += [
-            "--frames", str(body.frames), "--steps", str(body.steps), "--guidance", str(body.guidance),
+            "--frames", str(body.frames), "--steps", str(steps), "--guidance", str(guidance),
             "--resolution", body.resolution.strip(), "--seed", str(body.seed), "--output", str(output),
         ]  # fmt: skip
         job = store.start("preview", job_id, folder, args, {"output": str(output), "request": body.model_dump()})

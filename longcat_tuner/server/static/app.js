@@ -672,6 +672,7 @@ async function runPreview(event) {
     guidance: Number($("#preview-guidance").value),
     resolution: $("#preview-resolution").value.trim(),
     seed: Number($("#preview-seed").value),
+    fast: $("#preview-fast").checked,
   };
   try {
     const { status, data } = await api("POST", "/api/previews", body);
