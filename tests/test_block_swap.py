@@ -231,3 +231,16 @@ def test_offloaded_checkpointing_with_swap_is_exact():
         assert torch.equal(grads[name], ref_grads[name]), name
     assert [i for kind, i in events if kind == "load"] == [1, 2, 3, 2, 1]
     handle.remove()
+
+
+def test_place_with_swapped_blocks_leaves_only_swapped_frozen_weights_on_the_host(tiny_checkpoint):
+    """A model bigger than the GPU is placed block by block; 'meta' stands in for the GPU here."""
+    from longcat_tuner import inject_lora, load_dit
+    from longcat_tuner.train.block_swap import place_with_swapped_blocks
+
+    dit = load_dit(tiny_checkpoint)
+    inject_lora(dit, rank=2)
+    place_with_swapped_blocks(dit, "meta", 1)
+    for name, param in dit.named_parameters():
+        swapped_base = name.startswith("blocks.1.") and "lora_adapters" not in name
+        assert param.device.type == ("cpu" if swapped_base else "meta"), name

@@ -50,3 +50,21 @@ def test_bad_sizes_are_clear_errors(tiny_checkpoint, tmp_path, args, message):
     result = _run("--model", str(tiny_checkpoint), "--prompt", "x", "--steps", "1", "--output", str(tmp_path / "y.mp4"), *args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_with_8bit_weights_and_a_lora(tiny_checkpoint, tmp_path):
+    out = tmp_path / "q.mp4"
+    result = _run("--model", str(tiny_checkpoint), "--lora", str(tiny_checkpoint / "lora" / "tiny_lora.safetensors"),
+                  "--base-precision", "int8-quanto", "--prompt", "a cat", "--frames", "5", "--steps", "2",
+                  "--resolution", "64x64", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    with av.open(str(out)) as container:
+        assert len(list(container.decode(video=0))) == 5
+
+
+def test_block_swap_needs_cuda(tiny_checkpoint, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU error")
+    result = _run("--model", str(tiny_checkpoint), "--prompt", "x", "--blocks-to-swap", "1", "--frames", "5",
+                  "--steps", "1", "--resolution", "64x64", "--output", str(tmp_path / "s.mp4"))
+    assert result.returncode == 2 and "CUDA" in result.stderr

@@ -113,3 +113,19 @@ def test_quantizing_trainable_weights_is_refused():
         quantize_base_weights(dit, "fp8-torchao")
     with pytest.raises(ConfigError, match="unknown"):
         apply_base_precision(dit, "int4", device=torch.device("cpu"))
+
+
+def test_loaded_lora_on_quantized_layers_keeps_the_compute_dtype(tiny_checkpoint):
+    from longcat_tuner import load_dit, load_lora
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.model.lora import lora_modules, merge_lora
+
+    dit = load_dit(tiny_checkpoint)
+    quantize_base_weights(dit, "fp8-torchao")
+    load_lora(dit, tiny_checkpoint / "lora" / "tiny_lora.safetensors")
+    adapter = lora_modules(dit)["blocks.0.attn.qkv"]
+    # Not the 8-bit storage dtype: the dtype the layer computes in (its bias's, float32 for this checkpoint).
+    assert adapter.down.dtype == dit.blocks[0].attn.qkv.bias.dtype == torch.float32
+    assert adapter.down.abs().sum() > 0
+    with pytest.raises(ConfigError, match="un-merged"):
+        merge_lora(dit)

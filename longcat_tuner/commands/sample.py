@@ -29,6 +29,11 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, xformers, block_sparse, reference")
+    p.add_argument("--blocks-to-swap", type=int, default=0,
+                   help="keep the weights of the last N DiT blocks in pinned host memory and stream them in (CUDA; "
+                   "for GPUs smaller than the model)")
+    p.add_argument("--base-precision", choices=["no_change", "fp8-torchao", "int8-quanto"], default="no_change",
+                   help="store the DiT block weights in 8 bits (about half the memory; small quality cost)")
     p.add_argument("--output", required=True, help="output .mp4")
     p.add_argument("--progress-json", action="store_true", help="print one JSON line per step (for the web UI)")
     p.set_defaults(func=run)
@@ -41,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
     from longcat_tuner.encoders import TextEncoder, VideoVAE
     from longcat_tuner.generate import generate
     from longcat_tuner.media import check_frames, image_to_tensor, load_image, parse_resolution, resize_and_crop, video_to_uint8, write_mp4
-    from longcat_tuner.model.loading import load_dit
-    from longcat_tuner.model.lora import load_lora
 
     check_frames(args.frames)
     image = load_image(args.image) if args.image else None
@@ -50,10 +53,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    dit = load_dit(args.model, dtype=dtype, device=device, attention_backend=args.attention)
-    for i, lora in enumerate(args.lora):
-        multiplier = args.lora_multiplier[i] if i < len(args.lora_multiplier) else 1.0
-        load_lora(dit, lora, multiplier=multiplier, name=f"lora{i}")
+    dit = load_dit_for_sampling(args, dtype=dtype, device=device)
     text_encoder = TextEncoder.from_pretrained(args.model, dtype=dtype, device=device)
     embeds, mask = text_encoder.encode([args.prompt])
     negative_embeds = negative_mask = None
@@ -80,3 +80,30 @@ def run(args: argparse.Namespace) -> int:
     message = {"event": "sample_done", "output": str(out), "height": height, "width": width, "frames": args.frames}
     print(json.dumps(message) if args.progress_json else f"wrote {out} ({args.frames} frames, {height}x{width}, {args.fps} fps)", file=sys.stdout)
     return 0
+
+
+def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device):
+    """The DiT with its LoRAs; with block swap or 8-bit weights it is assembled on the host first, so a
+    model larger than the GPU never lands on it whole."""
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.model.loading import load_dit
+    from longcat_tuner.model.lora import load_lora
+
+    low_memory = args.blocks_to_swap > 0 or args.base_precision != "no_change"
+    if args.blocks_to_swap and device.type != "cuda":
+        raise ConfigError("--blocks-to-swap streams weights to a CUDA device; drop it on the CPU")
+    dit = load_dit(args.model, dtype=dtype, device="cpu" if low_memory else device, attention_backend=args.attention)
+    if args.base_precision != "no_change":
+        from longcat_tuner.train.quantize import quantize_base_weights
+
+        quantize_base_weights(dit, args.base_precision)
+    for i, lora in enumerate(args.lora):
+        multiplier = args.lora_multiplier[i] if i < len(args.lora_multiplier) else 1.0
+        load_lora(dit, lora, multiplier=multiplier, name=f"lora{i}")
+    if low_memory:
+        from longcat_tuner.train.block_swap import apply_block_swap, place_with_swapped_blocks
+
+        place_with_swapped_blocks(dit, device, args.blocks_to_swap)
+        if args.blocks_to_swap:
+            apply_block_swap(dit, args.blocks_to_swap, compute_device=device)
+    return dit

@@ -294,7 +294,7 @@ def load_lora(
             alpha_scale = 1.0
         adapter = LoRAAdapter(
             linear.in_features, linear.out_features, rank, parts, alpha_scale,
-            dtype=dtype or linear.weight.dtype, device=linear.weight.device,
+            dtype=dtype or _compute_dtype(linear), device=linear.weight.device,
         )
         with torch.no_grad():
             adapter.down.copy_(down)
@@ -305,10 +305,23 @@ def load_lora(
     return name
 
 
+def _compute_dtype(linear: nn.Linear) -> torch.dtype:
+    """The dtype a layer computes in: its weight's, or bf16 for 8-bit (quantized) weights."""
+    dtype = linear.weight.dtype
+    if dtype.is_floating_point and dtype.itemsize >= 2:
+        return dtype
+    bias = linear.bias
+    return bias.dtype if bias is not None and bias.dtype.itemsize >= 2 else torch.bfloat16
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module, name: Optional[str] = None) -> None:
     """Fold adapters into the base weights (faster inference) and detach them."""
-    for path, adapter in lora_modules(model, name).items():
+    modules = lora_modules(model, name)
+    for path in modules:
+        if model.get_submodule(path).weight.dtype.itemsize < 2:
+            raise ConfigError(f"cannot merge a LoRA into the 8-bit weights of '{path}': keep it un-merged")
+    for path, adapter in modules.items():
         linear = model.get_submodule(path)
         linear.weight += adapter.delta_weight().to(linear.weight.dtype)
     remove_lora(model, name)

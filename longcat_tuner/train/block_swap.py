@@ -292,3 +292,25 @@ def apply_block_swap(
         blocks, indices, swap_device=swap_device, compute_device=compute_device, prefetch=prefetch,
         on_transfer=on_transfer,
     )
+
+
+def place_with_swapped_blocks(dit: nn.Module, device: Union[str, torch.device], num_blocks: int) -> None:
+    """Move a host-resident DiT to `device`, except the frozen tensors of its last `num_blocks` blocks.
+
+    Lets a model larger than the GPU be placed: load it on the CPU (and quantize or attach adapters
+    there), call this, then `apply_block_swap` with the same `num_blocks`, which pins the tensors left
+    behind. LoRA adapters always move, so they never leave the GPU afterwards.
+    """
+    device = torch.device(device)
+    first_swapped = len(dit.blocks) - num_blocks
+    for name, child in dit.named_children():
+        if name != "blocks":
+            child.to(device)
+    for i, block in enumerate(dit.blocks):
+        if i < first_swapped:
+            block.to(device)
+            continue
+        for module in block.modules():
+            adapters = getattr(module, "lora_adapters", None)
+            if adapters is not None:
+                adapters.to(device)

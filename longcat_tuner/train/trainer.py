@@ -131,10 +131,15 @@ def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
             "(e.g. 8) to stream the frozen block weights from host memory instead"
         )
     backend = config.attention_implementation
+    # With block swap or 8-bit weights the full bf16 model may not fit the GPU: load it on the host,
+    # quantize and attach adapters there, then move all but the swapped blocks' frozen weights.
+    on_host_first = precision.device.type == "cuda" and (
+        config.musubi_blocks_to_swap > 0 or config.base_model_precision in ("int8-quanto", "fp8-torchao")
+    )
     dit = load_dit(
         config.pretrained_model_name_or_path,
         dtype=precision.base_dtype,
-        device=precision.device,
+        device="cpu" if on_host_first else precision.device,
         attention_backend=backend,
     )
     if config.base_model_precision in ("int8-quanto", "fp8-torchao"):
@@ -154,6 +159,10 @@ def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
         inject_lora(dit, rank=config.lora_rank, alpha=config.effective_lora_alpha, targets=config.lora_targets, dtype=torch.float32)
     else:
         dit.requires_grad_(True)
+    if on_host_first:
+        from longcat_tuner.train.block_swap import place_with_swapped_blocks
+
+        place_with_swapped_blocks(dit, precision.device, config.musubi_blocks_to_swap)
     apply_memory_options(
         dit, gradient_checkpointing=config.gradient_checkpointing, mode=config.gradient_checkpointing_mode,
         keep_attention_blocks=config.gradient_checkpointing_keep_attention_blocks, compile_blocks=config.compile_blocks,
