@@ -321,3 +321,16 @@ def test_image_dataset_and_caption_strategies(tmp_path):
     (photo,), (clip,) = (p.samples for p in plan.train)
     assert photo.source.caption == "a red bar" and photo.bucket.frames == 1 and photo.bucket.height > photo.bucket.width
     assert clip.source.caption == "a bar slides" and clip.source.cond_path is None and clip.bucket.frames == 5
+
+
+def test_sidecar_caption_with_bom_and_crlf(tmp_path):
+    write_video(tmp_path / "clips/Clip One.MP4", frames=12, fps=15, height=48, width=80)
+    (tmp_path / "clips/Clip One.txt").write_bytes("\ufeffa  red car\r\ndrives\r\n".encode("utf-8"))
+    config = tmp_path / "multidatabackend.json"
+    config.write_text(json.dumps([
+        {"id": "clips", "dataset_type": "video", "instance_data_dir": "clips", "resolution": 32,
+         "cache_dir_vae": "cache/clips", "video": {"num_frames": 5}},
+    ]))
+    plan = plan_data(load_datasets(config), eval_dataset_id=None, alignment=16)
+    (clip,) = plan.train[0].samples
+    assert clip.source.caption == "a red car drives"

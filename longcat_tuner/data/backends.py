@@ -158,7 +158,7 @@ def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Op
     if not sidecar.is_file():
         return None, f"caption file {sidecar.name} is missing; add it or use caption_strategy 'filename'"
     try:
-        caption = " ".join(sidecar.read_text(encoding="utf-8").split())
+        caption = " ".join(sidecar.read_text(encoding="utf-8-sig").split())  # -sig: drop a Notepad BOM
     except (OSError, UnicodeDecodeError) as err:
         return None, f"caption file {sidecar.name} is unreadable ({err}); save it as UTF-8 text"
     if not caption:
