@@ -68,3 +68,15 @@ def test_block_swap_needs_cuda(tiny_checkpoint, tmp_path):
     result = _run("--model", str(tiny_checkpoint), "--prompt", "x", "--blocks-to-swap", "1", "--frames", "5",
                   "--steps", "1", "--resolution", "64x64", "--output", str(tmp_path / "s.mp4"))
     assert result.returncode == 2 and "CUDA" in result.stderr
+
+
+def test_sample_defaults_to_the_attention_a_lora_was_trained_with(tiny_checkpoint, tmp_path):
+    from longcat_tuner import inject_lora, load_dit, save_lora
+    from longcat_tuner.commands.sample import trained_attention
+
+    dit = load_dit(tiny_checkpoint)
+    inject_lora(dit, rank=2)
+    ours = save_lora(dit, tmp_path / "ours.safetensors", metadata={"attention_implementation": "block_sparse"})
+    assert trained_attention([str(ours)]) == "block_sparse"
+    assert trained_attention([str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")]) is None  # official file
+    assert trained_attention([]) is None

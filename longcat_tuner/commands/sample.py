@@ -28,7 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--fps", type=int, default=15)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, xformers, block_sparse, reference")
+    p.add_argument("--attention", default=None,
+                   help="attention backend: auto, sdpa, xformers, block_sparse, reference (default: the one the first "
+                   "--lora was trained with, else auto)")
     p.add_argument("--blocks-to-swap", type=int, default=0,
                    help="keep the weights of the last N DiT blocks in pinned host memory and stream them in (CUDA; "
                    "for GPUs smaller than the model)")
@@ -92,7 +94,8 @@ def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device):
     low_memory = args.blocks_to_swap > 0 or args.base_precision != "no_change"
     if args.blocks_to_swap and device.type != "cuda":
         raise ConfigError("--blocks-to-swap streams weights to a CUDA device; drop it on the CPU")
-    dit = load_dit(args.model, dtype=dtype, device="cpu" if low_memory else device, attention_backend=args.attention)
+    attention = args.attention or trained_attention(args.lora) or "auto"
+    dit = load_dit(args.model, dtype=dtype, device="cpu" if low_memory else device, attention_backend=attention)
     if args.base_precision != "no_change":
         from longcat_tuner.train.quantize import quantize_base_weights
 
@@ -107,3 +110,17 @@ def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device):
         if args.blocks_to_swap:
             apply_block_swap(dit, args.blocks_to_swap, compute_device=device)
     return dit
+
+
+def trained_attention(lora_paths: list[str]) -> str | None:
+    """The `attention_implementation` recorded in the first LoRA file by training, so a LoRA meets at
+    inference the attention it learned with (None for LoRAs from elsewhere)."""
+    if not lora_paths:
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(lora_paths[0], framework="pt") as handle:
+            return (handle.metadata() or {}).get("attention_implementation")
+    except Exception:  # unreadable files get their clear error from load_lora
+        return None

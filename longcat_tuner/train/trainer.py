@@ -507,7 +507,9 @@ def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool,
             save(run)
         if dist.is_main:
             metadata = {"step": run.step, "lora_rank": config.lora_rank, "lora_alpha": config.effective_lora_alpha,
-                        "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path)}
+                        "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path),
+                        # `sample` defaults to the attention the LoRA was trained with.
+                        "attention_implementation": config.attention_implementation}
             result.lora_path, result.comfyui_lora_path = save_outputs(run.dit, config, run_dir, metadata)
         dist.barrier()  # no rank leaves (and tears down the group) before the outputs are written
         events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path))
