@@ -50,3 +50,18 @@ def pipeline_cases(shared_dir):
     from safetensors.torch import load_file
 
     return load_file(str(PARITY / "pipeline_cases.safetensors"))
+
+
+def write_paired_workspace(root: Path, *, train_clips: int, eval_clips: int, frames: int, size: int) -> Path:
+    """Synthetic paired clips + start frames (a train and a `val` split) and their multidatabackend.json."""
+    import json
+
+    from longcat_tuner.commands.demo import dataset_entries, write_split
+
+    clips, starts = write_split(root / "data" / "train", count=train_clips, frames=frames, height=size, width=size, seed=0)
+    val_clips, val_starts = write_split(root / "data" / "val", count=eval_clips, frames=frames, height=size, width=size, seed=1)
+    resolution = f"{size}x{size}"
+    datasets = dataset_entries("train", clips, starts, root / "cache", frames=frames, resolution=resolution)
+    datasets += dataset_entries("val", val_clips, val_starts, root / "cache", frames=frames, resolution=resolution)
+    (root / "multidatabackend.json").write_text(json.dumps(datasets))
+    return root

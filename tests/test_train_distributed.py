@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_paired_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO.parent / "shared" / "reference" / "longcat-tiny"
@@ -125,16 +126,9 @@ def write_config(root: Path, name: str, **overrides) -> Path:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """4 training clips (2 batches per rank and epoch) and 1 eval clip; caches shared by all runs."""
-    from longcat_tuner.commands.demo import dataset_entries, write_split
-
-    root = tmp_path_factory.mktemp("train_ddp")
-    clips, starts = write_split(root / "data" / "train", count=4, frames=FRAMES, height=SIZE, width=SIZE, seed=0)
-    eval_clips, eval_starts = write_split(root / "data" / "val", count=1, frames=FRAMES, height=SIZE, width=SIZE, seed=1)
-    resolution = f"{SIZE}x{SIZE}"
-    datasets = dataset_entries("train", clips, starts, root / "cache", frames=FRAMES, resolution=resolution)
-    datasets += dataset_entries("val", eval_clips, eval_starts, root / "cache", frames=FRAMES, resolution=resolution)
-    (root / "multidatabackend.json").write_text(json.dumps(datasets))
-    return root
+    return write_paired_workspace(
+        tmp_path_factory.mktemp("train_ddp"), train_clips=4, eval_clips=1, frames=FRAMES, size=SIZE
+    )
 
 
 @pytest.fixture(scope="module")

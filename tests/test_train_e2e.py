@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from longcat_tuner.train.events import read_events
+from conftest import write_paired_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO.parent / "shared" / "reference" / "longcat-tiny"
@@ -31,16 +32,9 @@ FRAMES, SIZE = 9, 64
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """Synthetic paired clips (2 train, 1 eval) and their multidatabackend.json; caches are shared by all runs."""
-    from longcat_tuner.commands.demo import dataset_entries, write_split
-
-    root = tmp_path_factory.mktemp("train_e2e")
-    clips, starts = write_split(root / "data" / "train", count=2, frames=FRAMES, height=SIZE, width=SIZE, seed=0)
-    eval_clips, eval_starts = write_split(root / "data" / "val", count=1, frames=FRAMES, height=SIZE, width=SIZE, seed=1)
-    resolution = f"{SIZE}x{SIZE}"
-    datasets = dataset_entries("train", clips, starts, root / "cache", frames=FRAMES, resolution=resolution)
-    datasets += dataset_entries("val", eval_clips, eval_starts, root / "cache", frames=FRAMES, resolution=resolution)
-    (root / "multidatabackend.json").write_text(json.dumps(datasets))
-    return root
+    return write_paired_workspace(
+        tmp_path_factory.mktemp("train_e2e"), train_clips=2, eval_clips=1, frames=FRAMES, size=SIZE
+    )
 
 
 def write_config(workspace: Path, name: str, **overrides) -> Path:
