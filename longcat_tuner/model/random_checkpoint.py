@@ -39,16 +39,15 @@ SCHEDULER_CONFIG = {
 }
 
 
-def _random_dit_state(config: DiTConfig, seed: int, shard_size: int | None) -> dict[str, torch.Tensor]:
+def _random_dit_state(config: DiTConfig, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    model = build_dit(config, device="cpu")
+    model = build_dit(config, device="meta")  # only names and shapes are needed
     state = {}
     for name, param in model.state_dict().items():
-        if name.endswith("norm.weight") or name.endswith("norm_final.weight"):
+        if name.endswith("norm.weight"):
             state[name] = 1.0 + 0.1 * torch.randn(param.shape, generator=generator)
         else:
-            fan_in = param.shape[1] if param.ndim > 1 else param.shape[0]
-            fan_in = param[0].numel() if param.ndim > 1 else fan_in
+            fan_in = param[0].numel() if param.ndim > 1 else param.shape[0]
             state[name] = torch.randn(param.shape, generator=generator) / max(fan_in, 1) ** 0.5
     return state
 
@@ -56,7 +55,7 @@ def _random_dit_state(config: DiTConfig, seed: int, shard_size: int | None) -> d
 def write_dit(folder: Path, config: DiTConfig, *, seed: int = 0, num_shards: int = 1) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    state = _random_dit_state(config, seed, None)
+    state = _random_dit_state(config, seed)
     if num_shards <= 1:
         save_file(state, str(folder / WEIGHTS_NAME))
         return
