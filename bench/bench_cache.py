@@ -5,7 +5,9 @@ distinct names and cached through the real VAE stage of `longcat-tuner cache` (`
 probe, timestamp selection, threaded decode + resize, decode of the next clip overlapped with encoding,
 safetensors write). Reported:
   decode_s_per_clip    decode + resize + crop of one clip alone (CPU)
-  encode_s_per_clip    `VideoVAE.encode_posterior` of one decoded clip alone (synchronised)
+  encode_s_per_clip    `VideoVAE.encode_posterior` of one decoded clip alone (synchronised), default time chunks
+  diffusers_encode_s_per_clip  diffusers' own `AutoencoderKLWan.encode` of the same clip (4-frame chunks): the baseline
+  encode_by_chunk      seconds and peak GPU memory per clip for each `--encode_chunks` value (frames per encoder call)
   pipeline_s_per_clip  the cache stage end to end over all clips (the number the target refers to)
 
   python bench/bench_cache.py                                  # CPU, tiny VAE from ../shared/reference
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -68,6 +71,8 @@ def main() -> int:
     parser.add_argument("--channels_last", action="store_true", help="VAE weights in channels_last_3d layout")
     parser.add_argument("--encode_batch", type=int, default=1, help="also time encoding this many clips in one batch")
     parser.add_argument("--pipeline_only", action="store_true", help="skip the separate encode timing (slow CPU runs)")
+    parser.add_argument("--encode_chunks", default="", help="comma-separated frames per encoder call to time, e.g. 4,8,16,32,92")
+    parser.add_argument("--chunk", type=int, default=None, help="frames per encoder call for the pipeline (default: the package's)")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     src_h, src_w = (int(v) for v in args.source.split("x"))
@@ -99,16 +104,32 @@ def main() -> int:
     pixels = frames_to_pixels(frames, vae.device)
     if args.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last_3d)
-    encode_s = None
-    if not args.pipeline_only:
-        vae.encode_posterior(pixels)  # warm-up (cuDNN autotuning, allocator)
+    cuda = args.device.startswith("cuda")
+
+    def timed(fn) -> tuple[float, Optional[float]]:
+        fn()  # warm-up (cuDNN autotuning, allocator)
         sync()
-        if args.device.startswith("cuda"):
+        if cuda:
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        vae.encode_posterior(pixels)
+        fn()
         sync()
-        encode_s = round(time.perf_counter() - started, 3)
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+        return round(time.perf_counter() - started, 3), peak
+
+    encode_s = diffusers_s = None
+    by_chunk = []
+    vae.encode_chunk_frames = args.chunk
+    if not args.pipeline_only:
+        diffusers_s, _ = timed(lambda: vae.model.encode(pixels.to(vae.dtype)).latent_dist.mean)
+        for chunk in (int(c) for c in args.encode_chunks.split(",") if c.strip()):
+            vae.encode_chunk_frames = chunk
+            seconds, peak = timed(lambda: vae.encode_posterior(pixels))
+            by_chunk.append({"chunk_frames": chunk, "encode_s": seconds, "peak_gpu_mem_gib": peak})
+            print(json.dumps(by_chunk[-1]), flush=True)
+        vae.encode_chunk_frames = args.chunk
+        encode_s, _ = timed(lambda: vae.encode_posterior(pixels))
     batched_s = None
     if args.encode_batch > 1 and not args.pipeline_only:
         batch = pixels.expand(args.encode_batch, *pixels.shape[1:]).contiguous(memory_format=pixels_format(pixels))
@@ -139,6 +160,9 @@ def main() -> int:
         "source": f"{src_h}x{src_w} H.264 30 fps, {source_frames} frames",
         "decode_s_per_clip": round(decode_s, 3),
         "encode_s_per_clip": encode_s,
+        "encode_chunk_frames": vae.chunk_frames_for(1, args.frames, sample.bucket.height, sample.bucket.width),
+        "diffusers_encode_s_per_clip": diffusers_s,
+        "encode_by_chunk": by_chunk,
         "pipeline_s_per_clip": round(pipeline_s / args.clips, 3),
         "encode_s_per_clip_batched": batched_s,
         # The first clip's decode cannot overlap an encode; steady state is the rest.

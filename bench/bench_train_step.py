@@ -10,7 +10,9 @@ autocast as in the trainer, the trainer's flow-matching loss, AdamW on the adapt
 * `compile`: `inner` (torch.compile of the block forward inside the checkpoint) or `outer` (of the
   checkpointed block), empty for eager;
 * `swap`: blocks streamed from pinned host memory (train/block_swap.py);
-* `precision`: `bf16` or `fp8-torchao` / `int8-quanto` base weights (train/quantize.py).
+* `precision`: `bf16` or `fp8-torchao` / `int8-quanto` base weights (train/quantize.py);
+* `lora`: `fused` (the adapter's up projection accumulates into the layer output in one GEMM, as the
+  package does) or `separate` (update, scale and add as separate passes: the baseline before it).
 
 Usage: `python bench/bench_train_step.py --suite speed|ladder [--steps 2] [--warmup 1]` or
 `--run ckpt=attn,swap=8 ...`. Results go to `$OUT/<name>.json` (or bench/results/).
@@ -63,7 +65,23 @@ SUITES = {
         for ckpt, n in (("full", 0), ("full", 16), ("full", 32), ("full", 47))
     ] + ["ckpt=offload,sdpa=cudnn,swap=47,precision=fp8-torchao"],
 }
-DEFAULTS = {"ckpt": "full", "sdpa": "cudnn", "compile": "", "swap": "0", "precision": "bf16", "keep": "", "rank": "32"}
+DEFAULTS = {"ckpt": "full", "sdpa": "cudnn", "compile": "", "swap": "0", "precision": "bf16", "keep": "", "rank": "32",
+            "lora": "fused"}
+
+
+def _separate_add_to(self, output, x):
+    """The baseline: the update in autocast's dtype, then cast, then a separate add."""
+    return output + self(x).to(output.dtype)
+
+
+def select_lora_apply(kind: str) -> None:
+    from longcat_tuner.model.lora import LoRAAdapter
+
+    if kind not in ("fused", "separate"):
+        raise SystemExit(f"lora must be fused or separate, got {kind}")
+    if not hasattr(LoRAAdapter, "_fused_add_to"):
+        LoRAAdapter._fused_add_to = LoRAAdapter.add_to
+    LoRAAdapter.add_to = LoRAAdapter._fused_add_to if kind == "fused" else _separate_add_to
 
 
 def parse_run(spec: str) -> dict:
@@ -118,6 +136,7 @@ def one_step(dit, optimizer, inputs) -> float:
 
 def bench_run(dit, run: dict, inputs, *, steps: int, warmup: int, config: DiTConfig) -> dict:
     select_sdpa_backend(run["sdpa"])
+    select_lora_apply(run["lora"])
     apply_checkpointing(dit, run)
     swap = apply_block_swap(dit, int(run["swap"]), compute_device="cuda") if int(run["swap"]) else None
     params = [p for p in dit.parameters() if p.requires_grad]

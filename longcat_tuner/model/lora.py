@@ -61,25 +61,43 @@ class LoRAAdapter(nn.Module):
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under autocast the matmul runs in the autocast dtype anyway: skip a float32 copy of the activations.
+        """The update alone, `multiplier * alpha_scale * up(down(x))`, in the adapter's dtype (or autocast's)."""
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.down.dtype)
         h = nn.functional.linear(x, self.down)
-        h = h.unflatten(-1, (self.parts, self.rank))
-        out = torch.einsum("...pr,por->...po", h, self.up).flatten(-2)
-        return out * (self.alpha_scale.to(out.dtype) * self.multiplier)
+        return nn.functional.linear(h * self.scale().to(h.dtype), self.up_matrix().to(h.dtype))
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`output + update(x)`, computed in `output`'s dtype, the up projection accumulating into `output`.
+
+        One GEMM with beta=1 (`addmm`) reads the layer output once and writes the sum, where a separate
+        update, scale and add would each pass over the `[tokens, out]` tensor (and its gradient) again:
+        ~1 GB per projection at 480x832x93. The dtype is the layer's output dtype, autocast or not: a bf16
+        projection gets a bf16 update (as autocast gives), a float32 layer (modulation, final layer) a
+        float32 one (as the official float32 autocast region gives).
+        """
+        dtype = output.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            h = nn.functional.linear(x.to(dtype), self.down.to(dtype))
+            h = h * self.scale().to(dtype)
+            flat = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]), self.up_matrix().to(dtype).t())
+        return flat.view(output.shape)
+
+    def scale(self) -> torch.Tensor:
+        return self.alpha_scale * self.multiplier
 
     def delta_weight(self) -> torch.Tensor:
         """The dense `[out, in]` update this adapter adds (for merging and for the ComfyUI export)."""
         return self.up_matrix() @ self.down * self.alpha_scale * self.multiplier
 
     def up_matrix(self) -> torch.Tensor:
-        return torch.block_diag(*self.up.unbind(0))
+        """`[out, n*r]`: the up blocks on the diagonal (a plain `[out, r]` view for one part)."""
+        return self.up[0] if self.parts == 1 else torch.block_diag(*self.up.unbind(0))
 
 
 def _adapter_hook(module: nn.Module, inputs, output):
     for adapter in module.lora_adapters.values():
-        output = output + adapter(inputs[0]).to(output.dtype)
+        output = adapter.add_to(output, inputs[0])
     return output
 
 
