@@ -90,3 +90,4 @@ def test_unsupported_layouts_use_diffusers_encode(monkeypatch):
                             tile_sample_stride_height=8, tile_sample_stride_width=8)
     vae.encode_posterior(pixels)
     assert calls and set(calls) <= {1, 4}  # diffusers' tiled path: 1 + 4 + 4 per tile
+

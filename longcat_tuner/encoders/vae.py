@@ -158,3 +158,4 @@ def _chunkable(model, pixels: torch.Tensor) -> bool:
         return False
     factor = 2 ** sum(bool(d) for d in getattr(config, "temperal_downsample", (False, True, True)))
     return factor == getattr(config, "scale_factor_temporal", 4)
+
