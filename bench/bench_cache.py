@@ -61,20 +61,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vae", choices=["tiny", "wan"], default="tiny")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--clips", type=int, default=2)
     parser.add_argument("--frames", type=int, default=93)
     parser.add_argument("--source", default="1080x1920", help="source HEIGHTxWIDTH of the synthetic clips")
     parser.add_argument("--decode_workers", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--cudnn_benchmark", type=int, choices=[0, 1], default=None, help="override cuDNN autotuning")
+    parser.add_argument("--benchmark_limit", type=int, default=None,
+                        help="cuDNN algorithms tried per convolution when autotuning (torch default 10; 0: all)")
     parser.add_argument("--channels_last", action="store_true", help="VAE weights in channels_last_3d layout")
     parser.add_argument("--encode_batch", type=int, default=1, help="also time encoding this many clips in one batch")
     parser.add_argument("--pipeline_only", action="store_true", help="skip the separate encode timing (slow CPU runs)")
     parser.add_argument("--encode_chunks", default="", help="comma-separated frames per encoder call to time, e.g. 4,8,16,32,92")
     parser.add_argument("--chunk", type=int, default=None, help="frames per encoder call for the pipeline (default: the package's)")
     args = parser.parse_args()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     src_h, src_w = (int(v) for v in args.source.split("x"))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_cache_"))
     clips = work / "clips"
@@ -94,6 +96,8 @@ def main() -> int:
     vae = load_vae(args.vae, args.device, dtype)
     if args.cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    if args.benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.benchmark_limit
     if args.channels_last:
         channels_last_conv3d(vae.model)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -153,6 +157,7 @@ def main() -> int:
         "vae": args.vae,
         "dtype": args.dtype,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_benchmark_limit": torch.backends.cudnn.benchmark_limit,
         "channels_last": args.channels_last,
         "clips": args.clips,
         "bucket": str(sample.bucket),

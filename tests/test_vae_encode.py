@@ -72,6 +72,8 @@ def test_tiny_checkpoint_vae_chunked(tiny_checkpoint, monkeypatch):
 
 def test_default_chunk_from_pixel_budget(monkeypatch):
     vae = _random_wan(num_res_blocks=1)
+    assert vae.chunk_frames_for(1, 93, 32, 48) == 4  # CPU default: diffusers' 4 frames
+    monkeypatch.setattr(VideoVAE, "device", property(lambda self: torch.device("cuda")))
     monkeypatch.setattr(vae_module, "ENCODE_CHUNK_PIXELS", 9 * 32 * 48)
     # 9 frames of budget at this size -> 8 (whole latent frames); never more than the clip, never below 4.
     assert vae.chunk_frames_for(1, 93, 32, 48) == 8

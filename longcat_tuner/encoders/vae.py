@@ -8,9 +8,10 @@ does. diffusers encodes the first frame, then 4 frames at a time, carrying each 
 last input frames in a feature cache. That cache makes the result independent of how the frames after
 the first are split, as long as every chunk spans whole latent frames (a multiple of the temporal
 factor): causal convolutions see the same left context, the stride-2 time convolutions the same frame
-pairs. So `encode_posterior` feeds chunks of up to `encode_chunk_frames` frames (default: as many as fit
-`ENCODE_CHUNK_PIXELS`), which gives cuDNN larger convolutions and fewer launches (bench/bench_cache.py
-measures it); equality with diffusers' `encode` is tested. Checkpoints whose VAE differs from the Wan2.1
+pairs. So `encode_posterior` feeds chunks of up to `encode_chunk_frames` frames (default on CUDA: as many
+as fit `ENCODE_CHUNK_PIXELS`; on the CPU 4, as diffusers, which was faster there and holds less memory),
+which gives cuDNN larger convolutions and fewer launches: 1.015 -> 0.94 s per 93x480x832 clip on one H200
+in bf16 (bench/bench_cache.py; 8 to 48 frames all within 2%). Equality with diffusers' `encode` is tested. Checkpoints whose VAE differs from the Wan2.1
 layout this relies on (patchified or residual Wan2.2 VAEs, tiling) use diffusers' `encode` unchanged.
 """
 from __future__ import annotations
@@ -100,8 +101,11 @@ class VideoVAE:
 
     def chunk_frames_for(self, batch: int, frames: int, height: int, width: int) -> int:
         """Frames per encoder call after the first frame: a multiple of the temporal factor, at least one latent."""
+        wanted = self.encode_chunk_frames
+        if wanted is None:
+            on_cuda = self.device.type == "cuda"
+            wanted = ENCODE_CHUNK_PIXELS // max(1, batch * height * width) if on_cuda else self.temporal_factor
         factor = self.temporal_factor
-        wanted = self.encode_chunk_frames or ENCODE_CHUNK_PIXELS // max(1, batch * height * width)
         return max(factor, min(wanted, frames - 1) // factor * factor)
 
     def _encode_chunked(self, pixels: torch.Tensor) -> torch.Tensor:
