@@ -65,6 +65,8 @@ def test_unknown_key_is_named_with_a_hint():
         ("validation_resolution", "480x830", "divisible by 16"),
         ("model_type", "dora", "model_type"),
         ("eval_dataset_id", None, "eval_dataset_id is empty"),
+        ("compile_scope", "checkpointed_block", "needs compile_blocks: true"),
+        ("compile_scope", "graph", "compile_scope"),
     ],
 )
 def test_bad_values_name_the_key(key, value, message):
@@ -123,3 +125,10 @@ def test_epochs_give_the_step_count_and_group_offload_is_refused():
     config = TrainConfig.from_dict({**base, "enable_group_offload": True})
     with pytest.raises(ConfigError, match="musubi_blocks_to_swap"):
         build_model(config, choose_precision(config))
+
+
+def test_checkpointed_block_compile_scope_with_keep_attention():
+    config = TrainConfig.from_dict({"pretrained_model_name_or_path": "m", "output_dir": "o", "data_backend_config": "d",
+                                    "compile_blocks": True, "gradient_checkpointing_mode": "keep_attention",
+                                    "compile_scope": "checkpointed_block"})
+    assert config.compile_scope == "checkpointed_block"

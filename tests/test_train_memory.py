@@ -38,3 +38,33 @@ def test_checkpointing_modes_match_plain_backward(tiny_checkpoint, dit_cases, mo
 def test_unknown_mode_is_named(tiny_checkpoint):
     with pytest.raises(ConfigError, match="'fast'"):
         apply_memory_options(load_dit(tiny_checkpoint), gradient_checkpointing=True, mode="fast")
+
+
+@pytest.mark.parametrize("scope", ["block", "checkpointed_block"])
+def test_compiled_keep_attention_matches_plain_backward(tiny_checkpoint, dit_cases, scope, monkeypatch):
+    """compile_scope decides what torch.compile wraps; both give the plain gradients (dynamo, eager backend)."""
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(fn, **kwargs):
+        compiled.append("checkpoint wrapper" if hasattr(fn, "__wrapped__") else "block forward")
+        return real_compile(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    expected, _ = _grads(tiny_checkpoint, dit_cases, gradient_checkpointing=False)
+    got, marks = _grads(tiny_checkpoint, dit_cases, gradient_checkpointing=True, mode="keep_attention",
+                        compile_blocks=True, compile_scope=scope)
+    assert all(marks) and len(compiled) == len(marks)
+    # `block`: the block's own forward is compiled, then checkpointed; `checkpointed_block`: the checkpoint
+    # wrapper (selective_checkpoint's `run`, functools.wraps of the forward) is what gets compiled.
+    want = "block forward" if scope == "block" else "checkpoint wrapper"
+    assert set(compiled) == {want}
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+def test_checkpointed_block_compile_needs_keep_attention(tiny_checkpoint):
+    with pytest.raises(ConfigError, match="keep_attention"):
+        apply_memory_options(load_dit(tiny_checkpoint), gradient_checkpointing=True, mode="full",
+                             compile_blocks=True, compile_scope="checkpointed_block")

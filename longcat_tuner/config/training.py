@@ -170,6 +170,11 @@ class TrainConfig(BaseModel):
         False, description="torch.compile each DiT block (fuses the fp32 modulation/norm/RoPE chains; CUDA; "
         "the first step pays the compile time)."
     )
+    compile_scope: Literal["block", "checkpointed_block"] = Field(
+        "block", description="With compile_blocks: `block` compiles the block inside its checkpoint; "
+        "`checkpointed_block` compiles the checkpointed block as a whole (keep_attention only; on an H200 "
+        "1.2% faster at 480x832x93, with ~2.7 GiB more allocated and ~10 GiB more reserved).",
+    )
     musubi_blocks_to_swap: int = Field(
         0, ge=0, description="Keep the last N DiT blocks on musubi_block_swap_device and stream them in."
     )
@@ -275,6 +280,13 @@ class TrainConfig(BaseModel):
     def _consistent(self) -> "TrainConfig":
         if self.max_train_steps is None and self.num_train_epochs is None:
             raise ValueError("set max_train_steps or num_train_epochs")
+        if self.compile_scope == "checkpointed_block" and not (
+            self.compile_blocks and self.gradient_checkpointing and self.gradient_checkpointing_mode == "keep_attention"
+        ):
+            raise ValueError(
+                "compile_scope 'checkpointed_block' needs compile_blocks: true, gradient_checkpointing: true and "
+                "gradient_checkpointing_mode: keep_attention; otherwise use compile_scope 'block'"
+            )
         if self.validation_using_datasets and not self.eval_dataset_id:
             raise ValueError(
                 "validation_using_datasets is true but eval_dataset_id is empty: name the eval split's id"

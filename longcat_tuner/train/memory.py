@@ -59,12 +59,22 @@ def apply_memory_options(
     mode: str = "full",
     keep_attention_blocks: Optional[int] = None,
     compile_blocks: bool = False,
+    compile_scope: str = "block",
 ) -> None:
     """The config's compute/memory trade-offs, in the order they compose: compile inside, checkpoint outside.
 
-    Block swap (`block_swap.apply_block_swap`) goes on afterwards: it reads which blocks are checkpointed.
+    `compile_scope="checkpointed_block"` (keep_attention only) compiles the checkpointed block as a whole
+    instead. Block swap (`block_swap.apply_block_swap`) goes on afterwards: it reads which blocks are
+    checkpointed.
     """
-    if compile_blocks:
+    outer = compile_blocks and compile_scope == "checkpointed_block"
+    if outer and not (gradient_checkpointing and mode == "keep_attention"):
+        raise ConfigError(
+            "compile_scope 'checkpointed_block' needs gradient_checkpointing_mode: keep_attention; use compile_scope 'block'"
+        )
+    if compile_scope not in ("block", "checkpointed_block"):
+        raise ConfigError(f"compile_scope '{compile_scope}' is unknown; use block or checkpointed_block")
+    if compile_blocks and not outer:
         for block in dit.blocks:
             block.forward = torch.compile(block.forward)
     if not gradient_checkpointing:
@@ -74,7 +84,7 @@ def apply_memory_options(
     elif mode == "keep_attention":
         from longcat_tuner.train.selective_checkpoint import apply_selective_checkpointing
 
-        apply_selective_checkpointing(dit, save_attention_blocks=keep_attention_blocks)
+        apply_selective_checkpointing(dit, save_attention_blocks=keep_attention_blocks, compile_blocks=outer)
     elif mode == "offload_inputs":
         from longcat_tuner.train.selective_checkpoint import apply_offloaded_checkpointing
 

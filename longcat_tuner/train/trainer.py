@@ -166,6 +166,7 @@ def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
     apply_memory_options(
         dit, gradient_checkpointing=config.gradient_checkpointing, mode=config.gradient_checkpointing_mode,
         keep_attention_blocks=config.gradient_checkpointing_keep_attention_blocks, compile_blocks=config.compile_blocks,
+        compile_scope=config.compile_scope,
     )
     if config.musubi_blocks_to_swap:
         _apply_block_swap(dit, config, precision)
