@@ -140,3 +140,21 @@ def test_plan_uses_the_config_checkpointing_and_compile_keys(tmp_path):
     )
     assert tuned.keep_attention and tuned.compiled and not tuned.offload_activations
     assert estimate(tuned).step_s < estimate(plain).step_s
+    assert not tuned.compile_checkpointed_block
+    whole = setting_from_config(
+        TrainConfig.model_validate({**base, "gradient_checkpointing_mode": "keep_attention", "compile_blocks": True,
+                                    "compile_scope": "checkpointed_block"}),
+        resolution=None, frames=None,
+    )
+    assert whole.compile_checkpointed_block
+    # Measured on the H200: 0.988x the time, 2.66 GiB more allocated at 480x832x93.
+    assert estimate(whole).step_s < estimate(tuned).step_s
+    assert estimate(whole).peak_gib - estimate(tuned).peak_gib == pytest.approx(2.66, abs=0.05)
+    for option, _ in suggest(whole, 80):
+        assert option.compile_checkpointed_block == option.keep_attention
+
+
+def test_suggestions_never_combine_kept_attention_and_offloaded_inputs():
+    for gpu in (24, 40, 80):
+        for option, _ in suggest(Setting(compiled=True), gpu):
+            assert not (option.keep_attention and option.offload_activations)

@@ -68,6 +68,7 @@ def setting_from_config(
         keep_attention=keep_attention or config.gradient_checkpointing_mode == "keep_attention",
         offload_activations=offload_activations or config.gradient_checkpointing_mode == "offload_inputs",
         compiled=compiled or config.compile_blocks,
+        compile_checkpointed_block=config.compile_scope == "checkpointed_block",
     )
 
 

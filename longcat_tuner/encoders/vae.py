@@ -93,11 +93,12 @@ class VideoVAE:
             raise ShapeError(f"pixels must be [B, 3, F, H, W], got {tuple(pixels.shape)}")
         check_video_size(*pixels.shape[2:])
         pixels = pixels.to(self.device, self.dtype)
-        if not _chunkable(self.model, pixels):
+        moments = self._encode_chunked(pixels) if _chunkable(self.model, pixels) else None
+        if moments is None:
             return self.model.encode(pixels).latent_dist
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        return DiagonalGaussianDistribution(self._encode_chunked(pixels))
+        return DiagonalGaussianDistribution(moments)
 
     def chunk_frames_for(self, batch: int, frames: int, height: int, width: int) -> int:
         """Frames per encoder call after the first frame: a multiple of the temporal factor, at least one latent."""
@@ -108,13 +109,18 @@ class VideoVAE:
         factor = self.temporal_factor
         return max(factor, min(wanted, frames - 1) // factor * factor)
 
-    def _encode_chunked(self, pixels: torch.Tensor) -> torch.Tensor:
-        """diffusers' `_encode` with time chunks of `chunk_frames_for(...)` frames instead of 4 (module docstring)."""
+    def _encode_chunked(self, pixels: torch.Tensor) -> Optional[torch.Tensor]:
+        """diffusers' `_encode` with time chunks of `chunk_frames_for(...)` frames instead of 4 (module docstring).
+
+        None when this diffusers version keeps its encoder feature cache elsewhere (use `model.encode`).
+        """
         model = self.model
         B, _, frames, H, W = pixels.shape
         chunk = self.chunk_frames_for(B, frames, H, W)
         bounds = [(0, 1)] + [(s, min(s + chunk, frames)) for s in range(1, frames, chunk)]
-        model.clear_cache()
+        model.clear_cache()  # (re)creates the encoder feature cache, `_enc_feat_map`
+        if not isinstance(getattr(model, "_enc_feat_map", None), list):
+            return None
         try:
             outs = []
             for start, stop in bounds:
@@ -148,9 +154,6 @@ def _chunkable(model, pixels: torch.Tensor) -> bool:
     """Whether `model` is a plain Wan2.1-layout AutoencoderKLWan whose encoder takes longer time chunks."""
     config = getattr(model, "config", None)
     if config is None or not all(hasattr(model, a) for a in ("encoder", "quant_conv", "clear_cache")):
-        return False
-    model.clear_cache()  # creates the encoder feature cache (`_enc_feat_map`) this path fills
-    if not isinstance(getattr(model, "_enc_feat_map", None), list):
         return False
     if getattr(config, "patch_size", None) is not None or getattr(config, "is_residual", False):
         return False

@@ -57,6 +57,12 @@ CALIBRATION = {
     "offload_extra_bytes_per_token": 142_000.0,
     # Reserved (what nvidia-smi shows) over allocated, seen up to 1.25x with offload; used for "fits".
     "reserved_factor": 1.08,
+    # compile_scope checkpointed_block (keep_attention, compiled, 12 swapped blocks), one H200, 2026-12-02
+    # (bench/results/train_step_speed-2026-12-02-h200.json): 11.935 s vs 12.086 s for the compiled block
+    # inside the checkpoint -> 0.988x; peak allocated 59.96 vs 57.30 GiB -> 2.66 GiB at 37,440 tokens ->
+    # 76 KB a token (reserved rose more, 70.8 vs 60.2 GiB).
+    "checkpointed_block_time_factor": 0.988,
+    "checkpointed_block_extra_bytes_per_token": 76_000.0,
     "headroom_gib": 1.5,
 }
 
@@ -95,6 +101,7 @@ class Setting:
     keep_attention: bool = False  # selective checkpointing: attention outputs kept, not recomputed
     offload_activations: bool = False  # checkpointed block inputs in pinned host memory
     compiled: bool = False  # torch.compile of the blocks
+    compile_checkpointed_block: bool = False  # compile_scope checkpointed_block (compiled + keep_attention)
     num_cond_latents: int = 1
 
 
@@ -167,6 +174,8 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
         raise ValueError(f"blocks_to_swap must be within 0..{DEPTH}")
     if (setting.keep_attention or setting.offload_activations) and not setting.gradient_checkpointing:
         raise ValueError("keep_attention and offload_activations are checkpointing variants: enable checkpointing")
+    if setting.compile_checkpointed_block and not (setting.compiled and setting.keep_attention):
+        raise ValueError("compile_scope checkpointed_block needs compile_blocks and keep_attention")
     f = flops(setting)
     n = f["tokens"] * setting.batch
     mode = "compiled" if setting.compiled else "eager"
@@ -187,6 +196,8 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
             memory["kept_attention"] = DEPTH * hidden_state * (1 - setting.num_cond_latents * 1.0 / max(1, token_grid(
                 setting.height, setting.width, setting.frames)[0]))
         memory["block_working_set"] = working
+        if setting.compile_checkpointed_block:
+            memory["compiled_checkpoint_extra"] = n * cal["checkpointed_block_extra_bytes_per_token"]
     else:
         memory["activations"] = DEPTH * working  # every block keeps its whole working set for backward
     peak = sum(memory.values())
@@ -202,6 +213,8 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
         "attention": attention_passes * attention_fwd + attention_bwd,
         "linear_and_elementwise": linear_passes * f["linear"] / (cal[f"linear_tflops_{mode}"] * 1e12),
     }
+    if setting.compile_checkpointed_block:
+        parts = {k: v * cal["checkpointed_block_time_factor"] for k, v in parts.items()}
     if precision in QUANTIZED:
         parts["dequantize"] = cal["fp8_dequant_s"] * (linear_passes / 3.0)
     if setting.blocks_to_swap:
@@ -237,11 +250,13 @@ def suggest(setting: Setting, gpu_memory_gib: float) -> list[tuple[Setting, Esti
     candidates = []
     for rank in sorted({setting.lora_rank, min(setting.lora_rank, 16), min(setting.lora_rank, 8)}, reverse=True):
         for precision in ("bf16", "fp8-torchao"):
-            for keep, offload in ((True, False), (False, False), (True, True), (False, True)):
+            # gradient_checkpointing_mode is one of full, keep_attention, offload_inputs: never both.
+            for keep, offload in ((True, False), (False, False), (False, True)):
                 for swap in range(0, DEPTH + 1):
                     option = dataclasses.replace(
                         setting, lora_rank=rank, precision=precision, gradient_checkpointing=True,
                         keep_attention=keep, offload_activations=offload, blocks_to_swap=swap,
+                        compile_checkpointed_block=setting.compile_checkpointed_block and keep,
                     )
                     est = estimate(option)
                     if fits(est, gpu_memory_gib):
@@ -262,7 +277,7 @@ def describe(setting: Setting) -> str:
     if setting.offload_activations:
         knobs.append("offload block inputs to host")
     if setting.compiled:
-        knobs.append("torch.compile")
+        knobs.append("torch.compile" + (" of the checkpointed block" if setting.compile_checkpointed_block else ""))
     return ", ".join(knobs)
 
 
