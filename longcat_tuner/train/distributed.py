@@ -98,6 +98,28 @@ class Distributed:
         if self.is_main:
             self.barrier()
 
+    @contextlib.contextmanager
+    def in_turns(self, ranks_at_once: int) -> Iterator[None]:
+        """Run the block on `ranks_at_once` ranks at a time, in rank order; the rest wait their turn.
+
+        Every rank passes the same number of barriers (one per turn), before and after its own turn, so
+        the turns line up, also when the block raises on some rank (it still finishes its barriers).
+        `ranks_at_once` must be equal on every rank (take it from `broadcast`).
+        """
+        if not self.enabled or ranks_at_once >= self.world_size:
+            yield
+            return
+        ranks_at_once = max(1, ranks_at_once)
+        turns = -(-self.world_size // ranks_at_once)
+        mine = self.rank // ranks_at_once
+        for _ in range(mine):
+            self.barrier()
+        try:
+            yield
+        finally:
+            for _ in range(turns - mine):
+                self.barrier()
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -183,3 +205,27 @@ def check_resume_world_size(saved: Optional[int], ctx: Distributed, source: Any)
             f"Resume with the same count (torchrun --nproc_per_node={saved}"
             f"{'' if saved > 1 else ', or without torchrun'}), or start a new run in a new output_dir"
         )
+
+
+def available_host_memory() -> Optional[int]:
+    """MemAvailable from /proc/meminfo in bytes, None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def ranks_per_host_assembly(model_bytes: int, available_bytes: Optional[int], world_size: int) -> int:
+    """How many ranks may assemble the model in host memory at once (block swap / 8-bit weights).
+
+    Each such rank holds a whole copy of the DiT in host RAM while it loads, quantizes and places it
+    (27 GB in bf16), so eight ranks at once would want over 200 GB. Allow as many as fit in 80% of the
+    available memory, at least one; one when the memory cannot be read.
+    """
+    if available_bytes is None or model_bytes <= 0:
+        return 1
+    return max(1, min(world_size, int(0.8 * available_bytes) // model_bytes))

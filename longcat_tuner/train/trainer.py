@@ -28,7 +28,15 @@ import torch
 from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.errors import ConfigError, LongcatError
 from longcat_tuner.train import checkpoint as ckpt
-from longcat_tuner.train.distributed import Distributed, check_resume_world_size, init_distributed, rank_seed, wrap_ddp
+from longcat_tuner.train.distributed import (
+    Distributed,
+    available_host_memory,
+    check_resume_world_size,
+    init_distributed,
+    rank_seed,
+    ranks_per_host_assembly,
+    wrap_ddp,
+)
 from longcat_tuner.train.events import EventLog, SilentEventLog
 from longcat_tuner.train.feed import TrainingData, prepare_data
 from longcat_tuner.train.memory import apply_memory_options
@@ -119,6 +127,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def assembles_on_host(config: TrainConfig, precision: Precision) -> bool:
+    """With block swap or 8-bit weights the full bf16 model may not fit the GPU: it is loaded on the host,
+    quantized and given adapters there, then all but the swapped blocks' frozen weights move."""
+    return precision.device.type == "cuda" and (
+        config.musubi_blocks_to_swap > 0 or config.base_model_precision in ("int8-quanto", "fp8-torchao")
+    )
+
+
+def host_assembly_bytes(config: TrainConfig, precision: Precision) -> int:
+    """Host memory one rank needs to assemble the DiT: its parameters in the base dtype."""
+    from longcat_tuner.model.config import DiTConfig
+    from longcat_tuner.model.loading import build_dit, find_component
+
+    folder = find_component(config.pretrained_model_name_or_path, "dit")
+    meta = build_dit(DiTConfig.from_file(folder / "config.json"), device="meta")
+    return sum(p.numel() for p in meta.parameters()) * precision.base_dtype.itemsize
+
+
+def build_model_in_turns(config: TrainConfig, precision: Precision, dist: Distributed) -> torch.nn.Module:
+    """`build_model` on every rank; host-side assembly runs on as many ranks at once as host memory allows."""
+    ranks_at_once = dist.world_size
+    if dist.enabled and assembles_on_host(config, precision):
+        if dist.is_main:
+            need, available = host_assembly_bytes(config, precision), available_host_memory()
+            ranks_at_once = ranks_per_host_assembly(need, available, dist.world_size)
+            if ranks_at_once < dist.world_size:
+                free = "unknown" if available is None else f"{available / 2**30:.0f} GiB"
+                print(f"assembling the DiT in host memory {ranks_at_once} rank(s) at a time "
+                      f"({need / 2**30:.1f} GiB each, {free} available)")
+        ranks_at_once = dist.broadcast(ranks_at_once)
+    with dist.in_turns(ranks_at_once):
+        return build_model(config, precision)
+
+
 def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
     """Load the DiT, attach adapters (or unfreeze it for a full fine-tune), apply memory options."""
     from longcat_tuner.model import load_dit
@@ -131,11 +173,7 @@ def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
             "(e.g. 8) to stream the frozen block weights from host memory instead"
         )
     backend = config.attention_implementation
-    # With block swap or 8-bit weights the full bf16 model may not fit the GPU: load it on the host,
-    # quantize and attach adapters there, then move all but the swapped blocks' frozen weights.
-    on_host_first = precision.device.type == "cuda" and (
-        config.musubi_blocks_to_swap > 0 or config.base_model_precision in ("int8-quanto", "fp8-torchao")
-    )
+    on_host_first = assembles_on_host(config, precision)
     dit = load_dit(
         config.pretrained_model_name_or_path,
         dtype=precision.base_dtype,
@@ -289,7 +327,7 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     precision = choose_precision(config, dist.device if dist.enabled else None)
     seed_everything(config.seed)  # the same on every rank: adapters start identical
     data = prepare_data(config, device=precision.device, progress=progress, dist=dist)
-    dit = build_model(config, precision)
+    dit = build_model_in_turns(config, precision, dist)
     params = list(trainable_state(dit).values())
     optimizer = build_optimizer(
         params, kind=config.optimizer, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
