@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from longcat_tuner.errors import LongcatError
@@ -44,8 +45,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Loggers of dependencies whose warnings say nothing a user can act on. diffusers imports bitsandbytes when
+# it is installed (for adamw8bit), and on CPUs with AVX512-BF16 bitsandbytes then warns that an optional
+# 4-bit CPU kernel package ("kernels") is missing: we never run 4-bit matmuls.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     # Import only the requested subcommand's module (keeps `server` free of torch).
     only = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(only)

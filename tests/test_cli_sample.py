@@ -80,3 +80,13 @@ def test_sample_defaults_to_the_attention_a_lora_was_trained_with(tiny_checkpoin
     assert trained_attention([str(ours)]) == "block_sparse"
     assert trained_attention([str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")]) is None  # official file
     assert trained_attention([]) is None
+
+
+def test_cli_silences_dependency_warnings_users_cannot_act_on(capsys):
+    import logging
+
+    from longcat_tuner.cli import QUIET_LOGGERS, main
+
+    assert main([]) == 0
+    for name in QUIET_LOGGERS:
+        assert logging.getLogger(name).getEffectiveLevel() >= logging.ERROR

@@ -48,12 +48,13 @@ FAKE_CLI = textwrap.dedent(
         events = run_dir / "events.jsonl"
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        first = 3 if config.get("resume_from_checkpoint") else 1  # a resumed fake continues after step 2
         emit(events, "start", run_dir=str(run_dir), config=config, total_steps=3, pid=os.getpid(),
-             resumed=config.get("resume_from_checkpoint"))
+             resumed=config.get("resume_from_checkpoint"), start_step=first - 1)
         print("training", flush=True)
         if mode == "crash":
             print("Traceback: boom", flush=True); sys.exit(1)
-        for step in range(1, 4):
+        for step in range(first, 4):
             emit(events, "step", step=step, total_steps=3, loss=1.0 / step, lr=1e-4, s_per_step=0.1,
                  eta_s=0.1 * (3 - step), peak_mem_gib=1.5)
             print(f"step {step}/3", flush=True)
@@ -365,6 +366,11 @@ def test_run_lifecycle_streams_events_and_serves_videos(env) -> None:
     assert any(kind == "log" and "step 3/3" in data["lines"] for kind, data in messages)
     detail = client.get(f"/api/runs/{run['id']}", headers=AUTH).json()
     assert detail["status"] == "completed" and detail["step"] == 3 and detail["peak_mem_gib"] == 1.5
+    only = client.get(f"/api/runs/{run['id']}", params={"events": "validation"}, headers=AUTH).json()
+    assert [e["event"] for e in only["events"]] == ["validation"] and only["step"] == 3
+    assert client.get(f"/api/runs/{run['id']}", params={"events": "none"}, headers=AUTH).json()["events"] == []
+    bad = client.get(f"/api/runs/{run['id']}", params={"events": "steps"}, headers=AUTH)
+    assert bad.status_code == 422 and "step" in bad.json()["detail"]
     assert detail["lora_path"].endswith("longcat_lora.safetensors")
     video = client.get(f"/api/runs/{run['id']}/files/validation/step-3/0.mp4", headers=AUTH)
     assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
@@ -399,6 +405,11 @@ def test_stop_sends_sigterm_and_resume_continues(env) -> None:
     first = client.get(f"/api/runs/{run['id']}", headers=AUTH).json()
     assert first["status"] == "interrupted" and [e["event"] for e in first["events"]][-1] == "end"
     assert len(client.get("/api/runs", headers=AUTH).json()) == 2
+    # The resumed run's stream starts with the earlier run's losses up to its checkpoint (step 2).
+    messages = read_sse(client, resumed["id"])
+    assert messages[0] == ("history", {"points": [[1, 1.0], [2, 0.5]], "start_step": 2})
+    assert [m[1]["step"] for m in messages if m[0] == "train" and m[1].get("event") == "step"] == [3]
+    assert not any(kind == "history" for kind, _ in read_sse(client, run["id"]))  # the first run has none
 
 
 def test_a_run_that_dies_without_an_end_event_is_reported(env) -> None:

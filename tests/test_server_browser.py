@@ -208,6 +208,8 @@ def test_configure_train_watch_and_preview_in_chromium(server: str, tmp_path: Pa
             expect(page.locator("#run-status")).to_have_text("completed", timeout=150_000)
             expect(page.locator("#stat-step")).to_have_text(f"{STEPS} / {STEPS}")
             assert points() == STEPS - stopped_at  # the resumed run continues after the checkpoint
+            # ...and its chart starts with the first run's losses up to that checkpoint, in grey.
+            assert 0 < int(chart.get_attribute("data-history")) <= stopped_at
             expect(page.locator("#run-log")).to_contain_text("resumed from")
             expect(page.locator("#run-stop")).to_be_disabled(timeout=30_000)  # the process has exited
             shoot(page, tmp_path, "5-run-resumed-and-completed")

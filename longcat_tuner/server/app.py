@@ -37,6 +37,7 @@ from longcat_tuner.server.jobs import (
     tail_lines,
 )
 from longcat_tuner.server.security import GuardError
+from longcat_tuner.train.events import EVENT_KINDS
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONFIG_NAME = "config.json"
@@ -501,8 +502,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return run_summary(store, job)
 
     @app.get("/api/runs/{run_id}")
-    async def get_run(run_id: str) -> dict[str, Any]:
-        return run_summary(store, job_or_404(store, "run", run_id), detail=True)
+    async def get_run(run_id: str, events: str = "all") -> dict[str, Any]:
+        """The run's summary, log tail and events: `events=all` (default), a comma list of kinds
+        (e.g. `validation`, what the gallery needs on a long run) or `none`."""
+        summary = run_summary(store, job_or_404(store, "run", run_id), detail=True)
+        if events != "all":
+            kinds = set() if events == "none" else set(events.split(","))
+            unknown = kinds - set(EVENT_KINDS)
+            if unknown:
+                raise HTTPException(
+                    422, f"events: unknown kind(s) {sorted(unknown)}; use all, none or a comma list of {', '.join(EVENT_KINDS)}"
+                )
+            summary["events"] = [e for e in summary["events"] if e.get("event") in kinds]
+        return summary
 
     @app.post("/api/runs/{run_id}/stop")
     async def stop_run(run_id: str) -> dict[str, Any]:
@@ -550,6 +562,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         offset, mine, last_status = 0, False, None
         log_offset = log_tail_offset(job.log_path)
         milestones: list[dict[str, Any]] = []  # this run's start / error / end events
+        earlier: dict[int, float] = {}  # step -> loss of the runs before this one in the same file
         while True:
             path = find_events_file(job)
             if path is not None:
@@ -557,6 +570,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 for event in events:
                     if event.get("event") == "start":
                         mine = is_own_start(event, job)
+                        if mine and earlier:
+                            # A resumed run continues the earlier runs' curve up to its checkpoint; steps
+                            # after it were redone (the latest run's value wins for a step run twice).
+                            upto = int(event.get("start_step") or 0)
+                            points = sorted([s, v] for s, v in earlier.items() if s <= upto)
+                            if points:
+                                yield sse("history", {"points": points, "start_step": upto})
+                    if not mine and event.get("event") == "step" and event.get("loss") is not None:
+                        earlier[int(event["step"])] = float(event["loss"])
                     if mine:
                         yield sse("train", event)
                         if event.get("event") in ("start", "error", "end"):

@@ -416,7 +416,7 @@ function stat(label, value) {
 // ---------------------------------------------------------------------------------------------
 // Runs: list, start/stop/resume, live progress over server-sent events
 // ---------------------------------------------------------------------------------------------
-const live = { id: null, source: null, losses: [], validations: [], log: [], partial: null };
+const live = { id: null, source: null, history: [], losses: [], validations: [], log: [], partial: null };
 
 async function refreshRuns() {
   let runs;
@@ -455,7 +455,7 @@ async function resumeRun() {
 
 function selectRun(id) {
   if (live.source) live.source.close();
-  Object.assign(live, { id, source: null, losses: [], validations: [], log: [], partial: null });
+  Object.assign(live, { id, source: null, history: [], losses: [], validations: [], log: [], partial: null });
   $("#run-detail").hidden = false;
   $("#run-id").textContent = id;
   const gallery = $("#gallery-run");
@@ -468,8 +468,10 @@ function selectRun(id) {
   const source = new EventSource(`/api/runs/${encodeURIComponent(id)}/events`);
   live.source = source;
   // Each (re)connection replays the run's events from its start: begin from a clean slate.
-  source.onopen = () => Object.assign(live, { losses: [], validations: [], log: [], partial: null });
+  source.onopen = () => Object.assign(live, { history: [], losses: [], validations: [], log: [], partial: null });
   source.addEventListener("train", (msg) => onTrainEvent(JSON.parse(msg.data)));
+  // A resumed run: the earlier runs' losses up to its checkpoint, drawn in grey before its own.
+  source.addEventListener("history", (msg) => { live.history = JSON.parse(msg.data).points; drawLoss(); });
   source.addEventListener("log", (msg) => {
     const { lines, partial } = JSON.parse(msg.data);
     live.log.push(...lines);
@@ -529,8 +531,10 @@ function drawLoss() {
   const ctx = canvas.getContext("2d");
   ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   ctx.clearRect(0, 0, width, height);
-  const points = live.losses;
-  canvas.dataset.points = String(points.length);
+  const points = live.history.concat(live.losses);
+  const own = live.history.length; // points before this index come from the runs this one resumed
+  canvas.dataset.points = String(live.losses.length);
+  canvas.dataset.history = String(own);
   const pad = { left: 60, right: 16, top: 16, bottom: 30 };
   ctx.strokeStyle = "#c9ced6";
   ctx.strokeRect(pad.left, pad.top, width - pad.left - pad.right, height - pad.top - pad.bottom);
@@ -567,9 +571,21 @@ function drawLoss() {
     i ? ctx.lineTo(px(s), py(ema)) : ctx.moveTo(px(s), py(ema));
   });
   ctx.stroke();
-  for (const [s, l] of points) {
-    ctx.fillStyle = "#1f5fbf";
+  points.forEach(([s, l], i) => {
+    ctx.fillStyle = i < own ? "#a3a9b3" : "#1f5fbf";
     ctx.fillRect(px(s) - 1.5, py(l) - 1.5, 3, 3);
+  });
+  if (own) {
+    const at = px(points[own - 1][0]);
+    ctx.strokeStyle = "#a3a9b3";
+    ctx.setLineDash([4, 4]);
+    ctx.beginPath();
+    ctx.moveTo(at, pad.top);
+    ctx.lineTo(at, height - pad.bottom);
+    ctx.stroke();
+    ctx.setLineDash([]);
+    ctx.fillStyle = "#5b6472";
+    ctx.fillText(`resumed at step ${points[own - 1][0]}`, Math.min(at + 6, width - pad.right - 130), pad.top + 14);
   }
 }
 
@@ -590,8 +606,8 @@ async function refreshGallery() {
   const id = galleryRun();
   if (!id) { $("#gallery").replaceChildren(el("p", { class: "muted", text: "No runs yet." })); return; }
   if (id === live.id && live.source) { renderGallery(id, live.validations); return; }
-  const { data } = await api("GET", `/api/runs/${encodeURIComponent(id)}`);
-  renderGallery(id, data.events.filter((e) => e.event === "validation"));
+  const { data } = await api("GET", `/api/runs/${encodeURIComponent(id)}?events=validation`);
+  renderGallery(id, data.events);
 }
 
 function renderGallery(runId, validations) {
