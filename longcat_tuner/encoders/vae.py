@@ -10,9 +10,10 @@ the first are split, as long as every chunk spans whole latent frames (a multipl
 factor): causal convolutions see the same left context, the stride-2 time convolutions the same frame
 pairs. So `encode_posterior` feeds chunks of up to `encode_chunk_frames` frames (default on CUDA: as many
 as fit `ENCODE_CHUNK_PIXELS`; on the CPU 4, as diffusers, which was faster there and holds less memory),
-which gives cuDNN larger convolutions and fewer launches: 1.015 -> 0.94 s per 93x480x832 clip on one H200
-in bf16 (bench/bench_cache.py; 8 to 48 frames all within 2%). Equality with diffusers' `encode` is tested. Checkpoints whose VAE differs from the Wan2.1
-layout this relies on (patchified or residual Wan2.2 VAEs, tiling) use diffusers' `encode` unchanged.
+which gives cuDNN larger convolutions and fewer launches: 1.015 -> 0.94 s per 93x480x832 clip on one
+H200 in bf16 (bench/bench_cache.py; 8 to 48 frames all within 2%). Equality with diffusers' `encode` is
+tested. VAEs outside the Wan2.1 layout this relies on (patchified or residual Wan2.2 VAEs) and tiled
+encoding use diffusers' `encode` unchanged.
 """
 from __future__ import annotations
 
