@@ -334,3 +334,20 @@ def test_sidecar_caption_with_bom_and_crlf(tmp_path):
     plan = plan_data(load_datasets(config), eval_dataset_id=None, alignment=16)
     (clip,) = plan.train[0].samples
     assert clip.source.caption == "a red car drives"
+
+
+def test_sidecar_caption_with_an_upper_case_extension(tmp_path):
+    write_video(tmp_path / "clips/DSC_0001.MOV", frames=12, fps=15, height=48, width=80)
+    (tmp_path / "clips/DSC_0001.TXT").write_text("a dog [runs] on the beach")
+    write_video(tmp_path / "clips/other.mp4", frames=12, fps=15, height=48, width=80)
+    (tmp_path / "clips/other.txt.bak").write_text("not a caption")
+    config = tmp_path / "multidatabackend.json"
+    config.write_text(json.dumps([
+        {"id": "clips", "dataset_type": "video", "instance_data_dir": "clips", "resolution": 32,
+         "cache_dir_vae": "cache/clips", "video": {"num_frames": 5}},
+    ]))
+    plan = plan_data(load_datasets(config), eval_dataset_id=None, alignment=16)
+    (clip,) = plan.train[0].samples
+    assert clip.source.caption == "a dog [runs] on the beach"
+    (problem,) = plan.train[0].problems
+    assert problem.path.endswith("other.mp4") and "other.txt is missing" in problem.reason

@@ -10,6 +10,7 @@ Pairing rule (SPEC 4): a clip and its start frame share the relative path and fi
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +145,18 @@ def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tupl
     return found, problems
 
 
+def sidecar_caption_path(media_path: Path) -> Path:
+    """`clip.txt` beside `clip.mp4`; also `clip.TXT` / `clip.Txt` (cameras and Windows tools write those)."""
+    exact = media_path.with_suffix(".txt")
+    if exact.is_file():
+        return exact
+    # Only when the exact name is missing (rare), so large folders are not listed once per item.
+    for candidate in sorted(media_path.parent.glob(glob.escape(media_path.stem) + ".*")):
+        if candidate.suffix.lower() == ".txt" and candidate.stem == media_path.stem and candidate.is_file():
+            return candidate
+    return exact
+
+
 def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Optional[str], Optional[str]]:
     """(caption, problem). caption None: the item cannot be used; a problem with a caption is a warning."""
     strategy = dataset.caption_strategy
@@ -154,7 +167,7 @@ def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Op
     if strategy == "filename":
         caption = " ".join(Path(key).name.replace("_", " ").split())
         return caption, (None if caption else "file name gives an empty caption")
-    sidecar = media_path.with_suffix(".txt")
+    sidecar = sidecar_caption_path(media_path)
     if not sidecar.is_file():
         return None, f"caption file {sidecar.name} is missing; add it or use caption_strategy 'filename'"
     try:
