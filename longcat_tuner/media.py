@@ -36,14 +36,41 @@ def parse_resolution(
     return bucket_size(int(parsed.removesuffix("p")), height, width, alignment)
 
 
+def to_rgb(image):
+    """Any PIL image as 8-bit RGB, the same way for training start frames and for sampling.
+
+    Transparent pixels become white (not whatever colour the alpha hid); 16-bit and float grey images are
+    scaled to 8 bits (Pillow's own conversion clips them at 255, turning most of the picture white).
+    """
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "P", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        # Integers are taken as 16-bit (0..65535) unless they all fit in 8 bits; floats as 0..1 when they
+        # lie there, else stretched between their min and max.
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            low, high = (0.0, 1.0) if values.min() >= 0 and values.max() <= 1 else (values.min(), values.max())
+        else:
+            low, high = 0.0, (255.0 if values.max() <= 255 else 65535.0)
+        grey = np.clip((values - low) / max(high - low, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")  # L, CMYK, YCbCr, 1, ...
+
+
 def load_image(path: Union[str, Path]):
-    """An RGB PIL image with its EXIF orientation applied."""
+    """An RGB PIL image with its EXIF orientation applied (`to_rgb`)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as err:

@@ -168,3 +168,35 @@ def test_unreadable_media_errors_name_the_file(tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     with pytest.raises(DataError, match=r"broken.png: not a readable image"):
         probe_image(broken)
+
+
+@pytest.mark.parametrize("kind", ["gray16", "rgba", "float", "cmyk"])
+def test_image_modes_convert_alike_for_training_and_sampling(tmp_path, kind):
+    """A start frame looks the same to the cache (data.images) and to `sample` (media): no white-out, no hidden colour."""
+    from PIL import Image
+
+    from longcat_tuner.media import load_image as sample_image
+
+    ramp = np.linspace(0, 1, 48 * 80).reshape(48, 80)
+    if kind == "gray16":
+        image, path, want = Image.fromarray((ramp * 65535).astype(np.uint16)), tmp_path / "a.png", ramp * 255
+    elif kind == "rgba":
+        rgba = np.zeros((48, 80, 4), np.uint8)
+        rgba[..., 0] = 255  # red, but fully transparent on the left half
+        rgba[:, 40:, 3] = 255
+        image, path, want = Image.fromarray(rgba, mode="RGBA"), tmp_path / "a.png", None
+    elif kind == "float":
+        image, path, want = Image.fromarray(ramp.astype(np.float32), mode="F"), tmp_path / "a.tif", ramp * 255
+    else:
+        image, path, want = Image.new("CMYK", (80, 48), (0, 255, 255, 0)), tmp_path / "a.jpg", None
+    image.save(path)
+    trained = load_image(path, plan_resize(48, 80, 48, 80)).astype(float)
+    sampled = np.asarray(sample_image(path), dtype=float)
+    assert trained.shape == sampled.shape == (48, 80, 3)
+    assert np.abs(trained - sampled).max() <= 2  # one conversion (resampling is the identity here)
+    if want is not None:
+        assert np.abs(trained[..., 0] - want).max() <= 2  # scaled, not clipped at 255
+    if kind == "rgba":
+        assert trained[:, :40].min() == 255 and trained[:, 45:, 1].max() < 5  # transparent -> white; red stays red
+    if kind == "cmyk":
+        assert trained[..., 0].mean() > 200 and trained[..., 1].mean() < 60  # CMYK (0, 255, 255, 0) is red

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from longcat_tuner.data.video import ResizePlan
+from longcat_tuner.media import to_rgb
 from longcat_tuner.errors import DataError
 
 # EXIF orientation values 5-8 rotate by 90 degrees: the displayed width and height swap.
@@ -47,15 +48,7 @@ def load_image(path: str | Path, plan: ResizePlan) -> np.ndarray:
     path = Path(path)
     with _open(path) as image:
         try:
-            image = ImageOps.exif_transpose(image)
-            if image.mode != "RGB":
-                # Transparent pixels become white rather than whatever colour the alpha hid.
-                if image.mode in ("RGBA", "LA", "P"):
-                    rgba = image.convert("RGBA")
-                    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    image = Image.alpha_composite(background, rgba).convert("RGB")
-                else:
-                    image = image.convert("RGB")
+            image = to_rgb(ImageOps.exif_transpose(image))  # the same conversion as sampling (media.py)
             # reducing_gap: a fast box pre-shrink for large downscales (2048 -> 640) keeps quality.
             image = image.resize((plan.scaled_width, plan.scaled_height), Image.Resampling.LANCZOS, reducing_gap=3.0)
         except (OSError, ValueError, SyntaxError) as err:
