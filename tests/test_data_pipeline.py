@@ -351,3 +351,16 @@ def test_sidecar_caption_with_an_upper_case_extension(tmp_path):
     assert clip.source.caption == "a dog [runs] on the beach"
     (problem,) = plan.train[0].problems
     assert problem.path.endswith("other.mp4") and "other.txt is missing" in problem.reason
+
+
+def test_captions_longer_than_the_text_encoder_reads_are_named(tmp_path, encoders):
+    long_caption = " ".join(["a red bar slides slowly to the left across a grey floor"] * 60)
+    assert encoders[1].token_counts([long_caption])[0] > encoders[1].max_length
+    add_pair(tmp_path, "clips", "starts", "long", caption=long_caption)
+    add_pair(tmp_path, "clips", "starts", "short", caption="a red bar")
+    add_pair(tmp_path, "val-clips", "val-starts", "v", caption="eval clip")
+    index, _ = build(write_config(tmp_path), encoders)
+    (warning,) = index.report.warnings
+    assert warning.path.endswith("long.mp4") and not warning.skipped
+    assert f"reads the first {encoders[1].max_length}" in warning.reason
+    assert len(index.train) == 2  # still trained on (the first 512 tokens)

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     report = index.report
     for problem in report.failed:
         print(f"failed: {problem}")
+    for problem in report.warnings:
+        print(f"warning: {problem}")
     print(
         f"cache: built {report.built['clip']} clips, {report.built['start_frame']} start frames, "
         f"{report.built['text']} captions; reused {report.reused['clip']} / {report.reused['start_frame']} / "

@@ -281,6 +281,7 @@ class CacheReport:
     built: dict[str, int] = field(default_factory=lambda: {"clip": 0, "start_frame": 0, "text": 0})
     reused: dict[str, int] = field(default_factory=lambda: {"clip": 0, "start_frame": 0, "text": 0})
     failed: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # usable, but not as the user may expect
     seconds: float = 0.0
 
 
@@ -417,14 +418,39 @@ def _build_text(jobs: list[_Job], text_dirs: set[Path], encoder: LazyEncoder, dt
         encoder.get()
         todo = stale()  # the loaded identity is authoritative
     report.reused["text"] += len(wanted) - len(todo)
+    users: dict[str, list[_Job]] = {}
+    for job in jobs:
+        users.setdefault(job.sample.source.caption, []).append(job)
     with _progress(len(todo), "text embeddings", progress, "caption") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
+            _warn_long_captions([caption for _, caption in chunk], encoder.get(), users, report)
             embeds, mask = encoder.get().encode([caption for _, caption in chunk])
             for row, (path, caption) in enumerate(chunk):
                 write_entry(path, {"embeds": embeds[row].to(dtype), "mask": mask[row].long()}, text_fingerprint(caption, encoder.model_key, dtype))
                 report.built["text"] += 1
             bar.update(len(chunk))
+
+
+def _warn_long_captions(captions: list[str], encoder: Any, users: dict[str, list["_Job"]], report: CacheReport) -> None:
+    """Name the samples whose caption the text encoder truncates (it reads the first 512 tokens)."""
+    counts = getattr(encoder, "token_counts", None)
+    limit = getattr(encoder, "max_length", None)
+    if counts is None or limit is None:
+        return
+    for caption, count in zip(captions, counts(captions)):
+        if count <= limit:
+            continue
+        for job in users.get(caption, []):
+            source = job.sample.source
+            problem = Problem(
+                source.dataset_id, str(source.media_path),
+                f"caption has {count} tokens; the text encoder reads the first {limit}, the rest is ignored; "
+                "shorten it to keep every detail",
+                skipped=False,
+            )
+            report.warnings.append(problem)
+            log.warning("%s", problem)
 
 
 def _build_latents(jobs: list[_Job], vae: LazyEncoder, dtype: torch.dtype, report: CacheReport, *, progress: bool, decode_workers: int) -> list[_Job]:

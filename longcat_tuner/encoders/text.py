@@ -93,6 +93,12 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens of each cleaned prompt before truncation (special tokens included): above `max_length`,
+        `encode` sees only the first `max_length`."""
+        ids = self.tokenizer([clean_prompt(p) for p in prompts], add_special_tokens=True, truncation=False).input_ids
+        return [len(row) for row in ids]
+
     @torch.no_grad()
     def encode(self, prompts: Union[str, Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str):
