@@ -200,3 +200,10 @@ def test_image_modes_convert_alike_for_training_and_sampling(tmp_path, kind):
         assert trained[:, :40].min() == 255 and trained[:, 45:, 1].max() < 5  # transparent -> white; red stays red
     if kind == "cmyk":
         assert trained[..., 0].mean() > 200 and trained[..., 1].mean() < 60  # CMYK (0, 255, 255, 0) is red
+
+
+def test_empty_video_file_says_so(tmp_path):
+    empty = tmp_path / "copying.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"copying.mp4: empty file \(0 bytes\)"):
+        probe_video(empty)

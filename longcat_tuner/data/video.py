@@ -90,6 +90,8 @@ def _open(path: Path):
     import av
 
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes), e.g. an interrupted copy; copy it again or remove it")
         return av.open(str(path))
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable video ({getattr(err, 'strerror', None) or err}); re-encode or remove it") from None
