@@ -179,6 +179,11 @@ class TrainConfig(BaseModel):
         0, ge=0, description="Keep the last N DiT blocks on musubi_block_swap_device and stream them in."
     )
     musubi_block_swap_device: str = Field("cpu", description="Device that holds swapped blocks.")
+    distributed_strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: `ddp` keeps the whole DiT on every GPU and averages gradients; "
+        "`fsdp` (FSDP2) shards the weights, gradients and optimizer states of each block over the GPUs, "
+        "so a full fine-tune (or a LoRA on cards smaller than the model) fits. Ignored on one process.",
+    )
     enable_group_offload: bool = Field(
         False,
         description="Group offloading (diffusers) is not available for training: it moves trainable adapters "
@@ -286,6 +291,13 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 "compile_scope 'checkpointed_block' needs compile_blocks: true, gradient_checkpointing: true and "
                 "gradient_checkpointing_mode: keep_attention; otherwise use compile_scope 'block'"
+            )
+        if self.distributed_strategy == "fsdp" and (
+            self.musubi_blocks_to_swap or self.base_model_precision in ("int8-quanto", "fp8-torchao")
+        ):
+            raise ValueError(
+                "distributed_strategy 'fsdp' shards the weights over the GPUs; it does not combine with "
+                "musubi_blocks_to_swap or 8-bit base_model_precision: set those to 0 / no_change, or use 'ddp'"
             )
         if self.validation_using_datasets and not self.eval_dataset_id:
             raise ValueError(

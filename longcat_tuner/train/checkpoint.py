@@ -230,6 +230,15 @@ def saved_world_size(path: Path) -> Optional[int]:
 
 def apply_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], *, source: Path) -> None:
     """Copy saved trainable tensors into `module`; every saved and every trainable name must match."""
+    params = check_weight_names(module, weights, source=source)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name].to(param.dtype))
+
+
+def check_weight_names(module: torch.nn.Module, weights: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters of `module`, after checking that `weights` has exactly their names and
+    (full, unsharded) shapes."""
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
@@ -240,11 +249,10 @@ def apply_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], *, 
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); "
             "resume with the same model_type, lora_rank and lora_targets"
         )
-    with torch.no_grad():
-        for name, param in params.items():
-            if tuple(weights[name].shape) != tuple(param.shape):
-                raise CheckpointError(
-                    f"checkpoint {source}: {name} has shape {tuple(weights[name].shape)}, "
-                    f"the run expects {tuple(param.shape)}; resume with the same lora_rank"
-                )
-            param.copy_(weights[name].to(param.dtype))
+    for name, param in params.items():
+        if tuple(weights[name].shape) != tuple(param.shape):  # a DTensor reports its full shape
+            raise CheckpointError(
+                f"checkpoint {source}: {name} has shape {tuple(weights[name].shape)}, "
+                f"the run expects {tuple(param.shape)}; resume with the same lora_rank"
+            )
+    return params

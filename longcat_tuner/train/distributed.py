@@ -195,6 +195,106 @@ def wrap_ddp(dit: torch.nn.Module, ctx: Distributed) -> torch.nn.Module:
     return DistributedDataParallel(dit, device_ids=device_ids, find_unused_parameters=False)
 
 
+def wrap_fsdp(dit: torch.nn.Module, ctx: Distributed) -> torch.nn.Module:
+    """Shard the DiT with FSDP2 (`fully_shard`): each block is one unit, the embedders and final layer the root.
+
+    Every parameter becomes a DTensor holding 1/N of it; a block's weights are gathered right before it runs
+    (forward, and the checkpoint recompute in backward) and freed after, and gradients are reduce-scattered,
+    so weights, gradients and optimizer states all take 1/N per GPU. LoRA adapters (float32 beside the
+    bfloat16 block) belong to their block's unit: FSDP2 accepts mixed dtypes there as long as the trainable
+    parameters share one. Returns `dit` itself, now sharded.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if not any(p.requires_grad for p in dit.parameters()):
+        raise ConfigError("nothing to train: no parameter requires grad (check model_type and lora_targets)")
+    for block in dit.blocks:
+        fully_shard(block)
+    fully_shard(dit)  # the default mesh: all ranks, on this rank's device
+    return dit
+
+
+def _is_fsdp(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def is_sharded(dit: torch.nn.Module) -> bool:
+    return _is_fsdp(dit)
+
+
+def full_trainable_state(dit: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
+    """`{name: full tensor on the CPU}` of the trainable parameters; collective under FSDP (every rank calls).
+
+    Parameters are gathered one at a time, so the peak is one full parameter on the GPU; only ranks with
+    `keep` hold the result (rank 0 writes it), the others return an empty dict.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, param in dit.named_parameters():
+        if not param.requires_grad:
+            continue
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        if keep:
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def full_model_state(dit: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of `dit.state_dict()` in full on the CPU (collective under FSDP; only `keep` ranks hold it)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, tensor in dit.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if keep:
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def full_optimizer_state(dit: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name, gathered in full (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(dit, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(dit: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any]) -> None:
+    """Scatter full saved weights and optimizer state into a sharded model (every rank passes the full dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(dit, weights, options=options)
+    set_optimizer_state_dict(dit, optimizer, optim_state_dict=optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def gathered_adapters(dit: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every LoRA adapter holds its full weights (collective: every rank enters).
+
+    LoRA files are written from the adapters' tensors; under FSDP those are shards. The full tensors
+    (small) replace them for the block and the shards come back after, before any forward.
+    """
+    from torch.distributed.tensor import DTensor
+
+    swapped = []
+    try:
+        for module in dit.modules():
+            for adapter in getattr(module, "lora_adapters", {}).values():
+                for name, param in list(adapter._parameters.items()):
+                    if isinstance(param, DTensor):
+                        full = param.full_tensor().detach()  # the same order on every rank
+                        swapped.append((adapter, name, param))
+                        adapter._parameters[name] = torch.nn.Parameter(full, requires_grad=False)
+        yield
+    finally:
+        for adapter, name, param in swapped:
+            adapter._parameters[name] = param
+
+
 def check_resume_world_size(saved: Optional[int], ctx: Distributed, source: Any) -> None:
     """Exact resume needs the same number of ranks: each rank's batches and noise stream depend on it."""
     saved = 1 if saved is None else int(saved)

@@ -112,7 +112,9 @@ def prepare_data(
     )
     empty_embeds, empty_mask = (t[None] for t in dataset.empty_text())
     empty_embeds = empty_embeds.float()
-    if not dist.is_main:  # validation and the held-out loss run on rank 0 only
+    # Validation and the held-out loss run on rank 0 only; under FSDP every rank runs them (each sharded
+    # block needs all ranks to gather its weights), so every rank needs their inputs.
+    if not dist.is_main and not (dist.enabled and config.distributed_strategy == "fsdp"):
         return TrainingData(dataset=dataset, sampler=sampler, device=device, empty_embeds=empty_embeds,
                             empty_mask=empty_mask, negative_embeds=empty_embeds, negative_mask=empty_mask)
 

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -26,8 +27,9 @@ import numpy as np
 import torch
 
 from longcat_tuner.config.training import TrainConfig
-from longcat_tuner.errors import ConfigError, LongcatError
+from longcat_tuner.errors import CheckpointError, ConfigError, LongcatError
 from longcat_tuner.train import checkpoint as ckpt
+from longcat_tuner.train import distributed as dist_utils
 from longcat_tuner.train.distributed import (
     Distributed,
     available_host_memory,
@@ -234,8 +236,10 @@ def trainable_state(dit: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in dit.named_parameters() if p.requires_grad}
 
 
-def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metadata: dict[str, Any]) -> tuple[Path, Optional[Path]]:
-    """The final weights: LoRA in the official LongCat format + ComfyUI keys, or the full DiT."""
+def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metadata: dict[str, Any],
+                 state: Optional[dict[str, torch.Tensor]] = None) -> tuple[Path, Optional[Path]]:
+    """The final weights: LoRA in the official LongCat format + ComfyUI keys, or the full DiT (`state`:
+    its gathered weights when it is sharded)."""
     if config.model_type == "lora":
         from longcat_tuner.model.lora import save_lora
 
@@ -249,7 +253,7 @@ def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metad
     folder = run_dir / "dit"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(dit.config.to_dict(), indent=2))
-    state = {k: v.detach().cpu().contiguous() for k, v in dit.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (dit.state_dict() if state is None else state).items()}
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
     return folder, None
 
@@ -328,6 +332,9 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     seed_everything(config.seed)  # the same on every rank: adapters start identical
     data = prepare_data(config, device=precision.device, progress=progress, dist=dist)
     dit = build_model_in_turns(config, precision, dist)
+    sharded = dist.enabled and config.distributed_strategy == "fsdp"
+    if sharded:
+        dist_utils.wrap_fsdp(dit, dist)  # before the optimizer: it must hold the sharded parameters
     params = list(trainable_state(dit).values())
     optimizer = build_optimizer(
         params, kind=config.optimizer, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -338,14 +345,19 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     # Each rank draws its own sigmas/noise/posterior samples (its batches differ too); rank 0's stream
     # is the single-process one.
     generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, dist.rank))
-    model = wrap_ddp(dit, dist) if dist.enabled else dit
+    model = wrap_ddp(dit, dist) if dist.enabled and not sharded else dit
     run = Run(config, run_dir, precision, data, dit, params, optimizer, scheduler, generator, events, total_steps,
               dist=dist, model=model)
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path)
         check_resume_world_size(state["state"].get("world_size"), dist, resume_path)
-        ckpt.apply_weights(dit, state["weights"], source=resume_path)
-        optimizer.load_state_dict(state["optimizer"])
+        check_resume_strategy(state["state"].get("distributed_strategy", "ddp"), "fsdp" if sharded else "ddp", resume_path)
+        if sharded:
+            ckpt.check_weight_names(dit, state["weights"], source=resume_path)
+            dist_utils.load_full_state(dit, optimizer, state["weights"], state["optimizer"])
+        else:
+            ckpt.apply_weights(dit, state["weights"], source=resume_path)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         data.sampler.load_state_dict(state["state"]["sampler"])
         rng = state["rng"]["ranks"][dist.rank] if dist.enabled else state["rng"]
@@ -377,7 +389,7 @@ def optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float
         batch = run.data.to_flow_batch(next(batches), generator=run.generator, caption_dropout=config.caption_dropout_probability)
         # DDP all-reduces the gradients in the last micro-batch's backward only (no_sync before it).
         last = micro == config.gradient_accumulation_steps - 1
-        with contextlib.nullcontext() if last or not dist.enabled else run.model.no_sync():
+        with _gradient_sync(run, last):
             loss = training_loss(
                 run.model, batch, generator=run.generator, shift=config.flow_schedule_shift,
                 distribution=config.flow_sigma_distribution, continuation_latents=config.video_continuation_latents,
@@ -404,6 +416,24 @@ def optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float
     return loss_value, grad_norm, False
 
 
+def _gradient_sync(run: Run, last: bool) -> Any:
+    """Multi-GPU: gradients are exchanged in the last micro-batch's backward only."""
+    if not run.dist.enabled:
+        return contextlib.nullcontext()
+    if dist_utils.is_sharded(run.model):
+        run.model.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro-batch
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else run.model.no_sync()
+
+
+def check_resume_strategy(saved: str, current: str, source: Any) -> None:
+    if saved != current:
+        raise CheckpointError(
+            f"checkpoint {source} was saved with distributed_strategy '{saved}' but this run uses '{current}'; "
+            f"resume with distributed_strategy '{saved}', or start a new run in a new output_dir"
+        )
+
+
 def _require_all_trainable_used(run: Run) -> None:
     """DDP averages a gradient only once every trainable parameter has one; a parameter the forward never
     uses would leave its bucket un-averaged (ranks drift apart) and fail the next step deep inside DDP."""
@@ -428,11 +458,19 @@ def save(run: Run) -> Optional[Path]:
         # Rank 0's state at the top level (what a single-process resume reads), every rank's under "ranks".
         ranks = dist.gather(rng)
         rng = {**ranks[0], "ranks": ranks}
-    path = _write_checkpoint(run, rng) if dist.is_main else None
+    if dist_utils.is_sharded(run.dit):
+        # Collective: every rank takes part in gathering the shards, rank 0 keeps the full tensors.
+        weights = dist_utils.full_trainable_state(run.dit, keep=dist.is_main)
+        optimizer_state = dist_utils.full_optimizer_state(run.dit, run.optimizer)
+        with dist_utils.gathered_adapters(run.dit):
+            path = _write_checkpoint(run, rng, weights, optimizer_state) if dist.is_main else None
+    else:
+        path = _write_checkpoint(run, rng) if dist.is_main else None
     return dist.broadcast(path)
 
 
-def _write_checkpoint(run: Run, rng_state: dict[str, Any]) -> Optional[Path]:
+def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: Optional[dict[str, torch.Tensor]] = None,
+                      optimizer_state: Optional[dict[str, Any]] = None) -> Optional[Path]:
     extra = {}
     if run.config.model_type == "lora":
         from longcat_tuner.model.lora import save_lora
@@ -440,11 +478,13 @@ def _write_checkpoint(run: Run, rng_state: dict[str, Any]) -> Optional[Path]:
         extra[LORA_FILE] = lambda path: save_lora(run.dit, path, format="official")
     try:
         path = ckpt.save_checkpoint(
-            run.checkpoints_dir, step=run.step, weights=trainable_state(run.dit),
-            optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
+            run.checkpoints_dir, step=run.step, weights=trainable_state(run.dit) if weights is None else weights,
+            optimizer_state=run.optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            scheduler_state=run.scheduler.state_dict(),
             rng_state=rng_state, extra_files=extra,
             trainer_state={"sampler": run.data.sampler.state_dict(), "total_steps": run.total_steps,
-                           "world_size": run.dist.world_size},
+                           "world_size": run.dist.world_size,
+                           "distributed_strategy": "fsdp" if dist_utils.is_sharded(run.dit) else "ddp"},
         )
     except LongcatError as err:  # older checkpoints stay intact
         run.events.emit("error", message=str(err), step=run.step)
@@ -457,13 +497,26 @@ def _write_checkpoint(run: Run, rng_state: dict[str, Any]) -> Optional[Path]:
 
 def validate(run: Run) -> list[Path]:
     """Validation videos, first-frame PSNR and the held-out loss; returns the video paths (rank 0 only)."""
-    config, data = run.config, run.data
-    if not run.dist.is_main:  # the others go on to the next agreement and wait there
+    config, data, main = run.config, run.data, run.dist.is_main
+    sharded = dist_utils.is_sharded(run.dit)
+    if not main and not sharded:  # the others go on to the next agreement and wait there
         return []
+    # FSDP: every rank samples the same items (a sharded block needs all ranks to gather its weights);
+    # only rank 0's files are kept.
+    with contextlib.nullcontext(str(run.run_dir)) if main else tempfile.TemporaryDirectory() as out_root:
+        items, held = _validation_results(run, Path(out_root))
+    if not main:
+        return []
+    run.events.emit("validation", step=run.step, items=items, heldout_loss=held)
+    return [run.run_dir / item["video"] for item in items]
+
+
+def _validation_results(run: Run, out_root: Path) -> tuple[list[dict[str, Any]], Optional[float]]:
+    config, data = run.config, run.data
     items = []
     if data.validation_items:
         items = run_validation(
-            run.dit, data.vae, data.validation_items, step=run.step, run_dir=run.run_dir,
+            run.dit, data.vae, data.validation_items, step=run.step, run_dir=out_root,
             num_frames=config.validation_num_video_frames, steps=config.validation_num_inference_steps,
             guidance=config.validation_guidance, shift=config.flow_schedule_shift,
             negative_embeds=data.negative_embeds, negative_mask=data.negative_mask,
@@ -479,8 +532,7 @@ def validate(run: Run) -> list[Path]:
             for batch in data.heldout_batches
         ]))
         run.dit.train()
-    run.events.emit("validation", step=run.step, items=items, heldout_loss=held)
-    return [run.run_dir / item["video"] for item in items]
+    return items, held
 
 
 def _every(interval: Optional[int], step: int) -> bool:
@@ -544,11 +596,16 @@ def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool,
         result.validation_videos = validate(run)
         if saved_at != run.step:
             save(run)
-        if dist.is_main:
-            metadata = {"step": run.step, "lora_rank": config.lora_rank, "lora_alpha": config.effective_lora_alpha,
-                        "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path),
-                        # `sample` defaults to the attention the LoRA was trained with.
-                        "attention_implementation": config.attention_implementation}
+        metadata = {"step": run.step, "lora_rank": config.lora_rank, "lora_alpha": config.effective_lora_alpha,
+                    "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path),
+                    # `sample` defaults to the attention the LoRA was trained with.
+                    "attention_implementation": config.attention_implementation}
+        if dist_utils.is_sharded(run.dit):  # collective: every rank helps gather, rank 0 writes
+            state = dist_utils.full_model_state(run.dit, keep=dist.is_main) if config.model_type == "full" else None
+            with dist_utils.gathered_adapters(run.dit):
+                if dist.is_main:
+                    result.lora_path, result.comfyui_lora_path = save_outputs(run.dit, config, run_dir, metadata, state=state)
+        elif dist.is_main:
             result.lora_path, result.comfyui_lora_path = save_outputs(run.dit, config, run_dir, metadata)
         dist.barrier()  # no rank leaves (and tears down the group) before the outputs are written
         events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path))
