@@ -196,8 +196,12 @@ def resolve_resume_path(value: Optional[str], checkpoints_dir: Path) -> Optional
     return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint folder; a missing file or marker is a `CheckpointError` that names it."""
+def load_checkpoint(path: Path, *, tensors: bool = True) -> dict[str, Any]:
+    """Read a checkpoint folder; a missing file or marker is a `CheckpointError` that names it.
+
+    `tensors=False` skips the weights and the optimizer state (`{}` in their place): the FSDP ranks other
+    than 0 receive those by broadcast instead of each holding a full copy in host memory.
+    """
     path = Path(path)
     missing = [name for name in REQUIRED_FILES if not (path / name).exists()]
     if missing:
@@ -208,8 +212,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return {
             "path": path,
-            "weights": load_file(str(path / WEIGHTS_FILE)),
-            "optimizer": torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False),
+            "weights": load_file(str(path / WEIGHTS_FILE)) if tensors else {},
+            "optimizer": torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False) if tensors else {},
             "scheduler": torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=False),
             "rng": torch.load(path / RNG_FILE, map_location="cpu", weights_only=False),
             "state": json.loads((path / STATE_FILE).read_text()),

@@ -263,12 +263,16 @@ def full_optimizer_state(dit: torch.nn.Module, optimizer: torch.optim.Optimizer)
 
 def load_full_state(dit: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any]) -> None:
-    """Scatter full saved weights and optimizer state into a sharded model (every rank passes the full dicts)."""
+    """Scatter full saved weights and optimizer state into a sharded model (collective).
+
+    Rank 0 passes the full dicts, the other ranks empty ones: rank 0 broadcasts each tensor and every rank
+    keeps its shard, so only one host holds the full checkpoint.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(dit, weights, options=options)
-    set_optimizer_state_dict(dit, optimizer, optim_state_dict=optimizer_state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(dit, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    set_optimizer_state_dict(dit, optimizer, optim_state_dict=optimizer_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 @contextlib.contextmanager

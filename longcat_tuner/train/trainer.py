@@ -349,11 +349,19 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     run = Run(config, run_dir, precision, data, dit, params, optimizer, scheduler, generator, events, total_steps,
               dist=dist, model=model)
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path)
+        state = ckpt.load_checkpoint(resume_path, tensors=dist.is_main or not sharded)
         check_resume_world_size(state["state"].get("world_size"), dist, resume_path)
         check_resume_strategy(state["state"].get("distributed_strategy", "ddp"), "fsdp" if sharded else "ddp", resume_path)
         if sharded:
-            ckpt.check_weight_names(dit, state["weights"], source=resume_path)
+            problem = None
+            if dist.is_main:  # the others hold no weights to check; they learn the verdict
+                try:
+                    ckpt.check_weight_names(dit, state["weights"], source=resume_path)
+                except CheckpointError as err:
+                    problem = str(err)
+            problem = dist.broadcast(problem)
+            if problem:
+                raise CheckpointError(problem)
             dist_utils.load_full_state(dit, optimizer, state["weights"], state["optimizer"])
         else:
             ckpt.apply_weights(dit, state["weights"], source=resume_path)
