@@ -323,15 +323,20 @@ def test_image_dataset_and_caption_strategies(tmp_path):
     assert clip.source.caption == "a bar slides" and clip.source.cond_path is None and clip.bucket.frames == 5
 
 
-def test_sidecar_caption_with_bom_and_crlf(tmp_path):
-    write_video(tmp_path / "clips/Clip One.MP4", frames=12, fps=15, height=48, width=80)
-    (tmp_path / "clips/Clip One.txt").write_bytes("\ufeffa  red car\r\ndrives\r\n".encode("utf-8"))
-    config = tmp_path / "multidatabackend.json"
+def plan_clips_folder(root: Path):
+    """The plan of one T2V dataset over `root/clips` (sidecar captions, 5 frames at 32 px)."""
+    config = root / "multidatabackend.json"
     config.write_text(json.dumps([
         {"id": "clips", "dataset_type": "video", "instance_data_dir": "clips", "resolution": 32,
          "cache_dir_vae": "cache/clips", "video": {"num_frames": 5}},
     ]))
-    plan = plan_data(load_datasets(config), eval_dataset_id=None, alignment=16)
+    return plan_data(load_datasets(config), eval_dataset_id=None, alignment=16)
+
+
+def test_sidecar_caption_with_bom_and_crlf(tmp_path):
+    write_video(tmp_path / "clips/Clip One.MP4", frames=12, fps=15, height=48, width=80)
+    (tmp_path / "clips/Clip One.txt").write_bytes("\ufeffa  red car\r\ndrives\r\n".encode("utf-8"))
+    plan = plan_clips_folder(tmp_path)
     (clip,) = plan.train[0].samples
     assert clip.source.caption == "a red car drives"
 
@@ -341,12 +346,7 @@ def test_sidecar_caption_with_an_upper_case_extension(tmp_path):
     (tmp_path / "clips/DSC_0001.TXT").write_text("a dog [runs] on the beach")
     write_video(tmp_path / "clips/other.mp4", frames=12, fps=15, height=48, width=80)
     (tmp_path / "clips/other.txt.bak").write_text("not a caption")
-    config = tmp_path / "multidatabackend.json"
-    config.write_text(json.dumps([
-        {"id": "clips", "dataset_type": "video", "instance_data_dir": "clips", "resolution": 32,
-         "cache_dir_vae": "cache/clips", "video": {"num_frames": 5}},
-    ]))
-    plan = plan_data(load_datasets(config), eval_dataset_id=None, alignment=16)
+    plan = plan_clips_folder(tmp_path)
     (clip,) = plan.train[0].samples
     assert clip.source.caption == "a dog [runs] on the beach"
     (problem,) = plan.train[0].problems

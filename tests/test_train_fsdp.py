@@ -74,7 +74,7 @@ def test_resume_with_the_other_strategy_is_refused(workspace, ddp_run):
 
     from longcat_tuner.config import TrainConfig
     from longcat_tuner.errors import CheckpointError
-    from longcat_tuner.train.trainer import check_resume_strategy
+    from longcat_tuner.train.distributed import check_resume_strategy
 
     with pytest.raises(CheckpointError, match="saved with distributed_strategy 'ddp' but this run uses 'fsdp'"):
         check_resume_strategy("ddp", "fsdp", "checkpoint-000004")

@@ -88,7 +88,7 @@ class LoRAAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The dense `[out, in]` update this adapter adds (for merging and for the ComfyUI export)."""
-        return self.up_matrix() @ self.down * self.alpha_scale * self.multiplier
+        return self.up_matrix() @ self.down * self.scale()
 
     def up_matrix(self) -> torch.Tensor:
         """`[out, n*r]`: the up blocks on the diagonal (a plain `[out, r]` view for one part)."""

@@ -195,7 +195,7 @@ def wrap_ddp(dit: torch.nn.Module, ctx: Distributed) -> torch.nn.Module:
     return DistributedDataParallel(dit, device_ids=device_ids, find_unused_parameters=False)
 
 
-def wrap_fsdp(dit: torch.nn.Module, ctx: Distributed) -> torch.nn.Module:
+def wrap_fsdp(dit: torch.nn.Module) -> torch.nn.Module:
     """Shard the DiT with FSDP2 (`fully_shard`): each block is one unit, the embedders and final layer the root.
 
     Every parameter becomes a DTensor holding 1/N of it; a block's weights are gathered right before it runs
@@ -214,44 +214,34 @@ def wrap_fsdp(dit: torch.nn.Module, ctx: Distributed) -> torch.nn.Module:
     return dit
 
 
-def _is_fsdp(module: torch.nn.Module) -> bool:
+def is_sharded(dit: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(module, FSDPModule)
+    return isinstance(dit, FSDPModule)
 
 
-def is_sharded(dit: torch.nn.Module) -> bool:
-    return _is_fsdp(dit)
-
-
-def full_trainable_state(dit: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
-    """`{name: full tensor on the CPU}` of the trainable parameters; collective under FSDP (every rank calls).
-
-    Parameters are gathered one at a time, so the peak is one full parameter on the GPU; only ranks with
-    `keep` hold the result (rank 0 writes it), the others return an empty dict.
-    """
+def _gathered(named: Any, keep: bool) -> dict[str, torch.Tensor]:
+    """Full CPU copies of `(name, tensor)` pairs, DTensors gathered one at a time (collective: every rank
+    iterates the same names); only ranks with `keep` hold the result, the others get an empty dict."""
     from torch.distributed.tensor import DTensor
 
     out = {}
-    for name, param in dit.named_parameters():
-        if not param.requires_grad:
-            continue
-        full = param.full_tensor() if isinstance(param, DTensor) else param
-        if keep:
-            out[name] = full.detach().to("cpu", copy=True)
-    return out
-
-
-def full_model_state(dit: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of `dit.state_dict()` in full on the CPU (collective under FSDP; only `keep` ranks hold it)."""
-    from torch.distributed.tensor import DTensor
-
-    out = {}
-    for name, tensor in dit.state_dict().items():
+    for name, tensor in named:
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         if keep:
             out[name] = full.detach().to("cpu", copy=True)
     return out
+
+
+def full_trainable_state(dit: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
+    """`{name: full tensor on the CPU}` of the trainable parameters (collective under FSDP); the peak is
+    one full parameter on the GPU. Rank 0 passes `keep` and writes the result."""
+    return _gathered(((n, p) for n, p in dit.named_parameters() if p.requires_grad), keep)
+
+
+def full_model_state(dit: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of `dit.state_dict()` in full on the CPU (collective under FSDP; only `keep` ranks hold it)."""
+    return _gathered(dit.state_dict().items(), keep)
 
 
 def full_optimizer_state(dit: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -276,27 +266,32 @@ def load_full_state(dit: torch.nn.Module, optimizer: torch.optim.Optimizer, weig
 
 
 @contextlib.contextmanager
-def gathered_adapters(dit: torch.nn.Module) -> Iterator[None]:
-    """Within the block, every LoRA adapter holds its full weights (collective: every rank enters).
-
-    LoRA files are written from the adapters' tensors; under FSDP those are shards. The full tensors
-    (small) replace them for the block and the shards come back after, before any forward.
-    """
-    from torch.distributed.tensor import DTensor
-
+def adapters_from(dit: torch.nn.Module, full: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, the LoRA adapters of a sharded `dit` hold the full weights in `full` (from
+    `full_trainable_state`), so the LoRA writers, which read the adapters' tensors, see whole matrices.
+    The shards come back after, before any forward. Local: no collective."""
     swapped = []
     try:
-        for module in dit.modules():
-            for adapter in getattr(module, "lora_adapters", {}).values():
+        for path, module in dit.named_modules():
+            for adapter_name, adapter in getattr(module, "lora_adapters", {}).items():
                 for name, param in list(adapter._parameters.items()):
-                    if isinstance(param, DTensor):
-                        full = param.full_tensor().detach()  # the same order on every rank
+                    key = f"{path}.lora_adapters.{adapter_name}.{name}".lstrip(".")
+                    if key in full:
                         swapped.append((adapter, name, param))
-                        adapter._parameters[name] = torch.nn.Parameter(full, requires_grad=False)
+                        adapter._parameters[name] = torch.nn.Parameter(full[key], requires_grad=False)
         yield
     finally:
         for adapter, name, param in swapped:
             adapter._parameters[name] = param
+
+
+def check_resume_strategy(saved: str, current: str, source: Any) -> None:
+    """A checkpoint's optimizer state is keyed by parameter index (ddp) or by name (fsdp): same strategy only."""
+    if saved != current:
+        raise CheckpointError(
+            f"checkpoint {source} was saved with distributed_strategy '{saved}' but this run uses '{current}'; "
+            f"resume with distributed_strategy '{saved}', or start a new run in a new output_dir"
+        )
 
 
 def check_resume_world_size(saved: Optional[int], ctx: Distributed, source: Any) -> None:

@@ -67,13 +67,13 @@ def apply_memory_options(
     instead. Block swap (`block_swap.apply_block_swap`) goes on afterwards: it reads which blocks are
     checkpointed.
     """
+    if compile_scope not in ("block", "checkpointed_block"):
+        raise ConfigError(f"compile_scope '{compile_scope}' is unknown; use block or checkpointed_block")
     outer = compile_blocks and compile_scope == "checkpointed_block"
     if outer and not (gradient_checkpointing and mode == "keep_attention"):
         raise ConfigError(
             "compile_scope 'checkpointed_block' needs gradient_checkpointing_mode: keep_attention; use compile_scope 'block'"
         )
-    if compile_scope not in ("block", "checkpointed_block"):
-        raise ConfigError(f"compile_scope '{compile_scope}' is unknown; use block or checkpointed_block")
     if compile_blocks and not outer:
         for block in dit.blocks:
             block.forward = torch.compile(block.forward)

@@ -33,6 +33,7 @@ from longcat_tuner.train import distributed as dist_utils
 from longcat_tuner.train.distributed import (
     Distributed,
     available_host_memory,
+    check_resume_strategy,
     check_resume_world_size,
     init_distributed,
     rank_seed,
@@ -334,7 +335,7 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     dit = build_model_in_turns(config, precision, dist)
     sharded = dist.enabled and config.distributed_strategy == "fsdp"
     if sharded:
-        dist_utils.wrap_fsdp(dit, dist)  # before the optimizer: it must hold the sharded parameters
+        dist_utils.wrap_fsdp(dit)  # before the optimizer: it must hold the sharded parameters
     params = list(trainable_state(dit).values())
     optimizer = build_optimizer(
         params, kind=config.optimizer, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -434,14 +435,6 @@ def _gradient_sync(run: Run, last: bool) -> Any:
     return contextlib.nullcontext() if last else run.model.no_sync()
 
 
-def check_resume_strategy(saved: str, current: str, source: Any) -> None:
-    if saved != current:
-        raise CheckpointError(
-            f"checkpoint {source} was saved with distributed_strategy '{saved}' but this run uses '{current}'; "
-            f"resume with distributed_strategy '{saved}', or start a new run in a new output_dir"
-        )
-
-
 def _require_all_trainable_used(run: Run) -> None:
     """DDP averages a gradient only once every trainable parameter has one; a parameter the forward never
     uses would leave its bucket un-averaged (ranks drift apart) and fail the next step deep inside DDP."""
@@ -470,8 +463,10 @@ def save(run: Run) -> Optional[Path]:
         # Collective: every rank takes part in gathering the shards, rank 0 keeps the full tensors.
         weights = dist_utils.full_trainable_state(run.dit, keep=dist.is_main)
         optimizer_state = dist_utils.full_optimizer_state(run.dit, run.optimizer)
-        with dist_utils.gathered_adapters(run.dit):
-            path = _write_checkpoint(run, rng, weights, optimizer_state) if dist.is_main else None
+        path = None
+        if dist.is_main:
+            with dist_utils.adapters_from(run.dit, weights):  # the checkpoint's LoRA file reads the adapters
+                path = _write_checkpoint(run, rng, weights, optimizer_state)
     else:
         path = _write_checkpoint(run, rng) if dist.is_main else None
     return dist.broadcast(path)
@@ -505,9 +500,8 @@ def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: Optional[dic
 
 def validate(run: Run) -> list[Path]:
     """Validation videos, first-frame PSNR and the held-out loss; returns the video paths (rank 0 only)."""
-    config, data, main = run.config, run.data, run.dist.is_main
-    sharded = dist_utils.is_sharded(run.dit)
-    if not main and not sharded:  # the others go on to the next agreement and wait there
+    main = run.dist.is_main
+    if not main and not dist_utils.is_sharded(run.dit):  # the others go on to the next agreement and wait there
         return []
     # FSDP: every rank samples the same items (a sharded block needs all ranks to gather its weights);
     # only rank 0's files are kept.
@@ -609,10 +603,13 @@ def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool,
                     # `sample` defaults to the attention the LoRA was trained with.
                     "attention_implementation": config.attention_implementation}
         if dist_utils.is_sharded(run.dit):  # collective: every rank helps gather, rank 0 writes
-            state = dist_utils.full_model_state(run.dit, keep=dist.is_main) if config.model_type == "full" else None
-            with dist_utils.gathered_adapters(run.dit):
-                if dist.is_main:
-                    result.lora_path, result.comfyui_lora_path = save_outputs(run.dit, config, run_dir, metadata, state=state)
+            full = config.model_type == "full"
+            state = (dist_utils.full_model_state if full else dist_utils.full_trainable_state)(run.dit, keep=dist.is_main)
+            if dist.is_main:
+                with dist_utils.adapters_from(run.dit, state):
+                    result.lora_path, result.comfyui_lora_path = save_outputs(
+                        run.dit, config, run_dir, metadata, state=state if full else None
+                    )
         elif dist.is_main:
             result.lora_path, result.comfyui_lora_path = save_outputs(run.dit, config, run_dir, metadata)
         dist.barrier()  # no rank leaves (and tears down the group) before the outputs are written
