@@ -1,4 +1,4 @@
-"""LoRA injection and files: official LongCat keys, ComfyUI keys, round trips and errors."""
+"""LoRA injection and files: official LongCat keys, the ComfyUI-WanVideoWrapper layout (and its `comfyui` alias), round trips and errors."""
 from __future__ import annotations
 
 import pytest
@@ -32,7 +32,7 @@ def test_injected_lora_starts_as_identity_and_trains_only_adapters(tiny_checkpoi
     torch.testing.assert_close(_run(dit, dit_cases), dit_cases["i2v_out"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["official", "comfyui"])
+@pytest.mark.parametrize("fmt", ["official", "comfyui-wanvideowrapper", "comfyui"])
 def test_save_and_reload_reproduces_adapted_model(tiny_checkpoint, dit_cases, tmp_path, fmt):
     dit = load_dit(tiny_checkpoint)
     inject_lora(dit, rank=4, alpha=8)

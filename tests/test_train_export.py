@@ -86,13 +86,17 @@ def test_reference_official_lora_converts_and_applies_identically(tmp_path):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
 
 
-def test_non_block_diagonal_comfy_lora_is_refused(tmp_path):
+def test_dense_fused_lora_converts_to_official_exactly(tmp_path):
+    """A dense (not block-diagonal) qkv adapter, as other trainers write it, is kept as one official
+    `lora_up.weight` (the official loader infers one part from the keys): same delta, nothing refused."""
     from safetensors.torch import save_file
 
-    from longcat_tuner.errors import CheckpointError
-
-    save_file({"diffusion_model.blocks.0.attn.qkv.lora_down.weight": torch.randn(6, 256),
-               "diffusion_model.blocks.0.attn.qkv.lora_up.weight": torch.randn(768, 6),
-               "diffusion_model.blocks.0.attn.qkv.alpha": torch.tensor(6.0)}, str(tmp_path / "dense.safetensors"))
-    with pytest.raises(CheckpointError, match="not block-diagonal"):
-        convert_lora_file(tmp_path / "dense.safetensors", tmp_path / "o.safetensors", format="official")
+    down, up = torch.randn(6, 256), torch.randn(768, 6)
+    save_file({"diffusion_model.blocks.0.attn.qkv.lora_down.weight": down,
+               "diffusion_model.blocks.0.attn.qkv.lora_up.weight": up,
+               "diffusion_model.blocks.0.attn.qkv.alpha": torch.tensor(3.0)}, str(tmp_path / "dense.safetensors"))
+    out = _tensors(convert_lora_file(tmp_path / "dense.safetensors", tmp_path / "o.safetensors", format="official"))
+    key = "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv"
+    assert set(out) == {f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha_scale"}
+    delta = out[f"{key}.lora_up.weight"] @ out[f"{key}.lora_down.weight"] * out[f"{key}.alpha_scale"]
+    torch.testing.assert_close(delta, up @ down * 0.5, atol=1e-6, rtol=0)

@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from longcat_tuner.config.training import numeric_range, refuse_bool_number
 from longcat_tuner.errors import ConfigError
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".webm", ".mkv", ".m4v", ".avi")
@@ -29,30 +30,44 @@ def causal_frame_count_error(frames: int) -> Optional[str]:
     return f"{frames} frames: (frames - 1) must be divisible by 4 (causal VAE); use {lower} or {lower + 4}"
 
 
+# Bounds far above real use, so that a typo (`1e10`, `1e9`) is refused up front.
+MAX_FRAMES = 4097
+MAX_REPEATS = 10_000
+MAX_FPS = 240.0
+MAX_RESOLUTION = 4096
+
+
 class VideoSettings(BaseModel):
     """How clips become training frames."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_frames: int = Field(
-        93, ge=1, description="Frames per training clip at `fps`; (frames - 1) % 4 == 0 (93 -> 24 latents)."
+        93, ge=1, le=MAX_FRAMES, description="Frames per training clip at `fps`; (frames - 1) % 4 == 0 (93 -> 24 latents)."
     )
     min_frames: Optional[int] = Field(
         None,
         ge=1,
+        le=MAX_FRAMES,
         description="Clips with fewer frames (at `fps`) than num_frames but at least this many are kept, "
         "shortened to the largest 1+4k count (a separate bucket). Empty: clips shorter than num_frames "
         "are skipped.",
     )
     max_frames: Optional[int] = Field(
-        None, ge=1, description="Only the first max_frames frames (at `fps`) of each clip are considered."
+        None, ge=1, le=100 * MAX_FRAMES, description="Only the first max_frames frames (at `fps`) of each clip are considered."
     )
     fps: float = Field(
         15.0,
-        gt=0,
+        ge=1.0,
+        le=MAX_FPS,
         description="Frames are picked by timestamp at this rate (the base model's 15 fps); "
         "a 30 fps source gives every second frame.",
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_number(cls, info.field_name, value)
 
     @field_validator("num_frames")
     @classmethod
@@ -77,7 +92,7 @@ class VideoSettings(BaseModel):
 class DatasetConfig(BaseModel):
     """One entry of multidatabackend.json."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: str = Field(..., min_length=1, description="Unique name; other datasets and eval_dataset_id refer to it.")
     type: Literal["local"] = Field("local", description="Storage backend; only local folders are supported.")
@@ -120,9 +135,16 @@ class DatasetConfig(BaseModel):
     conditioning_data: list[str] = Field(
         default_factory=list, description="Ids of the conditioning datasets holding this dataset's start frames."
     )
-    repeats: int = Field(0, ge=0, description="Extra passes over this dataset per epoch (0: each item once).")
+    repeats: int = Field(
+        0, ge=0, le=MAX_REPEATS, description="Extra passes over this dataset per epoch (0: each item once)."
+    )
     video: VideoSettings = Field(default_factory=VideoSettings, description="Frame count and rate of clips.")
     disabled: bool = Field(False, description="Skip this dataset entirely.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_number(cls, info.field_name, value)
 
     @field_validator("resolution")
     @classmethod
@@ -157,6 +179,8 @@ def parse_dataset_resolution(value: Union[int, str]) -> Union[int, tuple[int, in
     if isinstance(value, int):
         if value < 32:
             raise ValueError(f"{value} is too small; use 480 (480p) or 720 (720p)")
+        if value > MAX_RESOLUTION:
+            raise ValueError(f"{value} is too large (at most {MAX_RESOLUTION}); use 480 (480p) or 720 (720p)")
         if value % 16:
             lower = value - value % 16
             raise ValueError(f"{value} is not a multiple of 16; use {lower} or {lower + 16}")
@@ -169,6 +193,8 @@ def parse_dataset_resolution(value: Union[int, str]) -> Union[int, tuple[int, in
     height, width = int(match.group(1)), int(match.group(2))
     if height % 16 or width % 16:
         raise ValueError(f"{height}x{width}: height and width must be divisible by 16 (e.g. 480x832)")
+    if not (16 <= height <= MAX_RESOLUTION and 16 <= width <= MAX_RESOLUTION):
+        raise ValueError(f"{height}x{width}: height and width must lie in 16..{MAX_RESOLUTION} (e.g. 480x832)")
     return height, width
 
 
@@ -278,7 +304,8 @@ def _format_dataset_error(err: ValidationError, dataset_id: str, index: int, sou
             hint = f" (did you mean '{close[0]}'?)" if close else "; remove it"
             lines.append(f"unknown key '{key}'{hint}")
         else:
-            lines.append(f"key '{key}': {message} (got {problem.get('input')!r})")
+            valid = numeric_range(DatasetConfig, problem["loc"])
+            lines.append(f"key '{key}': {message} (got {problem.get('input')!r})" + (f"; valid: {valid}" if valid else ""))
     return f"{source}: dataset '{dataset_id}' (entry {index}): " + "; ".join(lines)
 
 

@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from longcat_tuner.errors import ConfigError
 
@@ -34,8 +34,24 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     "ffn.w3",
 )
 
+# LoRA file layouts `train` and `export-lora` can write, each named for the client that loads it; the
+# layouts themselves live in `longcat_tuner.model.lora_formats` (torch-free names here for the schema/CLI).
+LORA_FILE_FORMATS: tuple[str, ...] = ("official", "comfyui-wanvideowrapper", "wan2gp", "diffusers")
+
 # Named validation sizes: the training bucket of that height for the start frame's aspect ratio.
 RESOLUTION_BUCKETS: tuple[str, ...] = ("480p", "720p")
+
+# Upper bounds of the schema's counts: far above any real run, low enough that a typo (`1e10`, `2**70`)
+# is refused up front instead of overflowing a tensor or running "forever".
+MAX_LORA_RANK = 1024
+MAX_STEPS = 1_000_000_000
+# torch.manual_seed takes up to 2**64 - 1; per-rank seeds are derived modulo 2**63 (train/distributed.py),
+# validation adds the item index: 2**63 - 1 leaves room for both.
+MAX_SEED = 2**63 - 1
+# The largest peak learning rate that makes sense per optimizer (AdamW steps are ~lr per weight, so
+# lr > 1 destroys the weights in one step). An adaptive optimizer (Prodigy-like, lr ~ 1) would go up to
+# the field's hard cap of 10.
+OPTIMIZER_MAX_LEARNING_RATE: dict[str, float] = {"adamw": 1.0, "adamw8bit": 1.0}
 
 # Fields holding filesystem paths: `from_file` resolves them against the config file's folder.
 PATH_FIELDS: tuple[str, ...] = (
@@ -49,7 +65,8 @@ PATH_FIELDS: tuple[str, ...] = (
 class TrainConfig(BaseModel):
     """Every setting of a training run, as flat keys of `config.json`."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float key refuses Infinity / -Infinity / NaN (JSON `Infinity` parses in Python).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # --- model -----------------------------------------------------------------------------------
     model_family: Literal["longcat_video"] = Field(
@@ -79,15 +96,28 @@ class TrainConfig(BaseModel):
     )
 
     # --- LoRA ------------------------------------------------------------------------------------
-    lora_rank: int = Field(8, ge=1, description="LoRA rank (adapter width).")
+    lora_rank: int = Field(
+        8, ge=1, le=MAX_LORA_RANK, description="LoRA rank (adapter width); at most the narrowest adapted layer."
+    )
     lora_alpha: Optional[float] = Field(
         None,
         gt=0,
+        le=4096,
         description="LoRA alpha; the adapter output is scaled by alpha/rank. Empty means alpha = rank (scale 1).",
     )
     lora_targets: list[str] = Field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         description="Linear layers inside each DiT block that get adapters (default: every linear layer).",
+    )
+    lora_export_formats: list[Literal[LORA_FILE_FORMATS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["official", "comfyui-wanvideowrapper"],
+        min_length=1,
+        description="LoRA files written at the end of training, into the run folder: `official` "
+        "(longcat_lora.safetensors, LongCat-Video's own loader), `comfyui-wanvideowrapper` "
+        "(longcat_lora_comfyui.safetensors, kijai's ComfyUI-WanVideoWrapper names, q/k/v split exactly), "
+        "`wan2gp` (longcat_lora_wan2gp.safetensors, official names with kohya suffixes), `diffusers` "
+        "(longcat_lora_diffusers.safetensors, PEFT keys with alpha in the header, as SimpleTuner writes). "
+        "`export-lora` converts any of them later.",
     )
 
     # --- data ------------------------------------------------------------------------------------
@@ -97,11 +127,12 @@ class TrainConfig(BaseModel):
     aspect_bucket_alignment: int = Field(
         64,
         ge=16,
+        le=1024,
         description="Bucket grid step in pixels (a multiple of 16). The grid is anchored at the native size of "
         "the resolution class (480x832 for 480), so 480p buckets are 480x832, 832x480, 608x640, ...; for sizes "
         "on whole multiples of 64 (a block-sparse-friendly token grid) use a resolution such as 512 or 704.",
     )
-    train_batch_size: int = Field(1, ge=1, description="Clips per optimizer micro-step (same bucket).")
+    train_batch_size: int = Field(1, ge=1, le=4096, description="Clips per optimizer micro-step (same bucket).")
     caption_dropout_probability: float = Field(
         0.1,
         ge=0.0,
@@ -112,42 +143,47 @@ class TrainConfig(BaseModel):
     video_continuation_latents: int = Field(
         0,
         ge=0,
+        le=1024,
         description="For clips without a start frame: keep this many leading clip latents clean as "
         "condition (video continuation). 0 trains those clips as text-to-video.",
     )
 
     # --- objective -------------------------------------------------------------------------------
     flow_schedule_shift: float = Field(
-        12.0, gt=0, description="Shift applied to training sigmas: s' = shift*s / (1 + (shift-1)*s)."
+        12.0, gt=0, le=100, description="Shift applied to training sigmas: s' = shift*s / (1 + (shift-1)*s)."
     )
     flow_sigma_distribution: Literal["uniform", "logit_normal"] = Field(
         "uniform", description="Base distribution of training sigmas before the shift."
     )
 
     # --- optimisation ----------------------------------------------------------------------------
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(
+        1e-4, gt=0, le=10, description="Peak learning rate (AdamW: at most 1; typical 1e-5 to 1e-3)."
+    )
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="AdamW, or bitsandbytes' 8-bit AdamW (needs bitsandbytes and CUDA)."
     )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
-    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
-    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    adam_weight_decay: float = Field(1e-2, ge=0, le=10, description="AdamW decoupled weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, le=1, description="AdamW epsilon.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
         "constant_with_warmup", description="Learning-rate schedule after warmup."
     )
-    lr_warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0.")
+    lr_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Optimizer steps of linear warmup from 0.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 disables).")
     gradient_accumulation_steps: int = Field(
-        1, ge=1, description="Micro-batches summed before each optimizer step."
+        1, ge=1, le=65536, description="Micro-batches summed before each optimizer step."
     )
     max_train_steps: Optional[int] = Field(
-        1000, ge=1, description="Optimizer steps to train. Empty means use num_train_epochs."
+        1000, ge=1, le=MAX_STEPS, description="Optimizer steps to train. Empty means use num_train_epochs."
     )
     num_train_epochs: Optional[int] = Field(
-        None, ge=1, description="Epochs to train when max_train_steps is empty."
+        None, ge=1, le=1_000_000, description="Epochs to train when max_train_steps is empty."
     )
-    seed: int = Field(42, description="Seed for noise, sigmas, caption dropout and data order.")
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="Seed for noise, sigmas, caption dropout and data order."
+    )
     mixed_precision: Literal["bf16", "no"] = Field(
         "bf16", description="bf16 autocast on CUDA (`no`: full fp32). CPU always runs fp32."
     )
@@ -164,7 +200,7 @@ class TrainConfig(BaseModel):
         "lowest GPU memory; CUDA).",
     )
     gradient_checkpointing_keep_attention_blocks: Optional[int] = Field(
-        None, ge=0, description="With `keep_attention`: how many blocks (from the first) keep attention; empty: all."
+        None, ge=0, le=1024, description="With `keep_attention`: how many blocks (from the first) keep attention; empty: all."
     )
     compile_blocks: bool = Field(
         False, description="torch.compile each DiT block (fuses the fp32 modulation/norm/RoPE chains; CUDA; "
@@ -176,7 +212,7 @@ class TrainConfig(BaseModel):
         "1.2% faster at 480x832x93, with ~2.7 GiB more allocated and ~10 GiB more reserved).",
     )
     musubi_blocks_to_swap: int = Field(
-        0, ge=0, description="Keep the last N DiT blocks on musubi_block_swap_device and stream them in."
+        0, ge=0, le=1024, description="Keep the last N DiT blocks on musubi_block_swap_device and stream them in."
     )
     musubi_block_swap_device: str = Field("cpu", description="Device that holds swapped blocks.")
     distributed_strategy: Literal["ddp", "fsdp"] = Field(
@@ -193,7 +229,7 @@ class TrainConfig(BaseModel):
 
     # --- validation ------------------------------------------------------------------------------
     validation_step_interval: Optional[int] = Field(
-        100, ge=1, description="Run validation every N optimizer steps (and at the end). Empty: only at the end."
+        100, ge=1, le=MAX_STEPS, description="Run validation every N optimizer steps (and at the end). Empty: only at the end."
     )
     validation_using_datasets: bool = Field(
         True, description="Take validation start frames and captions from the eval split."
@@ -210,9 +246,9 @@ class TrainConfig(BaseModel):
     validation_num_video_frames: int = Field(
         93, ge=1, description="Frames per validation video; (frames - 1) must be divisible by 4."
     )
-    validation_num_inference_steps: int = Field(40, ge=1, description="Sampling steps per validation video.")
+    validation_num_inference_steps: int = Field(40, ge=1, le=1000, description="Sampling steps per validation video.")
     validation_guidance: float = Field(
-        4.0, ge=1.0, description="Classifier-free guidance scale (CFG-Zero*); 3.5-5.0 is typical, 1 disables."
+        4.0, ge=1.0, le=50.0, description="Classifier-free guidance scale (CFG-Zero*); 3.5-5.0 is typical, 1 disables."
     )
     validation_prompt: Optional[str] = Field(
         None, description="Prompt used when validation_using_datasets is false (text-to-video samples)."
@@ -220,8 +256,8 @@ class TrainConfig(BaseModel):
     validation_negative_prompt: str = Field(
         "", description="Negative prompt for guidance; empty is the official default."
     )
-    validation_seed: int = Field(42, description="Seed for validation noise (same every validation).")
-    validation_max_samples: int = Field(4, ge=1, description="At most this many eval items per validation.")
+    validation_seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for validation noise (same every validation).")
+    validation_max_samples: int = Field(4, ge=1, le=10_000, description="At most this many eval items per validation.")
     validation_loss_sigmas: list[float] = Field(
         default_factory=lambda: [0.25, 0.5, 0.75, 0.9],
         description="Fixed sigmas (after shift) at which the held-out flow-matching loss is measured.",
@@ -232,7 +268,7 @@ class TrainConfig(BaseModel):
         ..., description="Run folder: checkpoints, validation videos, final LoRA and events.jsonl."
     )
     checkpoint_step_interval: Optional[int] = Field(
-        500, ge=1, description="Save a resumable checkpoint every N optimizer steps. Empty: only on exit."
+        500, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint every N optimizer steps. Empty: only on exit."
     )
     checkpoints_total_limit: Optional[int] = Field(
         3, ge=1, description="Keep at most this many checkpoints (oldest removed first). Empty: keep all."
@@ -245,6 +281,12 @@ class TrainConfig(BaseModel):
     )
 
     # --- validators ------------------------------------------------------------------------------
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # JSON `true` would otherwise pass as 1 for every int key (`max_train_steps: true` ran 1 step).
+        return refuse_bool_number(cls, info.field_name, value)
+
     @field_validator("aspect_bucket_alignment")
     @classmethod
     def _alignment_multiple_of_16(cls, value: int) -> int:
@@ -283,6 +325,12 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
+        top = OPTIMIZER_MAX_LEARNING_RATE.get(self.optimizer)
+        if top is not None and self.learning_rate > top:
+            raise ValueError(
+                f"learning_rate {self.learning_rate:g} is above {top:g}, the most that makes sense for optimizer "
+                f"'{self.optimizer}' (valid: 0 < learning_rate <= {top:g}; typical 1e-5 to 1e-3); lower it"
+            )
         if self.max_train_steps is None and self.num_train_epochs is None:
             raise ValueError("set max_train_steps or num_train_epochs")
         if self.compile_scope == "checkpointed_block" and not (
@@ -416,8 +464,8 @@ def _strip_json_comments(text: str) -> str:
     return "".join(out)
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem: `key: message (got value)`."""
+def format_validation_error(err: ValidationError, model: type[BaseModel] = TrainConfig) -> str:
+    """One line per problem: `key: message (got value)`, plus the valid range of a numeric key."""
     lines = []
     for problem in err.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "config"
@@ -426,8 +474,75 @@ def format_validation_error(err: ValidationError) -> str:
             message = "required; add it to config.json"
             lines.append(f"{key}: {message}")
             continue
-        lines.append(f"{key}: {message} (got {problem.get('input')!r})")
+        if not problem["loc"]:  # a rule across keys: the message names them; the input is the whole file
+            lines.append(f"{key}: {message}")
+            continue
+        line = f"{key}: {message} (got {problem.get('input')!r})"
+        valid = numeric_range(model, problem["loc"])
+        if valid and "valid:" not in message:
+            line += f"; valid: {valid}"
+        lines.append(line)
     return "; ".join(lines)
+
+
+# --- numbers: no bools, finite, bounded ------------------------------------------------------------
+def _numeric_kind(annotation: Any) -> Optional[type]:
+    """int or float for a (possibly optional, possibly list-of) number field; None otherwise."""
+    annotation, _ = _unwrap_optional(annotation)
+    if typing.get_origin(annotation) is list:
+        (annotation,) = typing.get_args(annotation) or (None,)
+    if annotation is bool:
+        return None
+    return annotation if annotation in (int, float) else None
+
+
+def refuse_bool_number(model: type[BaseModel], name: Optional[str], value: Any) -> Any:
+    """`true`/`false` given for a number key is a mistake (pydantic would read it as 1/0): refuse it."""
+    field = model.model_fields.get(name or "")
+    if field is None or _numeric_kind(field.annotation) is None:
+        return value
+    values = value if isinstance(value, list) else [value]
+    if any(isinstance(item, bool) for item in values):
+        kind = "a whole number" if _numeric_kind(field.annotation) is int else "a number"
+        raise ValueError(f"expected {kind}, not {json.dumps(value)}")
+    return value
+
+
+def numeric_range(model: type[BaseModel], loc: tuple) -> Optional[str]:
+    """`'1 <= lora_rank <= 1024 (whole number)'` for the number field at `loc` (nested models followed)."""
+    field, name = None, None
+    for part in loc:
+        if not isinstance(part, str) or model is None or part not in model.model_fields:
+            break
+        field, name = model.model_fields[part], part
+        inner, _ = _unwrap_optional(field.annotation)
+        model = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+    if field is None:
+        return None
+    kind = _numeric_kind(field.annotation)
+    if kind is None:
+        return None
+    low = high = ""
+    for rule in field.metadata:
+        for attr, template in (("gt", "{} < "), ("ge", "{} <= ")):
+            if getattr(rule, attr, None) is not None:
+                low = template.format(_number(getattr(rule, attr)))
+        for attr, template in (("lt", " < {}"), ("le", " <= {}")):
+            if getattr(rule, attr, None) is not None:
+                high = template.format(_number(getattr(rule, attr)))
+    if not (low or high):
+        return None
+    return f"{low}{name}{high} ({'whole number' if kind is int else 'finite number'})"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, int) and abs(value) >= 10**6:
+        exponent = len(str(abs(value))) - 1
+        if value == 10**exponent:
+            return f"1e{exponent}"
+        if value == 2**63 - 1:
+            return "2**63-1"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 # --- argparse generated from the schema -----------------------------------------------------------
@@ -463,7 +578,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
             group.add_argument(flag, choices=list(typing.get_args(annotation)), default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(annotation) is list:
             (item,) = typing.get_args(annotation)
-            group.add_argument(flag, nargs="+", type=item, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+            if typing.get_origin(item) is Literal:  # a list of names (lora_export_formats)
+                group.add_argument(flag, nargs="+", choices=list(typing.get_args(item)), default=argparse.SUPPRESS,
+                                   metavar=name.upper(), help=help_text)
+            else:
+                group.add_argument(flag, nargs="+", type=item, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
         elif annotation in (int, float):
             group.add_argument(
                 flag,

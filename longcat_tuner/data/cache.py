@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from longcat_tuner.data.backends import DataPlan, DatasetPlan, PlannedSample, Pr
 from longcat_tuner.data.images import load_image
 from longcat_tuner.data.video import decode_frames, frames_to_pixels
 from longcat_tuner.errors import DataError, LongcatError
+from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -70,21 +70,34 @@ def is_current(path: Path, fingerprint: dict[str, str]) -> bool:
     return read_fingerprint(path) == fingerprint
 
 
+class CacheWriteError(DataError):
+    """A cache entry or manifest could not be written (disk full, read-only folder): not a problem of one
+    sample, so the build stops instead of skipping it."""
+
+
+def _write_failed(path: Path, err: BaseException, what: str = "cache entry") -> CacheWriteError:
+    return CacheWriteError(
+        f"cannot write {what} {path}: {write_failure(err, path.parent)}; free space on that disk or point the "
+        "dataset's cache_dir_vae / cache_dir_text at a disk with room, then rerun (finished entries are kept)"
+    )
+
+
 def write_entry(path: Path, tensors: dict[str, torch.Tensor], fingerprint: dict[str, str]) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a partial entry."""
+    """Write to a temporary file beside `path`, then rename: readers never see a partial entry, and a
+    failed write (disk full) leaves no file behind and raises `CacheWriteError` naming the entry."""
     from safetensors.torch import save_file
 
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise DataError(f"{fingerprint.get('source', path)}: the encoder produced NaN/inf in '{name}'; not cached")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary), metadata=fingerprint)
-        os.replace(temporary, path)
-    except OSError as err:
-        temporary.unlink(missing_ok=True)
-        raise DataError(f"cannot write cache entry {path}: {err} (disk full or read-only?); free space and rerun") from None
+        with atomic_file(path) as temporary:  # `<name>.tmp<pid>`, what remove_stale_temporaries looks for
+            save_file(tensors, str(temporary), metadata=fingerprint)
+    except Exception as err:  # OSError, SafetensorError("... No space left on device ...")
+        if not is_write_error(err):
+            raise
+        raise _write_failed(path, err) from None
 
 
 def remove_stale_temporaries(folder: Path, older_than_s: float = 600.0) -> int:
@@ -304,10 +317,11 @@ def write_manifest(path: Path, dataset_id: str, samples: Sequence[CachedSample],
         "empty_text_path": empty_text_path,
         "samples": [asdict(s) for s in samples],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        with atomic_file(path) as temporary:
+            temporary.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    except OSError as err:
+        raise _write_failed(path, err, "cache manifest") from None
 
 
 def read_manifest(path: Path) -> tuple[list[CachedSample], str]:
@@ -493,6 +507,8 @@ def _build_latents(jobs: list[_Job], vae: LazyEncoder, dtype: torch.dtype, repor
                     mean, std = vae.get().encode_posterior(frames_to_pixels(start, device))
                     write_entry(job.cond_path, {"mean": mean[0].to(dtype), "std": std[0].to(dtype)}, cond_fingerprint(job.sample, vae.model_key, dtype))
                     report.built["start_frame"] += 1
+            except CacheWriteError:  # the disk, not this sample: stop the build, keep what is finished
+                raise
             except torch.cuda.OutOfMemoryError:
                 bucket = job.sample.bucket
                 raise DataError(

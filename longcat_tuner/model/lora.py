@@ -1,4 +1,4 @@
-"""LoRA adapters for the DiT: injection for training, and files in the official LongCat, ComfyUI and PEFT formats.
+"""LoRA adapters for the DiT: injection for training, and LoRA files (via `lora_formats`).
 
 Adapters are attached from outside with forward hooks, so the model's own module tree and state-dict names
 stay those of the official checkpoint. Application is un-merged, as in the official code:
@@ -8,42 +8,27 @@ Fused projections carry block-diagonal adapters (the official "n_seperate" schem
 `cross_attn.kv_linear` (2), a block's `adaLN_modulation.1` (6), `final_layer.adaLN_modulation.1` (2). The down
 projection is `[n*r, in]`; its output splits into n chunks of r, chunk j goes through up block j `[out/n, r]`,
 and the results are concatenated. Training uses the same structure, so the official format is exact.
+
+Every file layout (official LongCat, ComfyUI-WanVideoWrapper, Wan2GP, diffusers/PEFT and the peer trainers'
+layouts read on import) is known to `longcat_tuner.model.lora_formats` alone; this module turns attached
+adapters into its `Adapter` records and back.
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from longcat_tuner.config.training import DEFAULT_LORA_TARGETS
+from longcat_tuner.config.training import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS
 from longcat_tuner.errors import CheckpointError, ConfigError
+from longcat_tuner.model import lora_formats
+from longcat_tuner.model.lora_formats import FUSED_SPLITS, fused_parts  # noqa: F401  (re-exported)
 
 DEFAULT_TARGETS = DEFAULT_LORA_TARGETS  # every linear of every block (see the config schema)
-# Suffix -> number of block-diagonal parts; the first match wins (final_layer before blocks' adaLN).
-FUSED_SPLITS = (
-    ("final_layer.adaLN_modulation.1", 2),
-    ("adaLN_modulation.1", 6),
-    ("attn.qkv", 3),
-    ("cross_attn.kv_linear", 2),
-)
-OFFICIAL_PREFIX = "lora___lorahyphen___"
-OFFICIAL_SEP = "___lorahyphen___"
-COMFY_PREFIX = "diffusion_model."
-FORMATS = ("official", "comfyui")
-
-
-def fused_parts(module_name: str) -> int:
-    for suffix, parts in FUSED_SPLITS:
-        if module_name == suffix or module_name.endswith("." + suffix):
-            return parts
-    return 1
+FORMATS = LORA_FILE_FORMATS
 
 
 class LoRAAdapter(nn.Module):
@@ -187,136 +172,72 @@ def inject_lora(
 # --- files --------------------------------------------------------------------------------------------------
 
 
-def lora_state_dict(model: nn.Module, *, format: str = "official", name: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """The adapters as a flat tensor dict in the official LongCat format or in ComfyUI (kohya-style) keys."""
-    if format not in FORMATS:
-        raise ConfigError(f"LoRA format '{format}' is unknown; choose one of {FORMATS}")
-    out: dict[str, torch.Tensor] = {}
-    for path, adapter in lora_modules(model, name).items():
-        down = adapter.down.detach().float().cpu().contiguous()
-        if format == "official":
-            base = OFFICIAL_PREFIX + path.replace(".", OFFICIAL_SEP)
-            out[f"{base}.lora_down.weight"] = down
-            if adapter.parts == 1:
-                out[f"{base}.lora_up.weight"] = adapter.up[0].detach().float().cpu().contiguous()
-            else:
-                for j in range(adapter.parts):
-                    out[f"{base}.lora_up.blocks.{j}.weight"] = adapter.up[j].detach().float().cpu().contiguous()
-            out[f"{base}.alpha_scale"] = adapter.alpha_scale.detach().float().cpu().clone()
-        else:
-            # A block-diagonal adapter is an ordinary LoRA of rank n*r with a block-diagonal up matrix.
-            base = COMFY_PREFIX + path
-            total_rank = down.shape[0]
-            out[f"{base}.lora_down.weight"] = down
-            out[f"{base}.lora_up.weight"] = adapter.up_matrix().detach().float().cpu().contiguous()
-            out[f"{base}.alpha"] = (adapter.alpha_scale.detach().float().cpu() * total_rank).clone()
-    if not out:
+def lora_adapters(model: nn.Module, name: Optional[str] = None) -> dict[str, lora_formats.Adapter]:
+    """The attached adapters as layout-free records `{module path: Adapter}` (scale = alpha/rank, no multiplier)."""
+    found = {
+        path: lora_formats.Adapter(adapter.down.detach(), list(adapter.up.detach().unbind(0)), float(adapter.alpha_scale))
+        for path, adapter in lora_modules(model, name).items()
+    }
+    if not found:
         raise ConfigError("the model has no LoRA attached: nothing to save")
-    return out
+    return found
+
+
+def lora_state_dict(model: nn.Module, *, format: str = "official", name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The adapters as a flat tensor dict in one of `FORMATS` (see `lora_formats`)."""
+    return lora_formats.format_tensors(lora_adapters(model, name), format)[0]
 
 
 def save_lora(
     model: nn.Module, path: Union[str, Path], *, format: str = "official", name: Optional[str] = None,
     metadata: Optional[dict] = None,
 ) -> Path:
-    """Write the adapters to a safetensors file (written to a temporary name, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = lora_state_dict(model, format=format, name=name)
-    meta = {"longcat_tuner_format": format}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    """Write the adapters to a safetensors file in `format` (written to a temporary name, then renamed)."""
+    return lora_formats.write_lora_file(lora_adapters(model, name), path, format, metadata)
 
 
-_UP_BLOCK = re.compile(r"^(?P<module>.+)\.lora_up\.blocks\.(?P<j>\d+)\.weight$")
-
-
-def _parse_lora_tensors(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict]:
-    """Normalise any supported key scheme to `{module path: {down, ups: [..], alpha_scale}}`."""
-    modules: dict[str, dict] = {}
-
-    def entry(path: str) -> dict:
-        return modules.setdefault(path, {"down": None, "ups": {}, "alpha_scale": None, "alpha": None})
-
-    for key, value in tensors.items():
-        if key.startswith(OFFICIAL_PREFIX):
-            key = key[len(OFFICIAL_PREFIX):].replace(OFFICIAL_SEP, ".")
-        else:
-            for prefix in ("diffusion_model.", "base_model.model.", "transformer.", "model.", "dit."):
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-                    break
-        match = _UP_BLOCK.match(key)
-        if match:
-            entry(match["module"])["ups"][int(match["j"])] = value
-        elif key.endswith((".lora_down.weight", ".lora_A.weight")):
-            entry(key.rsplit(".", 2)[0])["down"] = value
-        elif key.endswith((".lora_up.weight", ".lora_B.weight")):
-            entry(key.rsplit(".", 2)[0])["ups"][0] = value
-        elif key.endswith(".alpha_scale"):
-            entry(key.rsplit(".", 1)[0])["alpha_scale"] = float(value)
-        elif key.endswith(".alpha"):
-            entry(key.rsplit(".", 1)[0])["alpha"] = float(value)
-        else:
-            raise CheckpointError(f"{source}: unrecognised LoRA key '{key}'")
-    for path, item in modules.items():
-        if item["down"] is None or not item["ups"]:
-            raise CheckpointError(f"{source}: LoRA for '{path}' lacks its down or up weight")
-    return modules
+def save_lora_formats(
+    model: nn.Module, folder: Union[str, Path], formats: Iterable[str], *, name: Optional[str] = None,
+    metadata: Optional[dict] = None,
+) -> dict[str, Path]:
+    """One file per format in `folder` (names from `lora_formats.FILE_NAMES`); `{format: path}`."""
+    return lora_formats.write_formats(lora_adapters(model, name), folder, formats, metadata)
 
 
 def load_lora(
     model: nn.Module, path: Union[str, Path], *, multiplier: float = 1.0, name: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> str:
-    """Attach a LoRA file (official LongCat, ComfyUI/kohya or PEFT keys) un-merged; returns the adapter name.
+    """Attach a LoRA file in any supported layout un-merged; returns the adapter name.
 
     Adapter weights are cast to the model's dtype unless `dtype` is given (the official code does the same).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"LoRA file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:
-        raise CheckpointError(f"cannot read LoRA file {path}: {err}") from None
-    modules = _parse_lora_tensors(tensors, str(path))
+    adapters, _ = lora_formats.read_lora_file(path)
     name = name or path.stem.replace(".", "_")
     existing = dict(model.named_modules())
-    unknown = [p for p in modules if not isinstance(existing.get(p), nn.Linear)]
+    unknown = [p for p in adapters if not isinstance(existing.get(p), nn.Linear)]
     if unknown:
         raise CheckpointError(
             f"{path}: {len(unknown)} LoRA modules are not linear layers of this DiT ({', '.join(unknown[:5])}); "
-            f"is this a LoRA for another model?"
+            f"is this a LoRA for another model or a model with fewer blocks?"
         )
-    for module_path, item in modules.items():
+    for module_path, item in adapters.items():
         linear = existing[module_path]
-        down = item["down"]
-        parts = len(item["ups"])
-        ups = [item["ups"][j] for j in range(parts)]
-        rank = ups[0].shape[1]
-        if down.shape != (parts * rank, linear.in_features) or sum(u.shape[0] for u in ups) != linear.out_features:
+        if item.in_features != linear.in_features or item.out_features != linear.out_features:
             raise CheckpointError(
-                f"{path}: LoRA shapes for '{module_path}' (down {tuple(down.shape)}, up {[tuple(u.shape) for u in ups]}) "
-                f"do not fit the layer [{linear.out_features}, {linear.in_features}]"
+                f"{path}: LoRA shapes for '{module_path}' (down {tuple(item.down.shape)}, up "
+                f"{[tuple(u.shape) for u in item.ups]}) do not fit the layer [{linear.out_features}, {linear.in_features}]"
             )
-        if item["alpha_scale"] is not None:
-            alpha_scale = item["alpha_scale"]
-        elif item["alpha"] is not None:
-            alpha_scale = item["alpha"] / down.shape[0]
-        else:
-            alpha_scale = 1.0
+    for module_path, item in adapters.items():
+        linear = existing[module_path]
         adapter = LoRAAdapter(
-            linear.in_features, linear.out_features, rank, parts, alpha_scale,
+            linear.in_features, linear.out_features, item.rank, item.parts, item.scale,
             dtype=dtype or _compute_dtype(linear), device=linear.weight.device,
         )
         with torch.no_grad():
-            adapter.down.copy_(down)
-            adapter.up.copy_(torch.stack(ups))
+            adapter.down.copy_(item.down)
+            adapter.up.copy_(torch.stack(item.ups))
         adapter.requires_grad_(False)
         adapter.multiplier = float(multiplier)
         _attach(linear, name, adapter)

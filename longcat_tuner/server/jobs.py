@@ -8,8 +8,10 @@ process start time so a recycled pid does not count), and a train run's outcome 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -18,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import longcat_tuner
 
@@ -163,9 +165,25 @@ class JobStore:
         return job
 
     def save(self, job: Job) -> None:
-        tmp = job.folder / (JOB_FILE + ".tmp")
-        tmp.write_text(json.dumps(job.to_json(), indent=2))
-        tmp.replace(job.folder / JOB_FILE)
+        """Write `job.json`, keeping what another request recorded meanwhile (exit code, stop time, extra).
+
+        Requests run in worker threads: one may hold an older copy of the job (loaded before another
+        recorded the exit code), so known values on disk are merged in rather than overwritten.
+        """
+        path = job.folder / JOB_FILE
+        with self._lock:
+            try:
+                disk = json.loads(path.read_text())
+            except (OSError, ValueError):
+                disk = {}
+            if job.returncode is None and disk.get("returncode") is not None:
+                job.returncode = disk["returncode"]
+            if job.stop_requested is None and disk.get("stop_requested") is not None:
+                job.stop_requested = disk["stop_requested"]
+            job.extra = {**(disk.get("extra") or {}), **job.extra}
+            tmp = job.folder / f"{JOB_FILE}.{os.getpid()}-{threading.get_ident()}.tmp"
+            tmp.write_text(json.dumps(job.to_json(), indent=2))
+            tmp.replace(path)
 
     def get(self, kind: str, job_id: str) -> Job | None:
         if not job_id or "/" in job_id or job_id.startswith("."):
@@ -179,8 +197,19 @@ class JobStore:
         folder = self.root / kind
         if not folder.is_dir():
             return []
-        jobs = [self.get(kind, child.name) for child in sorted(folder.iterdir(), reverse=True)]
-        return [job for job in jobs if job is not None]
+        jobs = []
+        for child in sorted(folder.iterdir(), reverse=True):
+            try:
+                job = self.get(kind, child.name)
+            except (OSError, ValueError, KeyError, TypeError):  # a job.json torn by a crash: skip that one
+                continue
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def running(self, *kinds: str) -> list[Job]:
+        """The jobs of `kinds` whose process is alive."""
+        return [job for kind in kinds for job in self.list(kind) if self.alive(job)]
 
     def alive(self, job: Job) -> bool:
         """True while the process runs; records the exit code of our own children once they end."""
@@ -228,16 +257,26 @@ def tail_lines(path: Path, count: int = 200, max_bytes: int = 256 * 1024) -> lis
     return [line for line in lines if line.strip()][-count:]
 
 
-def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+def read_events(path: Path, offset: int = 0, max_bytes: Optional[int] = None) -> tuple[list[dict[str, Any]], int]:
     """Complete JSON lines of an events file from byte `offset`; returns them and the next offset.
 
-    A line still being written (no trailing newline yet) is left for the next read.
+    A line still being written (no trailing newline yet) is left for the next read. `max_bytes` reads
+    about that much (whole lines; more only when one line is longer), so a caller can go through a
+    long file in steps.
     """
     if not path.is_file():
         return [], offset
     with open(path, "rb") as handle:
         handle.seek(offset)
-        data = handle.read()
+        if max_bytes is None:
+            data = handle.read()
+        else:
+            data = handle.read(max_bytes)
+            while data and b"\n" not in data:  # one line longer than the budget: read on to its end
+                more = handle.read(max_bytes)
+                if not more:
+                    break
+                data += more
     end = data.rfind(b"\n") + 1
     events = []
     for line in data[:end].splitlines():
@@ -256,7 +295,8 @@ def find_events_file(job: Job) -> Path | None:
     """The events file of a train run: `<output_dir>/events.jsonl` or one in a run folder below it.
 
     The trainer's `start` event names its `pid`; files whose start event belongs to another process
-    (an earlier run into the same output_dir) are skipped, the newest matching one wins.
+    (an earlier run into the same output_dir) are skipped, the newest matching one wins. Files are
+    read through `EVENTS` (incrementally), and the answer is kept in `job.extra["events_file"]`.
     """
     known = job.extra.get("events_file")
     if known and Path(known).is_file():
@@ -282,8 +322,7 @@ def find_events_file(job: Job) -> Path | None:
 
 def _started_by(path: Path, job: Job) -> bool:
     # A file may hold several runs (a resume appends): any start event of this job counts.
-    events, _ = read_events(path)
-    return any(e.get("event") == "start" and is_own_start(e, job) for e in events)
+    return any(segment.start is not None and is_own_start(segment.start, job) for segment in EVENTS.segments(path))
 
 
 def is_own_start(event: dict[str, Any], job: Job) -> bool:
@@ -302,3 +341,183 @@ def select_run_events(events: list[dict[str, Any]], job: Job) -> list[dict[str, 
         if mine:
             out.append(event)
     return out
+
+
+def same_folder(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two paths name one folder (`..`, `~` and symlinks resolved; the folders need not exist)."""
+    if not a or not b:
+        return False
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        return str(a) == str(b)
+
+
+# --- incremental summaries of events files ------------------------------------------------------------
+# The trainer writes each event with `json.dumps({"event": kind, "time": ..., ...})`: a step line
+# starts with this prefix. Step lines are by far the most (one per step); the summary needs only the
+# last one and the peak memory, so they are counted and scanned with a regex instead of parsed.
+_STEP_PREFIX = b'{"event": "step",'
+_OTHER_LINE = re.compile(rb"^(?!" + re.escape(_STEP_PREFIX) + rb")[^\n]*", re.MULTILINE)
+_PEAK_MEM = re.compile(rb'"peak_mem_gib": (-?[0-9][0-9.eE+-]*)')
+
+
+@dataclasses.dataclass
+class RunSegment:
+    """One run's stretch of an events file: from its `start` event to the next run's (`start` None:
+    lines before any start event). Step events are summarised; every other event is kept."""
+
+    start: Optional[dict[str, Any]]
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # all but `step`, in order
+    steps: int = 0
+    last_step: Optional[dict[str, Any]] = None
+    peak_mem_gib: Optional[float] = None
+
+    def copy(self) -> "RunSegment":
+        return dataclasses.replace(self, events=list(self.events))
+
+
+@dataclasses.dataclass
+class _IndexedFile:
+    identity: tuple[int, int]  # (st_dev, st_ino): a replaced file is read again from the start
+    offset: int = 0
+    segments: list[RunSegment] = dataclasses.field(default_factory=lambda: [RunSegment(start=None)])
+
+
+class EventsIndex:
+    """Per-file run summaries of events files, brought up to date by reading only the appended bytes.
+
+    A 300k-step events.jsonl (about 60 MB) is read once; after that a request costs a `stat` and the
+    new lines. Thread-safe (requests are answered in worker threads).
+    """
+
+    def __init__(self, chunk_bytes: int = 8 << 20) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._files: dict[str, _IndexedFile] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def segments(self, path: Path) -> list[RunSegment]:
+        """The file's run segments (copies), or [] when it does not exist."""
+        key = str(path)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return []
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            identity = (stat.st_dev, stat.st_ino)
+            state = self._files.get(key)
+            if state is None or state.identity != identity or stat.st_size < state.offset:
+                state = _IndexedFile(identity)
+            if stat.st_size > state.offset:
+                self._read(path, state)
+            self._files[key] = state
+            return [segment.copy() for segment in state.segments if segment.start is not None or segment.events or segment.steps]
+
+    def _read(self, path: Path, state: _IndexedFile) -> None:
+        try:
+            handle = open(path, "rb")
+        except OSError:
+            return
+        with handle:
+            handle.seek(state.offset)
+            pending = b""
+            while True:
+                chunk = handle.read(self.chunk_bytes)
+                if not chunk:
+                    break
+                data = pending + chunk
+                end = data.rfind(b"\n") + 1
+                if end:
+                    self._scan(data, end, state)
+                    state.offset += end
+                pending = data[end:]
+
+    def _scan(self, data: bytes, end: int, state: _IndexedFile) -> None:
+        position = 0
+        for match in _OTHER_LINE.finditer(data, 0, end):
+            if match.start() > position:
+                self._steps(data[position : match.start()], state.segments[-1])
+            position = match.end() + 1
+            line = match.group().strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a torn line from a crash
+            if not isinstance(event, dict):
+                continue
+            if event.get("event") == "start":
+                state.segments.append(RunSegment(start=event, events=[event]))
+            elif event.get("event") == "step":  # written by another writer (other spacing)
+                self._step_event(event, state.segments[-1])
+            else:
+                state.segments[-1].events.append(event)
+        if position < end:
+            self._steps(data[position:end], state.segments[-1])
+
+    @staticmethod
+    def _steps(block: bytes, segment: RunSegment) -> None:
+        """Step lines (each ending in a newline): counted, peak memory scanned, the last one parsed."""
+        lines = block.rstrip(b"\n").split(b"\n")[-8:]  # the last step; the few before if it is torn
+        last = None
+        for line in reversed(lines):
+            try:
+                last = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(last, dict):
+                break
+            last = None
+        segment.steps += block.count(b"\n")
+        if last is not None:
+            segment.last_step = last
+        peaks = []
+        for value in _PEAK_MEM.findall(block):
+            try:
+                peaks.append(float(value))
+            except ValueError:
+                continue
+        if peaks:
+            segment.peak_mem_gib = max(peaks + ([segment.peak_mem_gib] if segment.peak_mem_gib is not None else []))
+
+    @staticmethod
+    def _step_event(event: dict[str, Any], segment: RunSegment) -> None:
+        segment.steps += 1
+        segment.last_step = event
+        peak = event.get("peak_mem_gib")
+        if isinstance(peak, (int, float)):
+            segment.peak_mem_gib = peak if segment.peak_mem_gib is None else max(segment.peak_mem_gib, peak)
+
+
+EVENTS = EventsIndex()
+
+
+@dataclasses.dataclass
+class RunDigest:
+    """What the run list needs from a job's events, without holding every step event."""
+
+    events: list[dict[str, Any]]  # this run's events except `step`
+    steps: int = 0
+    last_step: Optional[dict[str, Any]] = None
+    peak_mem_gib: Optional[float] = None
+
+
+def run_digest(path: Optional[Path], job: Job) -> RunDigest:
+    """The digest of `job`'s own segments of the events file at `path` (see `select_run_events`)."""
+    digest = RunDigest(events=[])
+    if path is None:
+        return digest
+    for segment in EVENTS.segments(path):
+        if segment.start is None or not is_own_start(segment.start, job):
+            continue
+        digest.events.extend(segment.events)
+        digest.steps += segment.steps
+        if segment.last_step is not None:
+            digest.last_step = segment.last_step
+        if segment.peak_mem_gib is not None:
+            digest.peak_mem_gib = max(segment.peak_mem_gib, digest.peak_mem_gib or segment.peak_mem_gib)
+    return digest

@@ -12,7 +12,7 @@ import io
 import ipaddress
 import secrets
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable, Union
 
 from PIL import Image, UnidentifiedImageError
 
@@ -33,6 +33,10 @@ class GuardError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ImageTooLargeError(GuardError):
+    """An image whose header claims more pixels than the server decodes (a decompression bomb)."""
 
 
 def new_token() -> str:
@@ -103,6 +107,35 @@ def child_path(base: Path, relative: str, *, what: str = "file") -> Path:
     return resolve_inside(base / relative, [base], what=what)
 
 
+def open_image_checked(source: Union[str, Path, BinaryIO], *, max_pixels: int, name: str) -> Image.Image:
+    """Open an image reading only its header, refusing more than `max_pixels` before any pixel is decoded.
+
+    A small file can claim a huge size (a "decompression bomb": a 30000x30000 PNG of a few KiB would
+    need 2.7 GB to decode); Pillow's own guard raises a bare `DecompressionBombError` for the worst of
+    them. Both become an `ImageTooLargeError` (422) naming `name`, the size and the fix; a file that is
+    not an image a `GuardError` (422). The caller closes the returned image.
+    """
+    try:
+        image = Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # Pillow refuses sizes over twice its own limit at open (and warns above it: an error under -W error).
+        raise ImageTooLargeError(
+            422, f"{name}: refused to decode, the image header claims too many pixels ({err}); "
+            "it is a decompression bomb or far larger than any start frame: downscale or remove it",
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise GuardError(422, f"{name} is not a readable image ({err}); re-save it as PNG, JPEG or WebP") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageTooLargeError(
+            422, f"{name}: refused to decode, the image header says {width}x{height} ({width * height} pixels), "
+            f"more than the {max_pixels}-pixel limit (a decompression bomb, or a frame far larger than training "
+            "uses): downscale or remove it",
+        )
+    return image
+
+
 def decode_upload_image(data: bytes, *, max_bytes: int) -> Image.Image:
     """Decode an uploaded start frame, refusing oversize data and anything that is not an image."""
     if len(data) > max_bytes:
@@ -110,15 +143,16 @@ def decode_upload_image(data: bytes, *, max_bytes: int) -> Image.Image:
     if not data:
         raise GuardError(400, "upload is empty; choose a PNG, JPEG or WebP start frame")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise GuardError(413, f"image is {width}x{height}; at most {MAX_IMAGE_PIXELS} pixels are accepted")
+        probe = open_image_checked(io.BytesIO(data), max_pixels=MAX_IMAGE_PIXELS, name="upload")
+    except ImageTooLargeError as err:
+        raise GuardError(413, str(err)) from None
+    except GuardError as err:
+        raise GuardError(415, str(err)) from None
+    try:
+        with probe:
             probe.verify()  # checks the file structure without decoding all pixels
         image = Image.open(io.BytesIO(data))
         image.load()  # verify() leaves the image unusable; decode it for real
-    except GuardError:
-        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise GuardError(415, f"upload is not a readable image ({err}); use PNG, JPEG or WebP") from None
     return image.convert("RGB")

@@ -6,23 +6,25 @@ It is first written to a hidden temporary folder, each file fsync'ed, then a `CO
 written and the folder renamed into place: a crash or a full disk leaves either the old set of
 checkpoints or the new one, never a half-written folder that `resume_from_checkpoint: latest` could
 pick. Old checkpoints are pruned only after a new one is complete, so the last good one survives.
+Weights or optimizer state holding NaN/inf are refused before anything is written, so `latest` never
+points at a poisoned checkpoint; each saved one records `"weights_finite": true` in its trainer state.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from longcat_tuner.errors import CheckpointError
+from longcat_tuner.fsutil import is_write_error, write_failure
 
 COMPLETE_MARKER = "COMPLETE"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -110,17 +112,24 @@ def save_checkpoint(
     a `CheckpointError` says why; existing checkpoints are untouched.
     """
     checkpoints_dir = Path(checkpoints_dir)
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    poisoned = nonfinite_tensors(weights) + [f"optimizer state {name}" for name in nonfinite_tensors(optimizer_state)]
+    if poisoned:
+        raise NonFiniteWeightsError(
+            f"refusing to save checkpoint for step {step} in {checkpoints_dir}: {len(poisoned)} tensor(s) hold NaN/inf "
+            f"(e.g. {poisoned[0]}); earlier checkpoints are kept. Lower learning_rate and resume from the last finite "
+            "checkpoint"
+        )
     final = checkpoints_dir / checkpoint_name(step)
     tmp = checkpoints_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(scheduler_state, tmp / SCHEDULER_FILE)
         torch.save(rng_state, tmp / RNG_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state, "weights_finite": True}, indent=2))
         for name, write in (extra_files or {}).items():
             write(tmp / name)
         for path in tmp.iterdir():
@@ -136,14 +145,67 @@ def save_checkpoint(
         else:
             tmp.rename(final)
         _fsync_dir(checkpoints_dir)
-    except OSError as err:
+    except Exception as err:
+        # OSError(ENOSPC), safetensors' SafetensorError and torch.save's short-write RuntimeError alike:
+        # no half-written folder stays behind, and the message names the disk.
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        if not is_write_error(err):
+            raise
         raise CheckpointError(
-            f"could not save checkpoint for step {step} in {checkpoints_dir}: {reason}. "
-            "Earlier checkpoints are kept; free space or lower checkpoints_total_limit."
+            f"could not save checkpoint for step {step} in {checkpoints_dir}: {write_failure(err, checkpoints_dir)}. "
+            "Earlier checkpoints are kept; free space there, set output_dir to a disk with room, "
+            "or lower checkpoints_total_limit."
         ) from err
     return final
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """Weights (or optimizer state) hold NaN/inf: saving them would make a checkpoint nothing can resume."""
+
+
+def _named_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix or "tensor", obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _named_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _named_tensors(value, f"{prefix}.{index}" if prefix else str(index))
+
+
+def nonfinite_tensors(state: Any) -> list[str]:
+    """Names of the floating-point tensors in `state` (a dict of tensors, or a nested optimizer state)
+    that hold NaN or inf."""
+    bad = []
+    for name, tensor in _named_tensors(state):
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a sharded DTensor: its own shard
+        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local.detach()).all()):
+            bad.append(name)
+    return bad
+
+
+def checkpoint_is_finite(path: Path) -> bool:
+    """Whether the checkpoint at `path` holds finite weights: its recorded verdict (this version checks
+    before saving), else a look at the weights file, one tensor at a time."""
+    path = Path(path)
+    try:
+        if json.loads((path / STATE_FILE).read_text()).get("weights_finite") is True:
+            return True
+        from safetensors import safe_open
+
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
+            return not any(nonfinite_tensors({key: handle.get_tensor(key)}) for key in handle.keys())
+    except Exception:  # unreadable: not something to resume from
+        return False
+
+
+def last_finite_checkpoint(checkpoints_dir: Path, *, before: Optional[int] = None) -> Optional[Path]:
+    """The newest complete checkpoint with finite weights (optionally older than step `before`)."""
+    for step, path in reversed(list_checkpoints(checkpoints_dir)):
+        if (before is None or step < before) and checkpoint_is_finite(path):
+            return path
+    return None
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:

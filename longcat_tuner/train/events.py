@@ -6,8 +6,11 @@ contract (docs/CONTRACTS.md "Events"): every event has `event` and `time` (unix 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,13 +32,22 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+MAX_PENDING_EVENTS = 100_000  # kept in memory while the file cannot be appended to (disk full)
+
+
 class EventLog:
-    """Appends events to `<run_dir>/events.jsonl` and, when asked, mirrors scalars to TensorBoard."""
+    """Appends events to `<run_dir>/events.jsonl` and, when asked, mirrors scalars to TensorBoard.
+
+    A full disk does not stop training here: an event that cannot be appended is kept in memory (with
+    the ones after it, in order) and written by the next `emit` that succeeds; a half-written line is
+    cut off again, so readers never see a broken event. One warning on stderr per such stretch.
+    """
 
     def __init__(self, run_dir: Path, *, tensorboard_dir: Optional[Path] = None) -> None:
         self.path = Path(run_dir) / EVENTS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tensorboard = None
+        self._pending: list[str] = []
         if tensorboard_dir is not None:
             self._tensorboard = open_tensorboard(tensorboard_dir)
 
@@ -43,12 +55,30 @@ class EventLog:
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {kind!r}; expected one of {EVENT_KINDS}")
         record = {"event": kind, "time": time.time(), **_jsonable(fields)}
-        # One write per line plus flush: a reader tailing the file never sees half an event.
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-        self._mirror(record)
+        self._pending.append(json.dumps(record) + "\n")
+        if len(self._pending) > MAX_PENDING_EVENTS:  # the oldest go first (mostly step events)
+            del self._pending[: len(self._pending) - MAX_PENDING_EVENTS]
+        self.flush()
+        try:
+            self._mirror(record)
+        except OSError as err:  # TensorBoard files on a full disk: events.jsonl is the record that counts
+            print(f"warning: TensorBoard could not write ({err})", file=sys.stderr)
         return record
+
+    def flush(self) -> bool:
+        """Append the pending events; False (and they stay pending) when the file cannot be written."""
+        if not self._pending:
+            return True
+        data = "".join(self._pending).encode("utf-8")
+        try:
+            _append(self.path, data)
+        except OSError as err:
+            if len(self._pending) == 1:  # the first event of a stretch that cannot be written
+                print(f"warning: cannot append to {self.path} ({err}); events are kept in memory and written "
+                      "once it can be written again (free space on that disk)", file=sys.stderr)
+            return False
+        self._pending.clear()
+        return True
 
     def _mirror(self, record: dict[str, Any]) -> None:
         if self._tensorboard is None:
@@ -66,6 +96,7 @@ class EventLog:
         self._tensorboard.flush()
 
     def close(self) -> None:
+        self.flush()
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
@@ -77,11 +108,29 @@ class SilentEventLog(EventLog):
     def __init__(self) -> None:  # no file, no TensorBoard
         self.path = None
         self._tensorboard = None
+        self._pending = []
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {kind!r}; expected one of {EVENT_KINDS}")
         return {"event": kind, "time": time.time(), **_jsonable(fields)}
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append `data` whole or not at all: a short write (disk full) is truncated away before raising."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def open_tensorboard(log_dir: Path) -> Any:

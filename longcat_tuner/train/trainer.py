@@ -9,6 +9,11 @@ the loop to save a checkpoint at the next step boundary and exit cleanly.
 Under `torchrun` (see `distributed.py`) each rank runs this same loop on its share of the batches with
 its own noise stream; DDP averages the gradients, the ranks agree on stopping and on the reported
 (mean) loss at every step, and rank 0 alone writes events, checkpoints, validation and the final LoRA.
+
+Faults (see README "Reliability"): the run holds a lock on `output_dir` (`run_lock.py`); a checkpoint
+that cannot be written (disk full) is reported and training goes on; the end writes the final
+checkpoint and weights before it validates, and a failing validation is a warning; weights that turn
+NaN/inf or explode stop the run (`failed`, naming the last finite checkpoint) and are never saved.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import math
 import os
 import random
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +34,10 @@ import torch
 
 from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.errors import CheckpointError, ConfigError, LongcatError
+from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import distributed as dist_utils
+from longcat_tuner.train import run_lock
 from longcat_tuner.train.distributed import (
     Distributed,
     available_host_memory,
@@ -50,21 +58,27 @@ from longcat_tuner.train.validate import run_validation
 LORA_FILE = "longcat_lora.safetensors"
 COMFYUI_LORA_FILE = "longcat_lora_comfyui.safetensors"
 MAX_NONFINITE_IN_A_ROW = 3
+# A trainable weight this large has blown up (LongCat's weights are O(1); two such layers in a row reach
+# 1e12 and bf16/fp32 overflow soon after): the run is stopped as diverged before it is saved.
+MAX_WEIGHT_MAGNITUDE = 1e6
 
 
 class TrainingDivergedError(LongcatError):
-    """The loss or gradient stayed non-finite (NaN/inf) for several steps in a row."""
+    """The loss or gradient stayed non-finite (NaN/inf) for several steps in a row, or the trainable
+    weights became non-finite or exploded."""
 
 
 @dataclasses.dataclass
 class TrainResult:
     run_dir: Path
-    status: str  # "completed" | "interrupted"
+    status: str  # "completed" | "interrupted" (a failed run raises instead)
     step: int
     lora_path: Optional[Path] = None
     comfyui_lora_path: Optional[Path] = None
     validation_videos: list[Path] = dataclasses.field(default_factory=list)
     losses: dict[int, float] = dataclasses.field(default_factory=dict)
+    checkpoint_path: Optional[Path] = None  # the final checkpoint (completed) or the one the stop wrote
+    warnings: list[str] = dataclasses.field(default_factory=list)  # e.g. a failed validation: outputs are there
     dit: Optional[torch.nn.Module] = None  # the trained model, for callers that keep working in-process
 
 
@@ -239,23 +253,25 @@ def trainable_state(dit: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metadata: dict[str, Any],
                  state: Optional[dict[str, torch.Tensor]] = None) -> tuple[Path, Optional[Path]]:
-    """The final weights: LoRA in the official LongCat format + ComfyUI keys, or the full DiT (`state`:
-    its gathered weights when it is sharded)."""
+    """The final weights: one LoRA file per `lora_export_formats` entry (returned: the official file, else the
+    first, and the ComfyUI-WanVideoWrapper file or None), or the full DiT (`state`: its gathered weights when
+    it is sharded)."""
     if config.model_type == "lora":
-        from longcat_tuner.model.lora import save_lora
+        from longcat_tuner.model.lora import save_lora_formats
 
-        official = save_lora(dit, run_dir / LORA_FILE, format="official", metadata=metadata)
-        comfy = save_lora(dit, run_dir / COMFYUI_LORA_FILE, format="comfyui", metadata=metadata)
-        return official, comfy
+        written = save_lora_formats(dit, run_dir, config.lora_export_formats, metadata=metadata)
+        return written.get("official", next(iter(written.values()))), written.get("comfyui-wanvideowrapper")
     import json
 
     from safetensors.torch import save_file
 
     folder = run_dir / "dit"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(dit.config.to_dict(), indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in (dit.state_dict() if state is None else state).items()}
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    # Weights first, each file complete or absent: a folder with config.json is a loadable DiT.
+    with atomic_file(folder / "diffusion_pytorch_model.safetensors") as temporary:
+        save_file(state, str(temporary))
+    with atomic_file(folder / "config.json") as temporary:
+        temporary.write_text(json.dumps(dit.config.to_dict(), indent=2))
     return folder, None
 
 
@@ -266,14 +282,29 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train as `config` says; returns where the outputs are. Raises `LongcatError` on user errors."""
     run_dir = Path(config.output_dir)
     dist = init_distributed()  # single-process unless launched by torchrun
+    lock = None
     try:
+        # Rank 0 (the writer) holds the output_dir for the whole run; a refusal stops every rank before
+        # anything is written there (the other run's events, checkpoints and temporaries stay untouched).
+        refusal = None
         if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = run_lock.acquire(run_dir)
+            except ConfigError as err:
+                refusal = err
+        message = dist.broadcast(str(refusal) if refusal else None)
+        if refusal is not None:
+            raise refusal
+        if message:  # the others learn rank 0's verdict
+            raise ConfigError(message)
+        if dist.is_main:
             ckpt.remove_stale_temporaries(run_dir / "checkpoints")
         dist.barrier()  # the others list checkpoints only after rank 0 has cleaned up
         tensorboard = run_dir / "tensorboard" if config.report_to == "tensorboard" else None
         events = EventLog(run_dir, tensorboard_dir=tensorboard) if dist.is_main else SilentEventLog()
     except BaseException:
+        if lock is not None:
+            lock.release()
         dist.close()
         raise
     try:
@@ -288,6 +319,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         raise
     finally:
         events.close()
+        if lock is not None:
+            lock.release()
         dist.close()
 
 
@@ -358,6 +391,7 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
             if dist.is_main:  # the others hold no weights to check; they learn the verdict
                 try:
                     ckpt.check_weight_names(dit, state["weights"], source=resume_path)
+                    _require_finite_resume(state, resume_path)
                 except CheckpointError as err:
                     problem = str(err)
             problem = dist.broadcast(problem)
@@ -365,6 +399,7 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
                 raise CheckpointError(problem)
             dist_utils.load_full_state(dit, optimizer, state["weights"], state["optimizer"])
         else:
+            _require_finite_resume(state, resume_path)
             ckpt.apply_weights(dit, state["weights"], source=resume_path)
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -382,6 +417,19 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
         world_size=dist.world_size,
     )
     return run
+
+
+def _require_finite_resume(state: dict[str, Any], path: Path) -> None:
+    """A checkpoint with NaN/inf weights (written before this version refused them) cannot be resumed."""
+    bad = ckpt.nonfinite_tensors(state["weights"]) + ckpt.nonfinite_tensors(state["optimizer"])
+    if bad:
+        earlier = ckpt.last_finite_checkpoint(Path(path).parent, before=int(state["state"]["step"]))
+        where = (f"resume from {earlier} (--resume_from_checkpoint {earlier})" if earlier is not None
+                 else "no earlier finite checkpoint exists there: start a new run")
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN/inf values ({len(bad)} tensors, e.g. {bad[0]}); {where}, "
+            "with a lower learning_rate"
+        )
 
 
 def _rank_cuda_device(dist: Distributed) -> Optional[torch.device]:
@@ -447,13 +495,62 @@ def _require_all_trainable_used(run: Run) -> None:
         )
 
 
+def weights_problem(params: list[torch.nn.Parameter]) -> Optional[str]:
+    """What is wrong with the trainable weights (NaN/inf, or a magnitude beyond MAX_WEIGHT_MAGNITUDE), or
+    None. One reduction per device and dtype, one host sync: cheap next to a training step."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for param in params:
+        local = param.detach()
+        local = local.to_local() if hasattr(local, "to_local") else local  # FSDP: this rank's shard
+        if local.numel():
+            groups.setdefault((local.device, local.dtype), []).append(local)
+    if not groups:
+        return None
+    largest = max(float(torch.stack(torch._foreach_norm(group, float("inf"))).max()) for group in groups.values())
+    if not math.isfinite(largest):
+        return "non-finite (NaN/inf)"
+    if largest > MAX_WEIGHT_MAGNITUDE:
+        return f"exploded (largest |weight| {largest:.3g} > {MAX_WEIGHT_MAGNITUDE:g})"
+    return None
+
+
+def agreed_weights_problem(run: Run) -> Optional[str]:
+    """`weights_problem` with every rank's verdict: FSDP shards differ (DDP replicas are equal)."""
+    problem = weights_problem(run.params)
+    if run.dist.enabled and dist_utils.is_sharded(run.dit) and run.dist.any(problem is not None):
+        problem = next(p for p in run.dist.gather(problem) if p)
+    return problem
+
+
+def resume_advice(run: Run) -> str:
+    """Where to resume a poisoned run from: the newest checkpoint with finite weights (never a newer,
+    poisoned one; this run saves none of those)."""
+    last = _last_good_checkpoint(run)
+    if last is None:
+        return (f"no finite checkpoint was saved in {run.checkpoints_dir}: start again with a lower learning_rate "
+                f"(e.g. 10x lower), lr_warmup_steps > 0 and max_grad_norm 1.0{_HYPERPARAMETER_HINT}")
+    return (f"the last finite checkpoint is {last}: resume from it (--resume_from_checkpoint {last}) with a lower "
+            f"learning_rate, lr_warmup_steps > 0 and max_grad_norm 1.0{_HYPERPARAMETER_HINT}")
+
+
+_HYPERPARAMETER_HINT = " (and check that lora_alpha and flow_schedule_shift are ordinary finite numbers)"
+
+
 def save(run: Run) -> Optional[Path]:
     """A checkpoint at the current step; a failed save (disk full) is reported and training goes on.
+    Weights that are non-finite or exploded are never saved (refused with an error event).
 
     Multi-GPU: every rank calls this (its RNG state goes in), rank 0 writes, and every rank returns
     rank 0's result so they all agree on whether the step is saved.
     """
     dist = run.dist
+    problem = agreed_weights_problem(run)
+    if problem is not None:
+        message = f"refusing to save checkpoint for step {run.step}: the trainable weights are {problem}"
+        run.events.emit("error", message=message, step=run.step)
+        if dist.is_main:
+            print(f"warning: {message}", file=sys.stderr)
+        return None
     rng = ckpt.capture_rng_state({"train": run.generator}, cuda_device=_rank_cuda_device(dist))
     if dist.enabled:
         # Rank 0's state at the top level (what a single-process resume reads), every rank's under "ranks".
@@ -489,9 +586,10 @@ def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: Optional[dic
                            "world_size": run.dist.world_size,
                            "distributed_strategy": "fsdp" if dist_utils.is_sharded(run.dit) else "ddp"},
         )
-    except LongcatError as err:  # older checkpoints stay intact
-        run.events.emit("error", message=str(err), step=run.step)
-        print(f"warning: {err}")
+    except LongcatError as err:  # older checkpoints stay intact; the next interval tries again
+        message = f"{err} Training goes on."
+        run.events.emit("error", message=message, step=run.step)
+        print(f"warning: {message}", file=sys.stderr)
         return None
     ckpt.prune_checkpoints(run.checkpoints_dir, run.config.checkpoints_total_limit, keep=path)
     run.events.emit("checkpoint", step=run.step, path=str(path))
@@ -527,14 +625,48 @@ def _validation_results(run: Run, out_root: Path) -> tuple[list[dict[str, Any]],
     held = None
     if data.heldout_batches:
         run.dit.eval()
-        held = float(np.mean([
-            heldout_loss(run.dit, batch, config.validation_loss_sigmas, seed=config.validation_seed,
-                         continuation_latents=config.video_continuation_latents,
-                         autocast_dtype=run.precision.autocast_dtype)
-            for batch in data.heldout_batches
-        ]))
-        run.dit.train()
+        try:
+            held = float(np.mean([
+                heldout_loss(run.dit, batch, config.validation_loss_sigmas, seed=config.validation_seed,
+                             continuation_latents=config.video_continuation_latents,
+                             autocast_dtype=run.precision.autocast_dtype)
+                for batch in data.heldout_batches
+            ]))
+        finally:
+            run.dit.train()
     return items, held
+
+
+def validate_or_warn(run: Run, result: TrainResult, *, final: bool) -> None:
+    """`validate`, where a failure (unwritable folder, out of memory, a resolution too large) is an error
+    event and a warning of the run, not the end of it: training goes on, or (final) the outputs written
+    before it stay the run's result."""
+    try:
+        result.validation_videos = validate(run)
+    except Exception as err:
+        message = f"{'final ' if final else ''}validation at step {run.step} failed: {_validation_failure(run, err)}"
+        if final:
+            message += (f"; the final weights ({result.lora_path}) and checkpoint ({result.checkpoint_path}) are saved, "
+                        "the run counts as completed; fix that and use `longcat-tuner sample` to see the result")
+        else:
+            message += "; training goes on"
+        run.events.emit("error", message=message, step=run.step)
+        result.warnings.append(message)
+        if run.dist.is_main:
+            print(f"warning: {message}", file=sys.stderr)
+
+
+def _validation_failure(run: Run, err: Exception) -> str:
+    if isinstance(err, torch.cuda.OutOfMemoryError) or isinstance(err, MemoryError) or "out of memory" in str(err):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return (f"out of memory ({type(err).__name__}); lower validation_resolution, validation_num_video_frames "
+                "or validation_max_samples")
+    if is_write_error(err) and not isinstance(err, LongcatError):
+        return f"{write_failure(err, run.run_dir / 'validation')}; free space there or make it writable"
+    if isinstance(err, LongcatError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
 
 
 def _every(interval: Optional[int], step: int) -> bool:
@@ -561,11 +693,18 @@ def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool,
                 if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                     raise TrainingDivergedError(
                         f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (last at step {run.step}); "
-                        "lower learning_rate, raise lr_warmup_steps, keep max_grad_norm at 1.0, or resume from an "
-                        "earlier checkpoint"
+                        f"{resume_advice(run)}"
                     )
             else:
                 nonfinite_in_a_row = 0
+                # An update can leave the weights NaN/inf (learning_rate inf) or exploded (1e30) with a finite
+                # loss: stop before such weights are checkpointed or become the final LoRA.
+                problem = agreed_weights_problem(run)
+                if problem is not None:
+                    raise TrainingDivergedError(
+                        f"the trainable weights are {problem} after step {run.step} (learning_rate "
+                        f"{run.scheduler.get_last_lr()[0]:g}); {resume_advice(run)}"
+                    )
 
             # Once in a while: log, validate, checkpoint (s/step measures training only).
             seconds = time.perf_counter() - started
@@ -580,41 +719,101 @@ def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool,
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", s_per_step=f"{seconds:.2f}")
             if _every(config.validation_step_interval, run.step) and run.step < run.total_steps:
-                result.validation_videos = validate(run)
+                validate_or_warn(run, result, final=False)
             if _every(config.checkpoint_step_interval, run.step):
-                saved_at = run.step if save(run) else saved_at
+                saved_at = _checkpoint(run, result, saved_at)
         if bar is not None:
             bar.close()
         result.step = run.step
         if stopping:
             if saved_at != run.step:
-                save(run)
+                saved_at = _checkpoint(run, result, saved_at)
             result.status = "interrupted"
             signal_name = next((name for name in dist.gather(stop.signal_name) if name), None)
             events.emit("end", status="interrupted", step=run.step, lora_path=None, signal=signal_name)
             return result
 
-        # The end, still under StopRequest: a SIGTERM here lets the final weights be written before exiting.
-        result.validation_videos = validate(run)
+        # The end, still under StopRequest (a SIGTERM here lets the final weights be written before exiting):
+        # the final checkpoint and weights first, validation last, so a failing validation loses nothing.
         if saved_at != run.step:
-            save(run)
-        metadata = {"step": run.step, "lora_rank": config.lora_rank, "lora_alpha": config.effective_lora_alpha,
-                    "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path),
-                    # `sample` defaults to the attention the LoRA was trained with.
-                    "attention_implementation": config.attention_implementation}
-        if dist_utils.is_sharded(run.dit):  # collective: every rank helps gather, rank 0 writes
-            full = config.model_type == "full"
-            state = (dist_utils.full_model_state if full else dist_utils.full_trainable_state)(run.dit, keep=dist.is_main)
-            if dist.is_main:
-                with dist_utils.adapters_from(run.dit, state):
-                    result.lora_path, result.comfyui_lora_path = save_outputs(
-                        run.dit, config, run_dir, metadata, state=state if full else None
-                    )
-        elif dist.is_main:
-            result.lora_path, result.comfyui_lora_path = save_outputs(run.dit, config, run_dir, metadata)
-        dist.barrier()  # no rank leaves (and tears down the group) before the outputs are written
-        events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path))
+            saved_at = _checkpoint(run, result, saved_at)
+        result.lora_path, result.comfyui_lora_path = write_final_outputs(run)
+        if saved_at != run.step:  # the weights are out, but the run cannot be continued from its end
+            raise CheckpointError(
+                f"the final checkpoint (step {run.step}) could not be written (see the error above); the final weights "
+                f"are {result.lora_path}, the last good checkpoint is {_last_good_checkpoint(run) or 'none'}. Free "
+                f"space in {run.checkpoints_dir} and rerun with --resume_from_checkpoint latest to write it"
+            )
+        dist.barrier()  # the final outputs exist before anyone validates or leaves
+        validate_or_warn(run, result, final=True)
+        dist.barrier()  # no rank leaves (and tears down the group) before rank 0 has validated
+        events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path),
+                    checkpoint=str(result.checkpoint_path), warnings=result.warnings)
         return result
+
+
+def _checkpoint(run: Run, result: TrainResult, saved_at: Optional[int]) -> Optional[int]:
+    """`save`, keeping track of the newest step saved (returned) and its folder."""
+    path = save(run)
+    if path is None:
+        return saved_at
+    result.checkpoint_path = path
+    return run.step
+
+
+def _last_good_checkpoint(run: Run) -> Optional[Path]:
+    """The newest finite checkpoint up to this step (rank 0 looks, every rank learns it)."""
+    last = ckpt.last_finite_checkpoint(run.checkpoints_dir, before=run.step + 1) if run.dist.is_main else None
+    return run.dist.broadcast(last)
+
+
+def write_final_outputs(run: Run) -> tuple[Optional[Path], Optional[Path]]:
+    """`save_outputs` with the checks of the end: finite weights only, and a failed write (disk full)
+    removes its partial files and raises a `CheckpointError` that names the last good checkpoint, on
+    every rank (rank 0 writes; the others learn its verdict)."""
+    config, dist = run.config, run.dist
+    metadata = {"step": run.step, "lora_rank": config.lora_rank, "lora_alpha": config.effective_lora_alpha,
+                "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path),
+                # `sample` defaults to the attention the LoRA was trained with.
+                "attention_implementation": config.attention_implementation}
+    paths, error = (None, None), None
+    problem = agreed_weights_problem(run)
+    if problem is not None:
+        raise TrainingDivergedError(f"refusing to write the final weights: they are {problem}; {resume_advice(run)}")
+    if dist_utils.is_sharded(run.dit):  # collective: every rank helps gather, rank 0 writes
+        full = config.model_type == "full"
+        state = (dist_utils.full_model_state if full else dist_utils.full_trainable_state)(run.dit, keep=dist.is_main)
+        if dist.is_main:
+            with dist_utils.adapters_from(run.dit, state):
+                paths, error = _save_final(run, metadata, state=state if full else None)
+    elif dist.is_main:
+        paths, error = _save_final(run, metadata)
+    message = dist.broadcast(str(error) if error is not None else None)
+    if error is not None:
+        raise error
+    if message:
+        raise CheckpointError(message)
+    return paths
+
+
+def _save_final(run: Run, metadata: dict[str, Any], state: Optional[dict[str, torch.Tensor]] = None
+                ) -> tuple[tuple[Optional[Path], Optional[Path]], Optional[LongcatError]]:
+    try:
+        return save_outputs(run.dit, run.config, run.run_dir, metadata, state=state), None
+    except Exception as err:
+        for partial in run.run_dir.glob("*.safetensors.tmp*"):  # a LoRA file cut short
+            partial.unlink(missing_ok=True)
+        if not is_write_error(err):
+            raise
+        last = ckpt.last_finite_checkpoint(run.checkpoints_dir, before=run.step + 1)
+        lora = run.config.model_type == "lora"
+        kept = (f"the last good checkpoint {last} is kept" + (f" (its {LORA_FILE} is usable as is)" if lora else "")
+                if last is not None else "no checkpoint was saved before")
+        what = "LoRA" if lora else "weights"
+        return (None, None), CheckpointError(
+            f"could not write the final {what} in {run.run_dir}: {write_failure(err, run.run_dir)}; {kept}. Free space "
+            "there (or set output_dir to a disk with room) and rerun with --resume_from_checkpoint latest to write them"
+        )
 
 
 def _progress_bar(enabled: bool, start: int, total: int) -> Any:

@@ -35,11 +35,16 @@ async function api(method, path, body) {
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = { detail: text }; }
   if (!response.ok && response.status !== 422) {
-    const detail = data && data.detail;
-    const message = typeof detail === "string" ? detail : JSON.stringify(detail);
-    throw new Error(`${response.status}: ${message}`);
+    throw new Error(`${response.status}: ${detailText(data && data.detail)}`);
   }
   return { status: response.status, data };
+}
+
+// A 4xx answer's `detail`: a message, or a list of `{loc, msg}` (msg already names the key).
+function detailText(detail) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) return detail.map((item) => (item && item.msg) || JSON.stringify(item)).join("; ");
+  return JSON.stringify(detail);
 }
 
 function banner(message) {
@@ -361,7 +366,7 @@ async function pollCheck(id) {
   const { data } = await api("GET", `/api/checks/${id}`);
   $("#check-state").textContent = data.status;
   $("#check-log").textContent = data.log.join("\n");
-  if (data.status === "running") { setTimeout(() => pollCheck(id), 1000); return; }
+  if (data.status === "running" || data.status === "stopping") { setTimeout(() => pollCheck(id), 1000); return; }
   if (data.report) renderCheckReport(data.report);
   else $("#check-report").replaceChildren(el("div", { class: "errors", text: "check failed; see the output below" }));
   $("#check-log").parentElement.open = data.status !== "completed";
@@ -692,7 +697,7 @@ async function runPreview(event) {
   };
   try {
     const { status, data } = await api("POST", "/api/previews", body);
-    if (status === 422) { $("#preview-error").textContent = JSON.stringify(data.detail); return; }
+    if (status === 422) { $("#preview-error").textContent = detailText(data.detail); return; }
     $("#preview-output").replaceChildren();
     $("#preview-run").disabled = true;
     pollPreview(data.id);

@@ -1,0 +1,97 @@
+"""Writing files so that a full disk or a crash never leaves a half-written one, and naming the cause.
+
+`atomic_file(path)` yields a temporary path beside `path`; the caller writes it with any writer
+(safetensors, torch.save, json), and it is renamed over `path` only when the writer returned. On any
+error the temporary file is removed and the error goes on. `write_failure(err, folder)` turns what the
+writers raise when space runs out into words: Python's `OSError(ENOSPC)`, safetensors'
+`SafetensorError("... No space left on device (os error 28)")` and torch.save's short-write
+`RuntimeError("... unexpected pos N vs M")`, which never mentions the disk.
+
+No torch import here: the web server uses the package without it.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+# ENOSPC: no space left; EDQUOT: over a disk quota.
+OUT_OF_SPACE_ERRNOS = frozenset(filter(None, (errno.ENOSPC, getattr(errno, "EDQUOT", None))))
+_OUT_OF_SPACE_TEXT = ("no space left", "os error 28", "os error 122", "disk quota", "storagefull")
+# torch.save (PyTorchStreamWriter) reports a short write by position or a failed write, not by errno.
+_SHORT_WRITE_TEXT = ("unexpected pos", "file write failed", "failed writing", "pytorchstreamwriter failed")
+LOW_SPACE_BYTES = 64 * 2**20  # less than this left after a failed write: call it a full disk
+
+
+def is_write_error(err: BaseException) -> bool:
+    """What a file writer raises when the file cannot be written (space, permissions, I/O)."""
+    if isinstance(err, OSError):
+        return True
+    if type(err).__name__ == "SafetensorError":  # safetensors' own type, matched by name (no import needed)
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err).lower() for text in _SHORT_WRITE_TEXT + _OUT_OF_SPACE_TEXT)
+
+
+def free_bytes(folder: Union[str, Path]) -> Optional[int]:
+    """Free space on the file system holding `folder` (its nearest existing parent), None if unknown."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def is_out_of_space(err: BaseException, folder: Optional[Union[str, Path]] = None) -> bool:
+    """True when `err` says the disk (or quota) is full, or is a short write on a nearly full disk."""
+    if isinstance(err, OSError) and err.errno in OUT_OF_SPACE_ERRNOS:
+        return True
+    text = str(err).lower()
+    if any(part in text for part in _OUT_OF_SPACE_TEXT):
+        return True
+    if folder is not None and any(part in text for part in _SHORT_WRITE_TEXT):
+        free = free_bytes(folder)
+        return free is not None and free < LOW_SPACE_BYTES
+    return False
+
+
+def write_failure(err: BaseException, folder: Union[str, Path]) -> str:
+    """Why a write into `folder` failed, in words that name the fix."""
+    if is_out_of_space(err, folder):
+        return f"the disk is full (no space left on the device holding {folder}; {err})"
+    if isinstance(err, PermissionError):
+        return f"{folder} is not writable ({err})"
+    if isinstance(err, OSError) and err.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system ({err})"
+    text = str(err).lower()
+    if any(part in text for part in _SHORT_WRITE_TEXT):
+        return f"the write was cut short (is the disk full or failing? {err})"
+    return f"cannot write in {folder} ({type(err).__name__}: {err})"
+
+
+@contextlib.contextmanager
+def atomic_file(path: Union[str, Path], *, suffix: Optional[str] = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` if the block succeeds, else delete it.
+
+    The temporary name is `<name>.tmp<pid>` unless `suffix` is given (`<name><suffix>`): readers that
+    list a folder can tell it apart, and a leftover of a killed process can be found and removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + (suffix if suffix is not None else f".tmp{os.getpid()}"))
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+
+def fsync_file(path: Union[str, Path]) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
