@@ -90,8 +90,3 @@ def atomic_file(path: Union[str, Path], *, suffix: Optional[str] = None) -> Iter
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
-
-
-def fsync_file(path: Union[str, Path]) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())

@@ -797,14 +797,15 @@ def write_final_outputs(run: Run) -> tuple[Optional[Path], Optional[Path]]:
 
 
 def _save_final(run: Run, metadata: dict[str, Any], state: Optional[dict[str, torch.Tensor]] = None
-                ) -> tuple[tuple[Optional[Path], Optional[Path]], Optional[LongcatError]]:
+                ) -> tuple[tuple[Optional[Path], Optional[Path]], Optional[Exception]]:
+    """(paths, None), or (no paths, the error): returned, not raised, so the other ranks learn of it."""
     try:
         return save_outputs(run.dit, run.config, run.run_dir, metadata, state=state), None
     except Exception as err:
         for partial in run.run_dir.glob("*.safetensors.tmp*"):  # a LoRA file cut short
             partial.unlink(missing_ok=True)
         if not is_write_error(err):
-            raise
+            return (None, None), err
         last = ckpt.last_finite_checkpoint(run.checkpoints_dir, before=run.step + 1)
         lora = run.config.model_type == "lora"
         kept = (f"the last good checkpoint {last} is kept" + (f" (its {LORA_FILE} is usable as is)" if lora else "")
