@@ -25,7 +25,7 @@ from common import gib, i2v_inputs, lora_train_flops, random_dit, sync_time, wri
 from longcat_tuner.diffusion.flow import frame_timesteps  # noqa: E402
 from longcat_tuner.model.config import DiTConfig  # noqa: E402
 from longcat_tuner.model.lora import inject_lora  # noqa: E402
-from longcat_tuner.train.memory import apply_gradient_checkpointing  # noqa: E402
+from longcat_tuner.runtime.checkpointing import apply_gradient_checkpointing  # noqa: E402
 from longcat_tuner.train.step import flow_matching_loss  # noqa: E402
 
 LATENTS_512 = (1, 16, 24, 64, 104)

@@ -3,14 +3,17 @@
 Random bf16 weights built straight on the GPU, rank-32 adapters (float32) on the default targets, bf16
 autocast as in the trainer, the trainer's flow-matching loss, AdamW on the adapters. Each run varies:
 
-* `ckpt`: `full` (memory.apply_gradient_checkpointing: recompute the whole block), `attn` (selective:
+Every run goes through `longcat_tuner.runtime.apply_runtime` with the `MemorySettings` its spec names
+(`memory_settings`), the code path of `train` and `sample`:
+
+* `ckpt`: `full` (gradient_checkpointing_mode full: recompute the whole block), `attn` (keep_attention:
   keep attention outputs, recompute the rest; `keep` limits it to the first k blocks) or `offload`
   (recompute the whole block, block inputs kept in pinned host memory);
 * `sdpa`: the SDPA kernel asked for first (`cudnn` or `flash`);
-* `compile`: `inner` (torch.compile of the block forward inside the checkpoint) or `outer` (of the
-  checkpointed block), empty for eager;
-* `swap`: blocks streamed from pinned host memory (train/block_swap.py);
-* `precision`: `bf16` or `fp8-torchao` / `int8-quanto` base weights (train/quantize.py);
+* `compile`: `inner` (compile_scope block: torch.compile of the block forward inside the checkpoint) or
+  `outer` (compile_scope checkpointed_block), empty for eager;
+* `swap`: blocks streamed from pinned host memory (runtime/block_swap.py);
+* `precision`: `bf16` or `fp8-torchao` / `int8-quanto` base weights (runtime/quantize.py);
 * `lora`: `fused` (the adapter's up projection accumulates into the layer output in one GEMM, as the
   package does) or `separate` (update, scale and add as separate passes: the baseline before it).
 
@@ -45,13 +48,7 @@ from common import (  # noqa: E402
 )
 from longcat_tuner.model.config import DiTConfig  # noqa: E402
 from longcat_tuner.model.lora import inject_lora  # noqa: E402
-from longcat_tuner.train.block_swap import apply_block_swap  # noqa: E402
-from longcat_tuner.train.memory import apply_gradient_checkpointing, remove_gradient_checkpointing  # noqa: E402
-from longcat_tuner.train.quantize import quantize_base_weights  # noqa: E402
-from longcat_tuner.train.selective_checkpoint import (  # noqa: E402
-    apply_offloaded_checkpointing,
-    apply_selective_checkpointing,
-)
+from longcat_tuner.runtime import AppliedRuntime, MemorySettings, apply_runtime, prepare_base_weights  # noqa: E402
 from longcat_tuner.train.step import flow_matching_loss  # noqa: E402
 
 SUITES = {
@@ -95,31 +92,27 @@ def parse_run(spec: str) -> dict:
     return run
 
 
-def apply_checkpointing(dit, run: dict) -> None:
-    if run["ckpt"] == "full":
-        if run["compile"]:
-            for block in dit.blocks:
-                block.forward = torch.compile(block.forward)
-        apply_gradient_checkpointing(dit)
-    elif run["ckpt"] == "attn":
-        keep = int(run["keep"]) if run["keep"] else None
-        if run["compile"] == "inner":
-            for block in dit.blocks:
-                block.forward = torch.compile(block.forward)
-        apply_selective_checkpointing(dit, save_attention_blocks=keep, compile_blocks=run["compile"] == "outer")
-    elif run["ckpt"] == "offload":
-        if run["compile"]:
-            for block in dit.blocks:
-                block.forward = torch.compile(block.forward)
-        apply_offloaded_checkpointing(dit)
-    else:
+def memory_settings(run: dict) -> MemorySettings:
+    """The run spec as the `MemorySettings` that `train` would apply for the same config keys."""
+    modes = {"full": "full", "attn": "keep_attention", "offload": "offload_inputs"}
+    if run["ckpt"] not in modes:
         raise SystemExit(f"ckpt must be full, attn or offload, got {run['ckpt']}")
+    if run["compile"] not in ("", "inner", "outer"):
+        raise SystemExit(f"compile must be inner, outer or empty, got {run['compile']}")
+    mode = modes[run["ckpt"]]
+    return MemorySettings(
+        checkpointing=mode,
+        keep_attention_blocks=int(run["keep"]) if run["keep"] and mode == "keep_attention" else None,
+        compile_blocks=bool(run["compile"]),
+        compile_scope="checkpointed_block" if run["compile"] == "outer" else "block",
+        blocks_to_swap=int(run["swap"]),
+        base_precision="no_change" if run["precision"] == "bf16" else run["precision"],
+    )
 
 
-def reset_model(dit) -> None:
-    remove_gradient_checkpointing(dit)
-    for block in dit.blocks:  # drop torch.compile wrappers (instance attribute over the class method)
-        block.__dict__.pop("forward", None)
+def apply_run(dit, run: dict, device="cuda") -> AppliedRuntime:
+    """What `train` does to its DiT for these settings: `runtime.apply_runtime` (undone with `.remove()`)."""
+    return apply_runtime(dit, memory_settings(run), device)
 
 
 def one_step(dit, optimizer, inputs) -> float:
@@ -137,8 +130,8 @@ def one_step(dit, optimizer, inputs) -> float:
 def bench_run(dit, run: dict, inputs, *, steps: int, warmup: int, config: DiTConfig) -> dict:
     select_sdpa_backend(run["sdpa"])
     select_lora_apply(run["lora"])
-    apply_checkpointing(dit, run)
-    swap = apply_block_swap(dit, int(run["swap"]), compute_device="cuda") if int(run["swap"]) else None
+    applied = apply_run(dit, run)
+    swap = applied.swap
     params = [p for p in dit.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     result = {"run": run}
@@ -175,9 +168,7 @@ def bench_run(dit, run: dict, inputs, *, steps: int, warmup: int, config: DiTCon
         del optimizer
         for p in params:
             p.grad = None
-        if swap is not None:
-            swap.remove()
-        reset_model(dit)
+        applied.remove()
         gc.collect()
         torch.cuda.empty_cache()
     return result
@@ -233,7 +224,7 @@ def profile_blocks(depth: int = 2) -> str:
     dit = random_dit(config)
     inject_lora(dit, rank=32, dtype=torch.float32)
     select_sdpa_backend("cudnn")
-    apply_gradient_checkpointing(dit)
+    apply_runtime(dit, MemorySettings(checkpointing="full"), "cuda")
     optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=1e-4)
     inputs = i2v_inputs()
     one_step(dit, optimizer, inputs)
@@ -285,7 +276,7 @@ def main() -> int:
             if precision != "bf16":
                 raise SystemExit("runs must list bf16 before one quantized precision")
             t1 = time.perf_counter()
-            quantize_base_weights(dit, run["precision"])
+            prepare_base_weights(dit, memory_settings(run))  # the frozen base weights only, as in `train`
             torch.cuda.empty_cache()
             print(f"quantized to {run['precision']} in {time.perf_counter() - t1:.1f}s", flush=True)
             precision = run["precision"]

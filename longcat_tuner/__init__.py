@@ -8,7 +8,7 @@ in torch.
 """
 from __future__ import annotations
 
-import importlib
+from longcat_tuner.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -26,8 +26,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'longcat_tuner' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -64,16 +64,17 @@ def to_rgb(image):
 
 
 def load_image(path: Union[str, Path]):
-    """An RGB PIL image with its EXIF orientation applied (`to_rgb`)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """An RGB PIL image with its EXIF orientation applied (`to_rgb`); opened by the one safe opener
+    (`longcat_tuner.data.images.open_image`: unreadable files and decompression bombs are a named `DataError`)."""
+    from PIL import ImageOps
+
+    from longcat_tuner.data.images import open_image
 
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
-    except FileNotFoundError:
-        raise DataError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated or corrupt pixel data
         raise DataError(f"cannot read image {path}: {err}") from None
 
 
@@ -109,13 +110,14 @@ def video_to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 
 def write_mp4(path: Union[str, Path], frames: np.ndarray, fps: int = 15, crf: int = 18) -> Path:
-    """Write `[F, H, W, 3]` uint8 frames as H.264 (yuv420p) with PyAV; written to a temp name, then renamed."""
+    """Write `[F, H, W, 3]` uint8 frames as H.264 (yuv420p) with PyAV; written to a temp name, renamed when complete."""
     import av
 
+    from longcat_tuner.fsutil import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".partial" + path.suffix)
-    with av.open(str(tmp), mode="w") as container:
+    # A failed or interrupted write leaves no partial file (the suffix keeps the container format).
+    with atomic_file(path, suffix=".partial" + path.suffix) as tmp, av.open(str(tmp), mode="w") as container:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -127,7 +129,6 @@ def write_mp4(path: Union[str, Path], frames: np.ndarray, fps: int = 15, crf: in
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    tmp.replace(path)
     return path
 
 

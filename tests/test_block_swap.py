@@ -10,8 +10,8 @@ from longcat_tuner.errors import ConfigError
 from longcat_tuner.model.config import DiTConfig
 from longcat_tuner.model.dit import LongCatDiT
 from longcat_tuner.model.lora import inject_lora
-from longcat_tuner.train.block_swap import apply_block_swap
-from longcat_tuner.train.memory import apply_gradient_checkpointing
+from longcat_tuner.runtime.block_swap import apply_block_swap
+from longcat_tuner.runtime.checkpointing import apply_gradient_checkpointing
 
 CONFIG = DiTConfig(hidden_size=64, depth=4, num_heads=2, caption_channels=16, adaln_tembed_dim=16)
 
@@ -173,9 +173,9 @@ def test_gpu_swap_is_exact_and_saves_memory():
 
 
 def test_selective_checkpointing_with_swap_is_exact(monkeypatch):
-    from longcat_tuner.train import selective_checkpoint
-    from longcat_tuner.train.memory import remove_gradient_checkpointing
-    from longcat_tuner.train.selective_checkpoint import apply_selective_checkpointing
+    from longcat_tuner.runtime import selective_checkpoint
+    from longcat_tuner.runtime.checkpointing import remove_gradient_checkpointing
+    from longcat_tuner.runtime.selective_checkpoint import apply_selective_checkpointing
 
     monkeypatch.setattr(selective_checkpoint, "SAVE_MIN_KEYS", 8)  # keep the noisy call (12 keys) only
     reference = make_model()
@@ -215,7 +215,7 @@ def test_selective_checkpointing_with_swap_is_exact(monkeypatch):
 
 
 def test_offloaded_checkpointing_with_swap_is_exact():
-    from longcat_tuner.train.selective_checkpoint import apply_offloaded_checkpointing
+    from longcat_tuner.runtime.selective_checkpoint import apply_offloaded_checkpointing
 
     reference = make_model()
     apply_gradient_checkpointing(reference)
@@ -236,7 +236,7 @@ def test_offloaded_checkpointing_with_swap_is_exact():
 def test_place_with_swapped_blocks_leaves_only_swapped_frozen_weights_on_the_host(tiny_checkpoint):
     """A model bigger than the GPU is placed block by block; 'meta' stands in for the GPU here."""
     from longcat_tuner import inject_lora, load_dit
-    from longcat_tuner.train.block_swap import place_with_swapped_blocks
+    from longcat_tuner.runtime.block_swap import place_with_swapped_blocks
 
     dit = load_dit(tiny_checkpoint)
     inject_lora(dit, rank=2)

@@ -41,7 +41,7 @@ def test_checkpointed_bf16_training_gradients_match_plain(tiny_checkpoint, dit_c
     """cuDNN attention is pinned per call, so recomputation in backward reproduces the forward exactly."""
     from longcat_tuner import inject_lora
     from longcat_tuner.model.lora import lora_modules
-    from longcat_tuner.train.memory import apply_memory_options
+    from longcat_tuner.runtime import MemorySettings, apply_runtime
 
     def grads(**options):
         dit = load_dit(tiny_checkpoint, dtype=torch.bfloat16, device="cuda")
@@ -50,14 +50,14 @@ def test_checkpointed_bf16_training_gradients_match_plain(tiny_checkpoint, dit_c
         with torch.no_grad():
             for adapter in lora_modules(dit).values():
                 adapter.up.normal_(0, 0.05)
-        apply_memory_options(dit, **options)
+        apply_runtime(dit, MemorySettings(**options), "cuda")
         x, ehs, mask = _inputs(dit_cases, "cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = dit(x, dit_cases["i2v_timestep"].cuda(), ehs, mask, num_cond_latents=1)
         out[:, :, 1:].pow(2).mean().backward()
         return {n: p.grad.float().cpu() for n, p in dit.named_parameters() if p.requires_grad}
 
-    plain, checkpointed = grads(gradient_checkpointing=False), grads(gradient_checkpointing=True, mode=mode)
+    plain, checkpointed = grads(checkpointing="none"), grads(checkpointing=mode)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-3, rtol=1e-2)
 

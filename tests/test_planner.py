@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from longcat_tuner.train import planner
-from longcat_tuner.train.planner import Setting, estimate, fits, suggest, token_grid
+from longcat_tuner.runtime import planner
+from longcat_tuner.runtime.planner import Setting, estimate, fits, suggest, token_grid
 
 
 def test_token_grid_and_flops_match_the_benchmark_setting():

@@ -7,8 +7,8 @@ import torch.nn as nn
 
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.model.lora import inject_lora
-from longcat_tuner.train.block_swap import apply_block_swap
-from longcat_tuner.train.quantize import (
+from longcat_tuner.runtime.block_swap import apply_block_swap
+from longcat_tuner.runtime.quantize import (
     QuantizedLinear,
     apply_base_precision,
     quantize_base_weights,

@@ -195,9 +195,13 @@ def test_tiny_overfit_drives_the_loss_down(workspace):
     from longcat_tuner.train.step import FlowBatch, heldout_loss
     from longcat_tuner.train.trainer import train
 
+    import shutil
+
     datasets = json.loads((workspace / "multidatabackend.json").read_text())
-    same = dataset_entries("same", Path(datasets[0]["instance_data_dir"]), Path(datasets[1]["instance_data_dir"]),
-                           workspace / "cache", frames=FRAMES, resolution=f"{SIZE}x{SIZE}")
+    # Copies of the training clips: an eval split may not share the training folder (the check refuses it).
+    clips, frames = (shutil.copytree(datasets[i]["instance_data_dir"], workspace / "same" / name)
+                     for i, name in ((0, "clips"), (1, "frames")))
+    same = dataset_entries("same", Path(clips), Path(frames), workspace / "cache", frames=FRAMES, resolution=f"{SIZE}x{SIZE}")
     (workspace / "overfit-data.json").write_text(json.dumps(datasets[:2] + same))
     config = TrainConfig.from_file(write_config(
         workspace, "overfit", model_type="full", max_train_steps=40, learning_rate=1e-3, caption_dropout_probability=0.0,

@@ -7,7 +7,12 @@ import torch
 from longcat_tuner import inject_lora, load_dit
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.model.lora import lora_modules
-from longcat_tuner.train.memory import CHECKPOINT_ATTR, apply_memory_options
+from longcat_tuner.runtime import MemorySettings, apply_runtime
+from longcat_tuner.runtime.checkpointing import CHECKPOINT_ATTR
+
+
+def _settings(gradient_checkpointing=True, mode="full", **rest):
+    return MemorySettings(checkpointing=mode if gradient_checkpointing else "none", **rest)
 
 
 def _grads(tiny_checkpoint, dit_cases, **options):
@@ -17,7 +22,7 @@ def _grads(tiny_checkpoint, dit_cases, **options):
     with torch.no_grad():
         for adapter in lora_modules(dit).values():
             adapter.up.normal_(0, 0.05)
-    apply_memory_options(dit, **options)
+    apply_runtime(dit, _settings(**options), "cpu")
     out = dit(dit_cases["x"], dit_cases["i2v_timestep"], dit_cases["encoder_hidden_states"],
               dit_cases["encoder_attention_mask"], num_cond_latents=1)
     out[:, :, 1:].pow(2).mean().backward()
@@ -35,9 +40,9 @@ def test_checkpointing_modes_match_plain_backward(tiny_checkpoint, dit_cases, mo
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
 
 
-def test_unknown_mode_is_named(tiny_checkpoint):
-    with pytest.raises(ConfigError, match="'fast'"):
-        apply_memory_options(load_dit(tiny_checkpoint), gradient_checkpointing=True, mode="fast")
+def test_unknown_mode_is_named():
+    with pytest.raises(ValueError, match="'fast'"):
+        _settings(mode="fast")
 
 
 @pytest.mark.parametrize("scope", ["block", "checkpointed_block"])
@@ -66,5 +71,5 @@ def test_compiled_keep_attention_matches_plain_backward(tiny_checkpoint, dit_cas
 
 def test_checkpointed_block_compile_needs_keep_attention(tiny_checkpoint):
     with pytest.raises(ConfigError, match="keep_attention"):
-        apply_memory_options(load_dit(tiny_checkpoint), gradient_checkpointing=True, mode="full",
-                             compile_blocks=True, compile_scope="checkpointed_block")
+        apply_runtime(load_dit(tiny_checkpoint), _settings(mode="full", compile_blocks=True,
+                                                            compile_scope="checkpointed_block"), "cpu")

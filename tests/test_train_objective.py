@@ -162,7 +162,7 @@ def test_caption_dropout_uses_empty_prompt_embedding():
 def test_lora_step_overfits_one_batch():
     from longcat_tuner.model import load_dit
     from longcat_tuner.model.lora import inject_lora
-    from longcat_tuner.train.memory import apply_gradient_checkpointing
+    from longcat_tuner.runtime.checkpointing import apply_gradient_checkpointing
 
     dit = load_dit(TINY)
     inject_lora(dit, rank=8)

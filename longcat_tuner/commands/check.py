@@ -1,8 +1,10 @@
-"""`longcat-tuner check`: validate config.json, multidatabackend.json and the media, without GPU or weights.
+"""`longcat-tuner check`: validate config.json, multidatabackend.json, the media and the model folder, without GPU or weights.
 
 Prints, per dataset, the usable items, their buckets, and every skipped file with its reason; exits
 non-zero when training could not start (bad config, no usable training item, empty or missing eval
-split, missing model folder).
+split, a missing or broken model folder). Start frames are decoded in full, so `check` and `train` agree
+on which are usable; the model folder is checked from its configs and safetensors headers alone.
+Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ class DataSettings:
     seed: int = 42
     train_batch_size: int = 1
     model_root: Optional[Path] = None
+    lora_rank: Optional[int] = None  # with lora_targets: checked against the DiT's layer widths
+    lora_targets: Optional[tuple[str, ...]] = None
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +55,8 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
             "train_batch_size": config.train_batch_size,
             "model_root": config.pretrained_model_name_or_path,
         }
+        if config.model_type == "lora":
+            values.update(lora_rank=config.lora_rank, lora_targets=tuple(config.lora_targets))
     if args.data_backend_config is not None:
         values["data_backend_config"] = args.data_backend_config
     if args.eval_dataset_id is not None:
@@ -110,7 +116,21 @@ def blocking_problems(summary: dict, settings: DataSettings, *, data_only: bool)
                 f"model folder {settings.model_root} lacks {', '.join(missing)}/ (official hub layout expected); "
                 "fix pretrained_model_name_or_path, or pass --data-only to check the data alone"
             )
+        elif summary.get("model"):
+            problems.extend(summary["model"]["problems"])
     return problems
+
+
+def model_summary(settings: DataSettings) -> Optional[dict]:
+    """The cheap model-folder check (configs, shard index, safetensors headers, DiT shapes; no weights, no torch)."""
+    if settings.model_root is None:
+        return None
+    root = Path(settings.model_root)
+    if not all((root / c).is_dir() for c in ("vae", "text_encoder", "tokenizer", "dit")):
+        return None  # `blocking_problems` names the missing folders
+    from longcat_tuner.model.inspect import inspect_model
+
+    return inspect_model(root, lora_rank=settings.lora_rank, lora_targets=settings.lora_targets).to_dict()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     datasets = load_datasets(settings.data_backend_config)
     plan = plan_data(datasets, eval_dataset_id=settings.eval_dataset_id, alignment=settings.alignment, seed=settings.seed)
     summary = plan_summary(plan)
+    if not args.data_only:
+        summary["model"] = model_summary(settings)
     problems = blocking_problems(summary, settings, data_only=args.data_only)
     largest = largest_batch_group(plan)
     if 0 < largest < settings.train_batch_size:
@@ -135,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
     else:
         print(format_summary(summary))
+        model = summary.get("model")
+        if model and model["ok"]:
+            parts = "; ".join(f"{name} {note}" for name, note in model["components"].items())
+            print(f"[model] {model['root']}: ok ({parts})")
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         if not problems:
@@ -150,5 +176,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_data_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--data-only", "--data_only", dest="data_only", action="store_true", help="do not check that the model folder exists")
+    parser.add_argument("--data-only", "--data_only", dest="data_only", action="store_true",
+                        help="do not check the model folder (by default its configs, shard index, safetensors headers "
+                        "and DiT shapes are checked, without loading weights)")
     parser.set_defaults(func=run)

@@ -2,7 +2,7 @@
 
 Reads the config with its own loader (`TrainConfig.from_file`); the clip size comes from
 `--resolution`/`--frames` (default: the config's validation resolution and frame count, which is what
-480p I2V training usually uses). The numbers come from `longcat_tuner.train.planner`, a model
+480p I2V training usually uses). The numbers come from `longcat_tuner.runtime.planner`, a model
 calibrated by the H100 benchmarks in `bench/results/`.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def setting_from_config(
     config, *, resolution: str | None, frames: int | None, keep_attention: bool = False,
     offload_activations: bool = False, compiled: bool = False,
 ):
-    from longcat_tuner.train.planner import Setting
+    from longcat_tuner.runtime.planner import Setting
 
     text = resolution or config.validation_resolution
     if text in ("480p", "720p"):
@@ -74,7 +74,7 @@ def setting_from_config(
 
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig
-    from longcat_tuner.train.planner import format_plan
+    from longcat_tuner.runtime.planner import format_plan
 
     config = TrainConfig.from_file(args.config)
     setting = setting_from_config(

@@ -85,30 +85,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device):
-    """The DiT with its LoRAs; with block swap or 8-bit weights it is assembled on the host first, so a
-    model larger than the GPU never lands on it whole."""
+    """The DiT with its LoRAs, through the runtime `train` uses (`longcat_tuner.runtime.apply`): with block
+    swap or 8-bit weights it is assembled on the host first, so a model larger than the GPU never lands on
+    it whole."""
+    from longcat_tuner import runtime
     from longcat_tuner.errors import ConfigError
     from longcat_tuner.model.loading import load_dit
     from longcat_tuner.model.lora import load_lora
 
-    low_memory = args.blocks_to_swap > 0 or args.base_precision != "no_change"
-    if args.blocks_to_swap and device.type != "cuda":
+    settings = runtime.MemorySettings(checkpointing="none", blocks_to_swap=args.blocks_to_swap,
+                                      base_precision=args.base_precision)
+    if settings.blocks_to_swap and device.type != "cuda":
         raise ConfigError("--blocks-to-swap streams weights to a CUDA device; drop it on the CPU")
     attention = args.attention or trained_attention(args.lora) or "auto"
-    dit = load_dit(args.model, dtype=dtype, device="cpu" if low_memory else device, attention_backend=attention)
-    if args.base_precision != "no_change":
-        from longcat_tuner.train.quantize import quantize_base_weights
-
-        quantize_base_weights(dit, args.base_precision)
+    dit = load_dit(args.model, dtype=dtype, device=runtime.load_device(settings, device), attention_backend=attention)
+    runtime.prepare_base_weights(dit, settings)
     for i, lora in enumerate(args.lora):
         multiplier = args.lora_multiplier[i] if i < len(args.lora_multiplier) else 1.0
         load_lora(dit, lora, multiplier=multiplier, name=f"lora{i}")
-    if low_memory:
-        from longcat_tuner.train.block_swap import apply_block_swap, place_with_swapped_blocks
-
-        place_with_swapped_blocks(dit, device, args.blocks_to_swap)
-        if args.blocks_to_swap:
-            apply_block_swap(dit, args.blocks_to_swap, compute_device=device)
+    runtime.apply_runtime(dit, settings, device)
     return dit
 
 

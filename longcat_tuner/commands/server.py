@@ -37,12 +37,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-upload-mb", type=float, default=20.0, help="largest start-frame upload accepted (default: 20 MB)"
     )
     parser.add_argument(
+        "--max-jobs", type=_positive_int, default=2,
+        help="checks and previews that may run at once (each loads a model; default: 2); more answer 429",
+    )
+    parser.add_argument(
         "--allow-host",
         action="append",
         default=[],
         help="extra Host header name to accept (e.g. a machine name when binding a LAN address)",
     )
     parser.set_defaults(func=run)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..64")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         extra_hosts=tuple(args.allow_host),
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_jobs=args.max_jobs,
     )
     app = create_app(settings)
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host

@@ -242,12 +242,33 @@ class DatasetList(BaseModel):
                     "at the eval split's clip dataset (is_i2v with its own conditioning_data)"
                 )
         train = [d for d in self.clip_datasets() if eval_dataset is None or d.id != eval_dataset.id]
+        if eval_dataset is not None:
+            for dataset in train:
+                overlap = folders_overlap(eval_dataset.instance_data_dir, dataset.instance_data_dir)
+                if overlap:
+                    raise ConfigError(
+                        f"{self.source}: eval split '{eval_dataset.id}' and training dataset '{dataset.id}' {overlap}, "
+                        "so the held-out loss would be measured on training data; give the eval split its own folder "
+                        "of clips that are not trained on"
+                    )
         if not train:
             raise ConfigError(
                 f"{self.source}: no enabled video or image dataset left to train on "
                 f"(eval split: {eval_dataset_id!r}); add one"
             )
         return train, eval_dataset
+
+
+def folders_overlap(a: Path, b: Path) -> Optional[str]:
+    """How folders `a` and `b` overlap after resolving links (same folder, one inside the other), or None."""
+    real_a, real_b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+    if real_a == real_b:
+        return f"use the same folder {real_a}"
+    if real_b in real_a.parents:
+        return f"overlap: {real_a} is inside {real_b}"
+    if real_a in real_b.parents:
+        return f"overlap: {real_b} is inside {real_a}"
+    return None
 
 
 def _check_cross_references(datasets: list[DatasetConfig], source: str) -> None:

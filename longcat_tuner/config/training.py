@@ -189,6 +189,13 @@ class TrainConfig(BaseModel):
     )
 
     # --- memory ----------------------------------------------------------------------------------
+    max_gpu_memory_gib: Optional[float] = Field(
+        None, gt=0, le=4096, allow_inf_nan=False,
+        description="Most GPU memory (GiB) the run may use: the automatic memory plan fits within it and "
+        "the run enforces it (PyTorch's per-process memory fraction), so a large card can stand in for a "
+        "24, 48 or 80 GB one. Empty: the whole card. The memory keys below that you leave unset are chosen "
+        "by the plan (the fastest predicted setting that fits); a key you set always wins.",
+    )
     gradient_checkpointing: bool = Field(
         True, description="Recompute each DiT block in backward instead of storing its activations."
     )

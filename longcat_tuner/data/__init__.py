@@ -5,8 +5,7 @@ not import torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from longcat_tuner.lazy import lazy_getattr
 
 _EXPORTS = {
     "build_caches": "longcat_tuner.data.cache",
@@ -25,8 +24,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'longcat_tuner.data' has no attribute '{name}'")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,28 +122,111 @@ class DataPlan:
 
 # --- scanning --------------------------------------------------------------------------------------
 def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tuple[dict[str, Path], list[Problem]]:
-    """Files under `root` (recursive, hidden entries ignored) keyed by relative path without suffix."""
+    """Files under `root` (recursive, hidden entries ignored) keyed by relative path without suffix.
+
+    Symbolic links are followed, but each real folder is entered once (tracked by device and inode), so a
+    link loop cannot hang the scan, and a file reached through several names counts once (the real path
+    is preferred over a link). Loops and duplicates are warnings that name the link.
+    """
     if not root.is_dir():
         raise DataError(
             f"dataset '{dataset_id}': instance_data_dir {root} does not exist or is not a folder; "
             "fix the path in multidatabackend.json"
         )
-    found: dict[str, Path] = {}
     problems: list[Problem] = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or Path(name).suffix.lower() not in extensions:
-                continue
-            path = Path(folder) / name
-            key = path.relative_to(root).with_suffix("").as_posix()
-            if key in found:
-                problems.append(
-                    Problem(dataset_id, str(path), f"same name as {found[key].name}; rename one of them (kept {found[key].name})")
-                )
-                continue
-            found[key] = path
+    candidates: list[tuple[str, Path, bool]] = []  # (key, path, reached through a link)
+    for path, through_link in _walk_media(root, extensions, dataset_id, problems):
+        candidates.append((path.relative_to(root).with_suffix("").as_posix(), path, through_link))
+    # One entry per real file: the first real (not linked) name wins, else the first name.
+    identity: dict[tuple[int, int], int] = {}
+    chosen: dict[int, tuple[str, Path, bool]] = {}
+    for position, (key, path, through_link) in enumerate(candidates):
+        try:
+            stat = path.stat()
+        except OSError as err:
+            problems.append(Problem(dataset_id, str(path), f"cannot be read ({err.strerror or err}); fix or remove it"))
+            continue
+        real = (stat.st_dev, stat.st_ino)
+        first = identity.get(real)
+        if first is None:
+            identity[real] = position
+            chosen[position] = (key, path, through_link)
+            continue
+        kept = chosen[first]
+        if kept[2] and not through_link:  # prefer the real name over a link seen first
+            chosen[first] = (key, path, through_link)
+            key, path, kept = kept[0], kept[1], (key, path, through_link)
+        problems.append(
+            Problem(dataset_id, str(path), f"same file as {kept[1]} (reached through a symbolic link); counted once", skipped=False)
+        )
+    found: dict[str, Path] = {}
+    for key, path, _ in (chosen[p] for p in sorted(chosen)):
+        if key in found:
+            problems.append(
+                Problem(dataset_id, str(path), f"same name as {found[key].name}; rename one of them (kept {found[key].name})")
+            )
+            continue
+        found[key] = path
     return found, problems
+
+
+def _walk_media(root: Path, extensions: tuple[str, ...], dataset_id: str, problems: list[Problem]):
+    """Yield (path, reached_through_a_link) for media files, depth first in sorted order (as `os.walk`).
+
+    Real sub-folders are walked first; linked folders afterwards, and only when their target was not
+    entered yet (a loop, or a second name for a folder already scanned, is reported and skipped).
+    """
+    def identity(path: Path) -> tuple[int, int]:
+        stat = path.stat()
+        return stat.st_dev, stat.st_ino
+
+    visited = {identity(root)}
+    pending_links: list[tuple[Path, bool]] = []
+    stack: list[tuple[Path, bool]] = [(root, False)]
+    while stack or pending_links:
+        if not stack:
+            link, _ = pending_links.pop(0)
+            try:
+                target = identity(link)
+            except OSError as err:
+                problems.append(Problem(dataset_id, str(link), f"broken folder link ({err.strerror or err}); fix or remove it", skipped=False))
+                continue
+            if target in visited:
+                real, parent = os.path.realpath(link), os.path.realpath(link.parent)
+                loop = parent == real or parent.startswith(real.rstrip(os.sep) + os.sep)
+                what = f"symbolic link loop: points to {real}, a folder that contains it" if loop else (
+                    f"symbolic link to {real}, a folder already scanned")
+                problems.append(Problem(dataset_id, str(link), f"{what}; not followed (its files count once)", skipped=False))
+                continue
+            visited.add(target)
+            stack.append((link, True))
+        folder, through_link = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as err:
+            problems.append(Problem(dataset_id, str(folder), f"folder cannot be listed ({err.strerror or err})", skipped=False))
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(folder) / entry.name
+            try:
+                if entry.is_symlink() and entry.is_dir(follow_symlinks=True):
+                    pending_links.append((path, True))
+                elif entry.is_dir(follow_symlinks=False):
+                    key = identity(path)
+                    if key not in visited:  # a bind mount of a folder already scanned
+                        visited.add(key)
+                        subfolders.append((path, through_link))
+                elif path.suffix.lower() in extensions:
+                    if entry.is_file(follow_symlinks=True):
+                        yield path, through_link or entry.is_symlink()
+                    elif entry.is_symlink():
+                        problems.append(Problem(dataset_id, str(path), f"broken symbolic link to {os.readlink(path)}; fix or remove it"))
+            except OSError as err:
+                problems.append(Problem(dataset_id, str(path), f"cannot be read ({err.strerror or err}); fix or remove it"))
+        stack.extend(reversed(subfolders))
 
 
 def sidecar_caption_path(media_path: Path) -> Path:
@@ -157,25 +241,50 @@ def sidecar_caption_path(media_path: Path) -> Path:
     return exact
 
 
+def clean_caption(text: str) -> tuple[str, int]:
+    """(caption with control characters removed and whitespace collapsed, number of characters removed).
+
+    Control characters (NUL, ESC, DEL, C1 codes ...) are never meant in a caption; tab, newline and carriage
+    return are whitespace and, like runs of spaces, become one space.
+    """
+    kept, removed = [], 0
+    for char in text:
+        if char in "\t\n\r" or unicodedata.category(char) != "Cc":
+            kept.append(char)
+        else:
+            removed += 1
+    return " ".join("".join(kept).split()), removed
+
+
+def _control_note(removed: int) -> str:
+    return f"{removed} control character{'s' if removed != 1 else ''} (NUL, ESC, ...) removed"
+
+
 def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Optional[str], Optional[str]]:
     """(caption, problem). caption None: the item cannot be used; a problem with a caption is a warning."""
     strategy = dataset.caption_strategy
     if strategy is None:
         return "", None
     if strategy == "instanceprompt":
-        return dataset.instance_prompt or "", None
+        caption, removed = clean_caption(dataset.instance_prompt or "")
+        return caption, (f"instance_prompt: {_control_note(removed)}" if removed else None)
     if strategy == "filename":
-        caption = " ".join(Path(key).name.replace("_", " ").split())
-        return caption, (None if caption else "file name gives an empty caption")
+        caption, removed = clean_caption(Path(key).name.replace("_", " "))
+        if not caption:
+            return caption, "file name gives an empty caption" + (f" ({_control_note(removed)})" if removed else "")
+        return caption, (f"file name: {_control_note(removed)}" if removed else None)
     sidecar = sidecar_caption_path(media_path)
     if not sidecar.is_file():
         return None, f"caption file {sidecar.name} is missing; add it or use caption_strategy 'filename'"
     try:
-        caption = " ".join(sidecar.read_text(encoding="utf-8-sig").split())  # -sig: drop a Notepad BOM
+        caption, removed = clean_caption(sidecar.read_text(encoding="utf-8-sig"))  # -sig: drop a Notepad BOM
     except (OSError, UnicodeDecodeError) as err:
         return None, f"caption file {sidecar.name} is unreadable ({err}); save it as UTF-8 text"
     if not caption:
-        return "", f"caption file {sidecar.name} is empty; the item trains unconditioned (empty prompt)"
+        note = f" (it holds only control characters, {removed} removed)" if removed else ""
+        return "", f"caption file {sidecar.name} is empty{note}; the item trains unconditioned (empty prompt)"
+    if removed:
+        return caption, f"caption file {sidecar.name}: {_control_note(removed)}; check that it is a text file"
     return caption, None
 
 
@@ -317,6 +426,7 @@ def plan_data(datasets: DatasetList, *, eval_dataset_id: Optional[str], alignmen
     if eval_set is not None:
         eval_plan, eval_used = plan_dataset(eval_set, datasets, alignment=alignment, seed=seed)
         used |= eval_used
+        refuse_shared_files(train_plans, eval_plan)
     conditioning_problems = []
     users: dict[str, list[str]] = {}
     for dataset in train_sets + ([eval_set] if eval_set else []):
@@ -331,6 +441,36 @@ def plan_data(datasets: DatasetList, *, eval_dataset_id: Optional[str], alignmen
                     Problem(cond_id, str(path), f"orphan start frame: no clip '{key}.*' in dataset(s) {clip_ids}; remove it or add the clip")
                 )
     return DataPlan(train_plans, eval_plan, conditioning_problems)
+
+
+def _file_identity(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def refuse_shared_files(train_plans: list[DatasetPlan], eval_plan: DatasetPlan) -> None:
+    """`DataError` when an eval clip is also a training clip (the same file, through any link or copy path)."""
+    trained: dict[tuple[int, int], tuple[str, Path]] = {}
+    for plan in train_plans:
+        for sample in plan.samples:
+            identity = _file_identity(sample.source.media_path)
+            if identity is not None:
+                trained.setdefault(identity, (plan.dataset.id, sample.source.media_path))
+    shared = []
+    for sample in eval_plan.samples:
+        hit = trained.get(_file_identity(sample.source.media_path) or (-1, -1))
+        if hit is not None:
+            shared.append((sample.source.media_path, *hit))
+    if shared:
+        eval_path, train_id, train_path = shared[0]
+        raise DataError(
+            f"eval split '{eval_plan.dataset.id}' and training dataset '{train_id}' share {len(shared)} file(s) "
+            f"(e.g. {eval_path} is {train_path}), so the held-out loss would be measured on training data; "
+            "remove them from one of the two datasets"
+        )
 
 
 def require_usable(plan: DataPlan, *, eval_dataset_id: Optional[str]) -> None:

@@ -1,43 +1,108 @@
-"""Still images (start frames and image datasets): size probe, EXIF orientation, resize and crop.
+"""Still images (start frames and image datasets): safe open, size probe, EXIF orientation, resize and crop.
 
 Images are read with Pillow; `ImageOps.exif_transpose` applies the camera's orientation tag so a
 portrait phone photo stays portrait, as it is displayed, before it is bucketed and cropped.
+
+Every image is opened through `open_image`, which refuses files over `MAX_IMAGE_PIXELS` by name before
+a pixel is decoded (a PNG header can claim 30000x30000 in a few hundred bytes: a decompression bomb).
+This module does not import torch (`check` and the web UI's thumbnails use it).
 """
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from longcat_tuner.data.video import ResizePlan
-from longcat_tuner.media import to_rgb
 from longcat_tuner.errors import DataError
+
+# 80 Mpixel: above any camera start frame (61 Mpixel full-frame sensors), below Pillow's own warning
+# threshold (~89 Mpixel), so Pillow never warns on an image this module accepts; decoding one costs ~240 MB.
+MAX_IMAGE_PIXELS = 80_000_000
 
 # EXIF orientation values 5-8 rotate by 90 degrees: the displayed width and height swap.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
-def _open(path: Path):
+def _too_large(path: Path, width: int, height: int, limit: int) -> DataError:
+    return DataError(
+        f"{path}: image is {width}x{height} = {width * height / 1e6:.0f} Mpixel, over the limit of "
+        f"{limit / 1e6:.0f} Mpixel; downscale it (a start frame needs no more than the training size) or remove it"
+    )
+
+
+def _png_size(path: Path):
+    """(width, height) from a PNG's IHDR chunk, or None for other files (for the message of a refused bomb)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(24)
+    except OSError:
+        return None
+    if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    return None
+
+
+def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Open an image lazily (header only), refusing unreadable files and images over `max_pixels`.
+
+    Returns a PIL image (use it as a context manager); raises `DataError` naming the file, its size and
+    the limit. Pillow's own `DecompressionBombError` / `DecompressionBombWarning` become the same message.
+    The one safe opener for start frames, image datasets, sampling and the web UI's thumbnails.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        return Image.open(path)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable image ({err.__class__.__name__}: {err}); re-save or remove it") from None
-
-
-def probe_image(path: str | Path) -> tuple[int, int]:
-    """(height, width) as displayed (EXIF orientation applied), read from the header only."""
     path = Path(path)
-    with _open(path) as image:
+    try:
+        image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        size = _png_size(path)
+        if size is not None:
+            raise _too_large(path, size[0], size[1], max_pixels) from None
+        raise DataError(f"{path}: image is over the pixel limit of {max_pixels / 1e6:.0f} Mpixel ({err}); downscale it") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: image does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error) as err:
+        raise DataError(f"{path}: not a readable image ({err.__class__.__name__}: {err}); re-save or remove it") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise _too_large(path, width, height, max_pixels)
+    if width <= 0 or height <= 0:
+        image.close()
+        raise DataError(f"{path}: image reports size {width}x{height}; re-save it")
+    return image
+
+
+def _decode(image, path: Path) -> None:
+    """Decode every pixel (catches truncated and corrupt data, as training would meet it)."""
+    from PIL import Image
+
+    try:
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_large(path, image.size[0], image.size[1], MAX_IMAGE_PIXELS) from None
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as err:
+        raise DataError(f"{path}: image data is corrupt or truncated ({err}); re-save or remove it") from None
+
+
+def probe_image(path: str | Path, *, decode: bool = True) -> tuple[int, int]:
+    """(height, width) as displayed (EXIF orientation applied).
+
+    With `decode` (the default, what `check` and planning use) every pixel is decoded once, so a truncated
+    or corrupt file is reported here exactly as training would skip it; start frames are small, so this is cheap.
+    """
+    path = Path(path)
+    with open_image(path) as image:
         width, height = image.size
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
         except Exception:  # a broken EXIF block must not hide a readable image
             orientation = 1
-    if width <= 0 or height <= 0:
-        raise DataError(f"{path}: image reports size {width}x{height}; re-save it")
+        if decode:
+            _decode(image, path)
     return (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)
 
 
@@ -45,13 +110,15 @@ def load_image(path: str | Path, plan: ResizePlan) -> np.ndarray:
     """Decode, apply EXIF orientation, convert to RGB, scale and crop per `plan` -> uint8 [H, W, 3]."""
     from PIL import Image, ImageOps
 
+    from longcat_tuner.media import to_rgb  # the same conversion as sampling (media.py imports torch: lazily)
+
     path = Path(path)
-    with _open(path) as image:
+    with open_image(path) as image:
         try:
-            image = to_rgb(ImageOps.exif_transpose(image))  # the same conversion as sampling (media.py)
+            image = to_rgb(ImageOps.exif_transpose(image))
             # reducing_gap: a fast box pre-shrink for large downscales (2048 -> 640) keeps quality.
             image = image.resize((plan.scaled_width, plan.scaled_height), Image.Resampling.LANCZOS, reducing_gap=3.0)
-        except (OSError, ValueError, SyntaxError) as err:
+        except (OSError, ValueError, SyntaxError, struct.error, EOFError) as err:
             raise DataError(f"{path}: image data is corrupt or truncated ({err}); re-save or remove it") from None
         array = np.asarray(image)
     # A writable copy of the window (torch.from_numpy refuses read-only PIL buffers).

@@ -17,7 +17,7 @@ from typing import Sequence, Union
 import torch
 
 from longcat_tuner.errors import CheckpointError
-from longcat_tuner.model.loading import find_component
+from longcat_tuner.model.loading import find_component, verify_weight_files
 
 MAX_TOKENS = 512
 
@@ -82,6 +82,7 @@ class TextEncoder:
             model_cls = getattr(__import__("transformers"), architectures[0])
         else:
             model_cls = AutoModel
+        verify_weight_files(encoder_dir, "model.safetensors", required=False)  # names a truncated file
         try:
             model = model_cls.from_pretrained(encoder_dir, torch_dtype=dtype)
         except OSError as err:

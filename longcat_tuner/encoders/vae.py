@@ -24,7 +24,7 @@ import torch
 
 from longcat_tuner.encoders.text import folder_identity
 from longcat_tuner.errors import CheckpointError, ShapeError
-from longcat_tuner.model.loading import find_component
+from longcat_tuner.model.loading import find_component, verify_weight_files
 
 # Pixels (frames x height x width, per clip) of one encoder call: 16 frames at 480x832. At base width 96 in
 # bf16 the largest activations of such a chunk take ~1.2 GB each (a few live at once).
@@ -63,6 +63,7 @@ class VideoVAE:
         from diffusers import AutoencoderKLWan
 
         folder = find_component(root, "vae")
+        verify_weight_files(folder, required=False)  # names a truncated file
         try:
             model = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype)
         except (OSError, ValueError) as err:

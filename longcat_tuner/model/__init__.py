@@ -1,6 +1,19 @@
-"""The LongCat-Video DiT, its attention backends, loading and LoRA."""
-from longcat_tuner.model.config import DiTConfig
-from longcat_tuner.model.dit import KVCache, LongCatDiT
-from longcat_tuner.model.loading import load_dit
+"""The LongCat-Video DiT, its attention backends, loading and LoRA.
 
-__all__ = ["DiTConfig", "KVCache", "LongCatDiT", "load_dit"]
+Names are imported lazily so that `longcat_tuner.model.inspect` and `longcat_tuner.model.config` (used by
+`check` and the web UI) do not import torch.
+"""
+from __future__ import annotations
+
+from longcat_tuner.lazy import lazy_getattr
+
+_EXPORTS = {
+    "DiTConfig": "longcat_tuner.model.config",
+    "KVCache": "longcat_tuner.model.dit",
+    "LongCatDiT": "longcat_tuner.model.dit",
+    "load_dit": "longcat_tuner.model.loading",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -5,7 +5,6 @@ built on the meta device, so the 13.6B model never exists twice in memory.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
@@ -17,45 +16,15 @@ from longcat_tuner.errors import CheckpointError
 from longcat_tuner.model.config import DiTConfig
 from longcat_tuner.model.dit import LongCatDiT
 
+# The torch-free folder helpers live in `inspect` (used by `check`); re-exported here for the loaders.
+from longcat_tuner.model.inspect import (  # noqa: F401
+    WEIGHTS_NAME,
+    find_component,
+    verify_weight_files,
+    weight_files,
+)
+
 PathLike = Union[str, Path]
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-def find_component(path: PathLike, component: str, marker: str = "config.json") -> Path:
-    """`path` may be the checkpoint root or the component folder itself; returns the component folder."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(
-            f"{path} does not exist: point pretrained_model_name_or_path / --model at a LongCat-Video folder "
-            f"in the official layout (dit/ text_encoder/ tokenizer/ vae/ scheduler/)"
-        )
-    if (path / component / marker).exists():
-        return path / component
-    if path.name == component and (path / marker).exists():
-        return path
-    raise CheckpointError(f"{path} has no {component}/{marker}: expected the official layout with a {component}/ folder")
-
-
-def weight_files(folder: Path, base_name: str = WEIGHTS_NAME) -> list[Path]:
-    """The safetensors files of a component: the index's shards, or the single file."""
-    index = folder / f"{base_name}.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({err})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{folder} is missing shards listed in {index.name}: {', '.join(missing)}")
-        return files
-    single = folder / base_name
-    if single.exists():
-        return [single]
-    candidates = sorted(folder.glob("*.safetensors"))
-    if candidates:
-        return candidates
-    raise CheckpointError(f"{folder} has no {base_name} (nor an index.json, nor any *.safetensors file)")
 
 
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -126,8 +95,8 @@ def load_dit(
     folder = find_component(path, "dit")
     config = DiTConfig.from_file(folder / "config.json")
     model = build_dit(config, device="meta")
-    load_state_streaming(
-        model, iter_safetensors(weight_files(folder)), dtype=dtype, device=device, source=str(folder)
-    )
+    # Headers first: a truncated or damaged file is named before any tensor is read.
+    files = verify_weight_files(folder)
+    load_state_streaming(model, iter_safetensors(files), dtype=dtype, device=device, source=str(folder))
     model.set_attention_backend(attention_backend)
     return model.eval().requires_grad_(False)

@@ -555,6 +555,8 @@ def write_lora_file(adapters: dict[str, Adapter], path: Union[str, Path], format
     """Write `adapters` in `format` (to a temporary name, then renamed); `metadata` goes into the header."""
     from safetensors.torch import save_file
 
+    from longcat_tuner.fsutil import atomic_file
+
     format = resolve_format(format)
     tensors, header = format_tensors(adapters, format)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()
@@ -562,10 +564,8 @@ def write_lora_file(adapters: dict[str, Adapter], path: Union[str, Path], format
     meta["longcat_tuner_format"] = format
     meta.update(header)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:  # a failed write (disk full) leaves neither a partial file nor a temporary
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

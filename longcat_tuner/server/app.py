@@ -36,7 +36,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from longcat_tuner.config.datasets import DatasetConfig, parse_datasets
 from longcat_tuner.config.training import PATH_FIELDS, TrainConfig, parse_resolution, read_json, resolve_paths
-from longcat_tuner.errors import ConfigError
+from longcat_tuner.data.images import open_image
+from longcat_tuner.errors import ConfigError, DataError
+from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
 from longcat_tuner.server import security
 from longcat_tuner.server.jobs import (
     Job,
@@ -59,9 +61,6 @@ DATASETS_NAME = "multidatabackend.json"
 DATASET_PATH_FIELDS = ("instance_data_dir", "cache_dir_vae", "cache_dir_text")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MEDIA_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime", ".m4v": "video/mp4"}
-# Thumbnails decode dataset images in full: a header claiming more pixels is refused (a decompression
-# bomb; 8192x8192 is far above any start frame, and below Pillow's own warning size).
-THUMBNAIL_MAX_PIXELS = 8192 * 8192
 # Multipart framing (boundaries, part headers) an upload may add to the image itself.
 MULTIPART_OVERHEAD = 64 * 1024
 # Preview bounds: the sampler needs (frames - 1) % 4 == 0 and sides divisible by 16.
@@ -168,7 +167,7 @@ def absolute_paths(values: dict[str, Any], keys: tuple[str, ...], base: Path) ->
 def nonfinite_errors(value: Any, loc: list[str]) -> list[dict[str, Any]]:
     """`Infinity`/`NaN` anywhere in a body (Python's JSON reader accepts them; JSON itself has none)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return [{"loc": loc, "msg": f"must be a finite number (got {value}); use a number such as 1e-4"}]
+        return [{"loc": loc, "msg": f"must be a finite number (got {value}); JSON has no Infinity or NaN, write a number"}]
     if isinstance(value, dict):
         return [e for key, item in value.items() for e in nonfinite_errors(item, loc + [str(key)])]
     if isinstance(value, list):
@@ -218,7 +217,7 @@ def path_errors(settings: ServerSettings, config: dict[str, Any], datasets: list
 
 def validate_files(settings: ServerSettings, body: ConfigBody) -> tuple[dict[str, Any], list[Any], list[dict[str, Any]]]:
     """Normalize and validate both files; returns (config, datasets, errors)."""
-    errors: list[dict[str, Any]] = nonfinite_errors(body.config, ["config"]) + nonfinite_errors(body.datasets, ["datasets"])
+    errors: list[dict[str, Any]] = []
     config = dict(body.config)
     config["data_backend_config"] = str(settings.datasets_path.resolve())
     config = absolute_paths(config, PATH_FIELDS, settings.cwd)
@@ -238,6 +237,11 @@ def validate_files(settings: ServerSettings, body: ConfigBody) -> tuple[dict[str
             DatasetConfig.model_validate(entry)
         except ValidationError as err:
             errors.extend(error_list(err, ("datasets", str(index))))
+    # A safety net for values the schemas let through: Infinity / NaN anywhere (each key reported once).
+    reported = {tuple(error["loc"]) for error in errors}
+    for error in nonfinite_errors(body.config, ["config"]) + nonfinite_errors(body.datasets, ["datasets"]):
+        if tuple(error["loc"]) not in reported:
+            errors.append(error)
     errors.extend(path_errors(settings, config, datasets))
     if not errors:
         try:  # cross-dataset rules (unique ids, conditioning references, separate caches)
@@ -493,6 +497,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "config": TrainConfig.model_json_schema(),
             "dataset": DatasetConfig.model_json_schema(),
             "path_fields": {"config": list(PATH_FIELDS), "dataset": list(DATASET_PATH_FIELDS)},
+            # Keys the memory plan chooses when a config leaves them out: the form writes them only when
+            # the loaded config has them or the user changes them (a written key pins its setting).
+            "planned_fields": list(MEMORY_CONFIG_KEYS),
         }
 
     @app.get("/api/config")
@@ -569,7 +576,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if len(running) >= settings.max_jobs:
             names = ", ".join(f"{job.kind} {job.id}" for job in running)
             raise HTTPException(
-                429, f"{len(running)} jobs already running ({names}); wait or stop one "
+                429, f"{len(running)} job{'s' if len(running) != 1 else ''} already running ({names}); wait or stop one "
                 f"(at most {settings.max_jobs} check/preview jobs run at a time)",
             )  # fmt: skip
 
@@ -624,20 +631,23 @@ def create_app(settings: ServerSettings) -> FastAPI:
     def image_thumbnail(path: str, size: int = 256) -> Response:
         """A thumbnail of an image inside the allowed folders (dataset start frames).
 
-        The header is read first: an image claiming more than THUMBNAIL_MAX_PIXELS (a decompression
-        bomb) is refused with 422 naming the file, before anything is decoded.
+        Opened as training opens it (`data.images.open_image`): the header is read first, and an image
+        over the trainer's pixel limit (a decompression bomb) is refused with 422 naming the file and
+        its size, before anything is decoded.
         """
         file = security.resolve_inside(path, settings.roots, what="image")
         if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
             raise HTTPException(404, f"{file} is not an image file")
         size = max(16, min(size, 1024))
         try:
-            with security.open_image_checked(file, max_pixels=THUMBNAIL_MAX_PIXELS, name=str(file)) as image:
+            with open_image(file) as image:
                 image.thumbnail((size, size))
                 buffer = io.BytesIO()
                 image.convert("RGB").save(buffer, format="PNG")
+        except DataError as err:
+            raise HTTPException(422, str(err)) from None
         except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt pixel data
-            raise HTTPException(422, f"{file} is not a readable image: {err}") from None
+            raise HTTPException(422, f"{file} is not a readable image: {err}; re-save or remove it") from None
         return Response(buffer.getvalue(), media_type="image/png")
 
     # --- runs ----------------------------------------------------------------------------------
@@ -747,8 +757,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         state = StreamState(log_offset=await run_in_threadpool(log_tail_offset, job.log_path))
         while True:
             messages, done, more = await run_in_threadpool(stream_poll, store, job, state)
-            for message in messages:
-                yield message
+            if messages:
+                yield b"".join(messages)  # one write per poll, however many events it read
             if done or await request.is_disconnected():
                 return
             if not more:
@@ -976,7 +986,10 @@ def stream_poll(store: JobStore, job: Job, state: StreamState) -> tuple[list[byt
     if path is not None:
         before = state.offset
         events, state.offset = read_events(path, state.offset, max_bytes=STREAM_CHUNK_BYTES)
-        more = state.offset - before >= STREAM_CHUNK_BYTES
+        try:  # lines were read and bytes remain: the rest of a long file at once, not 0.5 s later
+            more = state.offset > before and path.stat().st_size > state.offset
+        except OSError:
+            more = False
         for event in events:
             if event.get("event") == "start":
                 state.mine = is_own_start(event, job)

@@ -4,7 +4,9 @@ Each job gets a folder under the server's data folder holding `job.json` (argv, 
 code), the process output `process.log` and, for runs, the config snapshot it was started with.
 Status is derived, never cached: a job is running while its pid is alive (checked against the
 process start time so a recycled pid does not count), and a train run's outcome comes from the
-`end` event of its own `events.jsonl`. A run whose process died without an `end` event is `died`.
+`end` event of its own `events.jsonl`. Without an `end` event a run is `stopped` (stopped from the
+UI), `completed` (exit code 0) or `died`. Events files are summarised incrementally (`EVENTS`): a
+request reads only the bytes appended since the last one.
 """
 from __future__ import annotations
 

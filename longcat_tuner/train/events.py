@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-EVENT_KINDS = ("start", "step", "validation", "checkpoint", "error", "end")
+EVENT_KINDS = ("start", "memory_plan", "step", "validation", "checkpoint", "error", "end")
 EVENTS_FILE = "events.jsonl"
 
 

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from longcat_tuner import runtime
 from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.errors import CheckpointError, ConfigError, LongcatError
 from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
@@ -50,7 +51,6 @@ from longcat_tuner.train.distributed import (
 )
 from longcat_tuner.train.events import EventLog, SilentEventLog
 from longcat_tuner.train.feed import TrainingData, prepare_data
-from longcat_tuner.train.memory import apply_memory_options
 from longcat_tuner.train.optim import build_lr_scheduler, build_optimizer
 from longcat_tuner.train.step import heldout_loss, training_loss
 from longcat_tuner.train.validate import run_validation
@@ -147,9 +147,7 @@ def seed_everything(seed: int) -> None:
 def assembles_on_host(config: TrainConfig, precision: Precision) -> bool:
     """With block swap or 8-bit weights the full bf16 model may not fit the GPU: it is loaded on the host,
     quantized and given adapters there, then all but the swapped blocks' frozen weights move."""
-    return precision.device.type == "cuda" and (
-        config.musubi_blocks_to_swap > 0 or config.base_model_precision in ("int8-quanto", "fp8-torchao")
-    )
+    return runtime.load_device(runtime.MemorySettings.from_config(config), precision.device).type != precision.device.type
 
 
 def host_assembly_bytes(config: TrainConfig, precision: Precision) -> int:
@@ -160,6 +158,42 @@ def host_assembly_bytes(config: TrainConfig, precision: Precision) -> int:
     folder = find_component(config.pretrained_model_name_or_path, "dit")
     meta = build_dit(DiTConfig.from_file(folder / "config.json"), device="meta")
     return sum(p.numel() for p in meta.parameters()) * precision.base_dtype.itemsize
+
+
+def largest_clip(data: TrainingData, batch_size: int) -> Optional[Any]:
+    """The training micro-batch with the most tokens (the one that sets the peak), from the cached buckets."""
+    from longcat_tuner.runtime.auto import ClipShape
+
+    keys = set(data.dataset.group_keys())
+    if not keys:
+        return None
+    frames, height, width, has_start = max(keys, key=lambda k: (k[0] * k[1] * k[2], k[3]))
+    return ClipShape(frames=frames, height=height, width=width, batch=batch_size, has_start_frame=has_start)
+
+
+def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, dist: Distributed) -> Any:
+    """The run's memory settings (`runtime.auto.choose_plan`) for this card, cap and largest bucket; on
+    CUDA the cap is enforced with PyTorch's per-process memory fraction."""
+    from importlib.util import find_spec
+
+    from longcat_tuner.model.config import DiTConfig
+    from longcat_tuner.model.loading import find_component
+    from longcat_tuner.runtime.auto import choose_plan, is_calibrated
+    from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
+
+    cuda = precision.device.type == "cuda"
+    card_gib = None
+    if cuda:
+        card_gib = torch.cuda.get_device_properties(precision.device).total_memory / 2**30
+        if config.max_gpu_memory_gib is not None:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, config.max_gpu_memory_gib / card_gib), precision.device)
+    dit_config = DiTConfig.from_file(find_component(config.pretrained_model_name_or_path, "dit") / "config.json")
+    return choose_plan(
+        config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS),
+        shape=largest_clip(data, config.train_batch_size), cuda=cuda, card_gib=card_gib,
+        compile_ok=find_spec("triton") is not None, calibrated_model=is_calibrated(dit_config),
+        distributed_strategy=config.distributed_strategy if dist.enabled else None,
+    )
 
 
 def build_model_in_turns(config: TrainConfig, precision: Precision, dist: Distributed) -> torch.nn.Module:
@@ -179,7 +213,8 @@ def build_model_in_turns(config: TrainConfig, precision: Precision, dist: Distri
 
 
 def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
-    """Load the DiT, attach adapters (or unfreeze it for a full fine-tune), apply memory options."""
+    """Load the DiT, attach adapters (or unfreeze it for a full fine-tune), apply the memory settings
+    through `runtime.apply_runtime`, the code path `sample` and the benchmarks share."""
     from longcat_tuner.model import load_dit
 
     if config.enable_group_offload:
@@ -189,24 +224,21 @@ def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
             "enable_group_offload is not available for training; set it to false and use musubi_blocks_to_swap "
             "(e.g. 8) to stream the frozen block weights from host memory instead"
         )
-    backend = config.attention_implementation
-    on_host_first = assembles_on_host(config, precision)
+    settings = runtime.MemorySettings.from_config(config)
+    if settings.quantized and config.model_type == "full":
+        raise ConfigError(
+            f"base_model_precision '{config.base_model_precision}' stores frozen weights in 8 bits; "
+            "a full fine-tune trains them: use model_type 'lora' or base_model_precision 'no_change'"
+        )
+    if settings.blocks_to_swap and config.model_type == "full":
+        raise ConfigError("musubi_blocks_to_swap streams frozen weights; a full fine-tune trains them: use model_type 'lora'")
     dit = load_dit(
         config.pretrained_model_name_or_path,
         dtype=precision.base_dtype,
-        device="cpu" if on_host_first else precision.device,
-        attention_backend=backend,
+        device=runtime.load_device(settings, precision.device),
+        attention_backend=config.attention_implementation,
     )
-    if config.base_model_precision in ("int8-quanto", "fp8-torchao"):
-        from longcat_tuner.train.quantize import quantize_base_weights
-
-        # Before the adapters are attached, so only frozen base weights are quantized.
-        if config.model_type == "full":
-            raise ConfigError(
-                f"base_model_precision '{config.base_model_precision}' stores frozen weights in 8 bits; "
-                "a full fine-tune trains them: use model_type 'lora' or base_model_precision 'no_change'"
-            )
-        quantize_base_weights(dit, config.base_model_precision)
+    runtime.prepare_base_weights(dit, settings)  # before the adapters, so only frozen base weights are quantized
     if config.model_type == "lora":
         from longcat_tuner.model.lora import inject_lora
 
@@ -214,31 +246,8 @@ def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
         inject_lora(dit, rank=config.lora_rank, alpha=config.effective_lora_alpha, targets=config.lora_targets, dtype=torch.float32)
     else:
         dit.requires_grad_(True)
-    if on_host_first:
-        from longcat_tuner.train.block_swap import place_with_swapped_blocks
-
-        place_with_swapped_blocks(dit, precision.device, config.musubi_blocks_to_swap)
-    apply_memory_options(
-        dit, gradient_checkpointing=config.gradient_checkpointing, mode=config.gradient_checkpointing_mode,
-        keep_attention_blocks=config.gradient_checkpointing_keep_attention_blocks, compile_blocks=config.compile_blocks,
-        compile_scope=config.compile_scope,
-    )
-    if config.musubi_blocks_to_swap:
-        _apply_block_swap(dit, config, precision)
+    runtime.apply_runtime(dit, settings, precision.device)
     return dit.train()
-
-
-def _apply_block_swap(dit: torch.nn.Module, config: TrainConfig, precision: Precision) -> None:
-    """Stream the frozen weights of the last N blocks from host memory (after LoRA and quantization)."""
-    from longcat_tuner.train.block_swap import apply_block_swap
-
-    if precision.device.type != "cuda":
-        raise ConfigError("musubi_blocks_to_swap needs a CUDA device; set it to 0 for CPU runs")
-    if config.model_type == "full":
-        raise ConfigError("musubi_blocks_to_swap streams frozen weights; a full fine-tune trains them: use model_type 'lora'")
-    apply_block_swap(
-        dit, config.musubi_blocks_to_swap, swap_device=config.musubi_block_swap_device, compute_device=precision.device
-    )
 
 
 def total_optimizer_steps(config: TrainConfig, batches_per_epoch: int) -> int:
@@ -365,6 +374,10 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     precision = choose_precision(config, dist.device if dist.enabled else None)
     seed_everything(config.seed)  # the same on every rank: adapters start identical
     data = prepare_data(config, device=precision.device, progress=progress, dist=dist)
+    plan = plan_memory(config, data, precision, dist)  # before the model loads: a pinned key that cannot fit stops here
+    config = config.model_copy(update=plan.settings.config_values())  # the snapshot in `start` holds what runs
+    if dist.is_main:
+        print(plan.summary())
     dit = build_model_in_turns(config, precision, dist)
     sharded = dist.enabled and config.distributed_strategy == "fsdp"
     if sharded:
@@ -416,6 +429,7 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
         pid=os.getpid(), resumed_from=str(resume_path) if resume_path else None, start_step=run.step,
         world_size=dist.world_size,
     )
+    events.emit("memory_plan", **plan.to_event())
     return run
 
 

@@ -79,7 +79,7 @@ function showTab() {
 // ---------------------------------------------------------------------------------------------
 // Schema-driven forms
 // ---------------------------------------------------------------------------------------------
-const state = { schema: null, info: null, pathFields: { config: [], dataset: [] } };
+const state = { schema: null, info: null, pathFields: { config: [], dataset: [] }, plannedFields: [] };
 
 function resolveRef(schema, root) {
   if (schema && schema.$ref) {
@@ -111,7 +111,7 @@ function describe(prop, root) {
   return { kind, nullable, base, itemType: base.items && base.items.type };
 }
 
-function buildField(key, prop, root, value, { required = false, readonly = false, path = false } = {}) {
+function buildField(key, prop, root, value, { required = false, readonly = false, path = false, planned = false } = {}) {
   const info = describe(prop, root);
   const { kind, nullable, base } = info;
   const id = `f-${Math.random().toString(36).slice(2, 9)}`;
@@ -152,6 +152,14 @@ function buildField(key, prop, root, value, { required = false, readonly = false
   input.dataset.nullable = nullable ? "1" : "";
   input.dataset.itemType = info.itemType || "";
   input.dataset.required = required ? "1" : "";
+  // A key the memory plan chooses is written only when the loaded config had it or the user changes it.
+  input.dataset.planned = planned ? "1" : "";
+  input.dataset.given = value !== undefined ? "1" : "";
+  if (planned) {
+    const mark = () => { input.dataset.given = "1"; };
+    input.addEventListener("change", mark);
+    input.addEventListener("input", mark);
+  }
   const label = el("label", { for: id, class: "key", title: base.description || "" }, key, required ? el("span", { class: "req", text: " *" }) : null);
   const help = el("div", { class: "help", text: base.description || "" });
   const error = el("div", { class: "field-error", "data-error-for": key });
@@ -169,6 +177,7 @@ function readForm(container) {
     const input = node.querySelector && node.querySelector(":scope > input, :scope > select");
     if (!input || !input.dataset.key) continue;
     const { key, kind, nullable, itemType } = input.dataset;
+    if (input.dataset.planned && !input.dataset.given) continue; // left to the memory plan
     if (kind === "boolean") { out[key] = input.checked; continue; }
     const raw = input.value.trim();
     if (raw === "") {
@@ -206,6 +215,7 @@ function buildConfigForm(config) {
       required: required.has(key) && !managed,
       readonly: managed,
       path: state.pathFields.config.includes(key),
+      planned: state.plannedFields.includes(key),
     }));
   }
 }
@@ -343,6 +353,7 @@ async function loadConfigPage() {
   state.schema = schema;
   state.info = info;
   state.pathFields = schema.path_fields;
+  state.plannedFields = schema.planned_fields || [];
   $("#config-path").textContent = saved.config_path;
   $("#datasets-path").textContent = saved.datasets_path;
   buildConfigForm(saved.config || {});

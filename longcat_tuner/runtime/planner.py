@@ -94,15 +94,41 @@ class Setting:
     width: int = 832
     frames: int = 93
     batch: int = 1
-    lora_rank: int = 32
+    lora_rank: int = 32  # the calibration runs; `from_memory` takes the config's
     blocks_to_swap: int = 0
     precision: str = "bf16"  # bf16 | fp8-torchao | int8-quanto (no_change = bf16 on CUDA)
     gradient_checkpointing: bool = True
     keep_attention: bool = False  # selective checkpointing: attention outputs kept, not recomputed
+    keep_attention_blocks: Optional[int] = None  # with keep_attention: the first k blocks keep it (None: all)
     offload_activations: bool = False  # checkpointed block inputs in pinned host memory
     compiled: bool = False  # torch.compile of the blocks
     compile_checkpointed_block: bool = False  # compile_scope checkpointed_block (compiled + keep_attention)
     num_cond_latents: int = 1
+
+    @classmethod
+    def from_memory(cls, memory, *, height: int, width: int, frames: int, batch: int = 1, lora_rank: int = 8,
+                    num_cond_latents: int = 1) -> "Setting":
+        """The planner's view of `memory` (a `runtime.settings.MemorySettings`) at one clip shape."""
+        precision = "bf16" if memory.base_precision == "no_change" else memory.base_precision
+        return cls(
+            height=height, width=width, frames=frames, batch=batch, lora_rank=lora_rank,
+            blocks_to_swap=memory.blocks_to_swap, precision=precision,
+            gradient_checkpointing=memory.checkpointing != "none",
+            keep_attention=memory.checkpointing == "keep_attention",
+            keep_attention_blocks=memory.keep_attention_blocks if memory.checkpointing == "keep_attention" else None,
+            offload_activations=memory.checkpointing == "offload_inputs",
+            compiled=memory.compile_blocks, compile_checkpointed_block=memory.compiles_checkpointed_block,
+            num_cond_latents=num_cond_latents,
+        )
+
+    @property
+    def kept_attention_share(self) -> float:
+        """Share of the blocks that keep their attention outputs."""
+        if not self.keep_attention:
+            return 0.0
+        if self.keep_attention_blocks is None:
+            return 1.0
+        return max(0, min(self.keep_attention_blocks, DEPTH)) / DEPTH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +219,8 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
         else:
             memory["checkpointed_inputs"] = DEPTH * hidden_state
         if setting.keep_attention:
-            memory["kept_attention"] = DEPTH * hidden_state * (1 - setting.num_cond_latents * 1.0 / max(1, token_grid(
-                setting.height, setting.width, setting.frames)[0]))
+            memory["kept_attention"] = setting.kept_attention_share * DEPTH * hidden_state * (
+                1 - setting.num_cond_latents * 1.0 / max(1, token_grid(setting.height, setting.width, setting.frames)[0]))
         memory["block_working_set"] = working
         if setting.compile_checkpointed_block:
             memory["compiled_checkpoint_extra"] = n * cal["checkpointed_block_extra_bytes_per_token"]
@@ -207,7 +233,7 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
     recompute = setting.gradient_checkpointing
     attention_passes = 1.0 + (1.0 if recompute else 0.0)
     if setting.keep_attention:
-        attention_passes -= cal["keep_attention_saving"]
+        attention_passes -= cal["keep_attention_saving"] * setting.kept_attention_share
     linear_passes = 3.0 if recompute else 2.0  # forward, input gradients, recompute
     parts = {
         "attention": attention_passes * attention_fwd + attention_bwd,

@@ -1,6 +1,6 @@
 """Selective gradient checkpointing: recompute a block in backward, except its attention kernels.
 
-Plain checkpointing (`memory.apply_gradient_checkpointing`) recomputes the whole block, attention
+Plain checkpointing (`checkpointing.apply_gradient_checkpointing`) recomputes the whole block, attention
 included, and attention is the largest cost at video lengths (37,440 tokens: ~22 TFLOP per block,
 forward). Here the block is checkpointed with a PyTorch selective-checkpoint policy that saves the
 outputs of the long self-attention SDPA kernel (attention output and its log-sum-exp, ~290 MB per block
@@ -10,8 +10,9 @@ forward per block.
 
 `apply_selective_checkpointing(dit, save_attention_blocks=k)` applies it to the first k blocks (all
 by default) and plain checkpointing to the rest, which trades memory for speed in a controlled way. It
-marks blocks with the same attribute as `memory.apply_gradient_checkpointing`, so
-`memory.remove_gradient_checkpointing` undoes it and block swap recognizes checkpointed blocks.
+marks blocks with the same attribute as `checkpointing.apply_gradient_checkpointing`, so
+`checkpointing.remove_gradient_checkpointing` undoes it. The trainer reaches these wrappers through
+`checkpointing.checkpointed_forward` (composed by `longcat_tuner.runtime.apply`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from longcat_tuner.train.memory import CHECKPOINT_ATTR
 
 
 def _attention_ops() -> set:
@@ -55,7 +55,8 @@ def _context_fn():
     return create_selective_checkpoint_contexts(_save_attention_policy)
 
 
-def _wrap(forward: Callable[..., Any], save_attention: bool) -> Callable[..., Any]:
+def selective_forward(forward: Callable[..., Any], save_attention: bool) -> Callable[..., Any]:
+    """`forward` checkpointed; with `save_attention` the long self-attention outputs are kept, not recomputed."""
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -76,18 +77,18 @@ def apply_selective_checkpointing(
     """Checkpoint every block; the first `save_attention_blocks` (None: all) keep their attention outputs.
 
     `compile_blocks` compiles each checkpointed block forward with `torch.compile` (fuses the float32
-    modulation, norm and RoPE element-wise chains; the first step pays the compile time).
-    Returns the number of blocks that keep attention outputs.
+    modulation, norm and RoPE element-wise chains; the first step pays the compile time). This is
+    `apply_runtime` with `checkpointing="keep_attention"` (compile scope `checkpointed_block`) on the
+    model's own device. Returns the number of blocks that keep attention outputs.
     """
-    blocks = dit.blocks
-    keep = len(blocks) if save_attention_blocks is None else max(0, min(save_attention_blocks, len(blocks)))
-    for i, block in enumerate(blocks):
-        if getattr(block, CHECKPOINT_ATTR, None) is not None:
-            raise RuntimeError(f"block {i} is already checkpointed: remove_gradient_checkpointing(dit) first")
-        original = block.forward
-        setattr(block, CHECKPOINT_ATTR, original)
-        wrapped = _wrap(original, i < keep)
-        block.forward = torch.compile(wrapped) if compile_blocks else wrapped
+    from longcat_tuner.runtime.apply import apply_runtime, model_device
+    from longcat_tuner.runtime.settings import MemorySettings
+
+    blocks = len(dit.blocks)
+    keep = blocks if save_attention_blocks is None else max(0, min(save_attention_blocks, blocks))
+    settings = MemorySettings(checkpointing="keep_attention", keep_attention_blocks=keep, compile_blocks=compile_blocks,
+                              compile_scope="checkpointed_block")
+    apply_runtime(dit, settings, model_device(dit))
     return keep
 
 
@@ -129,7 +130,8 @@ class _OffloadedBlock(torch.autograd.Function):
         return x.grad, None, None, None, None
 
 
-def _offloaded(forward: Callable[..., Any], stream) -> Callable[..., Any]:
+def offloaded_forward(forward: Callable[..., Any], stream) -> Callable[..., Any]:
+    """`forward` checkpointed with its input hidden state kept in pinned host memory until backward."""
     @functools.wraps(forward)
     def run(x: torch.Tensor, *rest: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -149,16 +151,11 @@ def apply_offloaded_checkpointing(dit: torch.nn.Module) -> int:
     """Checkpoint every block and keep its input hidden state in pinned host memory until backward.
 
     Saves the ~0.3 GB per block (14 GB over 48 blocks at 480x832x93) that plain checkpointing keeps on
-    the GPU, for one host-to-device copy per block in backward. Composes with block swap. Returns the
-    number of blocks.
+    the GPU, for one host-to-device copy per block in backward. Composes with block swap. This is
+    `apply_runtime` with `checkpointing="offload_inputs"` on the model's own device; returns the number
+    of blocks.
     """
-    blocks = dit.blocks
-    device = next(p.device for p in dit.parameters())
-    stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-    for i, block in enumerate(blocks):
-        if getattr(block, CHECKPOINT_ATTR, None) is not None:
-            raise RuntimeError(f"block {i} is already checkpointed: remove_gradient_checkpointing(dit) first")
-        original = block.forward
-        setattr(block, CHECKPOINT_ATTR, original)
-        block.forward = _offloaded(original, stream)
-    return len(blocks)
+    from longcat_tuner.runtime.apply import apply_runtime, model_device
+    from longcat_tuner.runtime.settings import MemorySettings
+
+    return len(apply_runtime(dit, MemorySettings(checkpointing="offload_inputs"), model_device(dit)).recomputed)

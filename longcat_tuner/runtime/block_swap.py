@@ -16,7 +16,7 @@ copy. Trainable tensors never move (LoRA adapters live under `module.lora_adapte
 compute device; a swapped block with other trainable weights is refused).
 
 The hooks are module hooks on the block and never wrap `block.forward`, so they compose with
-`longcat_tuner.train.memory.apply_gradient_checkpointing` applied before or after: checkpointing wraps
+`longcat_tuner.runtime.checkpointing.apply_gradient_checkpointing` applied before or after: checkpointing wraps
 `forward`, and its recompute calls the wrapped forward directly, inside the window that the backward
 pre-hook and backward hook open and close. Without checkpointing a block's weights are saved for its
 backward by autograd, so the block stays resident from its forward to its backward (correct, but
@@ -28,13 +28,13 @@ tensor into a fresh CPU tensor.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from longcat_tuner.errors import ConfigError
-from longcat_tuner.train.memory import CHECKPOINT_ATTR  # set by every checkpointing variant
+from longcat_tuner.runtime.checkpointing import CHECKPOINT_ATTR  # set by every checkpointing variant
 
 
 @dataclasses.dataclass
@@ -88,8 +88,12 @@ class BlockSwap:
         compute_device: torch.device,
         prefetch: int,
         on_transfer: Optional[Callable[[str, int], None]] = None,
+        recomputed: Optional[Iterable[int]] = None,
     ):
         self.blocks = blocks
+        # Blocks recomputed in backward (checkpointed): told by the runtime that wrapped them; None: read
+        # the mark each checkpointing wrapper leaves (`CHECKPOINT_ATTR`), for blocks wrapped by hand.
+        self.recomputed = None if recomputed is None else frozenset(recomputed)
         self.compute_device = compute_device
         self.swap_device = swap_device
         self.prefetch = prefetch
@@ -193,7 +197,7 @@ class BlockSwap:
 
     def _make_forward_pre(self, i: int):
         def hook(module, args):
-            if i == 0 and (not torch.is_grad_enabled() or self._checkpointed(module)):
+            if i == 0 and (not torch.is_grad_enabled() or self._is_recomputed(i, module)):
                 # A new pass: blocks left resident by an earlier pass (e.g. the last block kept for a
                 # backward that never came) go; without checkpointing they may still be saved for backward.
                 self._evict_stale({0})
@@ -207,7 +211,7 @@ class BlockSwap:
             if i not in self.swapped:
                 return
             if torch.is_grad_enabled():
-                if not self._checkpointed(module):
+                if not self._is_recomputed(i, module):
                     return  # autograd saved the weights for backward: keep them until the backward hook
                 if i == len(self.blocks) - 1:
                     return  # backward starts here: evicting now would only reload it
@@ -228,8 +232,9 @@ class BlockSwap:
 
         return hook
 
-    @staticmethod
-    def _checkpointed(block: nn.Module) -> bool:
+    def _is_recomputed(self, i: int, block: nn.Module) -> bool:
+        if self.recomputed is not None:
+            return i in self.recomputed
         return getattr(block, CHECKPOINT_ATTR, None) is not None
 
     # --- public ---------------------------------------------------------------------------------
@@ -262,12 +267,13 @@ def apply_block_swap(
     compute_device: Union[str, torch.device, None] = None,
     prefetch: int = 1,
     on_transfer: Optional[Callable[[str, int], None]] = None,
+    recomputed: Optional[Iterable[int]] = None,
 ) -> BlockSwap:
     """Stream the frozen weights of the last `num_blocks` blocks of `dit.blocks` from `swap_device`.
 
     Call it after the model is on `compute_device` (its non-swapped parts stay where they are) and
     after LoRA injection or quantization (both change which tensors exist). `prefetch` blocks are
-    copied ahead of use. Returns the handle; `handle.remove()` undoes everything.
+    copied ahead of use; `recomputed` names the blocks that are checkpointed (default: those marked). Returns the handle; `handle.remove()` undoes everything.
     """
     blocks = getattr(dit, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
@@ -290,7 +296,7 @@ def apply_block_swap(
     indices = list(range(len(blocks) - num_blocks, len(blocks)))
     return BlockSwap(
         blocks, indices, swap_device=swap_device, compute_device=compute_device, prefetch=prefetch,
-        on_transfer=on_transfer,
+        on_transfer=on_transfer, recomputed=recomputed,
     )
 
 

@@ -1,0 +1,211 @@
+"""Automatic memory/speed settings: the fastest `MemorySettings` the planner predicts to fit the card.
+
+`choose_plan` is pure (no torch): given the config, which of its memory keys the user set, the largest
+training clip shape, the card's memory and the cap (`max_gpu_memory_gib`), it searches checkpointing
+mode (and how many blocks keep attention), torch.compile and its scope, and the fewest swapped blocks,
+and returns the fastest combination whose predicted peak fits the budget. Policy:
+
+* a key the user sets always wins: its field is pinned and the search varies the others; if nothing fits
+  with the pinned fields, `ConfigError` names them, the predicted peak, and the settings that would fit;
+* bf16 base weights first; 8-bit storage (`fp8-torchao`) is chosen only when nothing in bf16 fits
+  (it changes the numerics of the frozen weights, so it is never picked for speed alone);
+* on the CPU, for full fine-tunes, FSDP, or a DiT of another size than the calibrated 13.6B, the plan
+  is the config's own settings (reported as such); the cap is still enforced on CUDA.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Iterator, Optional
+
+from longcat_tuner.errors import ConfigError
+from longcat_tuner.runtime import planner
+from longcat_tuner.runtime.settings import CONFIG_KEYS, MemorySettings
+
+KEEP_ATTENTION_BLOCK_CHOICES = (None, 36, 24, 12)  # None: every block keeps its attention outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipShape:
+    """The largest training micro-batch: pixels per clip, batch size, whether it has a start frame."""
+
+    frames: int
+    height: int
+    width: int
+    batch: int = 1
+    has_start_frame: bool = True
+
+    @property
+    def text(self) -> str:
+        return f"{self.height}x{self.width}x{self.frames} (batch {self.batch})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The settings a run uses and why; `to_event` is what goes into events.jsonl (`memory_plan`)."""
+
+    settings: MemorySettings
+    source: str  # "auto" (chosen here) or "config" (the config's settings as given)
+    reason: str
+    budget_gib: Optional[float] = None
+    card_gib: Optional[float] = None
+    cap_gib: Optional[float] = None
+    shape: Optional[ClipShape] = None
+    predicted_step_s: Optional[float] = None
+    predicted_peak_gib: Optional[float] = None
+    chosen_by: dict[str, str] = dataclasses.field(default_factory=dict)  # field -> "auto" | "config"
+
+    def to_event(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "reason": self.reason, "settings": self.settings.config_values(),
+            "describe": self.settings.describe(), "budget_gib": self.budget_gib, "card_gib": self.card_gib,
+            "cap_gib": self.cap_gib, "shape": dataclasses.asdict(self.shape) if self.shape else None,
+            "predicted_step_s": self.predicted_step_s, "predicted_peak_gib": self.predicted_peak_gib,
+            "chosen_by": dict(self.chosen_by),
+        }
+
+    def summary(self) -> str:
+        """The lines `train` prints before it loads the model."""
+        lines = [f"memory plan ({self.source}): {self.settings.describe()}"]
+        if self.predicted_step_s is not None:
+            lines.append(
+                f"  predicted {self.predicted_step_s:.1f} s/step, peak {self.predicted_peak_gib:.1f} GiB allocated "
+                f"at {self.shape.text}, budget {self.budget_gib:.1f} GiB"
+            )
+        lines.append(f"  why: {self.reason}")
+        return "\n".join(lines)
+
+
+def is_calibrated(dit_config: Any) -> bool:
+    """Whether the planner's numbers describe this DiT (the 13.6B release: hidden 4096, FFN 11008, 48 blocks)."""
+    return (dit_config.hidden_size, dit_config.ffn_hidden_size, dit_config.depth) == (planner.HIDDEN, planner.FFN, planner.DEPTH)
+
+
+def pinned_fields(config: Any, explicit: Iterable[str]) -> dict[str, Any]:
+    """MemorySettings fields fixed by keys the user set (`explicit`: config key names)."""
+    explicit = set(explicit)
+    given = MemorySettings.from_config(config)
+    pinned: dict[str, Any] = {}
+    for field, keys in CONFIG_KEYS.items():
+        if field == "checkpointing":
+            if "gradient_checkpointing" in explicit and not config.gradient_checkpointing:
+                pinned[field] = "none"
+            elif "gradient_checkpointing_mode" in explicit:
+                pinned[field] = config.gradient_checkpointing_mode
+            continue
+        if any(key in explicit for key in keys):
+            pinned[field] = getattr(given, field)
+    # `gradient_checkpointing: true` alone (the guide's config) leaves the mode to the plan, but not "none".
+    return pinned
+
+
+def _candidates(pinned: dict[str, Any], *, allow_none: bool, compile_ok: bool, precision: str) -> Iterator[MemorySettings]:
+    modes = [pinned["checkpointing"]] if "checkpointing" in pinned else (
+        ["keep_attention", "full", "offload_inputs"] + (["none"] if allow_none else []))
+    compiles = [pinned["compile_blocks"]] if "compile_blocks" in pinned else ([True, False] if compile_ok else [False])
+    for mode in modes:
+        keeps = [pinned.get("keep_attention_blocks")] if ("keep_attention_blocks" in pinned or mode != "keep_attention") \
+            else list(KEEP_ATTENTION_BLOCK_CHOICES)
+        for keep in keeps:
+            for compiled in compiles:
+                scopes = [pinned["compile_scope"]] if "compile_scope" in pinned else (
+                    ["block", "checkpointed_block"] if compiled and mode == "keep_attention" else ["block"])
+                for scope in scopes:
+                    if scope == "checkpointed_block" and not (compiled and mode == "keep_attention"):
+                        continue
+                    yield MemorySettings(
+                        checkpointing=mode, keep_attention_blocks=keep if mode == "keep_attention" else None,
+                        compile_blocks=compiled, compile_scope=scope, blocks_to_swap=0,
+                        swap_device=pinned.get("swap_device", "cpu"), base_precision=precision,
+                    )
+
+
+def _fastest(pinned: dict[str, Any], shape: ClipShape, budget_gib: float, *, lora_rank: int, compile_ok: bool,
+             precisions: tuple[str, ...]) -> Optional[tuple[MemorySettings, planner.Estimate]]:
+    """The fastest settings that fit `budget_gib` (fewest swapped blocks per combination), or None."""
+    best = None
+    for precision in precisions:
+        for base in _candidates(pinned, allow_none=True, compile_ok=compile_ok, precision=precision):
+            swaps = [pinned["blocks_to_swap"]] if "blocks_to_swap" in pinned else range(0, planner.DEPTH + 1)
+            for swap in swaps:
+                settings = dataclasses.replace(base, blocks_to_swap=swap)
+                estimate = planner.estimate(planner.Setting.from_memory(
+                    settings, height=shape.height, width=shape.width, frames=shape.frames, batch=shape.batch,
+                    lora_rank=lora_rank, num_cond_latents=1 if shape.has_start_frame else 0,
+                ))
+                if planner.fits(estimate, budget_gib):
+                    if best is None or (estimate.step_s, estimate.peak_gib) < (best[1].step_s, best[1].peak_gib):
+                        best = (settings, estimate)
+                    break  # more swapped blocks are only slower
+        if best is not None:
+            return best  # bf16 first: 8-bit weights only when nothing in bf16 fits
+    return best
+
+
+def choose_plan(
+    config: Any,
+    *,
+    explicit: Iterable[str],
+    shape: Optional[ClipShape],
+    cuda: bool,
+    card_gib: Optional[float] = None,
+    compile_ok: bool = True,
+    fp8_ok: bool = True,
+    calibrated_model: bool = True,
+    distributed_strategy: Optional[str] = None,
+) -> Plan:
+    """The run's `Plan` (see the module docstring). `explicit`: the config keys the user set."""
+    given = MemorySettings.from_config(config)
+    cap = getattr(config, "max_gpu_memory_gib", None)
+    budget = None if card_gib is None else (min(card_gib, cap) if cap else card_gib)
+    as_given = dict(card_gib=card_gib, cap_gib=cap, budget_gib=budget, shape=shape,
+                    chosen_by={field: "config" for field in CONFIG_KEYS})
+    if not cuda:
+        return Plan(given, "config", "no CUDA device: the config's settings as given (the plan sizes GPU runs)", **as_given)
+    if config.model_type != "lora":
+        return Plan(given, "config", "full fine-tune: the planner models LoRA training; the config's settings as given", **as_given)
+    if distributed_strategy == "fsdp":
+        return Plan(given, "config", "FSDP shards the weights: the single-GPU plan does not apply; the config's settings as given", **as_given)
+    if not calibrated_model:
+        return Plan(given, "config", "the planner is calibrated for the 13.6B DiT only; the config's settings as given", **as_given)
+    if shape is None or budget is None:
+        return Plan(given, "config", "no clip shape or card size known: the config's settings as given", **as_given)
+    pinned = pinned_fields(config, explicit)
+    precisions = (given.base_precision,) if "base_precision" in pinned else (
+        ("no_change", "fp8-torchao") if fp8_ok else ("no_change",))
+    found = _fastest(pinned, shape, budget, lora_rank=config.lora_rank, compile_ok=compile_ok, precisions=precisions)
+    if found is None:
+        free = _fastest({}, shape, budget, lora_rank=config.lora_rank, compile_ok=compile_ok,
+                        precisions=("no_change", "fp8-torchao") if fp8_ok else ("no_change",))
+        where = f"{shape.text} within {budget:.1f} GiB"
+        if pinned and free is not None:
+            keys = ", ".join(f"{key}={value!r}" for key, value in _pinned_keys(given, pinned).items())
+            raise ConfigError(
+                f"the memory settings you set ({keys}) do not fit {where} (max_gpu_memory_gib / the card); "
+                f"settings that would fit: {free[0].describe()} (predicted {free[1].peak_gib:.1f} GiB, "
+                f"{free[1].step_s:.1f} s/step): remove those keys to let the plan choose, or set these"
+            )
+        raise ConfigError(
+            f"no memory setting fits {where}, even with every block swapped and 8-bit base weights; lower the "
+            "training resolution or frame count (the largest bucket sets the size), or raise max_gpu_memory_gib"
+        )
+    settings, estimate = found
+    chosen_by = {field: ("config" if field in pinned else "auto") for field in CONFIG_KEYS}
+    auto_fields = [field for field, who in chosen_by.items() if who == "auto"]
+    reason = (
+        f"the fastest predicted setting that fits {budget:.1f} GiB"
+        + (f" (max_gpu_memory_gib {cap:g} on a {card_gib:.0f} GiB card)" if cap else f" (the whole {card_gib:.0f} GiB card)")
+        + f" at the largest training clip {shape.text}"
+        + (f"; set by you: {', '.join(sorted(set(CONFIG_KEYS) - set(auto_fields)))}" if pinned else "")
+        + ("; 8-bit base weights because nothing in bf16 fits" if settings.quantized and "base_precision" not in pinned else "")
+    )
+    return Plan(settings, "auto", reason, budget_gib=budget, card_gib=card_gib, cap_gib=cap, shape=shape,
+                predicted_step_s=estimate.step_s, predicted_peak_gib=estimate.peak_gib, chosen_by=chosen_by)
+
+
+def _pinned_keys(given: MemorySettings, pinned: dict[str, Any]) -> dict[str, Any]:
+    values = given.config_values()
+    keys = {}
+    for field in pinned:
+        for key in CONFIG_KEYS[field]:
+            keys[key] = values[key]
+    return keys

@@ -1,0 +1,228 @@
+"""The automatic memory plan (`runtime.auto`) and the one runtime code path (`runtime.apply`).
+
+Plan choice is pure (no GPU): the planner's predictions for the 13.6B DiT decide, per memory cap, the
+fastest settings that fit; keys the user set are pinned; an impossible pin fails before anything loads.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from longcat_tuner.config.training import TrainConfig
+from longcat_tuner.errors import ConfigError
+from longcat_tuner.runtime import MemorySettings, planner
+from longcat_tuner.runtime.auto import ClipShape, choose_plan
+from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
+
+GUIDE_SHAPE = ClipShape(frames=93, height=480, width=832)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, **keys) -> TrainConfig:
+    """A config as read from a file holding the guide's keys plus `keys` (so `model_fields_set` is theirs)."""
+    path = tmp_path / "config.json"
+    data = {
+        "pretrained_model_name_or_path": str(tmp_path / "model"), "data_backend_config": str(tmp_path / "data.json"),
+        "output_dir": str(tmp_path / "out"), "model_type": "lora", "lora_rank": 32, "max_train_steps": 10,
+        "gradient_checkpointing": True, **keys,
+    }
+    path.write_text(json.dumps(data))
+    return TrainConfig.from_file(path)
+
+
+def _plan(config: TrainConfig, card_gib: float = 139.8, shape: ClipShape = GUIDE_SHAPE, **kwargs):
+    return choose_plan(config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS), shape=shape, cuda=True,
+                       card_gib=card_gib, **kwargs)
+
+
+def _fits(plan) -> bool:
+    estimate = planner.estimate(planner.Setting.from_memory(plan.settings, height=480, width=832, frames=93, lora_rank=32))
+    return planner.fits(estimate, plan.budget_gib)
+
+
+@pytest.mark.parametrize("cap", [24, 48, 80, None])
+def test_plan_fits_each_cap_and_is_the_fastest_that_does(tmp_path, cap):
+    config = _config(tmp_path, **({"max_gpu_memory_gib": cap} if cap else {}))
+    plan = _plan(config)
+    assert plan.source == "auto" and _fits(plan)
+    assert plan.budget_gib == (cap or 139.8)
+    assert set(plan.chosen_by.values()) == {"auto"}
+    # No other setting the plan could choose is predicted faster within the same budget.
+    for mode in ("none", "full", "keep_attention", "offload_inputs"):
+        for compiled in (False, True):
+            for swap in range(0, 49):
+                other = MemorySettings(checkpointing=mode, compile_blocks=compiled, blocks_to_swap=swap)
+                estimate = planner.estimate(planner.Setting.from_memory(other, height=480, width=832, frames=93, lora_rank=32))
+                if planner.fits(estimate, plan.budget_gib):
+                    assert estimate.step_s >= plan.predicted_step_s - 1e-9, (other, estimate.step_s, plan)
+                    break
+
+
+def test_smaller_caps_trade_speed_for_memory(tmp_path):
+    plans = {cap: _plan(_config(tmp_path, max_gpu_memory_gib=cap)) for cap in (24, 48, 80, 139)}
+    steps = [plans[cap].predicted_step_s for cap in (24, 48, 80, 139)]
+    assert steps == sorted(steps, reverse=True)
+    assert plans[139].settings.blocks_to_swap == 0 and not plans[139].settings.quantized
+    assert plans[24].settings.blocks_to_swap > plans[80].settings.blocks_to_swap
+    assert plans[24].predicted_peak_gib < plans[80].predicted_peak_gib
+
+
+def test_eight_bit_weights_only_when_nothing_in_bf16_fits(tmp_path):
+    for cap in (24, 48, 80):  # swapping blocks always beats 8-bit weights on the whole range
+        assert not _plan(_config(tmp_path, max_gpu_memory_gib=cap)).settings.quantized
+    # With the swap count pinned, 8-bit weights are what lets 16 swapped blocks fit 36 GiB, and not 48.
+    assert not _plan(_config(tmp_path, max_gpu_memory_gib=48, musubi_blocks_to_swap=16)).settings.quantized
+    pinned = _plan(_config(tmp_path, max_gpu_memory_gib=36, musubi_blocks_to_swap=16))
+    assert pinned.settings.base_precision == "fp8-torchao" and "nothing in bf16 fits" in pinned.reason
+    with pytest.raises(ConfigError, match="musubi_blocks_to_swap=16"):
+        _plan(_config(tmp_path, max_gpu_memory_gib=36, musubi_blocks_to_swap=16), fp8_ok=False)
+    with pytest.raises(ConfigError, match="no memory setting fits"):
+        _plan(_config(tmp_path, max_gpu_memory_gib=12))
+
+
+def test_keys_the_user_set_win(tmp_path):
+    config = _config(tmp_path, musubi_blocks_to_swap=10, gradient_checkpointing_mode="offload_inputs")
+    plan = _plan(config)
+    assert plan.settings.blocks_to_swap == 10 and plan.settings.checkpointing == "offload_inputs"
+    assert plan.chosen_by["blocks_to_swap"] == "config" and plan.chosen_by["checkpointing"] == "config"
+    assert plan.chosen_by["compile_blocks"] == "auto"
+    assert "set by you" in plan.reason
+    # compile_blocks: false, written out, is honoured too (a key equal to its default still pins it).
+    assert not _plan(_config(tmp_path, compile_blocks=False)).settings.compile_blocks
+
+
+def test_a_pinned_setting_that_cannot_fit_names_the_keys_and_what_would(tmp_path):
+    config = _config(tmp_path, max_gpu_memory_gib=24, gradient_checkpointing=False, musubi_blocks_to_swap=0)
+    with pytest.raises(ConfigError) as err:
+        _plan(config)
+    message = str(err.value)
+    assert "gradient_checkpointing=False" in message and "musubi_blocks_to_swap=0" in message
+    assert "within 24.0 GiB" in message and "settings that would fit:" in message
+    assert "musubi_blocks_to_swap" in message.split("would fit:")[1]
+
+
+def test_plan_is_a_no_op_where_the_planner_does_not_apply(tmp_path):
+    config = _config(tmp_path, max_gpu_memory_gib=24)
+    given = MemorySettings.from_config(config)
+    for plan in (
+        choose_plan(config, explicit=set(), shape=GUIDE_SHAPE, cuda=False),
+        _plan(config, calibrated_model=False),
+        _plan(config, distributed_strategy="fsdp"),
+        _plan(_config(tmp_path, model_type="full")),
+    ):
+        assert plan.source == "config"
+        assert plan.settings in (given, MemorySettings.from_config(_config(tmp_path, model_type="full")))
+
+
+def test_resolved_plan_round_trips_through_the_config(tmp_path):
+    plan = _plan(_config(tmp_path, max_gpu_memory_gib=48))
+    resolved = TrainConfig.model_validate({**_config(tmp_path).model_dump(), **plan.settings.config_values()})
+    assert MemorySettings.from_config(resolved) == plan.settings
+    event = plan.to_event()
+    assert json.loads(json.dumps(event))["settings"] == plan.settings.config_values()
+    assert "predicted" in plan.summary() and "why:" in plan.summary()
+
+
+def test_max_gpu_memory_gib_is_bounded(tmp_path):
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="max_gpu_memory_gib"):
+            _config(tmp_path, max_gpu_memory_gib=bad)
+
+
+# --- the trainer's use of the plan ----------------------------------------------------------------------
+
+
+def test_trainer_plans_from_the_largest_bucket_and_enforces_the_cap(tmp_path, monkeypatch):
+    """`plan_memory` (what `train` calls before loading the DiT) on a pretend 141 GiB card."""
+    from longcat_tuner.runtime import auto
+    from longcat_tuner.train import trainer
+
+    tiny = ROOT.parent / "shared" / "reference" / "longcat-tiny"
+    if not tiny.is_dir():
+        pytest.skip("needs ../shared/reference/longcat-tiny")
+    config = _config(tmp_path, max_gpu_memory_gib=48, pretrained_model_name_or_path=str(tiny))
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=144 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    monkeypatch.setattr(auto, "is_calibrated", lambda dit_config: True)  # the tiny DiT stands in for the 13.6B one
+    keys = [(33, 320, 320, True), (93, 480, 832, True), (93, 480, 832, False), (61, 480, 480, True)]
+    data = types.SimpleNamespace(dataset=types.SimpleNamespace(group_keys=lambda: keys))
+    precision = trainer.Precision(device=torch.device("cuda"), base_dtype=torch.bfloat16, autocast_dtype=torch.bfloat16)
+    plan = trainer.plan_memory(config, data, precision, trainer.Distributed())
+    assert fractions == [pytest.approx(48 / 144)]
+    assert plan.shape == ClipShape(frames=93, height=480, width=832, batch=1, has_start_frame=True)
+    assert plan.source == "auto" and plan.budget_gib == 48
+    assert plan.settings == _plan(config, card_gib=144).settings
+
+
+def test_cpu_training_records_its_plan(tmp_path):
+    """On the CPU the plan is the config's own settings, printed and written to events.jsonl."""
+    pytest.importorskip("av")
+    from longcat_tuner.commands.demo import write_demo
+    from longcat_tuner.train.trainer import train
+
+    config_path = write_demo(tmp_path / "demo", steps=1, frames=5, height=32, width=32, train_clips=2, eval_clips=1)
+    config = TrainConfig.from_file(config_path, overrides={"validation_step_interval": None})
+    result = train(config, progress=False)
+    events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds.index("memory_plan") == kinds.index("start") + 1
+    plan = events[kinds.index("memory_plan")]
+    assert plan["source"] == "config" and "no CUDA" in plan["reason"]
+    assert plan["settings"] == MemorySettings.from_config(config).config_values()
+
+
+# --- one code path: the trainer, `sample` and the benchmark all call runtime.apply_runtime ----------------
+
+
+@pytest.fixture
+def runtime_calls(monkeypatch):
+    from longcat_tuner.runtime import apply
+
+    calls = []
+    real = apply.apply_runtime
+
+    def spy(dit, settings, device, **kwargs):
+        calls.append(settings)
+        return real(dit, settings, device, **kwargs)
+
+    monkeypatch.setattr(apply, "apply_runtime", spy)
+    return calls
+
+
+def test_trainer_and_sample_and_benchmark_apply_the_same_runtime(tiny_checkpoint, tmp_path, runtime_calls):
+    import argparse
+
+    from longcat_tuner.commands.sample import load_dit_for_sampling
+    from longcat_tuner.model import load_dit
+    from longcat_tuner.model.lora import inject_lora
+    from longcat_tuner.train import trainer
+
+    config = _config(tmp_path, pretrained_model_name_or_path=str(tiny_checkpoint), gradient_checkpointing_mode="keep_attention")
+    precision = trainer.choose_precision(config, torch.device("cpu"))
+    trainer.build_model(config, precision)
+    assert runtime_calls[-1] == MemorySettings.from_config(config)
+
+    args = argparse.Namespace(model=str(tiny_checkpoint), lora=[], lora_multiplier=[], attention=None, blocks_to_swap=0,
+                              base_precision="no_change")
+    load_dit_for_sampling(args, dtype=torch.float32, device=torch.device("cpu"))
+    assert runtime_calls[-1] == MemorySettings(checkpointing="none")
+
+    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "bench" / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_train_step", bench)
+    spec.loader.exec_module(bench)
+    run = bench.parse_run("ckpt=attn,keep=2,compile=")
+    dit = load_dit(tiny_checkpoint)
+    inject_lora(dit, rank=4)
+    applied = bench.apply_run(dit, run, "cpu")
+    assert runtime_calls[-1] == MemorySettings(checkpointing="keep_attention", keep_attention_blocks=2)
+    assert applied.recomputed == frozenset(range(len(dit.blocks)))
+    applied.remove()
+    assert all("forward" not in block.__dict__ for block in dit.blocks)
