@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     H100_BF16_PEAK_TFLOPS,
     LATENT_SHAPE,
+    environment,
     gib,
     i2v_inputs,
     lora_train_flops,
@@ -62,7 +63,7 @@ SUITES = {
         for ckpt, n in (("full", 0), ("full", 16), ("full", 32), ("full", 47))
     ] + ["ckpt=offload,sdpa=cudnn,swap=47,precision=fp8-torchao"],
 }
-DEFAULTS = {"ckpt": "full", "sdpa": "cudnn", "compile": "", "swap": "0", "precision": "bf16", "keep": "", "rank": "32",
+DEFAULTS = {"name": "", "ckpt": "full", "sdpa": "cudnn", "compile": "", "swap": "0", "precision": "bf16", "keep": "", "rank": "32",
             "lora": "fused"}
 
 
@@ -127,14 +128,21 @@ def one_step(dit, optimizer, inputs) -> float:
     return float(loss)
 
 
-def bench_run(dit, run: dict, inputs, *, steps: int, warmup: int, config: DiTConfig) -> dict:
+def bench_run(dit, run: dict, inputs, *, steps: int, warmup: int, config: DiTConfig,
+              settings: MemorySettings | None = None, memory_fraction: float | None = None) -> dict:
+    """One run: `settings` (default: the spec's) through `apply_runtime`, `warmup` + `steps` timed steps."""
     select_sdpa_backend(run["sdpa"])
     select_lora_apply(run["lora"])
-    applied = apply_run(dit, run)
+    settings = settings or memory_settings(run)
+    applied = apply_runtime(dit, settings, "cuda")
+    gc.collect()
+    torch.cuda.empty_cache()
+    if memory_fraction is not None:  # as `train` enforces max_gpu_memory_gib (set once the model is placed)
+        torch.cuda.set_per_process_memory_fraction(memory_fraction)
     swap = applied.swap
     params = [p for p in dit.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    result = {"run": run}
+    result = {"run": run, "settings": settings.config_values()}
     try:
         t0 = sync_time()
         losses = [one_step(dit, optimizer, inputs) for _ in range(warmup)]
@@ -146,7 +154,7 @@ def bench_run(dit, run: dict, inputs, *, steps: int, warmup: int, config: DiTCon
             losses.append(one_step(dit, optimizer, inputs))
             times.append(sync_time() - t0)
         step_s = sorted(times)[len(times) // 2]
-        flops = lora_train_flops(config, recompute="attention_saved" if run["ckpt"] == "attn" else "full")
+        flops = lora_train_flops(config, recompute="attention_saved" if settings.checkpointing == "keep_attention" else "full")
         result.update(
             step_s=round(step_s, 3),
             step_times_s=[round(t, 3) for t in times],
@@ -238,6 +246,54 @@ def profile_blocks(depth: int = 2) -> str:
     return table
 
 
+GUIDE_CONFIG = {  # the quick-start guide's keys (shared/seed): what a user pastes
+    "model_family": "longcat_video", "model_type": "lora", "train_batch_size": 1, "gradient_checkpointing": True,
+    "lora_rank": 8, "learning_rate": 1e-4, "validation_resolution": "480x832", "validation_num_video_frames": 93,
+}
+
+
+def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None) -> dict:
+    """For each cap (0: the whole card), the plan `train` would choose for the guide's config at 480x832x93,
+    run through `apply_runtime` under PyTorch's per-process memory fraction, beside the config as pasted."""
+    from importlib.util import find_spec
+
+    from longcat_tuner.config.training import TrainConfig
+    from longcat_tuner.runtime.auto import ClipShape, choose_plan
+    from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
+
+    card_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    config = DiTConfig() if depth is None else DiTConfig(depth=depth)
+    dit = random_dit(config)
+    inject_lora(dit, rank=GUIDE_CONFIG["lora_rank"], dtype=torch.float32)
+    inputs = i2v_inputs()
+    rows = []
+    base = {"pretrained_model_name_or_path": "model", "data_backend_config": "data.json", "output_dir": "out",
+            "max_train_steps": 10, **GUIDE_CONFIG}
+    pasted = TrainConfig.model_validate(base)
+    rows.append({"cap_gib": None, "plan": "config as pasted (no plan)",
+                 **bench_run(dit, parse_run("name=pasted"), inputs, steps=steps, warmup=warmup, config=config,
+                             settings=MemorySettings.from_config(pasted))})
+    print(json.dumps(rows[-1]), flush=True)
+    for cap in caps:
+        train_config = TrainConfig.model_validate({**base, **({"max_gpu_memory_gib": cap} if cap else {})})
+        plan = choose_plan(train_config, explicit=train_config.model_fields_set & set(MEMORY_CONFIG_KEYS),
+                           shape=ClipShape(frames=93, height=480, width=832), cuda=True, card_gib=card_gib,
+                           compile_ok=find_spec("triton") is not None)
+        if plan.settings.quantized:
+            prepare_base_weights(dit, plan.settings)  # one way: 8-bit plans come last (smallest caps)
+        try:
+            result = bench_run(dit, parse_run(f"name=cap{cap or 'card'}"), inputs, steps=steps, warmup=warmup,
+                               config=config, settings=plan.settings, memory_fraction=min(1.0, (cap or card_gib) / card_gib))
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        rows.append({"cap_gib": cap or None, "plan": plan.to_event(), **result})
+        print(json.dumps(rows[-1]), flush=True)
+        write_result("train_step_plan_caps", {"benchmark": "lora_train_step_auto_plan", "card_gib": round(card_gib, 1),
+                                              "setting": {"latents": list(LATENT_SHAPE), **GUIDE_CONFIG},
+                                              "environment": environment(), "results": rows})
+    return {"results": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(SUITES))
@@ -248,7 +304,15 @@ def main() -> int:
     parser.add_argument("--depth", type=int, default=None, help="fewer blocks for a quick check")
     parser.add_argument("--sdpa-check", action="store_true", help="time SDPA kernels on the noisy-call shape")
     parser.add_argument("--profile", type=int, default=0, help="print a kernel table of a model with this many blocks")
+    parser.add_argument("--plan-caps", default=None,
+                        help="comma list of max_gpu_memory_gib caps (0: whole card): run the plan train chooses for each")
     args = parser.parse_args()
+    if args.plan_caps:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch._dynamo.config.cache_size_limit = 64
+        caps = [float(c) for c in args.plan_caps.split(",")]
+        plan_caps(caps, steps=args.steps, warmup=args.warmup, depth=args.depth)
+        return 0
     if args.sdpa_check:
         write_result("sdpa_check", {"benchmark": "sdpa_noisy_call", "results": sdpa_check()})
     if args.profile:

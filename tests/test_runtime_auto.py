@@ -226,3 +226,36 @@ def test_trainer_and_sample_and_benchmark_apply_the_same_runtime(tiny_checkpoint
     assert applied.recomputed == frozenset(range(len(dit.blocks)))
     applied.remove()
     assert all("forward" not in block.__dict__ for block in dit.blocks)
+
+
+# --- sampling: the fewest swapped blocks that fit ------------------------------------------------------
+
+
+def test_sampling_swaps_the_fewest_blocks_that_fit():
+    from longcat_tuner.runtime.auto import choose_sampling_swap, sampling_peak_gib
+
+    cfg = ClipShape(frames=93, height=480, width=832, batch=2)
+    whole, _ = choose_sampling_swap(cfg, 139.8)
+    assert whole == 0
+    swaps = [choose_sampling_swap(cfg, budget)[0] for budget in (80, 48, 32, 24)]
+    assert swaps == sorted(swaps) and swaps[-1] > 0
+    swap, peak = choose_sampling_swap(cfg, 24)
+    assert peak * planner.CALIBRATION["reserved_factor"] + planner.CALIBRATION["headroom_gib"] <= 24
+    assert sampling_peak_gib(cfg, swap - 1, "no_change") * planner.CALIBRATION["reserved_factor"] \
+        + planner.CALIBRATION["headroom_gib"] > 24  # one block fewer would not fit
+    assert choose_sampling_swap(cfg, 24, base_precision="fp8-torchao")[0] < swap
+    with pytest.raises(ConfigError, match="--guidance 1"):
+        choose_sampling_swap(cfg, 6)
+
+
+def test_sample_flags_refuse_cuda_only_options_on_the_cpu(tiny_checkpoint):
+    import argparse
+
+    from longcat_tuner.commands.sample import sampling_swap
+
+    args = argparse.Namespace(model=str(tiny_checkpoint), blocks_to_swap=None, max_gpu_memory_gib=24.0, frames=5,
+                              guidance=4.0, image=None, base_precision="no_change")
+    with pytest.raises(ConfigError, match="--max-gpu-memory-gib"):
+        sampling_swap(args, height=32, width=32, device=torch.device("cpu"))
+    args.max_gpu_memory_gib = None
+    assert sampling_swap(args, height=32, width=32, device=torch.device("cpu")) == 0

@@ -31,9 +31,11 @@ def register(subparsers) -> None:
     p.add_argument("--attention", default=None,
                    help="attention backend: auto, sdpa, xformers, block_sparse, reference (default: the one the first "
                    "--lora was trained with, else auto)")
-    p.add_argument("--blocks-to-swap", type=int, default=0,
+    p.add_argument("--blocks-to-swap", type=_non_negative_int, default=None,
                    help="keep the weights of the last N DiT blocks in pinned host memory and stream them in (CUDA; "
-                   "for GPUs smaller than the model)")
+                   "for GPUs smaller than the model). Default: the fewest that fit the card (or --max-gpu-memory-gib)")
+    p.add_argument("--max-gpu-memory-gib", type=_positive_float, default=None,
+                   help="most GPU memory the sampler may use (enforced); block swap is chosen to fit it")
     p.add_argument("--base-precision", choices=["no_change", "fp8-torchao", "int8-quanto"], default="no_change",
                    help="store the DiT block weights in 8 bits (about half the memory; small quality cost)")
     p.add_argument("--output", required=True, help="output .mp4")
@@ -55,13 +57,17 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    dit = load_dit_for_sampling(args, dtype=dtype, device=device)
+    args.blocks_to_swap = sampling_swap(args, height=height, width=width, device=device)
+    # The text encoder (umT5-XXL, ~11 GB) runs and leaves the GPU before the DiT loads: never both resident.
     text_encoder = TextEncoder.from_pretrained(args.model, dtype=dtype, device=device)
     embeds, mask = text_encoder.encode([args.prompt])
     negative_embeds = negative_mask = None
     if args.guidance > 1:
         negative_embeds, negative_mask = text_encoder.encode([args.negative_prompt])
     del text_encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    dit = load_dit_for_sampling(args, dtype=dtype, device=device)
     vae = VideoVAE.from_pretrained(args.model, dtype=dtype, device=device)
     start = image_to_tensor(resize_and_crop(image, height, width)) if image else None
 
@@ -84,6 +90,55 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB > 0, got {text}")
+    return value
+
+
+def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) -> int:
+    """--blocks-to-swap, or on CUDA the fewest swapped blocks that fit the card or --max-gpu-memory-gib for the
+    13.6B DiT (the planner's calibration); the cap is enforced with PyTorch's per-process memory fraction."""
+    import torch
+
+    from longcat_tuner.errors import ConfigError
+
+    if device.type != "cuda":
+        if args.blocks_to_swap:
+            raise ConfigError("--blocks-to-swap streams weights to a CUDA device; drop it on the CPU")
+        if args.max_gpu_memory_gib is not None:
+            raise ConfigError("--max-gpu-memory-gib caps GPU memory; drop it on the CPU")
+        return 0
+    card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if args.max_gpu_memory_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory_gib / card_gib), device)
+    if args.blocks_to_swap is not None:
+        return args.blocks_to_swap
+    from longcat_tuner.model.config import DiTConfig
+    from longcat_tuner.model.loading import find_component
+    from longcat_tuner.runtime.auto import ClipShape, choose_sampling_swap, is_calibrated
+
+    if not is_calibrated(DiTConfig.from_file(find_component(args.model, "dit") / "config.json")):
+        return 0
+    budget = min(card_gib, args.max_gpu_memory_gib or card_gib)
+    shape = ClipShape(frames=args.frames, height=height, width=width, batch=2 if args.guidance > 1 else 1,
+                      has_start_frame=bool(args.image))
+    swap, peak = choose_sampling_swap(shape, budget, base_precision=args.base_precision)
+    print(f"memory plan: --blocks-to-swap {swap} (predicted {peak:.1f} GiB at {shape.text}, budget {budget:.1f} GiB)",
+          file=sys.stderr)
+    return swap
+
+
 def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device):
     """The DiT with its LoRAs, through the runtime `train` uses (`longcat_tuner.runtime.apply`): with block
     swap or 8-bit weights it is assembled on the host first, so a model larger than the GPU never lands on
@@ -93,7 +148,7 @@ def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device):
     from longcat_tuner.model.loading import load_dit
     from longcat_tuner.model.lora import load_lora
 
-    settings = runtime.MemorySettings(checkpointing="none", blocks_to_swap=args.blocks_to_swap,
+    settings = runtime.MemorySettings(checkpointing="none", blocks_to_swap=args.blocks_to_swap or 0,
                                       base_precision=args.base_precision)
     if settings.blocks_to_swap and device.type != "cuda":
         raise ConfigError("--blocks-to-swap streams weights to a CUDA device; drop it on the CPU")

@@ -209,3 +209,33 @@ def _pinned_keys(given: MemorySettings, pinned: dict[str, Any]) -> dict[str, Any
         for key in CONFIG_KEYS[field]:
             keys[key] = values[key]
     return keys
+
+
+# --- sampling -------------------------------------------------------------------------------------------
+# A denoising forward keeps no activations for backward: its working set is taken as half the training
+# block working set per clip in the batch (CFG batches the conditional and unconditional passes: 2). Not
+# calibrated on a GPU yet; deliberately on the generous side.
+SAMPLING_WORKING_SHARE = 0.5
+
+
+def sampling_peak_gib(shape: ClipShape, blocks_to_swap: int, base_precision: str) -> float:
+    """Predicted peak allocated GiB of one denoising step at `shape` (its `batch`: 2 with CFG)."""
+    precision = "bf16" if base_precision == "no_change" else base_precision
+    setting = planner.Setting(height=shape.height, width=shape.width, frames=shape.frames, batch=shape.batch,
+                              blocks_to_swap=blocks_to_swap, precision=precision,
+                              num_cond_latents=1 if shape.has_start_frame else 0)
+    memory = planner.estimate(setting).memory_gib
+    return memory["base_weights"] + SAMPLING_WORKING_SHARE * memory["block_working_set"]
+
+
+def choose_sampling_swap(shape: ClipShape, budget_gib: float, *, base_precision: str = "no_change") -> tuple[int, float]:
+    """(fewest swapped blocks whose sampling peak fits `budget_gib`, that peak); `ConfigError` when none does."""
+    for swap in range(planner.DEPTH + 1):
+        peak = sampling_peak_gib(shape, swap, base_precision)
+        if peak * planner.CALIBRATION["reserved_factor"] + planner.CALIBRATION["headroom_gib"] <= budget_gib:
+            return swap, peak
+    raise ConfigError(
+        f"sampling {shape.text} does not fit {budget_gib:.1f} GiB even with every block swapped "
+        f"(predicted {sampling_peak_gib(shape, planner.DEPTH, base_precision):.1f} GiB): lower --resolution or "
+        "--frames, use --guidance 1 (one pass per step), or raise --max-gpu-memory-gib"
+    )
