@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(TrainConfig.from_file(config_path), progress=not args.no_progress)
     print(f"\nrun folder: {result.run_dir}")
     print(f"LoRA (official LongCat format): {result.lora_path}")
-    print(f"LoRA (ComfyUI keys): {result.comfyui_lora_path}")
+    print(f"LoRA (ComfyUI-WanVideoWrapper): {result.comfyui_lora_path}")
     for video in result.validation_videos:
         print(f"validation video: {video}")
     print(f"events: {result.run_dir / 'events.jsonl'}")

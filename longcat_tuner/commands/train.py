@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if result.lora_path is not None:
         print(f"LoRA (official LongCat format): {result.lora_path}")
     if result.comfyui_lora_path is not None:
-        print(f"LoRA (ComfyUI keys): {result.comfyui_lora_path}")
+        print(f"LoRA (ComfyUI-WanVideoWrapper): {result.comfyui_lora_path}")
     for video in result.validation_videos:
         print(f"validation video: {video}")
     if result.status == "interrupted":

@@ -59,6 +59,7 @@ PATH_FIELDS: tuple[str, ...] = (
     "output_dir",
     "data_backend_config",
     "resume_from_checkpoint",
+    "init_lora",
 )
 
 
@@ -108,6 +109,11 @@ class TrainConfig(BaseModel):
     lora_targets: list[str] = Field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         description="Linear layers inside each DiT block that get adapters (default: every linear layer).",
+    )
+    init_lora: Optional[str] = Field(
+        None, description="A LoRA file (any layout `sample --lora` reads: ours, ComfyUI-WanVideoWrapper, Wan2GP, "
+        "diffusers/PEFT, DiffSynth, musubi, VideoX-Fun) to start training from instead of fresh adapters: its "
+        "delta weights exactly, at lora_rank (>= the file's rank). A resumed checkpoint takes precedence.",
     )
     lora_export_formats: list[Literal[LORA_FILE_FORMATS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["official", "comfyui-wanvideowrapper"],
@@ -354,6 +360,8 @@ class TrainConfig(BaseModel):
                 "distributed_strategy 'fsdp' shards the weights over the GPUs; it does not combine with "
                 "musubi_blocks_to_swap or 8-bit base_model_precision: set those to 0 / no_change, or use 'ddp'"
             )
+        if self.init_lora and self.model_type != "lora":
+            raise ValueError("init_lora starts LoRA adapters from a file; it needs model_type 'lora'")
         if self.validation_using_datasets and not self.eval_dataset_id:
             raise ValueError(
                 "validation_using_datasets is true but eval_dataset_id is empty: name the eval split's id"

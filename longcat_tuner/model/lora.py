@@ -244,6 +244,45 @@ def load_lora(
     return name
 
 
+def init_lora_from_file(model: nn.Module, path: Union[str, Path], *, name: str = "default") -> int:
+    """Start the trainable adapters `name` from a LoRA file in any supported layout; returns the count set.
+
+    Each adapter in the file must sit on a layer that has a trainable adapter, with a rank (per fused
+    part) no larger than the trainable one: its weights are zero-padded to that rank and its `up` rescaled
+    by file scale / trainable scale, so every delta weight equals the file's exactly. Layers the file does
+    not cover keep fresh adapters (no update); a file layer with no trainable adapter is an error.
+    """
+    path = Path(path)
+    items, _ = lora_formats.read_lora_file(path)
+    trainable = lora_modules(model, name)
+    missing = sorted(set(items) - set(trainable))
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} LoRA modules have no trainable adapter here ({', '.join(missing[:5])}); "
+            "add their layers to lora_targets, or use a LoRA trained for this model"
+        )
+    for module_path, item in items.items():
+        adapter = trainable[module_path]
+        if item.parts != adapter.parts:
+            if adapter.parts != 1:
+                raise CheckpointError(
+                    f"{path}: '{module_path}' holds one dense adapter where this trainer keeps {adapter.parts} "
+                    "per-projection blocks; it cannot start from it exactly"
+                )
+            item = lora_formats.Adapter(item.down, [item.up_matrix()], item.scale)
+        if item.rank > adapter.rank:
+            raise CheckpointError(
+                f"{path}: '{module_path}' has rank {item.rank}, above lora_rank {adapter.rank}; set lora_rank "
+                f">= {item.rank} to start from this file"
+            )
+        item = item.padded(adapter.rank)
+        ratio = item.scale / float(adapter.alpha_scale)
+        with torch.no_grad():
+            adapter.down.copy_(item.down)
+            adapter.up.copy_(torch.stack([u.float() * ratio for u in item.ups]))
+    return len(items)
+
+
 def _compute_dtype(linear: nn.Linear) -> torch.dtype:
     """The dtype a layer computes in: its weight's, or bf16 for 8-bit (quantized) weights."""
     dtype = linear.weight.dtype

@@ -131,7 +131,9 @@ def prepare_data(
         negative_embeds, negative_mask = empty_embeds, empty_mask
 
     items = validation_items(config, CachedVideoDataset(index.eval, index.empty_text_path), text_encoder)
-    del text_encoder  # not needed in the loop; frees its memory before the DiT trains
+    del text_encoder  # not needed in the loop; frees its memory before the DiT loads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand umT5's blocks back: the DiT and the memory cap start from a clean pool
     vae = None
     if items:
         from longcat_tuner.encoders import VideoVAE

@@ -56,7 +56,6 @@ from longcat_tuner.train.step import heldout_loss, training_loss
 from longcat_tuner.train.validate import run_validation
 
 LORA_FILE = "longcat_lora.safetensors"
-COMFYUI_LORA_FILE = "longcat_lora_comfyui.safetensors"
 MAX_NONFINITE_IN_A_ROW = 3
 # A trainable weight this large has blown up (LongCat's weights are O(1); two such layers in a row reach
 # 1e12 and bf16/fp32 overflow soon after): the run is stopped as diverged before it is saved.
@@ -244,6 +243,10 @@ def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
 
         # Adapters in fp32 over a (possibly bf16) base: small, and fp32 keeps AdamW updates exact.
         inject_lora(dit, rank=config.lora_rank, alpha=config.effective_lora_alpha, targets=config.lora_targets, dtype=torch.float32)
+        if config.init_lora:
+            from longcat_tuner.model.lora import init_lora_from_file
+
+            init_lora_from_file(dit, config.init_lora)  # a resumed checkpoint's weights replace these later
     else:
         dit.requires_grad_(True)
     runtime.apply_runtime(dit, settings, precision.device)
