@@ -119,6 +119,29 @@ def test_plan_command_reads_a_config(tmp_path, capsys):
     assert "13x20x36" in capsys.readouterr().out
 
 
+def test_plan_command_sizes_from_the_training_datasets_and_shows_the_train_plan(tmp_path, capsys):
+    from longcat_tuner.cli import main
+
+    def entry(id_, resolution, frames):
+        return {"id": id_, "dataset_type": "video", "instance_data_dir": str(tmp_path / id_), "resolution": resolution,
+                "cache_dir_vae": str(tmp_path / "cache" / id_), "video": {"num_frames": frames}}
+
+    data = tmp_path / "multidatabackend.json"
+    data.write_text(json.dumps([entry("small", "320x576", 49), entry("big", 480, 93), entry("val", "320x320", 9)]))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "pretrained_model_name_or_path": str(tmp_path), "data_backend_config": str(data),
+        "output_dir": str(tmp_path / "out"), "eval_dataset_id": "val", "validation_resolution": "320x320",
+        "validation_num_video_frames": 9, "max_gpu_memory_gib": 24,
+    }))
+    assert main(["plan", "--config", str(config), "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    # The largest training bucket (480 area at 16:9, 93 frames), not the validation size; the plan of `train`
+    # within the config's 24 GiB cap comes first.
+    assert out.startswith("memory plan (auto):") and "at 480x832x93 (batch 1), budget 24.0 GiB" in out
+    assert "37,440 tokens" in out
+
+
 def test_setting_is_a_plain_value():
     s = Setting()
     assert dataclasses.replace(s, lora_rank=8).lora_rank == 8

@@ -1,9 +1,11 @@
 """`longcat-tuner plan`: expected peak GPU memory and step time of a training config, and settings that fit.
 
 Reads the config with its own loader (`TrainConfig.from_file`); the clip size comes from
-`--resolution`/`--frames` (default: the config's validation resolution and frame count, which is what
-480p I2V training usually uses). The numbers come from `longcat_tuner.runtime.planner`, a model
-calibrated by the H100 benchmarks in `bench/results/`.
+`--resolution`/`--frames`, else from the training datasets (their `resolution` and `video.num_frames`:
+the largest), else the validation resolution and frame count. First comes the memory plan `train` would
+choose on a card of `--gpu-memory` GiB (`runtime.auto.choose_plan`, the same function), then the
+config's own settings and the settings close to them that fit. The numbers come from
+`longcat_tuner.runtime.planner`, calibrated by the benchmarks in `bench/results/`.
 """
 from __future__ import annotations
 
@@ -72,15 +74,63 @@ def setting_from_config(
     )
 
 
+def training_shape(config) -> tuple[str, int] | None:
+    """(HEIGHTxWIDTH, frames) of the largest training clip the datasets file asks for, or None if unreadable.
+
+    An area target N (the guide's 480) is taken at 16:9 (480 -> 480x832): every bucket of a target has
+    about the same pixel count, so the same tokens.
+    """
+    from longcat_tuner.config.datasets import load_datasets
+    from longcat_tuner.errors import LongcatError
+
+    try:
+        train, _ = load_datasets(config.data_backend_config).split(config.eval_dataset_id)
+    except (LongcatError, OSError):  # plan works without the data; `check` reports what is wrong with it
+        return None
+    best = None
+    for dataset in train:
+        if isinstance(dataset.resolution, str) and "x" in dataset.resolution.lower():
+            height, width = _resolution(dataset.resolution)
+        else:
+            height = int(dataset.resolution)
+            width = 16 * round(height * 832 / 480 / 16)
+        frames = dataset.video.num_frames if dataset.dataset_type == "video" else 1
+        if best is None or height * width * frames > best[0]:
+            best = (height * width * frames, f"{height}x{width}", frames)
+    return None if best is None else best[1:]
+
+
+def auto_plan_text(config, setting, card_gib: float) -> str:
+    """What `train` would choose on a card of `card_gib` (within max_gpu_memory_gib), as it prints it."""
+    from longcat_tuner.runtime.auto import ClipShape, choose_plan
+    from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
+
+    shape = ClipShape(frames=setting.frames, height=setting.height, width=setting.width, batch=setting.batch)
+    try:
+        plan = choose_plan(config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS), shape=shape,
+                           cuda=True, card_gib=card_gib)
+    except ConfigError as err:
+        return f"memory plan: {err}"
+    return plan.summary()
+
+
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig
     from longcat_tuner.runtime.planner import format_plan
 
     config = TrainConfig.from_file(args.config)
+    resolution, frames = args.resolution, args.frames
+    if resolution is None and frames is None:
+        shape = training_shape(config)
+        if shape is not None:
+            resolution, frames = shape
     setting = setting_from_config(
-        config, resolution=args.resolution, frames=args.frames, keep_attention=args.keep_attention,
+        config, resolution=resolution, frames=frames, keep_attention=args.keep_attention,
         offload_activations=args.offload_activations, compiled=args.compile,
     )
+    print(auto_plan_text(config, setting, args.gpu_memory))
+    print()
+    print("the config's own settings:")
     try:
         print(format_plan(setting, args.gpu_memory))
     except ValueError as err:

@@ -88,7 +88,9 @@ class TrainConfig(BaseModel):
     base_model_precision: Literal["no_change", "bf16", "fp32", "int8-quanto", "fp8-torchao"] = Field(
         "no_change",
         description="Storage precision of the frozen base weights. `no_change` means bf16 on CUDA and "
-        "fp32 on CPU; `int8-quanto` / `fp8-torchao` need optimum-quanto / torchao installed.",
+        "fp32 on CPU; `int8-quanto` / `fp8-torchao` store the block linears in 8 bits with per-row scales "
+        "(our own layers: neither optimum-quanto nor torchao is needed). Left unset on CUDA, the memory plan "
+        "picks `fp8-torchao` only when nothing in bf16 fits.",
     )
     attention_implementation: Literal["auto", "sdpa", "xformers", "block_sparse"] = Field(
         "auto",
