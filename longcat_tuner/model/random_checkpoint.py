@@ -8,9 +8,10 @@ Nothing is downloaded. The loading code is the same one that reads the real 13.6
 from __future__ import annotations
 
 import json
+import math
 import string
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -127,3 +128,135 @@ def write_random_checkpoint(
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
     return root
+
+
+# --- full-size checkpoints: sharded, written shard by shard ----------------------------------------------
+# The 13.6B DiT (27 GB in bf16) and umT5-XXL (~11 GB) cannot be built in fp32 on the host and saved whole:
+# names and shapes come from the model built on the meta device, each shard's tensors are drawn on `device`
+# (a GPU when there is one) in `dtype`, copied to the host and written while the next shard is drawn, so
+# host memory holds at most two shards.
+
+UMT5_XXL = {  # google/umt5-xxl's encoder, the text encoder LongCat-Video ships
+    "vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+}
+
+
+def _draw(name: str, shape: tuple[int, ...], generator: torch.Generator, *, device, dtype, std: Optional[float]) -> torch.Tensor:
+    """One random tensor: norm weights near 1; others N(0, std) (std None: 1/sqrt(fan_in), as `write_dit`)."""
+    if name.endswith("norm.weight") or name.endswith("layer_norm.weight"):
+        value = 1.0 + 0.1 * torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    else:
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+        scale = std if std is not None else 1.0 / max(fan_in, 1) ** 0.5
+        value = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(scale)
+    return value.to(dtype)
+
+
+def _split_by_size(shapes: dict[str, tuple[int, ...]], num_shards: int) -> list[list[str]]:
+    """Names (sorted) cut into at most `num_shards` consecutive groups of about equal element count."""
+    names = sorted(shapes)
+    total = sum(math.prod(shapes[n]) for n in names)
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for name in names:
+        size = math.prod(shapes[name])
+        if groups[-1] and len(groups) < num_shards and filled + size / 2 > total * len(groups) / num_shards:
+            groups.append([])
+        groups[-1].append(name)
+        filled += size
+    return groups
+
+
+def write_sharded_safetensors(
+    folder: Path, shapes: dict[str, tuple[int, ...]], *, base_name: str, num_shards: int,
+    dtype: torch.dtype = torch.bfloat16, device: Union[str, torch.device, None] = None, seed: int = 0,
+    std: Optional[float] = None,
+) -> list[Path]:
+    """Random tensors of `shapes` as `<stem>-0000i-of-0000n.safetensors` + `<base_name>.index.json` (the hub
+    layout of diffusers and transformers); `device` draws them (default: CUDA when available)."""
+    import queue
+    import threading
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    groups = _split_by_size(shapes, max(1, num_shards))
+    stem = base_name.removesuffix(".safetensors")
+    files = [folder / f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    pending: "queue.Queue[Optional[tuple[Path, dict[str, torch.Tensor]]]]" = queue.Queue(maxsize=1)
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        while (item := pending.get()) is not None:
+            if not failure:
+                try:
+                    save_file(item[1], str(item[0]))
+                except BaseException as err:  # reported by the caller's thread
+                    failure.append(err)
+
+    thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
+    thread.start()
+    weight_map, total_bytes = {}, 0
+    try:
+        for path, names in zip(files, groups):
+            shard = {}
+            for name in names:
+                value = _draw(name, tuple(shapes[name]), generator, device=device, dtype=dtype, std=std)
+                shard[name] = value.cpu() if value.device.type != "cpu" else value
+                total_bytes += shard[name].numel() * shard[name].element_size()
+                weight_map[name] = path.name
+            if failure:
+                break
+            pending.put((path, shard))
+            del shard
+    finally:
+        pending.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (folder / f"{base_name}.index.json").write_text(json.dumps(index, indent=2))
+    return files
+
+
+def write_dit_sharded(
+    folder: Path, config: DiTConfig, *, num_shards: int = 6, dtype: torch.dtype = torch.bfloat16,
+    device: Union[str, torch.device, None] = None, seed: int = 0,
+) -> list[Path]:
+    """`write_dit` for any size: sharded `dtype` safetensors drawn on `device`, host memory bounded."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    model = build_dit(config, device="meta")
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return write_sharded_safetensors(folder, shapes, base_name=WEIGHTS_NAME, num_shards=num_shards, dtype=dtype,
+                                     device=device, seed=seed)
+
+
+def write_text_encoder_sharded(
+    folder: Path, *, vocab_size: int, d_model: int, d_kv: int, d_ff: int, num_layers: int, num_heads: int,
+    num_shards: int = 5, dtype: torch.dtype = torch.bfloat16, device: Union[str, torch.device, None] = None,
+    seed: int = 0,
+) -> list[Path]:
+    """A umT5 encoder of any size (`**UMT5_XXL` for the real one) in transformers' layout, never initialized
+    on the host: names/shapes from the meta device, values N(0, 0.02) (norm weights near 1), `dtype` shards."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers, num_heads=num_heads,
+        relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_encoder_decoder=True,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    config.architectures = ["UMT5EncoderModel"]
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    # named_parameters drops tied duplicates (encoder.embed_tokens is `shared`), as save_pretrained does.
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    shapes.update({name: tuple(b.shape) for name, b in model.named_buffers()})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.to_json_file(str(folder / "config.json"))
+    return write_sharded_safetensors(folder, shapes, base_name="model.safetensors", num_shards=num_shards,
+                                     dtype=dtype, device=device, seed=seed, std=0.02)
