@@ -259,3 +259,8 @@ def test_sample_flags_refuse_cuda_only_options_on_the_cpu(tiny_checkpoint):
         sampling_swap(args, height=32, width=32, device=torch.device("cpu"))
     args.max_gpu_memory_gib = None
     assert sampling_swap(args, height=32, width=32, device=torch.device("cpu")) == 0
+
+
+def test_block_swap_device_other_than_cpu_is_refused_by_the_schema(tmp_path):
+    with pytest.raises(ConfigError, match="musubi_block_swap_device"):
+        _config(tmp_path, musubi_block_swap_device="cuda:1")

@@ -229,7 +229,9 @@ class TrainConfig(BaseModel):
     musubi_blocks_to_swap: int = Field(
         0, ge=0, le=1024, description="Keep the last N DiT blocks on musubi_block_swap_device and stream them in."
     )
-    musubi_block_swap_device: str = Field("cpu", description="Device that holds swapped blocks.")
+    musubi_block_swap_device: Literal["cpu"] = Field(
+        "cpu", description="Where swapped blocks live: pinned host memory (`cpu`, the only choice; the key is the guide's)."
+    )
     distributed_strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: `ddp` keeps the whole DiT on every GPU and averages gradients; "
         "`fsdp` (FSDP2) shards the weights, gradients and optimizer states of each block over the GPUs, "
