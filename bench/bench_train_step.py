@@ -176,6 +176,8 @@ def bench_run(dit, run: dict, inputs, *, steps: int, warmup: int, config: DiTCon
         del optimizer
         for p in params:
             p.grad = None
+        if memory_fraction is not None:  # the swapped blocks come back to the GPU: the cap is lifted first
+            torch.cuda.set_per_process_memory_fraction(1.0)
         applied.remove()
         gc.collect()
         torch.cuda.empty_cache()
@@ -252,7 +254,7 @@ GUIDE_CONFIG = {  # the quick-start guide's keys (shared/seed): what a user past
 }
 
 
-def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None) -> dict:
+def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, baseline: bool = True) -> dict:
     """For each cap (0: the whole card), the plan `train` would choose for the guide's config at 480x832x93,
     run through `apply_runtime` under PyTorch's per-process memory fraction, beside the config as pasted."""
     from importlib.util import find_spec
@@ -270,10 +272,11 @@ def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None) 
     base = {"pretrained_model_name_or_path": "model", "data_backend_config": "data.json", "output_dir": "out",
             "max_train_steps": 10, **GUIDE_CONFIG}
     pasted = TrainConfig.model_validate(base)
-    rows.append({"cap_gib": None, "plan": "config as pasted (no plan)",
-                 **bench_run(dit, parse_run("name=pasted"), inputs, steps=steps, warmup=warmup, config=config,
+    if baseline:
+        rows.append({"cap_gib": None, "plan": "config as pasted (no plan)",
+                     **bench_run(dit, parse_run("name=pasted"), inputs, steps=steps, warmup=warmup, config=config,
                              settings=MemorySettings.from_config(pasted))})
-    print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(rows[-1]), flush=True)
     for cap in caps:
         train_config = TrainConfig.model_validate({**base, **({"max_gpu_memory_gib": cap} if cap else {})})
         plan = choose_plan(train_config, explicit=train_config.model_fields_set & set(MEMORY_CONFIG_KEYS),
@@ -306,12 +309,13 @@ def main() -> int:
     parser.add_argument("--profile", type=int, default=0, help="print a kernel table of a model with this many blocks")
     parser.add_argument("--plan-caps", default=None,
                         help="comma list of max_gpu_memory_gib caps (0: whole card): run the plan train chooses for each")
+    parser.add_argument("--no-baseline", action="store_true", help="with --plan-caps: skip the config-as-pasted run")
     args = parser.parse_args()
     if args.plan_caps:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch._dynamo.config.cache_size_limit = 64
         caps = [float(c) for c in args.plan_caps.split(",")]
-        plan_caps(caps, steps=args.steps, warmup=args.warmup, depth=args.depth)
+        plan_caps(caps, steps=args.steps, warmup=args.warmup, depth=args.depth, baseline=not args.no_baseline)
         return 0
     if args.sdpa_check:
         write_result("sdpa_check", {"benchmark": "sdpa_noisy_call", "results": sdpa_check()})
