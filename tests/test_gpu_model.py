@@ -13,10 +13,18 @@ def _inputs(cases, device):
     return [cases[k].to(device) for k in ("x", "encoder_hidden_states", "encoder_attention_mask")]
 
 
-def test_parity_float32_on_cuda(tiny_checkpoint, dit_cases, monkeypatch):
+@pytest.fixture
+def no_tf32():
+    """Real float32 matmuls and convolutions for the test, the flags restored after it (they are properties
+    of torch's backend modules, which monkeypatch cannot delete again)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_parity_float32_on_cuda(tiny_checkpoint, dit_cases, no_tf32):
     # cuDNN convolutions default to TF32 (the patch embedding would carry ~1e-3 error): real float32 here.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     dit = load_dit(tiny_checkpoint, device="cuda")
     x, ehs, mask = _inputs(dit_cases, "cuda")
     with torch.no_grad():
