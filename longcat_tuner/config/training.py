@@ -293,6 +293,10 @@ class TrainConfig(BaseModel):
     resume_from_checkpoint: Optional[str] = Field(
         None, description="`latest` (newest complete checkpoint in output_dir) or a checkpoint folder."
     )
+    overwrite_output_dir: bool = Field(
+        False, description="Start from step 0 in an output_dir that holds an earlier run's checkpoints or final "
+        "files (false: such a run is refused, naming resume_from_checkpoint and a fresh folder).",
+    )
     report_to: Literal["none", "tensorboard"] = Field(
         "none", description="Also log to TensorBoard (needs the tensorboard package)."
     )

@@ -302,6 +302,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         if dist.is_main:
             try:
                 lock = run_lock.acquire(run_dir)
+                refuse_finished_outputs(config, run_dir)
             except ConfigError as err:
                 refusal = err
         message = dist.broadcast(str(refusal) if refusal else None)
@@ -334,6 +335,32 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         if lock is not None:
             lock.release()
         dist.close()
+
+
+def earlier_outputs(run_dir: Path) -> list[str]:
+    """What an earlier run left in `run_dir` that a new run from step 0 would mix with or replace."""
+    found = []
+    checkpoints = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s), the newest {checkpoints[-1][1].name}")
+    found += sorted(path.name for path in run_dir.glob("*.safetensors"))
+    if (run_dir / "dit").is_dir():
+        found.append("dit/ (a full fine-tune)")
+    return found
+
+
+def refuse_finished_outputs(config: TrainConfig, run_dir: Path) -> None:
+    """A new run (no resume) into an output_dir holding checkpoints or final weights is refused, naming the
+    ways on, unless `overwrite_output_dir` says to start from step 0 there anyway."""
+    if config.resume_from_checkpoint or config.overwrite_output_dir:
+        return
+    found = earlier_outputs(run_dir)
+    if found:
+        raise ConfigError(
+            f"output_dir {run_dir} already holds an earlier run ({', '.join(found[:4])}); continue it with "
+            "--resume_from_checkpoint latest, choose a fresh output_dir, or set overwrite_output_dir: true to "
+            "train from step 0 there (its final files are then replaced)"
+        )
 
 
 @dataclasses.dataclass
