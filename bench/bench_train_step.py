@@ -284,11 +284,9 @@ def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, 
                            compile_ok=find_spec("triton") is not None)
         if plan.settings.quantized:
             prepare_base_weights(dit, plan.settings)  # one way: 8-bit plans come last (smallest caps)
-        try:
-            result = bench_run(dit, parse_run(f"name=cap{cap or 'card'}"), inputs, steps=steps, warmup=warmup,
-                               config=config, settings=plan.settings, memory_fraction=min(1.0, (cap or card_gib) / card_gib))
-        finally:
-            torch.cuda.set_per_process_memory_fraction(1.0)
+        # bench_run lifts the cap again before it undoes the runtime.
+        result = bench_run(dit, parse_run(f"name=cap{cap or 'card'}"), inputs, steps=steps, warmup=warmup,
+                           config=config, settings=plan.settings, memory_fraction=min(1.0, (cap or card_gib) / card_gib))
         rows.append({"cap_gib": cap or None, "plan": plan.to_event(), **result})
         print(json.dumps(rows[-1]), flush=True)
         write_result("train_step_plan_caps", {"benchmark": "lora_train_step_auto_plan", "card_gib": round(card_gib, 1),

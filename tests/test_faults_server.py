@@ -27,11 +27,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("multipart", reason="python-multipart (the server extra) is needed for uploads")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_server_api import AUTH, FAKE_CLI, REPO, TOKEN, WRITE, png_bytes, save_config, valid_body, wait_for  # noqa: E402
+from test_server_api import AUTH, FAKE_CLI, REPO, WRITE, make_server, png_bytes, save_config, valid_body, wait_for  # noqa: E402
 
 from longcat_tuner.server import app as app_module  # noqa: E402
 from longcat_tuner.server import jobs, security  # noqa: E402
-from longcat_tuner.server.app import ServerSettings, create_app  # noqa: E402
+from longcat_tuner.server.app import ServerSettings  # noqa: E402
 from longcat_tuner.server.jobs import EventsIndex, Job, read_events, run_digest, select_run_events  # noqa: E402
 from longcat_tuner.train import run_lock  # noqa: E402
 
@@ -62,21 +62,7 @@ if _sys.argv[1] == "check" and _mode == "slowcheck":
 
 @pytest.fixture()
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    fake = tmp_path / "fake_cli.py"
-    fake.write_text(FAKE_PREFIX + FAKE_CLI)
-    work = tmp_path / "work"
-    (work / "model").mkdir(parents=True)
-    settings = ServerSettings(
-        token=TOKEN,
-        data_dir=tmp_path / "data",
-        allowed_roots=(work,),
-        cwd=work,
-        max_upload_bytes=200_000,
-        max_jobs=1,
-        cli=(sys.executable, str(fake)),
-    )
-    client = TestClient(create_app(settings), base_url="http://127.0.0.1:8765")
-    return client, settings, work, monkeypatch
+    return make_server(tmp_path, monkeypatch, cli_source=FAKE_PREFIX + FAKE_CLI, max_jobs=1)
 
 
 def job_folders(settings: ServerSettings, kind: str) -> list[Path]:

@@ -264,3 +264,29 @@ def test_sample_flags_refuse_cuda_only_options_on_the_cpu(tiny_checkpoint):
 def test_block_swap_device_other_than_cpu_is_refused_by_the_schema(tmp_path):
     with pytest.raises(ConfigError, match="musubi_block_swap_device"):
         _config(tmp_path, musubi_block_swap_device="cuda:1")
+
+
+@pytest.mark.parametrize("keys,match", [({"base_model_precision": "fp8-torchao"}, "8 bits"),
+                                        ({"musubi_blocks_to_swap": 2}, "streams frozen weights")])
+def test_full_fine_tune_refuses_frozen_only_settings_before_loading(tmp_path, tiny_checkpoint, monkeypatch, keys, match):
+    import longcat_tuner.model as model_package
+    from longcat_tuner.runtime import apply
+    from longcat_tuner.train import trainer
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the DiT was loaded before the refusal")
+
+    monkeypatch.setattr(model_package, "load_dit", no_load)
+    config = _config(tmp_path, pretrained_model_name_or_path=str(tiny_checkpoint), model_type="full", **keys)
+    with pytest.raises(ConfigError, match=match):
+        trainer.build_model(config, trainer.choose_precision(config, torch.device("cpu")))
+    # The runtime itself refuses the same for a model whose base weights are trainable.
+    from longcat_tuner.model import loading
+
+    dit = loading.load_dit(tiny_checkpoint).requires_grad_(True)
+    with pytest.raises(ConfigError, match=match):
+        apply.refuse_trained_base(MemorySettings(**({"base_precision": keys["base_model_precision"]}
+                                                    if "base_model_precision" in keys else {"blocks_to_swap": 2})))
+    if "base_model_precision" in keys:
+        with pytest.raises(ConfigError, match=match):
+            apply.prepare_base_weights(dit, MemorySettings(base_precision=keys["base_model_precision"]))

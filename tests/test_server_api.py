@@ -90,23 +90,23 @@ FAKE_CLI = textwrap.dedent(
 )
 
 
-@pytest.fixture()
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def make_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, cli_source: str = FAKE_CLI, **overrides):
+    """(client, settings, work folder, monkeypatch) of a server whose CLI is the fake script `cli_source`."""
     fake = tmp_path / "fake_cli.py"
-    fake.write_text(FAKE_CLI)
+    fake.write_text(cli_source)
     work = tmp_path / "work"
     (work / "model").mkdir(parents=True)
-    settings = ServerSettings(
-        token=TOKEN,
-        data_dir=tmp_path / "data",
-        allowed_roots=(work,),
-        cwd=work,
-        max_upload_bytes=200_000,
-        cli=(sys.executable, str(fake)),
-    )
-    app = create_app(settings)
-    client = TestClient(app, base_url="http://127.0.0.1:8765")
+    settings = ServerSettings(**{
+        "token": TOKEN, "data_dir": tmp_path / "data", "allowed_roots": (work,), "cwd": work,
+        "max_upload_bytes": 200_000, "cli": (sys.executable, str(fake)), **overrides,
+    })
+    client = TestClient(create_app(settings), base_url="http://127.0.0.1:8765")
     return client, settings, work, monkeypatch
+
+
+@pytest.fixture()
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    return make_server(tmp_path, monkeypatch)
 
 
 def png_bytes(size: tuple[int, int] = (32, 24)) -> bytes:

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from longcat_tuner.commands.argtypes import bounded_int, positive_float
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -31,10 +33,10 @@ def register(subparsers) -> None:
     p.add_argument("--attention", default=None,
                    help="attention backend: auto, sdpa, xformers, block_sparse, reference (default: the one the first "
                    "--lora was trained with, else auto)")
-    p.add_argument("--blocks-to-swap", type=_non_negative_int, default=None,
+    p.add_argument("--blocks-to-swap", type=bounded_int(0), default=None,
                    help="keep the weights of the last N DiT blocks in pinned host memory and stream them in (CUDA; "
                    "for GPUs smaller than the model). Default: the fewest that fit the card (or --max-gpu-memory-gib)")
-    p.add_argument("--max-gpu-memory-gib", type=_positive_float, default=None,
+    p.add_argument("--max-gpu-memory-gib", type=positive_float, default=None,
                    help="most GPU memory the sampler may use (enforced); block swap is chosen to fit it")
     p.add_argument("--base-precision", choices=["no_change", "fp8-torchao", "int8-quanto"], default="no_change",
                    help="store the DiT block weights in 8 bits (about half the memory; small quality cost)")
@@ -88,22 +90,6 @@ def run(args: argparse.Namespace) -> int:
     message = {"event": "sample_done", "output": str(out), "height": height, "width": width, "frames": args.frames}
     print(json.dumps(message) if args.progress_json else f"wrote {out} ({args.frames} frames, {height}x{width}, {args.fps} fps)", file=sys.stdout)
     return 0
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    import math
-
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB > 0, got {text}")
-    return value
 
 
 def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) -> int:

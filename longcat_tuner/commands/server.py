@@ -9,6 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+from longcat_tuner.commands.argtypes import bounded_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -37,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-upload-mb", type=float, default=20.0, help="largest start-frame upload accepted (default: 20 MB)"
     )
     parser.add_argument(
-        "--max-jobs", type=_positive_int, default=2,
+        "--max-jobs", type=bounded_int(1, 64), default=2,
         help="checks and previews that may run at once (each loads a model; default: 2); more answer 429",
     )
     parser.add_argument(
@@ -47,16 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extra Host header name to accept (e.g. a machine name when binding a LAN address)",
     )
     parser.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"{value} is outside 1..64")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

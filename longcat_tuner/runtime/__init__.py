@@ -15,6 +15,7 @@ _EXPORTS = {
     "apply_runtime": "longcat_tuner.runtime.apply",
     "load_device": "longcat_tuner.runtime.apply",
     "prepare_base_weights": "longcat_tuner.runtime.apply",
+    "refuse_trained_base": "longcat_tuner.runtime.apply",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -75,6 +75,19 @@ def trains_base_weights(dit: nn.Module) -> bool:
     return any(p.requires_grad for name, p in dit.named_parameters() if "lora_adapters" not in name)
 
 
+def refuse_trained_base(settings: MemorySettings) -> None:
+    """The settings that only work on frozen base weights, refused for a model that trains them (a full
+    fine-tune). `train` calls it before loading; `prepare_base_weights` and `apply_runtime` on a model
+    whose base weights are trainable."""
+    if settings.quantized:
+        raise ConfigError(
+            f"base_model_precision '{settings.base_precision}' stores frozen weights in 8 bits; "
+            "a full fine-tune trains them: use model_type 'lora' or base_model_precision 'no_change'"
+        )
+    if settings.blocks_to_swap:
+        raise ConfigError("musubi_blocks_to_swap streams frozen weights; a full fine-tune trains them: use model_type 'lora'")
+
+
 def load_device(settings: MemorySettings, device: Device) -> torch.device:
     """The device to load the DiT on: the host when it is assembled there first, else `device`."""
     device = torch.device(device)
@@ -92,10 +105,7 @@ def prepare_base_weights(dit: nn.Module, settings: MemorySettings) -> int:
     from longcat_tuner.runtime.quantize import quantize_base_weights
 
     if trains_base_weights(dit):
-        raise ConfigError(
-            f"base_model_precision '{settings.base_precision}' stores frozen weights in 8 bits; "
-            "a full fine-tune trains them: use model_type 'lora' or base_model_precision 'no_change'"
-        )
+        refuse_trained_base(settings)
     return quantize_base_weights(dit, settings.base_precision)
 
 
@@ -129,7 +139,7 @@ def apply_runtime(dit: nn.Module, settings: MemorySettings, device: Device, *,
         if settings.blocks_to_swap > len(blocks):
             raise ConfigError(f"musubi_blocks_to_swap={settings.blocks_to_swap} but the DiT has {len(blocks)} blocks")
         if trains_base_weights(dit):
-            raise ConfigError("musubi_blocks_to_swap streams frozen weights; a full fine-tune trains them: use model_type 'lora'")
+            refuse_trained_base(settings)
     from longcat_tuner.runtime.block_swap import apply_block_swap, place_with_swapped_blocks
 
     place_with_swapped_blocks(dit, device, settings.blocks_to_swap)

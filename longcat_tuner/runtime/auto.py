@@ -232,7 +232,7 @@ def choose_sampling_swap(shape: ClipShape, budget_gib: float, *, base_precision:
     """(fewest swapped blocks whose sampling peak fits `budget_gib`, that peak); `ConfigError` when none does."""
     for swap in range(planner.DEPTH + 1):
         peak = sampling_peak_gib(shape, swap, base_precision)
-        if peak * planner.CALIBRATION["reserved_factor"] + planner.CALIBRATION["headroom_gib"] <= budget_gib:
+        if planner.fits_gib(peak, budget_gib):
             return swap, peak
     raise ConfigError(
         f"sampling {shape.text} does not fit {budget_gib:.1f} GiB even with every block swapped "

@@ -271,7 +271,13 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
 
 def fits(est: Estimate, gpu_memory_gib: float) -> bool:
     """Whether the allocator's reserve (allocated x reserved_factor) plus headroom fits the GPU."""
-    return est.peak_gib * est.reserved_factor + CALIBRATION["headroom_gib"] <= gpu_memory_gib
+    return fits_gib(est.peak_gib, gpu_memory_gib, est.reserved_factor)
+
+
+def fits_gib(peak_gib: float, gpu_memory_gib: float, reserved_factor: Optional[float] = None) -> bool:
+    """`fits` for a predicted peak allocated GiB (default reserve: CALIBRATION's reserved_factor)."""
+    factor = CALIBRATION["reserved_factor"] if reserved_factor is None else reserved_factor
+    return peak_gib * factor + CALIBRATION["headroom_gib"] <= gpu_memory_gib
 
 
 def suggest(setting: Setting, gpu_memory_gib: float) -> list[tuple[Setting, Estimate]]:

@@ -224,13 +224,8 @@ def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
             "(e.g. 8) to stream the frozen block weights from host memory instead"
         )
     settings = runtime.MemorySettings.from_config(config)
-    if settings.quantized and config.model_type == "full":
-        raise ConfigError(
-            f"base_model_precision '{config.base_model_precision}' stores frozen weights in 8 bits; "
-            "a full fine-tune trains them: use model_type 'lora' or base_model_precision 'no_change'"
-        )
-    if settings.blocks_to_swap and config.model_type == "full":
-        raise ConfigError("musubi_blocks_to_swap streams frozen weights; a full fine-tune trains them: use model_type 'lora'")
+    if config.model_type == "full":
+        runtime.refuse_trained_base(settings)  # before minutes of loading
     dit = load_dit(
         config.pretrained_model_name_or_path,
         dtype=precision.base_dtype,
