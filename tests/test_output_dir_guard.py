@@ -53,3 +53,14 @@ def test_an_empty_or_interrupted_folder_is_fine(tmp_path):
     (tmp_path / "out" / "checkpoints" / ".tmp-checkpoint-x").mkdir(parents=True)  # never complete
     (tmp_path / "out" / "events.jsonl").write_text("")
     assert earlier_outputs(tmp_path / "out") == []
+
+
+def test_the_demo_can_be_run_again_into_its_own_folder(tmp_path):
+    """`scripts/demo.sh` twice (and the printed `train --config` after it) must not be refused."""
+    from longcat_tuner.commands.demo import write_demo
+    from longcat_tuner.train.trainer import refuse_finished_outputs
+
+    config = TrainConfig.from_file(write_demo(tmp_path / "demo", steps=1, frames=5, height=32, width=32,
+                                              train_clips=1, eval_clips=1))
+    _finished_run(Path(config.output_dir))
+    refuse_finished_outputs(config, Path(config.output_dir))

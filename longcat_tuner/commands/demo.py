@@ -152,6 +152,7 @@ def write_demo(
         "model_type": "lora",
         "pretrained_model_name_or_path": "model",
         "output_dir": "output",
+        "overwrite_output_dir": True,  # the demo starts afresh each time it is run (no earlier-run refusal)
         "data_backend_config": "multidatabackend.json",
         "train_batch_size": 1,
         "gradient_checkpointing": True,
