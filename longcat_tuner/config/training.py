@@ -237,6 +237,11 @@ class TrainConfig(BaseModel):
         "`fsdp` (FSDP2) shards the weights, gradients and optimizer states of each block over the GPUs, "
         "so a full fine-tune (or a LoRA on cards smaller than the model) fits. Ignored on one process.",
     )
+    sequence_parallel_size: int = Field(
+        1, ge=1, le=1024, description="Under torchrun: how many GPUs share each clip (Ulysses sequence parallelism: "
+        "each holds a band of token rows, self-attention exchanges heads). Must divide the number of processes and "
+        "the DiT's attention heads (32); the remaining factor is the data-parallel size. 1 turns it off.",
+    )
     enable_group_offload: bool = Field(
         False,
         description="Group offloading (diffusers) is not available for training: it moves trainable adapters "

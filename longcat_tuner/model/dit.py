@@ -61,11 +61,16 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim, bias=True)
         self.options = AttentionOptions()
+        self.sequence_parallel = None  # set from outside (sequence_parallel.py): all-to-all around attention
 
     def forward(self, x: torch.Tensor, grid: Grid, num_cond_latents: int, kv: Optional[LayerKV]) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
+        local_grid, sp = grid, self.sequence_parallel
+        if sp is not None:  # this rank's rows of all heads -> all tokens of this rank's heads
+            q, k, v, grid = sp.gather_sequence(q, k, v, grid)
+        N = q.shape[2]
 
         if kv is not None and not kv.recording:
             # KV-cache call: only noisy tokens are fed; positions continue after the cached condition frames.
@@ -91,7 +96,9 @@ class SelfAttention(nn.Module):
                 out = torch.cat([cond, noisy], dim=2)
             else:
                 out = attention(q, k, v, q_grid=grid, k_grid=grid, options=self.options)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        if sp is not None:
+            out = sp.scatter_sequence(out, local_grid)
+        return self.proj(out.transpose(1, 2).reshape(B, -1, C))
 
 
 class CrossAttention(nn.Module):
@@ -197,6 +204,7 @@ class LongCatDiT(nn.Module):
         self.final_layer = FinalLayer(config)
         self.attention_backend = "sdpa"
         self.set_attention_backend("sdpa")
+        self.sequence_parallel = None  # set from outside (sequence_parallel.py): split rows, gather the output
 
     # --- configuration -------------------------------------------------------------------------------------
 
@@ -238,7 +246,9 @@ class LongCatDiT(nn.Module):
     ) -> torch.Tensor:
         if latents.ndim != 5 or latents.shape[1] != self.config.in_channels:
             raise ShapeError(f"latents must be [B, {self.config.in_channels}, T, H, W], got {tuple(latents.shape)}")
-        B = latents.shape[0]
+        B, latent_height = latents.shape[0], latents.shape[3]
+        if self.sequence_parallel is not None:  # this rank's band of rows; the prediction is gathered in 4.
+            latents = self.sequence_parallel.split_latents(latents)
         grid = self.token_grid(latents.shape)
         dtype = self.x_embedder.proj.weight.dtype
         if not 0 <= num_cond_latents <= grid[0]:
@@ -264,7 +274,10 @@ class LongCatDiT(nn.Module):
             x = block(x, y, t, grid, num_cond_latents, key_mask, layer_kv)
 
         # 4. Final layer and unpatchify, returned in float32.
-        return self.unpatchify(self.final_layer(x, t, grid), grid).float()
+        prediction = self.unpatchify(self.final_layer(x, t, grid), grid).float()
+        if self.sequence_parallel is not None:
+            prediction = self.sequence_parallel.gather_prediction(prediction, latent_height)
+        return prediction
 
     def _embed_text(self, text_embeds, text_mask, dtype):
         if text_embeds is None:
@@ -293,6 +306,8 @@ class LongCatDiT(nn.Module):
         `num_cond_latents = cond frames` on the noisy frames (MODEL.md 1.6, clarification 7).
         """
         B = cond_latents.shape[0]
+        if self.sequence_parallel is not None:
+            cond_latents = self.sequence_parallel.split_latents(cond_latents)
         grid = self.token_grid(cond_latents.shape)
         dtype = self.x_embedder.proj.weight.dtype
         t = self.t_embedder(torch.zeros(B * grid[0], device=cond_latents.device)).view(B, grid[0], -1)

@@ -1,0 +1,149 @@
+"""Ulysses sequence parallelism (`model/sequence_parallel.py`) against the single-process DiT, gloo CPU ranks.
+
+Every case (text-to-video, image-to-video, video continuation; dense and block-sparse reference attention) runs
+forward and backward once in this process (the reference) and once split over the ranks; the prediction and
+every parameter gradient (summed over the sequence-parallel group) must agree within 1e-5 in float32. The token
+height (5 rows) is not a multiple of 2 or 4, so the padding rows are exercised too. One spawn per world size
+runs all of its cases:
+
+- 2 ranks, one group of 2, on the tiny reference checkpoint (2 heads); the KV-cache path of video continuation
+  (sampling) is checked there as well;
+- 4 ranks, one group of 4, on a 4-head variant of the tiny shapes with random weights (the reference checkpoint
+  has 2 heads, and the size must divide the heads), and a 2 x 2 device mesh (data-parallel x sequence-parallel)
+  on the tiny checkpoint where each data-parallel pair runs its own inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import TINY
+
+pytestmark = pytest.mark.skipif(not TINY.is_dir(), reason=f"tiny reference checkpoint not found at {TINY}")
+
+FRAMES, LATENT_H, LATENT_W, TEXT = 5, 10, 8, 6
+CASES = [(task, attn) for task in ("t2v", "i2v", "vc") for attn in ("sdpa", "block_sparse")]
+COND = {"t2v": 0, "i2v": 1, "vc": 2}
+
+
+def _model(heads: int):
+    from longcat_tuner.model.loading import build_dit, load_dit
+
+    if heads == 2:
+        dit = load_dit(TINY, dtype=torch.float32)
+    else:
+        from longcat_tuner.model.random_checkpoint import _random_dit_state
+
+        config = dataclasses.replace(load_dit(TINY).config, num_heads=heads)
+        dit = build_dit(config, device="cpu")
+        dit.load_state_dict(_random_dit_state(config, seed=3))
+    return dit.requires_grad_(True)
+
+
+def _inputs(task: str, seed: int, caption_channels: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n_cond = COND[task]
+    timestep = (torch.rand(2, generator=g) * 1000)[:, None].repeat(1, FRAMES)
+    timestep[:, :n_cond] = 0
+    mask = torch.ones(2, TEXT, dtype=torch.int64)
+    mask[1, TEXT // 2:] = 0
+    return {
+        "latents": torch.randn(2, 16, FRAMES, LATENT_H, LATENT_W, generator=g),
+        "timestep": timestep,
+        "text_embeds": torch.randn(2, TEXT, caption_channels, generator=g),
+        "text_mask": mask,
+        "num_cond_latents": n_cond,
+        "weight": torch.randn(2, 16, FRAMES, LATENT_H, LATENT_W, generator=g),
+    }
+
+
+def _forward_backward(dit, attn: str, case: dict, sp=None) -> dict:
+    from longcat_tuner.model.sequence_parallel import sum_gradients
+
+    dit.set_attention_backend("reference" if attn == "sdpa" else "block_sparse", sparsity=0.5)
+    dit.zero_grad(set_to_none=True)
+    prediction = dit(case["latents"], case["timestep"], case["text_embeds"], case["text_mask"],
+                     num_cond_latents=case["num_cond_latents"])
+    (prediction * case["weight"]).sum().backward()
+    if sp is not None:
+        sum_gradients(dit.parameters(), sp)
+    result = {"prediction": prediction.detach(), **{f"grad.{n}": p.grad.clone() for n, p in dit.named_parameters()}}
+    if case["num_cond_latents"] > 1:  # video continuation as the sampler runs it: cached condition keys/values
+        n = case["num_cond_latents"]
+        with torch.no_grad():
+            cache = dit.build_kv_cache(case["latents"][:, :, :n])
+            result["kv_cached"] = dit(case["latents"][:, :, n:], case["timestep"][:, n:], case["text_embeds"],
+                                      case["text_mask"], kv_cache=cache)
+    return result
+
+
+def _worker(rank: int, world: int, root: str, plan: list) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from longcat_tuner.model.sequence_parallel import SequenceParallel, apply_sequence_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
+    results = {}
+    for label, heads, sp_size, cases in plan:
+        mesh = init_device_mesh("cpu", (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+        sp = SequenceParallel.from_group(mesh["sp"].get_group())
+        dp_rank = mesh["dp"].get_local_rank()
+        dit = _model(heads)
+        apply_sequence_parallel(dit, sp)
+        for task, attn in cases:
+            case = _inputs(task, seed=100 * dp_rank + len(task), caption_channels=dit.config.caption_channels)
+            results[(label, dp_rank, task, attn)] = _forward_backward(dit, attn, case, sp)
+    torch.save(results, Path(root) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _check(tmp_path: Path, world: int, plan: list) -> None:
+    mp.spawn(_worker, args=(world, str(tmp_path), plan), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    worst = 0.0
+    for label, heads, sp_size, cases in plan:
+        dit = _model(heads)
+        for dp_rank in range(world // sp_size):
+            for task, attn in cases:
+                case = _inputs(task, seed=100 * dp_rank + len(task), caption_channels=dit.config.caption_channels)
+                want = _forward_backward(dit, attn, case)
+                key = (label, dp_rank, task, attn)
+                ranks = range(dp_rank * sp_size, (dp_rank + 1) * sp_size)
+                for rank in ranks:
+                    got = per_rank[rank][key]
+                    assert got.keys() == want.keys()
+                    for name in want:
+                        # fp32 tolerance relative to the tensor's scale: a gradient sums thousands of token
+                        # contributions, in another order when split over ranks.
+                        scale = want[name].abs().max().clamp_min(1e-12)
+                        error = float((got[name] - want[name]).abs().max() / scale)
+                        worst = max(worst, error)
+                        assert error < 1e-5, f"{key} rank {rank} {name}: relative error {error:.2e}"
+    print(f"worst relative error over {world} ranks: {worst:.2e}")
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    _check(tmp_path, 2, [("tiny", 2, 2, CASES)])
+
+
+def test_four_ranks_and_a_two_by_two_mesh_equal_one_process(tmp_path):
+    # The mesh adds the data-parallel dimension: one case per task is enough there.
+    mesh_cases = [("t2v", "block_sparse"), ("i2v", "sdpa"), ("vc", "block_sparse")]
+    _check(tmp_path, 4, [("four-heads", 4, 4, CASES), ("mesh", 2, 2, mesh_cases)])
+
+
+def test_size_must_divide_ranks_and_heads():
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.model.sequence_parallel import check_sequence_parallel_size
+
+    check_sequence_parallel_size(2, world_size=4, num_heads=32)
+    with pytest.raises(ConfigError, match="does not divide the 6 process"):
+        check_sequence_parallel_size(4, world_size=6, num_heads=32)
+    with pytest.raises(ConfigError, match="does not divide the DiT's 2 attention heads"):
+        check_sequence_parallel_size(4, world_size=4, num_heads=2)
