@@ -3,14 +3,14 @@
 Every case (text-to-video, image-to-video, video continuation; dense and block-sparse reference attention) runs
 forward and backward once in this process (the reference) and once split over the ranks; the prediction and
 every parameter gradient (summed over the sequence-parallel group) must agree within 1e-5 in float32. The token
-height (5 rows) is not a multiple of 2 or 4, so the padding rows are exercised too. One spawn per world size
-runs all of its cases:
+height (5 rows) is not a multiple of 2 or 4, so the padding rows are exercised too. One spawn of 4 gloo ranks
+runs all cases (`gloo_ranks.py`, shared with the DCP checkpoint test):
 
-- 2 ranks, one group of 2, on the tiny reference checkpoint (2 heads); the KV-cache path of video continuation
-  (sampling) is checked there as well;
-- 4 ranks, one group of 4, on a 4-head variant of the tiny shapes with random weights (the reference checkpoint
-  has 2 heads, and the size must divide the heads), and a 2 x 2 device mesh (data-parallel x sequence-parallel)
-  on the tiny checkpoint where each data-parallel pair runs its own inputs.
+- groups of 2 ranks on a 2 x 2 device mesh (data-parallel x sequence-parallel), on the tiny reference
+  checkpoint (2 heads), each pair with its own inputs; the KV-cache path of video continuation (sampling) is
+  checked too;
+- one group of 4 ranks on a 4-head variant of the tiny shapes with random weights (the reference checkpoint has
+  2 heads, and the group size must divide the heads).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+import gloo_ranks
 from conftest import TINY
 
 pytestmark = pytest.mark.skipif(not TINY.is_dir(), reason=f"tiny reference checkpoint not found at {TINY}")
@@ -81,16 +81,24 @@ def _forward_backward(dit, attn: str, case: dict, sp=None) -> dict:
     return result
 
 
-def _worker(rank: int, world: int, root: str, plan: list) -> None:
-    import torch.distributed as dist
+# The cases, by sequence-parallel group size: (label, heads, group size, cases) over the 4 ranks.
+PLANS = {
+    # two groups of 2 ranks (a 2 x 2 mesh: data-parallel x sequence-parallel), each its own inputs
+    2: [("pairs", 2, 2, CASES)],
+    4: [("four-heads", 4, 4, CASES)],  # one group of all 4 ranks
+}
+
+
+def sp_job(rank: int, world: int, root: Path, _argument) -> dict:
+    """Inside each rank of `gloo_ranks`: every case of `PLANS[world]` split over the sequence-parallel group."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from longcat_tuner.model.sequence_parallel import SequenceParallel, apply_sequence_parallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
     results = {}
-    for label, heads, sp_size, cases in plan:
+    if not TINY.is_dir():  # the tests skip; the pool still runs the DCP job
+        return results
+    for label, heads, sp_size, cases in PLANS[2] + PLANS[4]:
         mesh = init_device_mesh("cpu", (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
         sp = SequenceParallel.from_group(mesh["sp"].get_group())
         dp_rank = mesh["dp"].get_local_rank()
@@ -99,17 +107,15 @@ def _worker(rank: int, world: int, root: str, plan: list) -> None:
         for task, attn in cases:
             case = _inputs(task, seed=100 * dp_rank + len(task), caption_channels=dit.config.caption_channels)
             results[(label, dp_rank, task, attn)] = _forward_backward(dit, attn, case, sp)
-    torch.save(results, Path(root) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
-def _check(tmp_path: Path, world: int, plan: list) -> None:
-    mp.spawn(_worker, args=(world, str(tmp_path), plan), nprocs=world, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+def _check(group: int) -> None:
+    per_rank = [record["sp"] for record in gloo_ranks.results()]
     worst = 0.0
-    for label, heads, sp_size, cases in plan:
+    for label, heads, sp_size, cases in PLANS[group]:
         dit = _model(heads)
-        for dp_rank in range(world // sp_size):
+        for dp_rank in range(gloo_ranks.WORLD // sp_size):
             for task, attn in cases:
                 case = _inputs(task, seed=100 * dp_rank + len(task), caption_channels=dit.config.caption_channels)
                 want = _forward_backward(dit, attn, case)
@@ -125,17 +131,15 @@ def _check(tmp_path: Path, world: int, plan: list) -> None:
                         error = float((got[name] - want[name]).abs().max() / scale)
                         worst = max(worst, error)
                         assert error < 1e-5, f"{key} rank {rank} {name}: relative error {error:.2e}"
-    print(f"worst relative error over {world} ranks: {worst:.2e}")
+    print(f"worst relative error with groups of {group} ranks: {worst:.2e}")
 
 
-def test_two_ranks_equal_one_process(tmp_path):
-    _check(tmp_path, 2, [("tiny", 2, 2, CASES)])
+def test_groups_of_two_ranks_on_a_two_by_two_mesh_equal_one_process():
+    _check(2)
 
 
-def test_four_ranks_and_a_two_by_two_mesh_equal_one_process(tmp_path):
-    # The mesh adds the data-parallel dimension: one case per task is enough there.
-    mesh_cases = [("t2v", "block_sparse"), ("i2v", "sdpa"), ("vc", "block_sparse")]
-    _check(tmp_path, 4, [("four-heads", 4, 4, CASES), ("mesh", 2, 2, mesh_cases)])
+def test_a_group_of_four_ranks_equals_one_process():
+    _check(4)
 
 
 def test_size_must_divide_ranks_and_heads():

@@ -104,12 +104,15 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     rng_state: dict[str, Any],
     extra_files: Optional[dict[str, Any]] = None,
+    sharded: Optional[Path] = None,
 ) -> Path:
     """Write a complete checkpoint atomically and return its folder.
 
     `extra_files` maps file names to callables `write(path)` (e.g. the LoRA in the official format, so
-    an intermediate checkpoint is directly usable). On any failure the temporary folder is removed and
-    a `CheckpointError` says why; existing checkpoints are untouched.
+    an intermediate checkpoint is directly usable). `sharded`: the temporary folder into which every rank
+    has just written its shards (`save_sharded_state`); `weights` and `optimizer_state` are then empty and
+    the rest is added there. On any failure the temporary folder is removed and a `CheckpointError` says
+    why; existing checkpoints are untouched.
     """
     checkpoints_dir = Path(checkpoints_dir)
     poisoned = nonfinite_tensors(weights) + [f"optimizer state {name}" for name in nonfinite_tensors(optimizer_state)]
@@ -120,20 +123,22 @@ def save_checkpoint(
             "checkpoint"
         )
     final = checkpoints_dir / checkpoint_name(step)
-    tmp = checkpoints_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    tmp = Path(sharded) if sharded is not None else checkpoints_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     try:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        if sharded is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(scheduler_state, tmp / SCHEDULER_FILE)
         torch.save(rng_state, tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state, "weights_finite": True}, indent=2))
         for name, write in (extra_files or {}).items():
             write(tmp / name)
         for path in tmp.iterdir():
-            _fsync_file(path)
+            if path.is_file():  # the shard files of `sharded/` were synced by their writers
+                _fsync_file(path)
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
         _fsync_file(tmp / COMPLETE_MARKER)
         _fsync_dir(tmp)
@@ -265,7 +270,8 @@ def load_checkpoint(path: Path, *, tensors: bool = True) -> dict[str, Any]:
     than 0 receive those by broadcast instead of each holding a full copy in host memory.
     """
     path = Path(path)
-    missing = [name for name in REQUIRED_FILES if not (path / name).exists()]
+    sharded = is_sharded_checkpoint(path)
+    missing = [name for name in (SHARDED_REQUIRED if sharded else REQUIRED_FILES) if not (path / name).exists()]
     if missing:
         raise CheckpointError(
             f"checkpoint {path} is incomplete: missing {', '.join(missing)}. "
@@ -274,8 +280,11 @@ def load_checkpoint(path: Path, *, tensors: bool = True) -> dict[str, Any]:
     try:
         return {
             "path": path,
-            "weights": load_file(str(path / WEIGHTS_FILE)) if tensors else {},
-            "optimizer": torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False) if tensors else {},
+            # A sharded checkpoint's tensors are read by every rank into its shards (`load_sharded_state`).
+            "sharded": sharded,
+            "weights": load_file(str(path / WEIGHTS_FILE)) if tensors and not sharded else {},
+            "optimizer": torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+            if tensors and not sharded else {},
             "scheduler": torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=False),
             "rng": torch.load(path / RNG_FILE, map_location="cpu", weights_only=False),
             "state": json.loads((path / STATE_FILE).read_text()),
@@ -322,3 +331,66 @@ def check_weight_names(module: torch.nn.Module, weights: dict[str, torch.Tensor]
                 f"the run expects {tuple(param.shape)}; resume with the same lora_rank"
             )
     return params
+
+
+# --- sharded checkpoints of an FSDP2 model (torch.distributed.checkpoint) -------------------------------------
+#
+# Under FSDP2 a checkpoint's trainable weights and optimizer state can be written by every rank at once, each
+# its own shards, with torch.distributed.checkpoint (DCP): no rank ever holds the whole state, and DCP reshards
+# on load, so a run saved with N processes resumes with M. The folder is the usual checkpoint folder (the same
+# scheduler, RNG and trainer-state files, the COMPLETE marker, the atomic rename) with `sharded/` in place of
+# `trainable.safetensors` and `optimizer.pt`. The folder must be on storage every rank can write (one disk for
+# one machine; a shared filesystem across nodes).
+
+SHARDED_DIR = "sharded"
+SHARDED_REQUIRED = (f"{SHARDED_DIR}/.metadata", SCHEDULER_FILE, RNG_FILE, STATE_FILE, COMPLETE_MARKER)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def sharded_temporary(checkpoints_dir: Path, step: int) -> Path:
+    """The temporary folder all ranks write one sharded save into (the same name on every rank); the writer
+    creates it empty before the others start."""
+    return Path(checkpoints_dir) / f".tmp-{checkpoint_name(step)}-sharded"
+
+
+def _dcp_state(dit: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Trainable parameters only (a LoRA run's frozen base comes from the model files); sharded DTensors as they
+    # are, never gathered. The optimizer's lazily created moments are initialised first, so a fresh optimizer
+    # presents the tensors a load fills in.
+    model_state, optimizer_state = get_state_dict(dit, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_sharded_state(folder: Path, dit: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                       process_group: Any = None) -> None:
+    """Collective (every rank of `process_group`, default all: the ranks the model is sharded over): write this
+    rank's shards of the trainable weights and of the optimizer state into `folder/sharded` (DCP; the
+    coordinator rank writes `.metadata` once all ranks are done)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(dit, optimizer), checkpoint_id=str(Path(folder) / SHARDED_DIR), process_group=process_group)
+
+
+def load_sharded_state(folder: Path, dit: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                       process_group: Any = None) -> None:
+    """Collective (like `save_sharded_state`): read a sharded checkpoint into a sharded model and its optimizer, at any world size (each
+    rank reads the pieces that overlap its own shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    folder = Path(folder)
+    state = _dcp_state(dit, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(folder / SHARDED_DIR), process_group=process_group)
+    except Exception as err:  # a missing key or shard file: name the checkpoint
+        raise CheckpointError(
+            f"sharded checkpoint {folder} could not be read into this run's model ({err}); resume with the same "
+            "model_type, lora_rank and lora_targets, or from another checkpoint"
+        ) from err
+    set_state_dict(dit, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True))

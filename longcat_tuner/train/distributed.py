@@ -328,3 +328,122 @@ def ranks_per_host_assembly(model_bytes: int, available_bytes: Optional[int], wo
     if available_bytes is None or model_bytes <= 0:
         return 1
     return max(1, min(world_size, int(0.8 * available_bytes) // model_bytes))
+
+
+# --- sequence parallelism: the 2-D device mesh (data-parallel x sequence-parallel) ---------------------------
+
+
+@dataclasses.dataclass
+class ParallelMesh:
+    """How the ranks split into `dp` data-parallel replicas of `sp` sequence-parallel ranks each.
+
+    Ranks `dp_rank * sp + 0 .. sp - 1` share one clip (contiguous ranks: one host's fast links carry the
+    all-to-all). They feed the same batch, noise and sigmas, so data sharding and the per-rank seeds use
+    `dp_rank` / `dp_size`, never the global rank.
+    """
+
+    mesh: Any  # torch DeviceMesh with dims ("dp", "sp"), None when single-process
+    dp_rank: int = 0
+    dp_size: int = 1
+    sp_size: int = 1
+    sequence_parallel: Any = None  # model.sequence_parallel.SequenceParallel, None when sp_size == 1
+
+
+def build_mesh(ctx: Distributed, sequence_parallel_size: int, *, num_heads: int) -> ParallelMesh:
+    """The (dp, sp) mesh of this run (collective: every rank calls it); checks `sequence_parallel_size`."""
+    from longcat_tuner.model.sequence_parallel import SequenceParallel, check_sequence_parallel_size
+
+    check_sequence_parallel_size(sequence_parallel_size, world_size=ctx.world_size, num_heads=num_heads)
+    if not ctx.enabled:
+        return ParallelMesh(mesh=None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = ctx.world_size // sequence_parallel_size
+    mesh = init_device_mesh(ctx.device.type, (dp, sequence_parallel_size), mesh_dim_names=("dp", "sp"))
+    sp = SequenceParallel.from_group(mesh["sp"].get_group()) if sequence_parallel_size > 1 else None
+    return ParallelMesh(mesh=mesh, dp_rank=mesh["dp"].get_local_rank(), dp_size=dp,
+                        sp_size=sequence_parallel_size, sequence_parallel=sp)
+
+
+def _sum_then_divide_hook(divisor: int):
+    """A DDP communication hook: all-reduce SUM over every rank, divided by `divisor` (the data-parallel size).
+
+    With sequence parallelism each rank's gradient is its tokens' part of its replica's gradient: summing over
+    all ranks and dividing by the number of replicas gives the replicas' mean (DDP's default divides by the
+    world size, `sp` times too much)."""
+
+    def hook(group: Any, bucket: Any) -> Any:
+        tensor = bucket.buffer().div_(divisor)
+        work = dist.all_reduce(tensor, group=group, async_op=True)
+        return work.get_future().then(lambda future: future.value()[0])
+
+    return hook
+
+
+def wrap_ddp_sequence_parallel(dit: torch.nn.Module, ctx: Distributed, mesh: ParallelMesh) -> torch.nn.Module:
+    """`wrap_ddp`, with the gradients summed over the sequence-parallel ranks and averaged over the replicas."""
+    model = wrap_ddp(dit, ctx)
+    if mesh.sp_size > 1:
+        model.register_comm_hook(dist.group.WORLD, _sum_then_divide_hook(mesh.dp_size))
+    return model
+
+
+def wrap_fsdp_sequence_parallel(dit: torch.nn.Module, mesh: ParallelMesh) -> torch.nn.Module:
+    """`wrap_fsdp` over all ranks, with the reduce-scatter divided by the data-parallel size only (the sum over
+    the sequence-parallel ranks is the replica's gradient, see `_sum_then_divide_hook`)."""
+    wrap_fsdp(dit)
+    if mesh.sp_size > 1:
+        for module in [*dit.blocks, dit]:
+            module.set_gradient_divide_factor(float(mesh.dp_size))
+    return dit
+
+
+# --- the final weights of a sharded model, without holding them all ---------------------------------------
+
+
+def save_full_model_streaming(dit: torch.nn.Module, folder: Any, *, keep: bool, base_name: str,
+                              max_shard_bytes: int = 5 * 2**30) -> list[Any]:
+    """Write every tensor of `dit.state_dict()` in the hub's safetensors layout (one file, or
+    `<stem>-0000i-of-0000n.safetensors` plus `<base_name>.index.json` past `max_shard_bytes`), gathering one
+    tensor at a time (collective under FSDP: every rank calls it); the `keep` rank writes and holds one file's
+    tensors at most. Returns the files written (on the `keep` rank)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    from longcat_tuner.fsutil import atomic_file
+
+    state = dit.state_dict()
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for name, tensor in state.items():  # DTensor.shape is the full shape: the split is known up front
+        size = tensor.numel() * tensor.element_size()
+        if groups[-1] and filled + size > max_shard_bytes:
+            groups.append([])
+            filled = 0
+        groups[-1].append(name)
+        filled += size
+    folder, stem = Path(folder), base_name.removesuffix(".safetensors")
+    files = ([folder / base_name] if len(groups) == 1 else
+             [folder / f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map, total = {}, 0
+    for path, names in zip(files, groups):
+        shard = {}
+        for name in names:
+            tensor = state[name]
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if keep:
+                shard[name] = full.detach().to("cpu", copy=True).contiguous()
+                weight_map[name] = path.name
+                total += shard[name].numel() * shard[name].element_size()
+            del full
+        if keep:
+            with atomic_file(path) as temporary:
+                save_file(shard, str(temporary))
+        del shard
+    if keep and len(files) > 1:
+        with atomic_file(folder / f"{base_name}.index.json") as temporary:
+            temporary.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return files if keep else []
