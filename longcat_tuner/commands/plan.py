@@ -133,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
     print("the config's own settings:")
     try:
         print(format_plan(setting, args.gpu_memory))
+        if config.sequence_parallel_size > 1:
+            from longcat_tuner.runtime.planner import format_sequence_parallel
+
+            print(format_sequence_parallel(setting, config.sequence_parallel_size))
     except ValueError as err:
         raise ConfigError(f"{args.config}: {err}") from None
     return 0

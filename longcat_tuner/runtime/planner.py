@@ -343,3 +343,63 @@ def format_plan(setting: Setting, gpu_memory_gib: float) -> str:
         lines.append("nothing fits: lower the resolution or the number of frames")
     lines.append(f"(model calibrated on {CALIBRATION['device']}; {CALIBRATION['source']})")
     return "\n".join(lines)
+
+
+# --- sequence parallelism (Ulysses, `sequence_parallel_size`) ----------------------------------------------
+
+# Bytes per second of one GPU's all-to-all over its links: an assumption, not a measurement of ours (no
+# multi-GPU machine has been lent yet): NVLink 4 on an H100 SXM gives 450 GB/s a direction and NCCL's
+# all-to-all reaches a good share of it inside one host; across hosts, InfiniBand NDR gives ~50 GB/s a GPU.
+LINK_GBPS = {"nvlink": 300.0, "infiniband": 45.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallelEstimate:
+    sp_size: int
+    tokens_per_rank: int
+    memory_gib: dict[str, float]  # per rank
+    peak_gib: float
+    compute_s: float  # the single-GPU step's compute, split over the group
+    communication_s: float  # the all-to-alls on the critical path
+    communication_gib: float  # sent by each rank per optimizer step
+    step_s: float
+
+
+def sequence_parallel_estimate(setting: Setting, sp_size: int, *, link_gbps: float = LINK_GBPS["nvlink"],
+                               shard_weights: bool = False, calibration: Optional[dict] = None
+                               ) -> SequenceParallelEstimate:
+    """Per-rank memory and step time of `setting` with `sp_size` GPUs sharing each clip.
+
+    Memory: what grows with the tokens (checkpointed inputs, kept attention, working sets) is divided by
+    `sp_size` (after the all-to-all a rank holds all tokens of `heads / sp_size` heads: the same volume as its
+    own rows of all heads); the weights and the LoRA state stay whole on every rank, unless `shard_weights`
+    (FSDP2 over the group as well) divides them too. Time: the compute of `estimate` divided by `sp_size`, plus
+    the all-to-alls, which wait on the network: in each block, q, k, v and the attention output (4 bf16 hidden
+    states of the rank's tokens), of which a rank sends the share `(sp - 1) / sp` to the others; once forward,
+    once more in the checkpoint recompute, and the same volume in backward.
+    """
+    if sp_size < 1:
+        raise ValueError(f"sequence_parallel_size must be at least 1, got {sp_size}")
+    single = estimate(setting, calibration)
+    tokens = single.tokens * setting.batch
+    per_rank = -(-tokens // sp_size)
+    weights = {"base_weights", "lora_training_state"}
+    memory = {name: gib / (sp_size if name not in weights or shard_weights else 1)
+              for name, gib in single.memory_gib.items()}
+    passes = 2.0 + (1.0 if setting.gradient_checkpointing else 0.0)
+    sent = DEPTH * 4 * per_rank * HIDDEN * 2.0 * (sp_size - 1) / sp_size * passes
+    compute = single.step_s / sp_size
+    communication = sent / (link_gbps * 1e9)
+    return SequenceParallelEstimate(
+        sp_size=sp_size, tokens_per_rank=per_rank,
+        memory_gib={k: round(v, 2) for k, v in memory.items()}, peak_gib=round(sum(memory.values()), 2),
+        compute_s=round(compute, 2), communication_s=round(communication, 2),
+        communication_gib=round(sent / GIB, 2), step_s=round(compute + communication, 2),
+    )
+
+
+def format_sequence_parallel(setting: Setting, sp_size: int, *, link_gbps: float = LINK_GBPS["nvlink"]) -> str:
+    est = sequence_parallel_estimate(setting, sp_size, link_gbps=link_gbps)
+    return (f"sequence_parallel_size {sp_size}: {est.tokens_per_rank:,} tokens a GPU, peak ~{est.peak_gib:.1f} GiB "
+            f"a GPU, ~{est.step_s:.2f} s/step ({est.compute_s:.2f} compute + {est.communication_s:.2f} all-to-all: "
+            f"{est.communication_gib:.1f} GiB sent a GPU at an assumed {link_gbps:.0f} GB/s)")
