@@ -179,3 +179,12 @@ def test_sharded_checkpoint_resumes_at_four_and_two_ranks():
     (tmp_path / "dit" / "config.json").write_text(json.dumps(_config().to_dict()))
     loaded = load_dit(tmp_path).state_dict()
     torch.testing.assert_close(loaded["blocks.3.attn.qkv.weight"], four[0]["final_state"]["blocks.3.attn.qkv.weight"])
+
+
+def test_sampler_position_after_a_change_of_rank_count():
+    from longcat_tuner.train.checkpoint import rescale_sampler_state
+
+    state = {"epoch": 1, "position": 3, "seed": 7, "num_items": 40}
+    assert rescale_sampler_state(state, 4, 2) == {**state, "position": 6}  # 12 batches taken, 2 ranks go on
+    assert rescale_sampler_state(state, 2, 4)["position"] == 1  # 6 taken: one round of 4, 2 seen again
+    assert rescale_sampler_state(state, 4, 4) == state

@@ -44,12 +44,18 @@ def test_fsdp_lora_trains_what_ddp_trains(workspace, ddp_run):
     assert [e["event"] for e in events].count("validation") == 1  # every rank sampled, rank 0 reported
     checkpoint = run_dir / "checkpoints" / f"checkpoint-{STEPS:06d}"
     assert (checkpoint / "longcat_lora.safetensors").is_file()
-    # It really ran sharded: the checkpoint says so, and its optimizer state is the gathered, name-keyed
-    # one (DDP's is keyed by parameter index).
+    # It really ran sharded: the checkpoint says so, and holds every rank's shards (torch.distributed.checkpoint)
+    # of each trainable weight and its AdamW moments, with no gathered weights or optimizer file.
     assert json.loads((checkpoint / "trainer_state.json").read_text())["distributed_strategy"] == "fsdp"
-    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=False)
-    names = set(load_file(checkpoint / "trainable.safetensors"))
-    assert set(optimizer["state"]) == names and all("exp_avg" in v for v in optimizer["state"].values())
+    assert not (checkpoint / "trainable.safetensors").exists() and not (checkpoint / "optimizer.pt").exists()
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = set(FileSystemReader(str(checkpoint / "sharded")).read_metadata().state_dict_metadata)
+    names = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+    assert names and all("lora_adapters" in n for n in names)  # the adapters (and their scale buffers) only
+    params = {n for n in names if n.endswith((".down", ".up"))}
+    assert params and all(f"optimizer.state.{n}.exp_avg" in saved for n in params)
+    assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2
 
 
 def test_fsdp_full_finetune_resumes_exactly(workspace):
@@ -67,6 +73,24 @@ def test_fsdp_full_finetune_resumes_exactly(workspace):
     assert weights.keys() == baseline.keys() and len(weights) > 10
     for key in weights:
         torch.testing.assert_close(weights[key], baseline[key], atol=1e-5, rtol=1e-4)
+
+    # The 2-rank sharded checkpoint of step 2 resumes in one process (resharded; the data order goes on).
+    import shutil
+    import subprocess
+    import sys
+
+    from test_train_distributed import _env
+
+    shutil.copytree(first / "checkpoints" / "checkpoint-000002", workspace / "fsdp-full-one" / "checkpoints" / "checkpoint-000002")
+    config = write_config(workspace, "fsdp-full-one", distributed_strategy="fsdp", max_train_steps=4, **full)
+    done = subprocess.run([sys.executable, "-m", "longcat_tuner.cli", "train", "--config", str(config), "--no-progress",
+                           "--resume_from_checkpoint", "latest"], cwd=workspace, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "saved by 2 process(es), now 1" in done.stdout
+    one = _losses(workspace / "fsdp-full-one")
+    assert sorted(one) == [3, 4] and all(v is not None for v in one.values())
+    assert (workspace / "fsdp-full-one" / "dit" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_resume_with_the_other_strategy_is_refused(workspace, ddp_run):

@@ -356,6 +356,33 @@ def sharded_temporary(checkpoints_dir: Path, step: int) -> Path:
     return Path(checkpoints_dir) / f".tmp-{checkpoint_name(step)}-sharded"
 
 
+def fresh_folder(path: Path) -> None:
+    """An empty folder at `path` (a leftover of an interrupted save is removed first)."""
+    shutil.rmtree(path, ignore_errors=True)
+    Path(path).mkdir(parents=True)
+
+
+def discard_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def nonfinite_problem(dit: torch.nn.Module, optimizer: torch.optim.Optimizer, source: Path) -> Optional[str]:
+    """A message when this rank's shards of the loaded weights or optimizer state hold NaN/inf, else None."""
+    bad = nonfinite_tensors({n: p for n, p in dit.named_parameters() if p.requires_grad})
+    bad += [f"optimizer state {name}" for name in nonfinite_tensors(optimizer.state_dict()["state"])]
+    if not bad:
+        return None
+    return (f"checkpoint {source} holds NaN/inf values ({len(bad)} tensors on this rank, e.g. {bad[0]}); resume "
+            "from an earlier checkpoint with a lower learning_rate")
+
+
+def rescale_sampler_state(state: dict[str, Any], saved_ranks: int, ranks: int) -> dict[str, Any]:
+    """A data sampler's position after the number of data-parallel ranks changed: the epoch's batches are dealt
+    round-robin, so `position` batches per rank are the epoch's first `position * saved_ranks`; the new ranks go
+    on after them (rounded down to a whole round: at most `ranks - 1` batches are seen twice)."""
+    return {**state, "position": int(state["position"]) * saved_ranks // ranks}
+
+
 def _dcp_state(dit: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 

@@ -91,12 +91,20 @@ class Distributed:
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
-        """Rank 0 runs the block, then the others do (e.g. caches: built once, then only read)."""
-        if not self.is_main:
+        """Rank 0 runs the block, then the first rank of every other node (`LOCAL_RANK` 0), then the rest.
+
+        E.g. caches: rank 0 builds them; on storage the nodes share, the other nodes' first ranks then find
+        every entry current and write nothing, while on a node's own disk its first rank builds that node's
+        copy; the remaining ranks only read. No two ranks of one node ever build at once.
+        """
+        phase = 0 if self.is_main else (1 if self.local_rank == 0 else 2)
+        for _ in range(phase):
             self.barrier()
-        yield
-        if self.is_main:
-            self.barrier()
+        try:
+            yield
+        finally:
+            for _ in range(2 - phase):
+                self.barrier()
 
     @contextlib.contextmanager
     def in_turns(self, ranks_at_once: int) -> Iterator[None]:
@@ -343,11 +351,12 @@ class ParallelMesh:
     sequence_parallel: Any = None  # model.sequence_parallel.SequenceParallel, None when sp_size == 1
 
 
-def build_mesh(ctx: Distributed, sequence_parallel_size: int, *, num_heads: int) -> ParallelMesh:
-    """The (dp, sp) mesh of this run (collective: every rank calls it); checks `sequence_parallel_size`."""
+def build_mesh(ctx: Distributed, sequence_parallel_size: int) -> ParallelMesh:
+    """The (dp, sp) mesh of this run (collective: every rank calls it); checks that `sequence_parallel_size`
+    divides the world size (the heads are checked when it is applied to the DiT)."""
     from longcat_tuner.model.sequence_parallel import SequenceParallel, check_sequence_parallel_size
 
-    check_sequence_parallel_size(sequence_parallel_size, world_size=ctx.world_size, num_heads=num_heads)
+    check_sequence_parallel_size(sequence_parallel_size, world_size=ctx.world_size, num_heads=sequence_parallel_size)
     if not ctx.enabled:
         return ParallelMesh(mesh=None)
     from torch.distributed.device_mesh import init_device_mesh
@@ -366,7 +375,7 @@ def _sum_then_divide_hook(divisor: int):
     all ranks and dividing by the number of replicas gives the replicas' mean (DDP's default divides by the
     world size, `sp` times too much)."""
 
-    def hook(group: Any, bucket: Any) -> Any:
+    def hook(group, bucket):  # unannotated: DDP accepts only `dist.GradBucket` as the bucket's annotation
         tensor = bucket.buffer().div_(divisor)
         work = dist.all_reduce(tensor, group=group, async_op=True)
         return work.get_future().then(lambda future: future.value()[0])
@@ -387,8 +396,11 @@ def wrap_fsdp_sequence_parallel(dit: torch.nn.Module, mesh: ParallelMesh) -> tor
     the sequence-parallel ranks is the replica's gradient, see `_sum_then_divide_hook`)."""
     wrap_fsdp(dit)
     if mesh.sp_size > 1:
+        gloo = dist.get_backend() == "gloo"  # no PREMUL_SUM there: sum, then divide after the reduce-scatter
         for module in [*dit.blocks, dit]:
             module.set_gradient_divide_factor(float(mesh.dp_size))
+            if gloo:
+                module.set_force_sum_reduction_for_comms(True)
     return dit
 
 
@@ -422,22 +434,32 @@ def save_full_model_streaming(dit: torch.nn.Module, folder: Any, *, keep: bool, 
     folder, stem = Path(folder), base_name.removesuffix(".safetensors")
     files = ([folder / base_name] if len(groups) == 1 else
              [folder / f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
-    weight_map, total = {}, 0
+    weight_map, total, failure = {}, 0, None
     for path, names in zip(files, groups):
         shard = {}
         for name in names:
             tensor = state[name]
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            if keep:
+            if keep and failure is None:
                 shard[name] = full.detach().to("cpu", copy=True).contiguous()
                 weight_map[name] = path.name
                 total += shard[name].numel() * shard[name].element_size()
             del full
-        if keep:
-            with atomic_file(path) as temporary:
-                save_file(shard, str(temporary))
+        if keep and failure is None:
+            try:
+                with atomic_file(path) as temporary:
+                    save_file(shard, str(temporary))
+            except Exception as err:  # keep gathering with the others (a collective each), raise at the end
+                failure = err
         del shard
-    if keep and len(files) > 1:
-        with atomic_file(folder / f"{base_name}.index.json") as temporary:
-            temporary.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if keep and failure is None and len(files) > 1:
+        try:
+            with atomic_file(folder / f"{base_name}.index.json") as temporary:
+                temporary.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        except Exception as err:
+            failure = err
+    if failure is not None:
+        for path in files:  # no partial set of shards stays behind
+            path.unlink(missing_ok=True)
+        raise failure
     return files if keep else []

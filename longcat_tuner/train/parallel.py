@@ -44,6 +44,7 @@ class FullState:
 
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
+    sharded: Optional[Path] = None  # a checkpoint's temporary folder holding every rank's shards (FSDP2 + DCP)
 
 
 class SingleProcess:
@@ -66,6 +67,17 @@ class SingleProcess:
     @property
     def world_size(self) -> int:
         return self.dist.world_size
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of the batches (and which noise stream) this rank takes: ranks that share one clip
+        (sequence parallelism) take the same."""
+        return self.rank
+
+    @property
+    def data_world_size(self) -> int:
+        """How many different shares of the batches there are (the data-parallel size)."""
+        return self.world_size
 
     @property
     def device(self) -> Optional[torch.device]:
@@ -177,6 +189,16 @@ class SingleProcess:
             weights = {name: p for name, p in dit.named_parameters() if p.requires_grad}
         yield FullState(weights=weights, optimizer=optimizer.state_dict() if optimizer is not None else {})
 
+    def checkpoint_state(self, dit: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoints_dir: Path,
+                         step: int) -> contextlib.AbstractContextManager:
+        """What a checkpoint of `step` writes (collective under FSDP: every rank enters it): the full state here;
+        FSDP2 writes every rank's shards into `FullState.sharded` instead."""
+        return self.full_state(dit, optimizer)
+
+    # The final full weights are gathered one tensor at a time by every rank and streamed to files by the
+    # writer (`distributed.save_full_model_streaming`), instead of passing through `full_state`.
+    streams_full_model = False
+
     @property
     def loads_checkpoint_tensors(self) -> bool:
         """This rank reads a checkpoint's tensors (under FSDP only the writer does, then scatters them)."""
@@ -188,6 +210,12 @@ class SingleProcess:
         runs first where the tensors are, and its `CheckpointError` reaches every rank."""
         from longcat_tuner.train import checkpoint as ckpt
 
+        if state.get("sharded"):  # an FSDP2 run's shards, read whole into this model
+            ckpt.load_sharded_state(source, dit, optimizer)
+            problem = ckpt.nonfinite_problem(dit, optimizer, source)
+            if problem:
+                raise CheckpointError(problem)
+            return
         check()
         ckpt.apply_weights(dit, state["weights"], source=source)
         optimizer.load_state_dict(state["optimizer"])
@@ -238,7 +266,13 @@ class FullySharded(DataParallel):
     """FSDP2: every weight sharded over the ranks; saves gather (collective), every rank validates."""
 
     distributed_strategy = "fsdp"
-    checkpoint_layout = "fsdp"  # optimizer state keyed by parameter name
+    checkpoint_layout = "fsdp"  # optimizer state keyed by parameter name (sharded: DCP's own layout)
+    streams_full_model = True
+
+    def write_full_model(self, dit: torch.nn.Module, folder: Path, *, base_name: str) -> None:
+        """Collective: every tensor of the model gathered one at a time, written by the writer into the hub's
+        safetensors layout (`distributed.save_full_model_streaming`); raises the writer's write error."""
+        dist_utils.save_full_model_streaming(dit, folder, keep=self.is_writer, base_name=base_name)
 
     @property
     def validates(self) -> bool:
@@ -265,12 +299,42 @@ class FullySharded(DataParallel):
         with dist_utils.adapters_from(dit, weights if self.is_writer else {}):
             yield FullState(weights=weights, optimizer=optimizer_state)
 
+    @contextlib.contextmanager
+    def checkpoint_state(self, dit: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoints_dir: Path,
+                         step: int) -> Iterator[FullState]:
+        """Every rank writes its own shards of the trainable weights and optimizer state (torch.distributed.
+        checkpoint) into the checkpoint's temporary folder: no rank gathers the full state. A LoRA run's
+        adapters (small) are still gathered for the checkpoint's LoRA file."""
+        from longcat_tuner.train import checkpoint as ckpt
+
+        folder = ckpt.sharded_temporary(checkpoints_dir, step)
+        self.decide(lambda: ckpt.fresh_folder(folder), error=CheckpointError)
+        try:
+            ckpt.save_sharded_state(folder, dit, optimizer)
+        except Exception as err:  # DCP reports a failed write on every rank
+            self.decide(lambda: ckpt.discard_folder(folder))
+            raise CheckpointError(f"could not save the sharded checkpoint of step {step} in {checkpoints_dir}: {err}. "
+                                  "Earlier checkpoints are kept; free space there or set output_dir to a disk with "
+                                  "room") from err
+        adapters = any(getattr(m, "lora_adapters", None) for m in dit.modules())
+        weights = dist_utils.full_trainable_state(dit, keep=self.is_writer) if adapters else {}
+        with dist_utils.adapters_from(dit, weights if self.is_writer else {}):
+            yield FullState(weights={}, optimizer={}, sharded=folder)
+
     @property
     def loads_checkpoint_tensors(self) -> bool:
         return self.is_writer
 
     def load(self, dit: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], source: Path,
              check: Callable[[], None]) -> None:
+        if state.get("sharded"):  # each rank reads its shards, resharded to this world size
+            from longcat_tuner.train import checkpoint as ckpt
+
+            ckpt.load_sharded_state(source, dit, optimizer)
+            problem = self.agree_problem(ckpt.nonfinite_problem(dit, optimizer, source))
+            if problem:
+                raise CheckpointError(problem)
+            return
         self.decide(check, error=CheckpointError)  # the others hold no weights to check; they learn the verdict
         dist_utils.load_full_state(dit, optimizer, state["weights"], state["optimizer"])
 
@@ -278,10 +342,63 @@ class FullySharded(DataParallel):
         return self.any(requested)
 
 
+class _SequenceParallel:
+    """Mixin for a (data-parallel x sequence-parallel) mesh: `sequence_parallel_size` ranks share each clip
+    (`model/sequence_parallel.py`). They take the same batches and noise (`data_rank`), every rank validates
+    (the DiT's forward is collective within a group), and gradients are summed over a group and averaged over
+    the groups (`distributed.py`)."""
+
+    def __init__(self, dist: Distributed, mesh: dist_utils.ParallelMesh) -> None:
+        super().__init__(dist)  # type: ignore[call-arg]  (the strategy class it is mixed into)
+        self.mesh = mesh
+
+    @property
+    def data_rank(self) -> int:
+        return self.mesh.dp_rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self.mesh.dp_size
+
+    @property
+    def validates(self) -> bool:
+        return True
+
+    def stop_validation(self, requested: bool) -> bool:
+        return self.any(requested)
+
+    def _apply(self, dit: torch.nn.Module) -> None:
+        from longcat_tuner.model.sequence_parallel import apply_sequence_parallel
+
+        apply_sequence_parallel(dit, self.mesh.sequence_parallel)
+
+
+class SequenceParallelDDP(_SequenceParallel, DataParallel):
+    """DDP replicas of `sequence_parallel_size` ranks each."""
+
+    def wrap(self, dit: torch.nn.Module) -> torch.nn.Module:
+        self._apply(dit)
+        return dist_utils.wrap_ddp_sequence_parallel(dit, self.dist, self.mesh)
+
+
+class SequenceParallelFSDP(_SequenceParallel, FullySharded):
+    """FSDP2 over all ranks; ranks of one sequence-parallel group share each clip."""
+
+    def wrap(self, dit: torch.nn.Module) -> torch.nn.Module:
+        self._apply(dit)
+        return dist_utils.wrap_fsdp_sequence_parallel(dit, self.mesh)
+
+
 def parallel_strategy(config: Any, environ: Optional[dict[str, str]] = None) -> SingleProcess:
     """The strategy for this process: single-process unless launched by torchrun, then
-    `config.distributed_strategy` ("ddp" or "fsdp")."""
+    `config.distributed_strategy` ("ddp" or "fsdp"), over a (data x sequence) mesh when
+    `config.sequence_parallel_size` > 1."""
     dist = init_distributed(environ)
     if not dist.enabled:
         return SingleProcess(dist)
+    sp_size = getattr(config, "sequence_parallel_size", 1)
+    if sp_size > 1:
+        mesh = dist_utils.build_mesh(dist, sp_size)
+        fsdp = config.distributed_strategy == "fsdp"
+        return SequenceParallelFSDP(dist, mesh) if fsdp else SequenceParallelDDP(dist, mesh)
     return FullySharded(dist) if config.distributed_strategy == "fsdp" else DataParallel(dist)

@@ -38,6 +38,7 @@ from longcat_tuner import runtime
 from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.errors import CheckpointError, ConfigError, LongcatError
 from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
+from longcat_tuner.model.inspect import WEIGHTS_NAME
 from longcat_tuner.generate import SamplingProgress
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
@@ -282,8 +283,12 @@ def trainable_state(dit: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in dit.named_parameters() if p.requires_grad}
 
 
+DIT_WEIGHTS = WEIGHTS_NAME  # a full fine-tune's weights, in the hub's dit/ layout
+
+
 def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metadata: dict[str, Any],
-                 state: Optional[dict[str, torch.Tensor]] = None) -> tuple[Path, Optional[Path]]:
+                 state: Optional[dict[str, torch.Tensor]] = None, *, weights_written: bool = False
+                 ) -> tuple[Path, Optional[Path]]:
     """The final weights: one LoRA file per `lora_export_formats` entry (returned: the official file, else the
     first, and the ComfyUI-WanVideoWrapper file or None), or the full DiT (`state`: its gathered weights when
     it is sharded)."""
@@ -297,10 +302,11 @@ def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metad
     from safetensors.torch import save_file
 
     folder = run_dir / "dit"
-    state = {k: v.detach().cpu().contiguous() for k, v in (dit.state_dict() if state is None else state).items()}
-    # Weights first, each file complete or absent: a folder with config.json is a loadable DiT.
-    with atomic_file(folder / "diffusion_pytorch_model.safetensors") as temporary:
-        save_file(state, str(temporary))
+    if not weights_written:  # (a sharded model's were streamed into `folder` by every rank, `write_final_outputs`)
+        state = {k: v.detach().cpu().contiguous() for k, v in (dit.state_dict() if state is None else state).items()}
+        # Weights first, each file complete or absent: a folder with config.json is a loadable DiT.
+        with atomic_file(folder / DIT_WEIGHTS) as temporary:
+            save_file(state, str(temporary))
     with atomic_file(folder / "config.json") as temporary:
         temporary.write_text(json.dumps(dit.config.to_dict(), indent=2))
     return folder, None
@@ -450,7 +456,7 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     resume_path = parallel.decide(lambda: ckpt.resolve_resume_path(config.resume_from_checkpoint, run_dir / "checkpoints"),
                                   error=CheckpointError)
     saved_world_size = ckpt.saved_world_size(resume_path) if resume_path is not None else None
-    if saved_world_size is not None:
+    if saved_world_size is not None and not ckpt.is_sharded_checkpoint(resume_path):  # sharded ones reshard
         check_resume_world_size(saved_world_size, parallel, resume_path)
     precision = choose_precision(config, parallel.device)
     seed_everything(config.seed)  # the same on every rank: adapters start identical
@@ -469,7 +475,7 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     scheduler = build_lr_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.lr_warmup_steps, total_steps=total_steps)
     # Each rank draws its own sigmas/noise/posterior samples (its batches differ too); rank 0's stream
     # is the single-process one.
-    generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, parallel.rank))
+    generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, parallel.data_rank))
     run = Run(config, run_dir, precision, data, dit, params, optimizer, scheduler, generator, events, total_steps,
               parallel=parallel, model=model, progress=progress)
     if resume_path is not None:
@@ -489,15 +495,31 @@ def resume(run: Run, path: Path) -> None:
     """Weights, optimizer, schedule, sampler position, RNG and step from the checkpoint at `path`."""
     parallel = run.parallel
     state = ckpt.load_checkpoint(path, tensors=parallel.loads_checkpoint_tensors)
-    check_resume_world_size(state["state"].get("world_size"), parallel, path)
-    check_resume_strategy(state["state"].get("distributed_strategy", "ddp"), parallel.checkpoint_layout, path)
+    saved_ranks = int(state["state"].get("world_size", 1))
+    # A sharded (DCP) checkpoint is keyed by name and resharded on load: any strategy, any number of processes.
+    resharded = state["sharded"] and saved_ranks != parallel.world_size
+    if not resharded:
+        check_resume_world_size(saved_ranks, parallel, path)
+    if not state["sharded"]:
+        check_resume_strategy(state["state"].get("distributed_strategy", "ddp"), parallel.checkpoint_layout, path)
     parallel.load(run.dit, run.optimizer, state, path, check=lambda: _require_finite_resume(state, path))
     run.scheduler.load_state_dict(state["scheduler"])
-    run.data.sampler.load_state_dict(state["state"]["sampler"])
-    rng = parallel.rng_from_checkpoint(state["rng"])
+    sampler = state["state"]["sampler"]
+    if resharded:  # the epoch goes on after the batches all ranks took, dealt over the new ranks
+        sampler = ckpt.rescale_sampler_state(sampler, int(state["state"].get("data_world_size", saved_ranks)),
+                                             parallel.data_world_size)
+    run.data.sampler.load_state_dict(sampler)
+    rng = state["rng"] if resharded else parallel.rng_from_checkpoint(state["rng"])
     ckpt.restore_rng_state(rng, {"train": run.generator}, cuda_device=parallel.cuda_rng_device)
     run.step = int(state["state"]["step"])
-    parallel.say(f"resumed from {path} at step {run.step}")
+    if resharded:
+        # The per-rank noise streams of the old ranks do not map onto the new ones: fresh ones, from the step.
+        run.generator.manual_seed(rank_seed(run.config.seed + run.step, parallel.data_rank))
+        parallel.say(f"resumed from {path} at step {run.step}, saved by {saved_ranks} process(es), now "
+                     f"{parallel.world_size}: weights, optimizer, schedule and step exactly; the data order goes on "
+                     "from the batches already taken, and each rank's noise stream starts afresh")
+    else:
+        parallel.say(f"resumed from {path} at step {run.step}")
 
 
 def _require_finite_resume(state: dict[str, Any], path: Path) -> None:
@@ -665,12 +687,19 @@ def save(run: Run) -> Optional[Path]:
         parallel.say(f"warning: {message}", file=sys.stderr)
         return None
     rng = parallel.rng_for_checkpoint(ckpt.capture_rng_state({"train": run.generator}, cuda_device=parallel.cuda_rng_device))
-    with parallel.full_state(run.dit, run.optimizer) as state:
-        return parallel.decide(lambda: _write_checkpoint(run, rng, state.weights, state.optimizer), error=CheckpointError)
+    try:
+        with parallel.checkpoint_state(run.dit, run.optimizer, run.checkpoints_dir, run.step) as state:
+            return parallel.decide(lambda: _write_checkpoint(run, rng, state.weights, state.optimizer, state.sharded),
+                                   error=CheckpointError)
+    except CheckpointError as err:  # the shards could not be written (every rank learns it): training goes on
+        message = f"{err} Training goes on."
+        run.events.emit("error", message=message, step=run.step)
+        parallel.say(f"warning: {message}", file=sys.stderr)
+        return None
 
 
 def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: dict[str, torch.Tensor],
-                      optimizer_state: dict[str, Any]) -> Optional[Path]:
+                      optimizer_state: dict[str, Any], sharded: Optional[Path] = None) -> Optional[Path]:
     extra = {}
     if run.config.model_type == "lora":
         from longcat_tuner.model.lora import save_lora
@@ -679,9 +708,9 @@ def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: dict[str, to
     try:
         path = ckpt.save_checkpoint(
             run.checkpoints_dir, step=run.step, weights=weights, optimizer_state=optimizer_state,
-            scheduler_state=run.scheduler.state_dict(), rng_state=rng_state, extra_files=extra,
+            scheduler_state=run.scheduler.state_dict(), rng_state=rng_state, extra_files=extra, sharded=sharded,
             trainer_state={"sampler": run.data.sampler.state_dict(), "total_steps": run.total_steps,
-                           "world_size": run.parallel.world_size,
+                           "world_size": run.parallel.world_size, "data_world_size": run.parallel.data_world_size,
                            "distributed_strategy": run.parallel.checkpoint_layout},
         )
     except LongcatError as err:  # older checkpoints stay intact; the next interval tries again
@@ -712,9 +741,21 @@ def write_final_outputs(run: Run, result: TrainResult) -> None:
     if problem is not None:
         raise TrainingDivergedError(f"refusing to write the final weights: they are {problem}; {resume_advice(run)}")
     whole_model = config.model_type == "full"
-    with run.stop.shielded(), run.parallel.full_state(run.dit, whole_model=whole_model) as state:
-        result.lora_path, result.comfyui_lora_path = run.parallel.decide(
-            lambda: _save_final(run, metadata, state=state.weights if whole_model else None), error=CheckpointError)
+    if whole_model and run.parallel.streams_full_model:
+        # FSDP2: every rank gathers one tensor at a time and the writer writes the hub's safetensors shards, so
+        # no host ever holds the whole model; a failed write reaches every rank through `decide`.
+        with run.stop.shielded():
+            failure = None
+            try:
+                run.parallel.write_full_model(run.dit, run.run_dir / "dit", base_name=DIT_WEIGHTS)
+            except Exception as err:  # the writer's disk; the gathers went on to the end on every rank
+                failure = err
+            result.lora_path, result.comfyui_lora_path = run.parallel.decide(
+                lambda: _save_final(run, metadata, weights_failure=failure), error=CheckpointError)
+    else:
+        with run.stop.shielded(), run.parallel.full_state(run.dit, whole_model=whole_model) as state:
+            result.lora_path, result.comfyui_lora_path = run.parallel.decide(
+                lambda: _save_final(run, metadata, state=state.weights if whole_model else None), error=CheckpointError)
     if run.saved_at != run.step:  # the weights are out, but the run cannot be continued from its end
         raise CheckpointError(
             f"the final checkpoint (step {run.step}) could not be written (see the error above); the final weights "
@@ -724,10 +765,14 @@ def write_final_outputs(run: Run, result: TrainResult) -> None:
     run.parallel.barrier()  # the final outputs exist before anyone validates or leaves
 
 
-def _save_final(run: Run, metadata: dict[str, Any], state: Optional[dict[str, torch.Tensor]] = None
-                ) -> tuple[Optional[Path], Optional[Path]]:
+def _save_final(run: Run, metadata: dict[str, Any], state: Optional[dict[str, torch.Tensor]] = None,
+                weights_failure: Optional[Exception] = None) -> tuple[Optional[Path], Optional[Path]]:
+    """`weights_failure`: the weights were streamed by every rank (None: they are written; else why not)."""
     try:
-        return save_outputs(run.dit, run.config, run.run_dir, metadata, state=state)
+        if weights_failure is not None:
+            raise weights_failure
+        return save_outputs(run.dit, run.config, run.run_dir, metadata, state=state,
+                            weights_written=run.parallel.streams_full_model and run.config.model_type == "full")
     except Exception as err:
         for partial in run.run_dir.glob("*.safetensors.tmp*"):  # a LoRA file cut short
             partial.unlink(missing_ok=True)
