@@ -19,7 +19,8 @@ import torch
 import torch.multiprocessing as mp
 
 WORLD = 4
-JOBS = [("sp", "test_sequence_parallel", "sp_job", None), ("dcp", "test_dcp_checkpoint", "dcp_job", None)]
+JOBS = [("sp", "test_sequence_parallel", "sp_job", None), ("wrappers", "test_sequence_parallel", "wrapper_job", None),
+        ("dcp", "test_dcp_checkpoint", "dcp_job", None)]
 
 
 @functools.lru_cache(maxsize=None)

@@ -142,6 +142,52 @@ def test_a_group_of_four_ranks_equals_one_process():
     _check(4)
 
 
+def wrapper_job(rank: int, world: int, root: Path, _argument) -> dict:
+    """Inside each rank of `gloo_ranks`: on a 2 x 2 mesh, one backward through the SP-aware DDP and FSDP2
+    wrappers (`train/distributed.py`); each data-parallel pair feeds its own case."""
+    from longcat_tuner.train import distributed as dist_utils
+
+    if not TINY.is_dir():
+        return {}
+    mesh = dist_utils.build_mesh(dist_utils.Distributed(rank=rank, world_size=world), 2)
+    results = {}
+    for kind in ("ddp", "fsdp"):
+        dit = _model(2)
+        from longcat_tuner.model.sequence_parallel import apply_sequence_parallel
+
+        apply_sequence_parallel(dit, mesh.sequence_parallel)
+        if kind == "ddp":
+            model = dist_utils.wrap_ddp_sequence_parallel(dit, dist_utils.Distributed(rank=rank, world_size=world), mesh)
+        else:
+            model = dist_utils.wrap_fsdp_sequence_parallel(dit, mesh)
+        dit.set_attention_backend("reference")
+        case = _inputs("i2v", seed=100 * mesh.dp_rank + 3, caption_channels=dit.config.caption_channels)
+        prediction = model(case["latents"], case["timestep"], case["text_embeds"], case["text_mask"],
+                           num_cond_latents=case["num_cond_latents"])
+        (prediction * case["weight"]).sum().backward()
+        results[kind] = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                         for n, p in dit.named_parameters()}
+    return results
+
+
+def test_ddp_and_fsdp_average_the_replicas_of_sequence_parallel_groups():
+    """The wrappers' gradient = the mean over the 2 replicas (data-parallel) of each one's full gradient."""
+    per_rank = [record["wrappers"] for record in gloo_ranks.results()]
+    dit = _model(2)
+    grads = []
+    for dp_rank in range(2):
+        case = _inputs("i2v", seed=100 * dp_rank + 3, caption_channels=dit.config.caption_channels)
+        grads.append({k: v for k, v in _forward_backward(dit, "sdpa", case).items() if k.startswith("grad.")})
+    for kind in ("ddp", "fsdp"):
+        for rank in range(gloo_ranks.WORLD):
+            got = per_rank[rank][kind]
+            assert len(got) == len(grads[0])
+            for name, value in got.items():
+                want = (grads[0][f"grad.{name}"] + grads[1][f"grad.{name}"]) / 2
+                error = float((value - want).abs().max() / want.abs().max().clamp_min(1e-12))
+                assert error < 1e-5, f"{kind} rank {rank} {name}: relative error {error:.2e}"
+
+
 def test_size_must_divide_ranks_and_heads():
     from longcat_tuner.errors import ConfigError
     from longcat_tuner.model.sequence_parallel import check_sequence_parallel_size

@@ -47,6 +47,17 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from longcat_tuner.train.distributed import init_distributed
+
+    # Under torchrun every process shares the one clip (sequence parallelism over all of them), rank 0 writes.
+    ctx = init_distributed()
+    try:
+        return _sample(args, ctx)
+    finally:
+        ctx.close()
+
+
+def _sample(args: argparse.Namespace, ctx) -> int:
     import torch
 
     from longcat_tuner.encoders import TextEncoder, VideoVAE
@@ -56,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     check_frames(args.frames)
     image = load_image(args.image) if args.image else None
     height, width = parse_resolution(args.resolution, source_hw=(image.height, image.width) if image else None)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ctx.device if ctx.enabled else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     args.blocks_to_swap = sampling_swap(args, height=height, width=width, device=device)
@@ -70,20 +81,29 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     dit = load_dit_for_sampling(args, dtype=dtype, device=device)
+    if ctx.enabled:
+        from longcat_tuner.model.sequence_parallel import apply_sequence_parallel
+        from longcat_tuner.train.distributed import build_mesh
+
+        apply_sequence_parallel(dit, build_mesh(ctx, ctx.world_size, num_heads=dit.config.num_heads).sequence_parallel)
+        if ctx.is_main and not args.progress_json:
+            print(f"sequence parallel: each clip split over {ctx.world_size} processes", flush=True)
     vae = VideoVAE.from_pretrained(args.model, dtype=dtype, device=device)
     start = image_to_tensor(resize_and_crop(image, height, width)) if image else None
 
     def report(phase: str, step: int, total: int) -> None:
         # The VAE decode after the last step can take as long as the denoising: it is a phase of its own.
-        if args.progress_json:
+        if args.progress_json and ctx.is_main:
             print(json.dumps({"event": "sample_step", "step": step, "total": total, "phase": phase}), flush=True)
 
     result = generate(
         dit, vae, text_embeds=embeds, text_mask=mask, negative_embeds=negative_embeds, negative_mask=negative_mask,
         height=height, width=width, frames=args.frames, start_frame=start, steps=args.steps, guidance=args.guidance,
         shift=args.shift, distilled=args.distilled, seed=args.seed,
-        progress=SamplingProgress(label="sampling", bar=not args.progress_json, report=report),
+        progress=SamplingProgress(label="sampling", bar=not args.progress_json and ctx.is_main, report=report),
     )
+    if not ctx.is_main:
+        return 0
     out = write_mp4(args.output, video_to_uint8(result.video), fps=args.fps)
     message = {"event": "sample_done", "output": str(out), "height": height, "width": width, "frames": args.frames}
     print(json.dumps(message) if args.progress_json else f"wrote {out} ({args.frames} frames, {height}x{width}, {args.fps} fps)", file=sys.stdout)

@@ -351,12 +351,13 @@ class ParallelMesh:
     sequence_parallel: Any = None  # model.sequence_parallel.SequenceParallel, None when sp_size == 1
 
 
-def build_mesh(ctx: Distributed, sequence_parallel_size: int) -> ParallelMesh:
+def build_mesh(ctx: Distributed, sequence_parallel_size: int, *, num_heads: Optional[int] = None) -> ParallelMesh:
     """The (dp, sp) mesh of this run (collective: every rank calls it); checks that `sequence_parallel_size`
-    divides the world size (the heads are checked when it is applied to the DiT)."""
+    divides the world size and `num_heads` (when given; applying it to the DiT checks again)."""
     from longcat_tuner.model.sequence_parallel import SequenceParallel, check_sequence_parallel_size
 
-    check_sequence_parallel_size(sequence_parallel_size, world_size=ctx.world_size, num_heads=sequence_parallel_size)
+    check_sequence_parallel_size(sequence_parallel_size, world_size=ctx.world_size,
+                                 num_heads=sequence_parallel_size if num_heads is None else num_heads)
     if not ctx.enabled:
         return ParallelMesh(mesh=None)
     from torch.distributed.device_mesh import init_device_mesh

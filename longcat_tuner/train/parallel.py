@@ -398,7 +398,12 @@ def parallel_strategy(config: Any, environ: Optional[dict[str, str]] = None) -> 
         return SingleProcess(dist)
     sp_size = getattr(config, "sequence_parallel_size", 1)
     if sp_size > 1:
-        mesh = dist_utils.build_mesh(dist, sp_size)
+        # The heads from the checkpoint's dit/config.json: a size that cannot work stops before any caching.
+        from longcat_tuner.model.config import DiTConfig
+        from longcat_tuner.model.inspect import find_component
+
+        heads = DiTConfig.from_file(find_component(config.pretrained_model_name_or_path, "dit") / "config.json").num_heads
+        mesh = dist_utils.build_mesh(dist, sp_size, num_heads=heads)
         fsdp = config.distributed_strategy == "fsdp"
         return SequenceParallelFSDP(dist, mesh) if fsdp else SequenceParallelDDP(dist, mesh)
     return FullySharded(dist) if config.distributed_strategy == "fsdp" else DataParallel(dist)
