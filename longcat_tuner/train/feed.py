@@ -108,7 +108,7 @@ def prepare_data(
         log.info("training mixes clips with and without start frames (image-to-video and text-to-video)")
     sampler = BucketBatchSampler(
         dataset.group_keys(), config.train_batch_size, seed=config.seed, repeats=dataset.repeats(), drop_last=True,
-        rank=parallel.rank, world_size=parallel.world_size,
+        rank=parallel.data_rank, world_size=parallel.data_world_size,
     )
     empty_embeds, empty_mask = (t[None] for t in dataset.empty_text())
     empty_embeds = empty_embeds.float()

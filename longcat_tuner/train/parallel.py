@@ -10,14 +10,15 @@
   and rank 0 alone keeps and writes the files.
 
 The strategy owns: wrapping the model (`wrap`), gradient sync (`gradient_sync`), the agreements between
-ranks (`any`, `mean`, `gather`, `broadcast`, `barrier`, `decide`), gathering weights for a save
-(`full_state`), loading a checkpoint into the model (`load`), who validates (`validate`) and who writes
-(`is_writer`, `decide`, `event_log`). The low-level pieces (process group, DDP/FSDP wrappers, gathering)
-stay in `distributed.py`.
+ranks (`any`, `mean`, `gather`, `broadcast`, `barrier`, `decide`), how the data is dealt (`data_rank`,
+`data_world_size`), gathering weights for a save (`full_state`, `write_checkpoint`), loading a checkpoint
+into the model (`load`), who validates (`validate`) and who writes (`is_writer`, `decide`, `event_log`).
+The low-level pieces (process group, DDP/FSDP wrappers, gathering) stay in `distributed.py`.
 
-To extend it (e.g. a sequence-parallel mesh, sharded DCP checkpoints), subclass the nearest strategy and
-override `wrap`, `full_state` / `load` (and `checkpoint_layout`, which goes into each checkpoint and is
-compared on resume); `parallel_strategy` picks the class from the config.
+To extend it, subclass the nearest strategy: a sequence-parallel mesh overrides `wrap` (and `data_rank` /
+`data_world_size`, so the ranks of one group draw the same batch and noise); sharded DCP checkpoints
+override `write_checkpoint`, `load`, `loads_checkpoint_tensors` and `checkpoint_layout` (recorded in each
+checkpoint and compared on resume). `parallel_strategy` picks the class from the config.
 """
 from __future__ import annotations
 
@@ -71,6 +72,17 @@ class SingleProcess:
     def device(self) -> Optional[torch.device]:
         """The device of this rank (multi-process), None to let the trainer choose (single process)."""
         return self.dist.device if self.dist.enabled else None
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of each epoch's batches (and which noise stream) this rank takes: its rank here; ranks
+        that split one sample between them (a sequence-parallel group) share one."""
+        return self.dist.rank
+
+    @property
+    def data_world_size(self) -> int:
+        """Into how many shares each epoch's batches are dealt."""
+        return self.dist.world_size
 
     @property
     def is_writer(self) -> bool:
@@ -176,6 +188,13 @@ class SingleProcess:
         else:
             weights = {name: p for name, p in dit.named_parameters() if p.requires_grad}
         yield FullState(weights=weights, optimizer=optimizer.state_dict() if optimizer is not None else {})
+
+    def write_checkpoint(self, dit: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         write: Callable[[FullState], T]) -> T:
+        """How a checkpoint's tensors reach the disk: gathered in full (`full_state`), `write(state)` run by the
+        writer, its result (or failure) on every rank. A sharded-checkpoint strategy (DCP) overrides this."""
+        with self.full_state(dit, optimizer) as state:
+            return self.decide(lambda: write(state), error=CheckpointError)
 
     @property
     def loads_checkpoint_tensors(self) -> bool:

@@ -468,7 +468,7 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     scheduler = build_lr_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.lr_warmup_steps, total_steps=total_steps)
     # Each rank draws its own sigmas/noise/posterior samples (its batches differ too); rank 0's stream
     # is the single-process one.
-    generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, parallel.rank))
+    generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, parallel.data_rank))
     run = Run(config, run_dir, precision, data, dit, params, optimizer, scheduler, generator, events, total_steps,
               parallel=parallel, model=model, progress=progress)
     if resume_path is not None:
@@ -664,8 +664,7 @@ def save(run: Run) -> Optional[Path]:
         parallel.say(f"warning: {message}", file=sys.stderr)
         return None
     rng = parallel.rng_for_checkpoint(ckpt.capture_rng_state({"train": run.generator}, cuda_device=parallel.cuda_rng_device))
-    with parallel.full_state(run.dit, run.optimizer) as state:
-        return parallel.decide(lambda: _write_checkpoint(run, rng, state.weights, state.optimizer), error=CheckpointError)
+    return parallel.write_checkpoint(run.dit, run.optimizer, lambda state: _write_checkpoint(run, rng, state.weights, state.optimizer))
 
 
 def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: dict[str, torch.Tensor],
