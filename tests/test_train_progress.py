@@ -156,7 +156,10 @@ def test_a_second_signal_waits_for_the_file_being_written():
 
 
 # --- sampling progress ----------------------------------------------------------------------------------
-def _tiny_models():
+@pytest.fixture(scope="module")
+def tiny_models():
+    """The tiny DiT, VAE, [prompt, ""] embeddings and a 64x64 start frame, loaded once (tests may add LoRAs
+    to a copy of the DiT only)."""
     from longcat_tuner import TextEncoder, VideoVAE, load_dit
     from longcat_tuner.media import image_to_tensor, load_image, resize_and_crop
 
@@ -167,14 +170,23 @@ def _tiny_models():
 
 
 @needs_tiny
-def test_generate_reports_steps_then_decoding_and_can_be_stopped():
+def test_generate_reports_steps_then_decoding_and_can_be_stopped(tiny_models):
     from longcat_tuner.generate import SamplingProgress, SamplingStopped, generate
 
-    dit, vae, embeds, mask, start = _tiny_models()
+    dit, vae, embeds, mask, start = tiny_models
     seen = []
     decoded = []
     real_decode = vae.decode
-    vae.decode = lambda latents: (decoded.append(seen[-1]), real_decode(latents))[1]
+
+    class Recording:  # the VAE, noting which phase was reported when its decode ran
+        device = vae.device
+        encode = vae.encode
+
+        def decode(self, latents):
+            decoded.append(seen[-1])
+            return real_decode(latents)
+
+    vae = Recording()
     kwargs = dict(text_embeds=embeds[:1], text_mask=mask[:1], negative_embeds=embeds[1:], negative_mask=mask[1:],
                   height=64, width=64, frames=FRAMES, start_frame=start, steps=3, seed=1)
     generate(dit, vae, progress=SamplingProgress(bar=False, report=lambda *event: seen.append(event)), **kwargs)
@@ -226,13 +238,16 @@ def test_early_frame_psnr_ignores_frame_zero_and_follows_the_early_frames():
 
 
 @needs_tiny
-def test_early_frame_drift_moves_with_a_lora_where_the_first_frame_psnr_does_not(tmp_path):
+def test_early_frame_drift_moves_with_a_lora_where_the_first_frame_psnr_does_not(tmp_path, tiny_models):
     """Validation of the same item with and without a LoRA that changes the model: frame 0 (held condition)
     is the same, the early generated frames are not; only the drift metric sees it."""
+    import copy
+
     from longcat_tuner.model.lora import inject_lora
     from longcat_tuner.train.validate import ValidationItem, run_validation
 
-    dit, vae, embeds, mask, start = _tiny_models()
+    dit, vae, embeds, mask, start = tiny_models
+    dit = copy.deepcopy(dit)
     item = ValidationItem(name="girl", prompt="a girl", text_embeds=embeds[:1], text_mask=mask[:1], start_frame=start)
 
     def validate(folder):

@@ -107,7 +107,9 @@ class SequenceParallel:
     size: int
     rank: int
     patch_height: int = 2
-    full_grid: Optional[Grid] = None  # set by `split_latents`, read by the self-attention of that forward
+    # Set by `split_latents` at the start of each DiT call and read by that call's self-attention (and by its
+    # checkpoint recompute in backward, which follows before the next call).
+    full_grid: Optional[Grid] = None
 
     @classmethod
     def from_group(cls, group: Any, *, patch_height: int = 2) -> "SequenceParallel":
@@ -126,7 +128,7 @@ class SequenceParallel:
             raise ShapeError(f"latent height {H} must be divisible by the patch height {ph}: use pixel sizes divisible by 16")
         rows = self.rows_per_rank(H // ph)
         padded = rows * self.size * ph
-        self.full_grid = (T, H // ph, W)  # W in latent units: the token width follows in `local_to_full`
+        self.full_grid = (T, H // ph, W)  # frames and token rows; the width is read from the blocks' grid
         if padded != H:
             latents = F.pad(latents, (0, 0, 0, padded - H))
         return latents[..., self.rank * rows * ph:(self.rank + 1) * rows * ph, :]

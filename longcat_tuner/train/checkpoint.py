@@ -356,6 +356,10 @@ def sharded_temporary(checkpoints_dir: Path, step: int) -> Path:
     return Path(checkpoints_dir) / f".tmp-{checkpoint_name(step)}-sharded"
 
 
+class ShardedSaveError(CheckpointError):
+    """The ranks could not write a sharded checkpoint's shards (raised on every rank alike)."""
+
+
 def fresh_folder(path: Path) -> None:
     """An empty folder at `path` (a leftover of an interrupted save is removed first)."""
     shutil.rmtree(path, ignore_errors=True)

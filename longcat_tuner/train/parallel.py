@@ -10,14 +10,15 @@
   and rank 0 alone keeps and writes the files.
 
 The strategy owns: wrapping the model (`wrap`), gradient sync (`gradient_sync`), the agreements between
-ranks (`any`, `mean`, `gather`, `broadcast`, `barrier`, `decide`), gathering weights for a save
-(`full_state`), loading a checkpoint into the model (`load`), who validates (`validate`) and who writes
-(`is_writer`, `decide`, `event_log`). The low-level pieces (process group, DDP/FSDP wrappers, gathering)
-stay in `distributed.py`.
+ranks (`any`, `mean`, `gather`, `broadcast`, `barrier`, `decide`), how the data is dealt (`data_rank`,
+`data_world_size`), gathering weights for a save (`full_state`, `write_checkpoint`), loading a checkpoint
+into the model (`load`), who validates (`validate`) and who writes (`is_writer`, `decide`, `event_log`).
+The low-level pieces (process group, DDP/FSDP wrappers, gathering) stay in `distributed.py`.
 
-To extend it (e.g. a sequence-parallel mesh, sharded DCP checkpoints), subclass the nearest strategy and
-override `wrap`, `full_state` / `load` (and `checkpoint_layout`, which goes into each checkpoint and is
-compared on resume); `parallel_strategy` picks the class from the config.
+To extend it, subclass the nearest strategy: a sequence-parallel mesh overrides `wrap` (and `data_rank` /
+`data_world_size`, so the ranks of one group draw the same batch and noise); sharded DCP checkpoints
+override `write_checkpoint`, `load`, `loads_checkpoint_tensors` and `checkpoint_layout` (recorded in each
+checkpoint and compared on resume). `parallel_strategy` picks the class from the config.
 """
 from __future__ import annotations
 
@@ -69,20 +70,20 @@ class SingleProcess:
         return self.dist.world_size
 
     @property
-    def data_rank(self) -> int:
-        """Which share of the batches (and which noise stream) this rank takes: ranks that share one clip
-        (sequence parallelism) take the same."""
-        return self.rank
-
-    @property
-    def data_world_size(self) -> int:
-        """How many different shares of the batches there are (the data-parallel size)."""
-        return self.world_size
-
-    @property
     def device(self) -> Optional[torch.device]:
         """The device of this rank (multi-process), None to let the trainer choose (single process)."""
         return self.dist.device if self.dist.enabled else None
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of each epoch's batches (and which noise stream) this rank takes: its rank here; ranks
+        that split one sample between them (a sequence-parallel group) share one."""
+        return self.dist.rank
+
+    @property
+    def data_world_size(self) -> int:
+        """Into how many shares each epoch's batches are dealt."""
+        return self.dist.world_size
 
     @property
     def is_writer(self) -> bool:
@@ -189,14 +190,16 @@ class SingleProcess:
             weights = {name: p for name, p in dit.named_parameters() if p.requires_grad}
         yield FullState(weights=weights, optimizer=optimizer.state_dict() if optimizer is not None else {})
 
-    def checkpoint_state(self, dit: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoints_dir: Path,
-                         step: int) -> contextlib.AbstractContextManager:
-        """What a checkpoint of `step` writes (collective under FSDP: every rank enters it): the full state here;
-        FSDP2 writes every rank's shards into `FullState.sharded` instead."""
-        return self.full_state(dit, optimizer)
+    def write_checkpoint(self, dit: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         write: Callable[[FullState], T], *, checkpoints_dir: Path, step: int) -> T:
+        """How a checkpoint's tensors reach the disk: gathered in full (`full_state`), `write(state)` run by the
+        writer, its result (or failure) on every rank. FSDP2 overrides this: every rank writes its DCP shards
+        into the checkpoint of `step` under `checkpoints_dir` (`FullState.sharded`)."""
+        with self.full_state(dit, optimizer) as state:
+            return self.decide(lambda: write(state), error=CheckpointError)
 
     # The final full weights are gathered one tensor at a time by every rank and streamed to files by the
-    # writer (`distributed.save_full_model_streaming`), instead of passing through `full_state`.
+    # writer (`write_full_model`, FSDP2), instead of passing through `full_state`.
     streams_full_model = False
 
     @property
@@ -299,12 +302,12 @@ class FullySharded(DataParallel):
         with dist_utils.adapters_from(dit, weights if self.is_writer else {}):
             yield FullState(weights=weights, optimizer=optimizer_state)
 
-    @contextlib.contextmanager
-    def checkpoint_state(self, dit: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoints_dir: Path,
-                         step: int) -> Iterator[FullState]:
+    def write_checkpoint(self, dit: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         write: Callable[[FullState], T], *, checkpoints_dir: Path, step: int) -> T:
         """Every rank writes its own shards of the trainable weights and optimizer state (torch.distributed.
-        checkpoint) into the checkpoint's temporary folder: no rank gathers the full state. A LoRA run's
-        adapters (small) are still gathered for the checkpoint's LoRA file."""
+        checkpoint) into the checkpoint's temporary folder: no rank gathers the full state. Then the writer's
+        `write` adds the rest there. A LoRA run's adapters (small) are still gathered for the checkpoint's
+        LoRA file. A failed shard write raises `ShardedSaveError` on every rank."""
         from longcat_tuner.train import checkpoint as ckpt
 
         folder = ckpt.sharded_temporary(checkpoints_dir, step)
@@ -313,13 +316,13 @@ class FullySharded(DataParallel):
             ckpt.save_sharded_state(folder, dit, optimizer)
         except Exception as err:  # DCP reports a failed write on every rank
             self.decide(lambda: ckpt.discard_folder(folder))
-            raise CheckpointError(f"could not save the sharded checkpoint of step {step} in {checkpoints_dir}: {err}. "
-                                  "Earlier checkpoints are kept; free space there or set output_dir to a disk with "
-                                  "room") from err
+            raise ckpt.ShardedSaveError(
+                f"could not save the sharded checkpoint of step {step} in {checkpoints_dir}: {err}. Earlier "
+                "checkpoints are kept; free space there or set output_dir to a disk with room") from err
         adapters = any(getattr(m, "lora_adapters", None) for m in dit.modules())
         weights = dist_utils.full_trainable_state(dit, keep=self.is_writer) if adapters else {}
         with dist_utils.adapters_from(dit, weights if self.is_writer else {}):
-            yield FullState(weights={}, optimizer={}, sharded=folder)
+            return self.decide(lambda: write(FullState(weights={}, optimizer={}, sharded=folder)), error=CheckpointError)
 
     @property
     def loads_checkpoint_tensors(self) -> bool:

@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -688,10 +687,10 @@ def save(run: Run) -> Optional[Path]:
         return None
     rng = parallel.rng_for_checkpoint(ckpt.capture_rng_state({"train": run.generator}, cuda_device=parallel.cuda_rng_device))
     try:
-        with parallel.checkpoint_state(run.dit, run.optimizer, run.checkpoints_dir, run.step) as state:
-            return parallel.decide(lambda: _write_checkpoint(run, rng, state.weights, state.optimizer, state.sharded),
-                                   error=CheckpointError)
-    except CheckpointError as err:  # the shards could not be written (every rank learns it): training goes on
+        return parallel.write_checkpoint(
+            run.dit, run.optimizer, lambda state: _write_checkpoint(run, rng, state.weights, state.optimizer, state.sharded),
+            checkpoints_dir=run.checkpoints_dir, step=run.step)
+    except ckpt.ShardedSaveError as err:  # every rank learns it: older checkpoints stay, training goes on
         message = f"{err} Training goes on."
         run.events.emit("error", message=message, step=run.step)
         parallel.say(f"warning: {message}", file=sys.stderr)
