@@ -1,7 +1,7 @@
 """Shared gloo CPU ranks for the multi-rank tests: one spawn of 4 ranks runs every job, once per session.
 
 Starting ranks costs most of such a test on a small CPU (each process imports torch; FSDP2's first wrap imports
-more), so `test_sequence_parallel.py` and `test_dcp_checkpoint.py` register their jobs here and 4 ranks are
+more), so `test_sequence_parallel.py`, `test_dcp_checkpoint.py` and `test_distributed_phases.py` register their jobs here and 4 ranks are
 spawned once; groups of 2 inside them cover the 2-rank cases. A job is
 `module.function(rank, world, root, argument) -> picklable result`; `results()` returns
 `[{job name: result} for each rank]`.
@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 WORLD = 4
 JOBS = [("sp", "test_sequence_parallel", "sp_job", None), ("wrappers", "test_sequence_parallel", "wrapper_job", None),
-        ("dcp", "test_dcp_checkpoint", "dcp_job", None)]
+        ("dcp", "test_dcp_checkpoint", "dcp_job", None), ("phases", "test_distributed_phases", "phases_job", None)]
 
 
 @functools.lru_cache(maxsize=None)
