@@ -32,3 +32,19 @@ def test_token_memory_splits_weights_stay_and_the_all_to_all_costs_its_bytes():
     assert slow.communication_gib == sp.communication_gib and slow.communication_s > sp.communication_s
     with pytest.raises(ValueError, match="at least 1"):
         planner.sequence_parallel_estimate(setting, 0)
+
+
+def test_plan_command_prints_the_sequence_parallel_estimate(tmp_path, capsys):
+    import json
+
+    from longcat_tuner.cli import main
+
+    data = tmp_path / "multidatabackend.json"
+    data.write_text("[]")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"pretrained_model_name_or_path": str(tmp_path), "data_backend_config": str(data),
+                                  "output_dir": str(tmp_path / "out"), "lora_rank": 32, "sequence_parallel_size": 4}))
+    assert main(["plan", "--config", str(config), "--resolution", "720x1280", "--frames", "93"]) == 0
+    out = capsys.readouterr().out
+    est = planner.sequence_parallel_estimate(planner.Setting(height=720, width=1280, frames=93, lora_rank=32), 4)
+    assert f"sequence_parallel_size 4: {est.tokens_per_rank:,} tokens a GPU" in out
