@@ -188,3 +188,25 @@ def test_sampler_position_after_a_change_of_rank_count():
     assert rescale_sampler_state(state, 4, 2) == {**state, "position": 6}  # 12 batches taken, 2 ranks go on
     assert rescale_sampler_state(state, 2, 4)["position"] == 1  # 6 taken: one round of 4, 2 seen again
     assert rescale_sampler_state(state, 4, 4) == state
+
+
+def test_a_failed_shard_write_is_reported_and_leaves_no_folder(tmp_path, monkeypatch):
+    """FSDP2's `write_checkpoint` when the disk fills during the shard write: a `ShardedSaveError` (the trainer
+    reports it and trains on), the temporary folder removed, the writer's `write` never called."""
+    import errno
+
+    from test_train_parallel import FakeGroup
+
+    from longcat_tuner.train import checkpoint as ckpt
+    from longcat_tuner.train.parallel import FullySharded
+
+    def full_disk(folder, dit, optimizer, **_):
+        (folder / "sharded").mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_sharded_state", full_disk)
+    parallel = FullySharded(FakeGroup(rank=0))
+    with pytest.raises(ckpt.ShardedSaveError, match="could not save the sharded checkpoint of step 6 .*No space left"):
+        parallel.write_checkpoint(torch.nn.Linear(2, 2), None, lambda state: pytest.fail("nothing to add"),
+                                  checkpoints_dir=tmp_path, step=6)
+    assert list(tmp_path.iterdir()) == []
