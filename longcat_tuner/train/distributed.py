@@ -94,8 +94,9 @@ class Distributed:
         """Rank 0 runs the block, then the first rank of every other node (`LOCAL_RANK` 0), then the rest.
 
         E.g. caches: rank 0 builds them; on storage the nodes share, the other nodes' first ranks then find
-        every entry current and write nothing, while on a node's own disk its first rank builds that node's
-        copy; the remaining ranks only read. No two ranks of one node ever build at once.
+        every entry current (only the manifests are rewritten, atomically, with the same content), while on a
+        node's own disk its first rank builds that node's copy; the remaining ranks only read. No two ranks of
+        one node ever build at once.
         """
         phase = 0 if self.is_main else (1 if self.local_rank == 0 else 2)
         for _ in range(phase):
