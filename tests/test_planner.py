@@ -181,3 +181,19 @@ def test_suggestions_never_combine_kept_attention_and_offloaded_inputs():
     for gpu in (24, 40, 80):
         for option, _ in suggest(Setting(compiled=True), gpu):
             assert not (option.keep_attention and option.offload_activations)
+
+
+def test_uncheckpointed_blocks_trade_memory_for_recompute():
+    """Each block left out of checkpointing stores its activations instead of its input and skips its share
+    of the recompute: the peak rises and the step time falls with every block, down to no checkpointing."""
+    base = planner.Setting(keep_attention=True, compiled=True)
+    estimates = [planner.estimate(dataclasses.replace(base, uncheckpointed_blocks=k)) for k in (0, 1, 4, 48)]
+    peaks = [e.peak_gib for e in estimates]
+    steps = [e.step_s for e in estimates]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4
+    assert steps == sorted(steps, reverse=True) and len(set(steps)) == 4
+    assert "uncheckpointed_activations" not in estimates[0].memory_gib
+    assert estimates[2].memory_gib["checkpointed_inputs"] < estimates[0].memory_gib["checkpointed_inputs"]
+    # All 48 left out: the recompute is gone, as with checkpointing off.
+    plain = planner.estimate(planner.Setting(gradient_checkpointing=False, compiled=True))
+    assert steps[-1] == pytest.approx(plain.step_s, abs=0.02)

@@ -105,9 +105,9 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
         if args.max_gpu_memory_gib is not None:
             raise ConfigError("--max-gpu-memory-gib caps GPU memory; drop it on the CPU")
         return 0
-    card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    if args.max_gpu_memory_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory_gib / card_gib), device)
+    from longcat_tuner.runtime.apply import gpu_budget
+
+    card_gib, others_gib = gpu_budget(device, args.max_gpu_memory_gib)
     if args.blocks_to_swap is not None:
         return args.blocks_to_swap
     from longcat_tuner.model.config import DiTConfig
@@ -116,7 +116,7 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
 
     if not is_calibrated(DiTConfig.from_file(find_component(args.model, "dit") / "config.json")):
         return 0
-    budget = min(card_gib, args.max_gpu_memory_gib or card_gib)
+    budget = min(card_gib - others_gib, args.max_gpu_memory_gib or card_gib)
     shape = ClipShape(frames=args.frames, height=height, width=width, batch=2 if args.guidance > 1 else 1,
                       has_start_frame=bool(args.image))
     swap, peak = choose_sampling_swap(shape, budget, base_precision=args.base_precision)

@@ -34,7 +34,7 @@ import torch
 
 from longcat_tuner import runtime
 from longcat_tuner.config.training import TrainConfig
-from longcat_tuner.errors import CheckpointError, ConfigError, LongcatError
+from longcat_tuner.errors import CheckpointError, ConfigError, GPUMemoryError, LongcatError
 from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import distributed as dist_utils
@@ -180,16 +180,14 @@ def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, d
     from longcat_tuner.runtime.auto import choose_plan, is_calibrated
     from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
 
+    from longcat_tuner.runtime.apply import gpu_budget
+
     cuda = precision.device.type == "cuda"
-    card_gib = None
-    if cuda:
-        card_gib = torch.cuda.get_device_properties(precision.device).total_memory / 2**30
-        if config.max_gpu_memory_gib is not None:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, config.max_gpu_memory_gib / card_gib), precision.device)
+    card_gib, others_gib = gpu_budget(precision.device, config.max_gpu_memory_gib) if cuda else (None, 0.0)
     dit_config = DiTConfig.from_file(find_component(config.pretrained_model_name_or_path, "dit") / "config.json")
     return choose_plan(
         config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS),
-        shape=largest_clip(data, config.train_batch_size), cuda=cuda, card_gib=card_gib,
+        shape=largest_clip(data, config.train_batch_size), cuda=cuda, card_gib=card_gib, others_gib=others_gib,
         compile_ok=find_spec("triton") is not None, calibrated_model=is_calibrated(dit_config),
         distributed_strategy=config.distributed_strategy if dist.enabled else None,
     )
@@ -724,7 +722,10 @@ def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool,
         # boundary, so all stop after the same step and none waits alone in a collective.
         while run.step < run.total_steps and not (stopping := dist.any(stop.requested)):
             started = time.perf_counter()
-            loss, grad_norm, skipped = optimizer_step(run, batches)
+            try:
+                loss, grad_norm, skipped = optimizer_step(run, batches)
+            except torch.OutOfMemoryError as err:
+                raise out_of_memory_error(run, err) from err
             run.step += 1
             if skipped:
                 nonfinite_in_a_row += 1
@@ -752,7 +753,8 @@ def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool,
             events.emit(
                 "step", step=run.step, total_steps=run.total_steps, loss=loss, lr=run.scheduler.get_last_lr()[0],
                 s_per_step=seconds, eta_s=seconds_avg * (run.total_steps - run.step),
-                peak_mem_gib=_peak_memory_gib(run.precision.device), grad_norm=grad_norm, skipped=skipped,
+                peak_mem_gib=_peak_memory_gib(run.precision.device),
+                peak_reserved_gib=_peak_memory_gib(run.precision.device, reserved=True), grad_norm=grad_norm, skipped=skipped,
             )
             if bar is not None:
                 bar.update(1)
@@ -789,6 +791,28 @@ def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool,
         events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path),
                     checkpoint=str(result.checkpoint_path), warnings=result.warnings)
         return result
+
+
+def out_of_memory_error(run: Run, err: BaseException) -> GPUMemoryError:
+    """What a user reads when a training step runs out of GPU memory: the settings, what held the memory,
+    and the keys that make room (the run resumes from its last checkpoint)."""
+    from longcat_tuner.runtime.settings import MemorySettings
+
+    device = run.precision.device
+    held = ""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        mine = torch.cuda.memory_reserved(device)
+        held = (f" This process held {mine / 2**30:.1f} GiB, other processes about "
+                f"{max(0.0, (total - free - mine) / 2**30):.1f} GiB of the {total / 2**30:.0f} GiB card.")
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return GPUMemoryError(
+        f"step {run.step + 1} ran out of GPU memory ({first_line}) with {MemorySettings.from_config(run.config).describe()}."
+        f"{held} Free the card of other work, or set max_gpu_memory_gib a few GiB below what is free so the memory "
+        "plan leaves room, or set musubi_blocks_to_swap higher or gradient_checkpointing_mode offload_inputs "
+        "(`longcat-tuner plan` lists settings that fit); then rerun with --resume_from_checkpoint latest "
+        f"(last checkpoint: {ckpt.last_finite_checkpoint(run.checkpoints_dir, before=run.step + 1) or 'none yet'})."
+    )
 
 
 def _checkpoint(run: Run, result: TrainResult, saved_at: Optional[int]) -> Optional[int]:
@@ -864,7 +888,8 @@ def _progress_bar(enabled: bool, start: int, total: int) -> Any:
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _peak_memory_gib(device: torch.device) -> Optional[float]:
+def _peak_memory_gib(device: torch.device, *, reserved: bool = False) -> Optional[float]:
+    """The run's peak GPU memory so far: allocated by tensors, or `reserved` by the caching allocator."""
     if device.type != "cuda":
         return None
-    return torch.cuda.max_memory_allocated(device) / 2**30
+    return (torch.cuda.max_memory_reserved(device) if reserved else torch.cuda.max_memory_allocated(device)) / 2**30
