@@ -57,6 +57,12 @@ def install_guard(app: FastAPI, settings: ServerSettings) -> None:
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         return response
 
+    add_error_handlers(app)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """The answers to a `GuardError` raised in a route and to an invalid request body (a router mounted
+    alone in a test needs these too)."""
     app.add_exception_handler(GuardError, guard_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
 
