@@ -41,9 +41,15 @@ def error_list(err: ValidationError, prefix: tuple[Any, ...] = ()) -> list[dict[
     return items
 
 
+def client_paths(values: dict[str, Any], keys: tuple[str, ...], base: Path) -> dict[str, Any]:
+    """A copy of `values` with its path keys absolute against `base`; a key a client sent empty (`""`)
+    stays as sent, for the schema and the path checks to judge, instead of silently becoming `base`."""
+    return resolve_paths(dict(values), base, [key for key in keys if values.get(key) != ""])
+
+
 def dataset_paths(entry: Any, base: Path) -> Any:
     """A dataset entry with its path keys absolute against `base` (anything else is returned as is)."""
-    return resolve_paths(dict(entry), base, DATASET_PATH_FIELDS) if isinstance(entry, dict) else entry
+    return client_paths(entry, DATASET_PATH_FIELDS, base) if isinstance(entry, dict) else entry
 
 
 def nonfinite_errors(value: Any, loc: list[str]) -> list[dict[str, Any]]:
@@ -102,7 +108,7 @@ def validate_files(settings: ServerSettings, body: ConfigBody) -> tuple[dict[str
     errors: list[dict[str, Any]] = []
     config = dict(body.config)
     config["data_backend_config"] = str(settings.datasets_path.resolve())
-    config = resolve_paths(config, settings.cwd)
+    config = client_paths(config, PATH_FIELDS, settings.cwd)
     try:
         TrainConfig.model_validate(config)
     except ValidationError as err:
