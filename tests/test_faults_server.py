@@ -328,6 +328,7 @@ FILE_ROUTES = [
     ("GET", "/api/config"), ("PUT", "/api/config"), ("GET", "/api/config/import"), ("POST", "/api/checks"),
     ("GET", "/api/checks/{job_id}"), ("GET", "/api/uploads/{upload_id}"), ("POST", "/api/previews"),
     ("GET", "/api/previews"), ("GET", "/api/previews/{job_id}"), ("GET", "/api/previews/{job_id}/video"),
+    ("GET", "/api/runs/{run_id}/start-frame"), ("GET", "/api/system/gpu"),
 ]  # fmt: skip
 
 
