@@ -15,7 +15,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -426,9 +426,9 @@ class TrainConfig(BaseModel):
         return cls.from_dict(data, source=str(path))
 
 
-def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make the path-valued keys of `data` absolute, relative to `base`."""
-    for key in PATH_FIELDS:
+def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_FIELDS) -> dict[str, Any]:
+    """Make the path-valued keys of `data` (`keys`: config.json's by default) absolute, relative to `base`."""
+    for key in keys:
         value = data.get(key)
         if value is None or (key == "resume_from_checkpoint" and value == "latest"):
             continue
