@@ -35,6 +35,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from longcat_tuner.config.datasets import DatasetConfig, parse_datasets
+from longcat_tuner.config.sampling import MAX_SEED, SAMPLING_DEFAULTS, SamplingOptions
 from longcat_tuner.config.training import PATH_FIELDS, TrainConfig, parse_resolution, read_json, resolve_paths
 from longcat_tuner.data.images import open_image
 from longcat_tuner.errors import ConfigError, DataError
@@ -67,7 +68,6 @@ MULTIPART_OVERHEAD = 64 * 1024
 MAX_PREVIEW_FRAMES = 257
 MAX_PREVIEW_SIDE = 2048
 MAX_PREVIEW_PIXELS = 1280 * 1280  # 720x1280 (720p) fits
-MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
 
 
@@ -116,11 +116,12 @@ class PreviewBody(BaseModel):
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     model: Optional[str] = Field(None, description="Checkpoint root; default: the saved config's model.")
     lora: Optional[str] = Field(None, description="A LoRA file from GET /api/loras; empty: the base model.")
-    frames: int = Field(93, ge=1, le=MAX_PREVIEW_FRAMES, strict=True, description="(frames - 1) % 4 == 0, e.g. 93.")
-    steps: int = Field(40, ge=1, le=200, strict=True)
-    guidance: float = Field(4.0, ge=1.0, le=20.0, allow_inf_nan=False)
-    resolution: str = Field("480p", max_length=32, description="HEIGHTxWIDTH, or 480p / 720p following the image's aspect.")
-    seed: int = Field(42, ge=0, le=MAX_SEED, strict=True, description=f"A whole number from 0 to {MAX_SEED}.")
+    # Defaults: the schema's sampling section (`sample` has the same; the page reads them from /api/schema).
+    frames: int = Field(SAMPLING_DEFAULTS.frames, ge=1, le=MAX_PREVIEW_FRAMES, strict=True, description="(frames - 1) % 4 == 0, e.g. 93.")
+    steps: int = Field(SAMPLING_DEFAULTS.steps, ge=1, le=200, strict=True)
+    guidance: float = Field(SAMPLING_DEFAULTS.guidance, ge=1.0, le=20.0, allow_inf_nan=False)
+    resolution: str = Field(SAMPLING_DEFAULTS.resolution, max_length=32, description="HEIGHTxWIDTH, or 480p / 720p following the image's aspect.")
+    seed: int = Field(SAMPLING_DEFAULTS.seed, ge=0, le=MAX_SEED, strict=True, description=f"A whole number from 0 to {MAX_SEED}.")
     fast: bool = Field(
         False,
         description="16-step distilled preview (guidance 1) with the checkpoint's official lora/cfg_step_lora.safetensors; "
@@ -496,6 +497,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return {
             "config": TrainConfig.model_json_schema(),
             "dataset": DatasetConfig.model_json_schema(),
+            "sampling": SamplingOptions.model_json_schema(),  # the preview form's defaults
             "path_fields": {"config": list(PATH_FIELDS), "dataset": list(DATASET_PATH_FIELDS)},
             # Keys the memory plan chooses when a config leaves them out: the form writes them only when
             # the loaded config has them or the user changes them (a written key pins its setting).
@@ -959,7 +961,7 @@ def preview_resolution(value: str) -> str:
                 f"{MAX_PREVIEW_PIXELS} pixels (720x1280 fits); use a smaller size",
             )  # fmt: skip
         return f"{height}x{width}"
-    return parsed
+    return f"{parsed}p"
 
 
 # The SSE stream reads at most this much of an events file per poll (a long run arrives in steps).
