@@ -202,6 +202,6 @@ def validation_items(config: TrainConfig, eval_set: CachedVideoDataset, text_enc
 
 
 def _fixed_size(config: TrainConfig) -> Any:
-    from longcat_tuner.config.training import parse_resolution
+    from longcat_tuner.config.resolution import parse_resolution
 
     return parse_resolution(config.validation_resolution)
