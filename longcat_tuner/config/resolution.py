@@ -14,8 +14,6 @@ from typing import Union
 
 # Largest side (or class) accepted: far above any real run (4K is 2160 high), low enough that a typo is refused.
 MAX_RESOLUTION = 4096
-# The named classes of the official pipeline (and the help text's examples).
-RESOLUTION_BUCKETS: tuple[str, ...] = ("480p", "720p")
 
 _PATTERN = re.compile(r"\s*(\d+)\s*(?:[pP]|[xX]\s*(\d+))?\s*")
 
