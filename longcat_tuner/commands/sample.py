@@ -6,6 +6,7 @@ import json
 import sys
 
 from longcat_tuner.commands.argtypes import bounded_int, positive_float
+from longcat_tuner.config.sampling import add_sampling_arguments
 
 
 def register(subparsers) -> None:
@@ -19,15 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--lora-multiplier", type=float, action="append", default=[], help="strength per --lora (default 1.0)")
     p.add_argument("--image", help="start frame (PNG/JPEG); omit for text-to-video")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="", help='negative prompt for CFG (default: empty, as the official code)')
-    p.add_argument("--frames", type=int, default=93, help="pixel frames, (frames - 1) %% 4 == 0 (default 93)")
-    p.add_argument("--resolution", default="480p", help="HEIGHTxWIDTH (480x832) or a bucket following the image aspect (480p, 720p)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; 1 disables CFG (use with --distilled)")
-    p.add_argument("--shift", type=float, default=12.0)
-    p.add_argument("--distilled", action="store_true", help="16-step distilled grid (use with the official cfg_step_lora)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=15)
+    # --resolution --frames --steps --guidance --shift --seed --negative-prompt --fps --distilled: the schema's
+    # sampling section (defaults, bounds and help declared once, shared with the web preview and validation).
+    add_sampling_arguments(p)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--attention", default=None,
@@ -39,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-gpu-memory-gib", type=positive_float, default=None,
                    help="most GPU memory the sampler may use (enforced); block swap is chosen to fit it")
     p.add_argument("--base-precision", choices=["no_change", "fp8-torchao", "int8-quanto"], default="no_change",
-                   help="store the DiT block weights in 8 bits (about half the memory; small quality cost)")
+                   help="store the DiT block weights in 8 bits (about half the memory; small quality cost; our own layers: no torchao or optimum-quanto needed)")
     p.add_argument("--output", required=True, help="output .mp4")
     p.add_argument("--progress-json", action="store_true", help="print one JSON line per step (for the web UI)")
     p.set_defaults(func=run)
@@ -51,13 +46,15 @@ def run(args: argparse.Namespace) -> int:
 
     from longcat_tuner.encoders import TextEncoder, VideoVAE
     from longcat_tuner.generate import generate
-    from longcat_tuner.media import check_frames, image_to_tensor, load_image, parse_resolution, resize_and_crop, video_to_uint8, write_mp4
+    from longcat_tuner.data.buckets import resolution_size
+    from longcat_tuner.data.images import prepare_start_frame, read_image
+    from longcat_tuner.devices import default_dtype
+    from longcat_tuner.media import image_to_tensor, video_to_uint8, write_mp4
 
-    check_frames(args.frames)
-    image = load_image(args.image) if args.image else None
-    height, width = parse_resolution(args.resolution, source_hw=(image.height, image.width) if image else None)
+    image = read_image(args.image) if args.image else None
+    height, width = resolution_size(args.resolution, source_hw=(image.height, image.width) if image else None)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
     args.blocks_to_swap = sampling_swap(args, height=height, width=width, device=device)
     # The text encoder (umT5-XXL, ~11 GB) runs and leaves the GPU before the DiT loads: never both resident.
@@ -71,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.empty_cache()
     dit = load_dit_for_sampling(args, dtype=dtype, device=device)
     vae = VideoVAE.from_pretrained(args.model, dtype=dtype, device=device)
-    start = image_to_tensor(resize_and_crop(image, height, width)) if image else None
+    start = image_to_tensor(prepare_start_frame(image, height, width)) if image else None
 
     bar = tqdm(total=args.steps, desc="sampling", unit="step", disable=args.progress_json)
 

@@ -19,6 +19,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from longcat_tuner.config.training import TrainConfig
+
+DEFAULT_LORA_RANK: int = TrainConfig.model_fields["lora_rank"].default
+
 GIB = 2**30
 
 # Measured on one NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, cuDNN SDPA), full 13.6B DiT with random bf16
@@ -106,7 +110,7 @@ class Setting:
     width: int = 832
     frames: int = 93
     batch: int = 1
-    lora_rank: int = 32  # the calibration runs; `from_memory` takes the config's
+    lora_rank: int = DEFAULT_LORA_RANK  # the schema's default (the calibration runs used 32)
     blocks_to_swap: int = 0
     precision: str = "bf16"  # bf16 | fp8-torchao | int8-quanto (no_change = bf16 on CUDA)
     gradient_checkpointing: bool = True
@@ -119,7 +123,8 @@ class Setting:
     num_cond_latents: int = 1
 
     @classmethod
-    def from_memory(cls, memory, *, height: int, width: int, frames: int, batch: int = 1, lora_rank: int = 8,
+    def from_memory(cls, memory, *, height: int, width: int, frames: int, batch: int = 1,
+                    lora_rank: int = DEFAULT_LORA_RANK,
                     num_cond_latents: int = 1) -> "Setting":
         """The planner's view of `memory` (a `runtime.settings.MemorySettings`) at one clip shape."""
         precision = "bf16" if memory.base_precision == "no_change" else memory.base_precision

@@ -34,6 +34,7 @@ import torch
 
 from longcat_tuner import runtime
 from longcat_tuner.config.training import TrainConfig
+from longcat_tuner.devices import default_dtype
 from longcat_tuner.errors import CheckpointError, ConfigError, GPUMemoryError, LongcatError
 from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
 from longcat_tuner.train import checkpoint as ckpt
@@ -132,7 +133,7 @@ def choose_precision(config: TrainConfig, device: Optional[torch.device] = None)
     elif config.base_model_precision == "bf16":
         base = torch.bfloat16
     else:  # no_change, and the layers a quantized format leaves alone
-        base = torch.bfloat16 if device.type == "cuda" else torch.float32
+        base = default_dtype(device)
     autocast = torch.bfloat16 if device.type == "cuda" and config.mixed_precision == "bf16" else None
     return Precision(device=device, base_dtype=base, autocast_dtype=autocast)
 

@@ -6,6 +6,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 
+from longcat_tuner.config.sampling import SamplingOptions
 from longcat_tuner.config.datasets import DatasetConfig
 from longcat_tuner.config.training import PATH_FIELDS, TrainConfig, read_json, resolve_paths
 from longcat_tuner.errors import ConfigError
@@ -37,6 +38,7 @@ async def schema() -> dict[str, Any]:
     return {
         "config": TrainConfig.model_json_schema(),
         "dataset": DatasetConfig.model_json_schema(),
+        "sampling": SamplingOptions.model_json_schema(),  # the preview form's defaults
         "path_fields": {"config": list(PATH_FIELDS), "dataset": list(DATASET_PATH_FIELDS)},
         # Keys the memory plan chooses when a config leaves them out: the form writes them only when
         # the loaded config has them or the user changes them (a written key pins its setting).

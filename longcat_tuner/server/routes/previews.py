@@ -22,7 +22,8 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from longcat_tuner.config.training import parse_resolution
+from longcat_tuner.config.resolution import parse_resolution
+from longcat_tuner.config.sampling import MAX_SEED, SAMPLING_DEFAULTS
 from longcat_tuner.fsutil import atomic_file
 from longcat_tuner.server import security
 from longcat_tuner.server.deps import ServerState, StateDep
@@ -35,7 +36,6 @@ MULTIPART_OVERHEAD = 64 * 1024
 MAX_PREVIEW_FRAMES = 257
 MAX_PREVIEW_SIDE = 2048
 MAX_PREVIEW_PIXELS = 1280 * 1280  # 720x1280 (720p) fits
-MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
 # How far the LoRA list looks for run folders below each allowed folder (a root may hold a large
 # dataset tree: the walk stops at this depth, folder count and time, whichever comes first).
@@ -52,11 +52,12 @@ class PreviewBody(BaseModel):
         None, description="A LoRA file from GET /api/loras or any .safetensors path inside the allowed folders; "
         "empty: the base model.",
     )  # fmt: skip
-    frames: int = Field(93, ge=1, le=MAX_PREVIEW_FRAMES, strict=True, description="(frames - 1) % 4 == 0, e.g. 93.")
-    steps: int = Field(40, ge=1, le=200, strict=True)
-    guidance: float = Field(4.0, ge=1.0, le=20.0, allow_inf_nan=False)
-    resolution: str = Field("480p", max_length=32, description="HEIGHTxWIDTH, or 480p / 720p following the image's aspect.")
-    seed: int = Field(42, ge=0, le=MAX_SEED, strict=True, description=f"A whole number from 0 to {MAX_SEED}.")
+    # Defaults: the schema's sampling section (`sample` has the same; the page reads them from /api/schema).
+    frames: int = Field(SAMPLING_DEFAULTS.frames, ge=1, le=MAX_PREVIEW_FRAMES, strict=True, description="(frames - 1) % 4 == 0, e.g. 93.")
+    steps: int = Field(SAMPLING_DEFAULTS.steps, ge=1, le=200, strict=True)
+    guidance: float = Field(SAMPLING_DEFAULTS.guidance, ge=1.0, le=20.0, allow_inf_nan=False)
+    resolution: str = Field(SAMPLING_DEFAULTS.resolution, max_length=32, description="HEIGHTxWIDTH, or 480p / 720p following the image's aspect.")
+    seed: int = Field(SAMPLING_DEFAULTS.seed, ge=0, le=MAX_SEED, strict=True, description=f"A whole number from 0 to {MAX_SEED}.")
     fast: bool = Field(
         False,
         description="16-step distilled preview (guidance 1) with the checkpoint's official lora/cfg_step_lora.safetensors; "
@@ -228,7 +229,7 @@ def preview_resolution(value: str) -> str:
                 f"{MAX_PREVIEW_PIXELS} pixels (720x1280 fits); use a smaller size",
             )  # fmt: skip
         return f"{height}x{width}"
-    return parsed
+    return f"{parsed}p"
 
 
 def log_event(line: str) -> Optional[dict[str, Any]]:

@@ -374,6 +374,10 @@ async function loadConfigPage() {
   state.info = info;
   state.pathFields = schema.path_fields;
   state.plannedFields = schema.planned_fields || [];
+  // The preview form starts from the schema's sampling defaults (the same as `longcat-tuner sample`).
+  for (const key of ["frames", "steps", "guidance", "resolution", "seed"]) {
+    $(`#preview-${key}`).value = schema.sampling.properties[key].default;
+  }
   $("#config-path").textContent = saved.config_path;
   $("#datasets-path").textContent = saved.datasets_path;
   buildConfigForm(saved.config || {});
