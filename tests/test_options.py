@@ -69,7 +69,8 @@ def test_web_preview_defaults_are_the_sampling_section(tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from longcat_tuner.server.app import PreviewBody, ServerSettings, create_app
+    from longcat_tuner.server.app import ServerSettings, create_app
+    from longcat_tuner.server.routes.previews import PreviewBody
 
     body = PreviewBody(upload="u", prompt="p")
     for name in ("frames", "steps", "guidance", "resolution", "seed"):
