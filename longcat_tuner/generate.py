@@ -3,17 +3,74 @@
 Mirrors the official `generate_i2v` / `generate_t2v`: the start frame is resized and cropped to the target
 size, VAE-encoded (a posterior sample, as the official code does) into latent frame 0, the other latents
 are Gaussian noise, and the Euler/CFG-Zero* loop denoises only the noisy frames.
+
+Progress (`SamplingProgress`): one report per denoising step, then a "decoding" phase before the VAE decode
+(which can take as long as the denoising), so a bar never sits at 40/40 while the decode runs. A reporter may
+end the sampling at a step boundary (Ctrl-C during validation) by raising `SamplingStopped`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from longcat_tuner.diffusion.sampler import sample
 from longcat_tuner.errors import ShapeError
 from longcat_tuner.media import check_frames
+
+
+DENOISING, DECODING, DONE = "denoising", "decoding", "done"
+# report(phase, denoise_step, of): after each denoising step, before the decode, after it.
+ProgressReport = Callable[[str, int, int], None]
+
+
+class SamplingStopped(Exception):
+    """Sampling was ended at a step boundary because a stop was requested (see `SamplingProgress`)."""
+
+
+class SamplingProgress:
+    """What `generate` reports while it runs: a console bar (tqdm on stderr) labelled `label`, and `report`
+    (events, JSON lines) per phase. `should_stop()` is asked after each denoising step and before the
+    decode; when it says yes the sampling raises `SamplingStopped` there."""
+
+    def __init__(self, *, label: str = "sampling", bar: bool = True, report: Optional[ProgressReport] = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> None:
+        self.label, self.show_bar = label, bar
+        self.report = report or (lambda phase, step, of: None)
+        self.should_stop = should_stop or (lambda: False)
+        self._bar: Any = None
+
+    def step(self, done: int, total: int) -> None:
+        if self.show_bar and self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=done - 1, desc=self.label, unit="step", dynamic_ncols=True, leave=False)
+        if self._bar is not None:
+            self._bar.update(1)
+        self.report(DENOISING, done, total)
+        self._check(f"after denoising step {done}/{total}")
+
+    def decoding(self, total: int) -> None:
+        self._check("before the VAE decode")
+        if self._bar is not None:
+            self._bar.set_description(f"{self.label}: decoding")
+            self._bar.refresh()
+        self.report(DECODING, total, total)
+
+    def done(self, total: int) -> None:
+        self.close()
+        self.report(DONE, total, total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _check(self, where: str) -> None:
+        if self.should_stop():
+            self.close()
+            raise SamplingStopped(f"{self.label} stopped {where}")
 
 
 @dataclasses.dataclass
@@ -41,8 +98,11 @@ def generate(
     distilled: bool = False,
     seed: int = 0,
     callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    progress: Optional[SamplingProgress] = None,
 ) -> GenerationResult:
-    """`start_frame` `[3, H, W]` in [-1, 1] gives image-to-video; None gives text-to-video."""
+    """`start_frame` `[3, H, W]` in [-1, 1] gives image-to-video; None gives text-to-video. `callback(step,
+    steps, latents)` runs after each denoising step; `progress` reports the steps and the decode and may stop
+    the sampling (`SamplingStopped`)."""
     check_frames(frames)
     if height % 16 or width % 16:
         raise ShapeError(f"size {height}x{width}: height and width must be divisible by 16")
@@ -58,10 +118,22 @@ def generate(
         pixels = start_frame.reshape(1, 3, 1, height, width)
         cond = vae.encode(pixels, sample=True, generator=torch.Generator(device=vae.device).manual_seed(seed)).float()
         latents[:, :, :1] = cond.to(device)
-    out = sample(
-        dit, latents, text_embeds=text_embeds, text_mask=text_mask, negative_embeds=negative_embeds,
-        negative_mask=negative_mask, num_cond_latents=1 if cond is not None else 0, steps=steps,
-        guidance=guidance, shift=shift, distilled=distilled, callback=callback,
-    )
-    video = vae.decode(out)[0]
+    progress = progress or SamplingProgress(bar=False)
+
+    def after_step(step: int, total: int, current: torch.Tensor) -> None:
+        if callback is not None:
+            callback(step, total, current)
+        progress.step(step, total)
+
+    try:
+        out = sample(
+            dit, latents, text_embeds=text_embeds, text_mask=text_mask, negative_embeds=negative_embeds,
+            negative_mask=negative_mask, num_cond_latents=1 if cond is not None else 0, steps=steps,
+            guidance=guidance, shift=shift, distilled=distilled, callback=after_step,
+        )
+        progress.decoding(steps)
+        video = vae.decode(out)[0]
+    finally:
+        progress.close()
+    progress.done(steps)
     return GenerationResult(latents=out, cond_latents=cond, video=video)

@@ -78,6 +78,7 @@ def test_trainer_builds_the_model_in_turns_when_it_assembles_on_host(monkeypatch
 
     from longcat_tuner.train import trainer
     from longcat_tuner.train.distributed import Distributed
+    from longcat_tuner.train.parallel import DataParallel
 
     turns = []
 
@@ -93,7 +94,7 @@ def test_trainer_builds_the_model_in_turns_when_it_assembles_on_host(monkeypatch
     monkeypatch.setattr(trainer, "build_model", lambda config, precision: "dit")
     monkeypatch.setattr(trainer, "host_assembly_bytes", lambda config, precision: 27 * 2**30)
     monkeypatch.setattr(trainer, "available_host_memory", lambda: 64 * 2**30)
-    ctx = Ctx(rank=0, world_size=4)
+    ctx = DataParallel(Ctx(rank=0, world_size=4))
     monkeypatch.setattr(trainer, "assembles_on_host", lambda config, precision: False)
     assert trainer.build_model_in_turns(None, None, ctx) == "dit" and turns == [4]  # no host assembly: all at once
     monkeypatch.setattr(trainer, "assembles_on_host", lambda config, precision: True)

@@ -143,6 +143,7 @@ def test_trainer_plans_from_the_largest_bucket_and_enforces_the_cap(tmp_path, mo
     """`plan_memory` (what `train` calls before loading the DiT) on a pretend 141 GiB card."""
     from longcat_tuner.runtime import auto
     from longcat_tuner.train import trainer
+    from longcat_tuner.train.parallel import SingleProcess
 
     tiny = ROOT.parent / "shared" / "reference" / "longcat-tiny"
     if not tiny.is_dir():
@@ -158,14 +159,14 @@ def test_trainer_plans_from_the_largest_bucket_and_enforces_the_cap(tmp_path, mo
     keys = [(33, 320, 320, True), (93, 480, 832, True), (93, 480, 832, False), (61, 480, 480, True)]
     data = types.SimpleNamespace(dataset=types.SimpleNamespace(group_keys=lambda: keys))
     precision = trainer.Precision(device=torch.device("cuda"), base_dtype=torch.bfloat16, autocast_dtype=torch.bfloat16)
-    plan = trainer.plan_memory(config, data, precision, trainer.Distributed())
+    plan = trainer.plan_memory(config, data, precision, SingleProcess())
     assert fractions == [pytest.approx(48 / 144)]
     assert plan.shape == ClipShape(frames=93, height=480, width=832, batch=1, has_start_frame=True)
     assert plan.source == "auto" and plan.budget_gib == 48
     assert plan.settings == _plan(config, card_gib=144).settings
     # With the cap lifted, the plan fits what the other process left (144 - 44 + the context allowance).
     uncapped = trainer.plan_memory(config.model_copy(update={"max_gpu_memory_gib": None}), data, precision,
-                                   trainer.Distributed())
+                                   SingleProcess())
     assert uncapped.budget_gib == pytest.approx(100 + 0.6) and "held by other processes" in uncapped.reason
 
 

@@ -36,16 +36,16 @@ def register(subparsers) -> None:
     p.add_argument("--base-precision", choices=["no_change", "fp8-torchao", "int8-quanto"], default="no_change",
                    help="store the DiT block weights in 8 bits (about half the memory; small quality cost; our own layers: no torchao or optimum-quanto needed)")
     p.add_argument("--output", required=True, help="output .mp4")
-    p.add_argument("--progress-json", action="store_true", help="print one JSON line per step (for the web UI)")
+    p.add_argument("--progress-json", action="store_true",
+                   help="print one JSON line per denoising step and phase (decoding, done) instead of a bar (for the web UI)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     from longcat_tuner.encoders import TextEncoder, VideoVAE
-    from longcat_tuner.generate import generate
+    from longcat_tuner.generate import SamplingProgress, generate
     from longcat_tuner.data.buckets import resolution_size
     from longcat_tuner.data.images import prepare_start_frame, read_image
     from longcat_tuner.devices import default_dtype
@@ -70,19 +70,17 @@ def run(args: argparse.Namespace) -> int:
     vae = VideoVAE.from_pretrained(args.model, dtype=dtype, device=device)
     start = image_to_tensor(prepare_start_frame(image, height, width)) if image else None
 
-    bar = tqdm(total=args.steps, desc="sampling", unit="step", disable=args.progress_json)
-
-    def on_step(step: int, total: int, _latents) -> None:
-        bar.update(1)
+    def report(phase: str, step: int, total: int) -> None:
+        # The VAE decode after the last step can take as long as the denoising: it is a phase of its own.
         if args.progress_json:
-            print(json.dumps({"event": "sample_step", "step": step, "total": total}), flush=True)
+            print(json.dumps({"event": "sample_step", "step": step, "total": total, "phase": phase}), flush=True)
 
     result = generate(
         dit, vae, text_embeds=embeds, text_mask=mask, negative_embeds=negative_embeds, negative_mask=negative_mask,
         height=height, width=width, frames=args.frames, start_frame=start, steps=args.steps, guidance=args.guidance,
-        shift=args.shift, distilled=args.distilled, seed=args.seed, callback=on_step,
+        shift=args.shift, distilled=args.distilled, seed=args.seed,
+        progress=SamplingProgress(label="sampling", bar=not args.progress_json, report=report),
     )
-    bar.close()
     out = write_mp4(args.output, video_to_uint8(result.video), fps=args.fps)
     message = {"event": "sample_done", "output": str(out), "height": height, "width": width, "frames": args.frames}
     print(json.dumps(message) if args.progress_json else f"wrote {out} ({args.frames} frames, {height}x{width}, {args.fps} fps)", file=sys.stdout)

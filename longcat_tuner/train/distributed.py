@@ -214,12 +214,6 @@ def wrap_fsdp(dit: torch.nn.Module) -> torch.nn.Module:
     return dit
 
 
-def is_sharded(dit: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(dit, FSDPModule)
-
-
 def _gathered(named: Any, keep: bool) -> dict[str, torch.Tensor]:
     """Full CPU copies of `(name, tensor)` pairs, DTensors gathered one at a time (collective: every rank
     iterates the same names); only ranks with `keep` hold the result, the others get an empty dict."""
@@ -294,7 +288,7 @@ def check_resume_strategy(saved: str, current: str, source: Any) -> None:
         )
 
 
-def check_resume_world_size(saved: Optional[int], ctx: Distributed, source: Any) -> None:
+def check_resume_world_size(saved: Optional[int], ctx: Any, source: Any) -> None:
     """Exact resume needs the same number of ranks: each rank's batches and noise stream depend on it."""
     saved = 1 if saved is None else int(saved)
     if saved != ctx.world_size:

@@ -2,7 +2,7 @@
 
 Other tools (the web UI, scripts) read this file instead of importing the trainer, so its format is a
 contract (docs/CONTRACTS.md "Events"): every event has `event` and `time` (unix seconds); kinds are
-`start`, `step`, `validation`, `checkpoint`, `error` and `end`.
+`start`, `memory_plan`, `step`, `validation_progress`, `validation`, `checkpoint`, `error` and `end`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-EVENT_KINDS = ("start", "memory_plan", "step", "validation", "checkpoint", "error", "end")
+EVENT_KINDS = ("start", "memory_plan", "step", "validation_progress", "validation", "checkpoint", "error", "end")
 EVENTS_FILE = "events.jsonl"
 
 
@@ -91,6 +91,8 @@ class EventLog:
             if record.get("heldout_loss") is not None:
                 self._tensorboard.add_scalar("validation/heldout_loss", record["heldout_loss"], step)
             for index, item in enumerate(record.get("items", [])):
+                if item.get("early_frame_drift_psnr") is not None:
+                    self._tensorboard.add_scalar(f"validation/early_frame_drift_psnr_{index}", item["early_frame_drift_psnr"], step)
                 if item.get("psnr_first_frame") is not None:
                     self._tensorboard.add_scalar(f"validation/psnr_first_frame_{index}", item["psnr_first_frame"], step)
         self._tensorboard.flush()

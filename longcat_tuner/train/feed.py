@@ -19,7 +19,7 @@ from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.data.dataset import CachedVideoDataset, collate_samples, sample_posterior
 from longcat_tuner.devices import default_dtype
 from longcat_tuner.errors import ConfigError, DataError
-from longcat_tuner.train.distributed import Distributed
+from longcat_tuner.train.parallel import SingleProcess
 from longcat_tuner.train.step import FlowBatch, drop_captions
 from longcat_tuner.data.buckets import resolution_size
 from longcat_tuner.data.images import prepare_start_frame, read_image
@@ -80,15 +80,15 @@ def encoder_settings(device: torch.device) -> torch.dtype:
 
 
 def prepare_data(
-    config: TrainConfig, *, device: torch.device, progress: bool = True, dist: Optional[Distributed] = None
+    config: TrainConfig, *, device: torch.device, progress: bool = True, parallel: Optional[SingleProcess] = None
 ) -> TrainingData:
     """Cache stage, sampler, empty-prompt embedding, validation items and held-out batches.
 
-    Multi-GPU (`dist`): rank 0 builds the caches while the others wait, then they read the finished
+    Multi-GPU (`parallel`): the writer builds the caches while the others wait, then they read the finished
     files (so no two ranks write one entry); each rank's sampler takes its share of every epoch's
-    batches; validation inputs are prepared on rank 0 only, which alone validates.
+    batches; validation inputs are prepared on the ranks that validate (`parallel.validates`).
     """
-    dist = dist or Distributed(device=device)
+    parallel = parallel or SingleProcess()
     from longcat_tuner.data.buckets import BucketBatchSampler
     from longcat_tuner.data.cache import build_caches
 
@@ -100,24 +100,22 @@ def prepare_data(
     # The eval split is cached even without dataset validation: it feeds the held-out loss.
     eval_id = config.eval_dataset_id
     dtype = encoder_settings(device)
-    with dist.main_first():
+    with parallel.writer_first():
         index = build_caches(
             config.data_backend_config, model_root=config.pretrained_model_name_or_path, eval_dataset_id=eval_id,
             alignment=config.aspect_bucket_alignment, seed=config.seed, device=device, encoder_dtype=dtype,
-            cache_dtype=default_dtype(device), progress=progress and dist.is_main,
+            cache_dtype=default_dtype(device), progress=progress and parallel.is_writer,
         )
     dataset = CachedVideoDataset(index.train, index.empty_text_path)
     if len({key[-1] for key in dataset.group_keys()}) > 1:
         log.info("training mixes clips with and without start frames (image-to-video and text-to-video)")
     sampler = BucketBatchSampler(
         dataset.group_keys(), config.train_batch_size, seed=config.seed, repeats=dataset.repeats(), drop_last=True,
-        rank=dist.rank, world_size=dist.world_size,
+        rank=parallel.data_rank, world_size=parallel.data_world_size,
     )
     empty_embeds, empty_mask = (t[None] for t in dataset.empty_text())
     empty_embeds = empty_embeds.float()
-    # Validation and the held-out loss run on rank 0 only; under FSDP every rank runs them (each sharded
-    # block needs all ranks to gather its weights), so every rank needs their inputs.
-    if not dist.is_main and not (dist.enabled and config.distributed_strategy == "fsdp"):
+    if not parallel.validates:  # no validation inputs (text encoder, VAE, start frames) on this rank
         return TrainingData(dataset=dataset, sampler=sampler, device=device, empty_embeds=empty_embeds,
                             empty_mask=empty_mask, negative_embeds=empty_embeds, negative_mask=empty_mask)
 

@@ -1,14 +1,16 @@
 """`train(config)`: a short training loop that owns its state.
 
-Setup (precision, data, model, optimizer, resume) happens in small helpers; the loop itself reads like
+Setup (precision, data, model, optimizer, resume) happens in small helpers; `train` itself reads like
 the recipe: take a micro-batch, compute the flow loss, accumulate, clip, step, then the "once in a while"
-blocks for logging, validation and checkpoints. Everything needed to resume exactly (weights, optimizer,
-LR schedule, step, data-sampler position, RNG states) goes into each checkpoint. SIGINT/SIGTERM ask
-the loop to save a checkpoint at the next step boundary and exit cleanly.
+blocks for logging, checkpoints and validation; the last step writes the final checkpoint and weights,
+then validates. Everything needed to resume exactly (weights, optimizer, LR schedule, step, data-sampler
+position, RNG states) goes into each checkpoint. SIGINT/SIGTERM ask the loop to save a checkpoint at the
+next step boundary and exit cleanly; during validation they stop it after the current denoising step.
 
-Under `torchrun` (see `distributed.py`) each rank runs this same loop on its share of the batches with
-its own noise stream; DDP averages the gradients, the ranks agree on stopping and on the reported
-(mean) loss at every step, and rank 0 alone writes events, checkpoints, validation and the final LoRA.
+Under `torchrun` each rank runs this same loop on its share of the batches with its own noise stream. All
+that differs between one process, DDP and FSDP (wrapping, gradient sync, gathering for a save, loading,
+who validates and who writes, the agreements between ranks) is the strategy object `run.parallel`
+(`parallel.py`): the trainer has no rank branches.
 
 Faults (see README "Reliability"): the run holds a lock on `output_dir` (`run_lock.py`); a checkpoint
 that cannot be written (disk full) is reported and training goes on; the end writes the final
@@ -24,7 +26,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -37,24 +38,22 @@ from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.devices import default_dtype
 from longcat_tuner.errors import CheckpointError, ConfigError, GPUMemoryError, LongcatError
 from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
+from longcat_tuner.generate import SamplingProgress
 from longcat_tuner.train import checkpoint as ckpt
-from longcat_tuner.train import distributed as dist_utils
 from longcat_tuner.train import run_lock
 from longcat_tuner.train.distributed import (
-    Distributed,
     available_host_memory,
     check_resume_strategy,
     check_resume_world_size,
-    init_distributed,
     rank_seed,
     ranks_per_host_assembly,
-    wrap_ddp,
 )
-from longcat_tuner.train.events import EventLog, SilentEventLog
+from longcat_tuner.train.events import EventLog
 from longcat_tuner.train.feed import TrainingData, prepare_data
 from longcat_tuner.train.optim import build_lr_scheduler, build_optimizer
+from longcat_tuner.train.parallel import SingleProcess, parallel_strategy
 from longcat_tuner.train.step import heldout_loss, training_loss
-from longcat_tuner.train.validate import run_validation
+from longcat_tuner.train.validate import ValidationStopped, run_validation
 
 LORA_FILE = "longcat_lora.safetensors"
 MAX_NONFINITE_IN_A_ROW = 3
@@ -90,11 +89,15 @@ class Precision:
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries (restored on exit)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries and validation at each denoising
+    step (handlers restored on exit). A second signal stops at once (`KeyboardInterrupt`), except within
+    `shielded()` (a checkpoint or the final weights being written): there it waits for the write to finish."""
 
     def __init__(self) -> None:
         self.signal_name: Optional[str] = None
         self._previous: dict[int, Any] = {}
+        self._shielded = 0
+        self._deferred = False
 
     def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -105,11 +108,27 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None:  # a second Ctrl-C/kill: stop now, the last checkpoint stays
+        # os.write, not print: a handler that re-enters a buffered stream mid-write raises.
+        if self.signal_name is not None:  # a second Ctrl-C/kill: stop now, the saved files stay
+            if self._shielded:
+                self._deferred = True
+                os.write(2, b"\nfinishing the file being written, then stopping\n")
+                return
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        # os.write, not print: a handler that re-enters a buffered stream mid-write raises.
-        os.write(2, f"\n{self.signal_name}: saving a checkpoint after this step, then exiting (again to stop at once)\n".encode())
+        os.write(2, f"\n{self.signal_name}: stopping after this step (or this denoising step of a validation), saving "
+                    "a checkpoint, then exiting (again to stop at once)\n".encode())
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """A second signal within the block waits for its end (a file being written is finished first)."""
+        self._shielded += 1
+        try:
+            yield
+        finally:
+            self._shielded -= 1
+        if self._deferred and not self._shielded:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -171,7 +190,7 @@ def largest_clip(data: TrainingData, batch_size: int) -> Optional[Any]:
     return ClipShape(frames=frames, height=height, width=width, batch=batch_size, has_start_frame=has_start)
 
 
-def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, dist: Distributed) -> Any:
+def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, parallel: SingleProcess) -> Any:
     """The run's memory settings (`runtime.auto.choose_plan`) for this card, cap and largest bucket; on
     CUDA the cap is enforced with PyTorch's per-process memory fraction."""
     from importlib.util import find_spec
@@ -190,24 +209,28 @@ def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, d
         config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS),
         shape=largest_clip(data, config.train_batch_size), cuda=cuda, card_gib=card_gib, others_gib=others_gib,
         compile_ok=find_spec("triton") is not None, calibrated_model=is_calibrated(dit_config),
-        distributed_strategy=config.distributed_strategy if dist.enabled else None,
+        distributed_strategy=parallel.distributed_strategy,
     )
 
 
-def build_model_in_turns(config: TrainConfig, precision: Precision, dist: Distributed) -> torch.nn.Module:
-    """`build_model` on every rank; host-side assembly runs on as many ranks at once as host memory allows."""
-    ranks_at_once = dist.world_size
-    if dist.enabled and assembles_on_host(config, precision):
-        if dist.is_main:
-            need, available = host_assembly_bytes(config, precision), available_host_memory()
-            ranks_at_once = ranks_per_host_assembly(need, available, dist.world_size)
-            if ranks_at_once < dist.world_size:
-                free = "unknown" if available is None else f"{available / 2**30:.0f} GiB"
-                print(f"assembling the DiT in host memory {ranks_at_once} rank(s) at a time "
-                      f"({need / 2**30:.1f} GiB each, {free} available)")
-        ranks_at_once = dist.broadcast(ranks_at_once)
-    with dist.in_turns(ranks_at_once):
+def build_model_in_turns(config: TrainConfig, precision: Precision, parallel: SingleProcess) -> torch.nn.Module:
+    """`build_model` on every rank; host-side assembly runs on as many ranks at once as host memory allows
+    (the writer measures it, every rank follows)."""
+    ranks_at_once = parallel.world_size
+    if parallel.world_size > 1 and assembles_on_host(config, precision):
+        ranks_at_once = parallel.decide(lambda: _host_assembly_turns(config, precision, parallel.world_size))
+    with parallel.in_turns(ranks_at_once):
         return build_model(config, precision)
+
+
+def _host_assembly_turns(config: TrainConfig, precision: Precision, world_size: int) -> int:
+    need, available = host_assembly_bytes(config, precision), available_host_memory()
+    ranks_at_once = ranks_per_host_assembly(need, available, world_size)
+    if ranks_at_once < world_size:
+        free = "unknown" if available is None else f"{available / 2**30:.0f} GiB"
+        print(f"assembling the DiT in host memory {ranks_at_once} rank(s) at a time "
+              f"({need / 2**30:.1f} GiB each, {free} available)")
+    return ranks_at_once
 
 
 def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
@@ -286,37 +309,71 @@ def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metad
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train as `config` says; returns where the outputs are. Raises `LongcatError` on user errors."""
+    parallel = parallel_strategy(config)  # single-process unless launched by torchrun
+    with claimed_output_dir(config, parallel) as events, reported_end(events):
+        run = start_run(config, Path(config.output_dir), events, progress and parallel.is_writer, parallel)
+        result = TrainResult(run_dir=run.run_dir, status="completed", step=run.step, dit=run.dit)
+        bar = _progress_bar(run.progress, run.step, run.total_steps)
+        batches = run.data.batches()
+        with StopRequest() as run.stop:
+            # A signal may reach one rank only, or the ranks at different steps: they agree at every step
+            # boundary, so all stop after the same step and none waits alone in a collective.
+            while run.step < run.total_steps and not parallel.any(run.stop.requested):
+                started = time.perf_counter()
+                try:
+                    loss, grad_norm, skipped = optimizer_step(run, batches)
+                except torch.OutOfMemoryError as err:  # a message with the settings and the fix, not a traceback
+                    raise out_of_memory_error(run, err) from err
+                run.step += 1
+                check_diverged(run, loss, grad_norm, skipped)
+                # Once in a while: log, checkpoint, validate; the last step's checkpoint and final weights are
+                # written before its validation, so a failing or interrupted validation loses nothing.
+                log_step(run, result, bar, loss, grad_norm, skipped, seconds=time.perf_counter() - started)
+                final = run.step == run.total_steps
+                if final or _every(config.checkpoint_step_interval, run.step):
+                    checkpoint(run, result)
+                if final:
+                    write_final_outputs(run, result)
+                if final or _every(config.validation_step_interval, run.step):
+                    validate_or_warn(run, result, final=final)
+            if bar is not None:
+                bar.close()
+            return end_run(run, result)
+
+
+@contextlib.contextmanager
+def claimed_output_dir(config: TrainConfig, parallel: SingleProcess) -> Iterator[EventLog]:
+    """The run's hold on `output_dir`, yielding its event log; on the way out (also on errors) the log is
+    closed, the lock released and the process group left.
+
+    The writer holds the folder's lock for the whole run, refuses an earlier run's outputs and removes stale
+    checkpoint temporaries; a refusal stops every rank before anything is written there (the other run's
+    events, checkpoints and temporaries stay untouched)."""
     run_dir = Path(config.output_dir)
-    dist = init_distributed()  # single-process unless launched by torchrun
-    lock = None
-    try:
-        # Rank 0 (the writer) holds the output_dir for the whole run; a refusal stops every rank before
-        # anything is written there (the other run's events, checkpoints and temporaries stay untouched).
-        refusal = None
-        if dist.is_main:
-            try:
-                lock = run_lock.acquire(run_dir)
-                refuse_finished_outputs(config, run_dir)
-            except ConfigError as err:
-                refusal = err
-        message = dist.broadcast(str(refusal) if refusal else None)
-        if refusal is not None:
-            raise refusal
-        if message:  # the others learn rank 0's verdict
-            raise ConfigError(message)
-        if dist.is_main:
-            ckpt.remove_stale_temporaries(run_dir / "checkpoints")
-        dist.barrier()  # the others list checkpoints only after rank 0 has cleaned up
+    held: list[run_lock.RunLock] = []
+
+    def claim() -> None:
+        held.append(run_lock.acquire(run_dir))
+        refuse_finished_outputs(config, run_dir)
+        ckpt.remove_stale_temporaries(run_dir / "checkpoints")
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(parallel.close)
+        stack.callback(lambda: [lock.release() for lock in held])
+        parallel.decide(claim, error=ConfigError)  # the others list checkpoints only after the cleanup
         tensorboard = run_dir / "tensorboard" if config.report_to == "tensorboard" else None
-        events = EventLog(run_dir, tensorboard_dir=tensorboard) if dist.is_main else SilentEventLog()
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        dist.close()
-        raise
+        events = parallel.event_log(run_dir, tensorboard_dir=tensorboard)
+        stack.callback(events.close)
+        yield events
+
+
+@contextlib.contextmanager
+def reported_end(events: EventLog) -> Iterator[None]:
+    """An `end` event for a run that raises: failed, or interrupted by a signal outside the loop's handler
+    (cache stage, loading) or by a second one (the files saved before stay)."""
     try:
-        return _train(config, run_dir, events, progress and dist.is_main, dist)
-    except KeyboardInterrupt:  # before the loop installs its handler (cache stage, loading): nothing to save
+        yield
+    except KeyboardInterrupt:
         events.emit("end", status="interrupted", step=None, lora_path=None)
         raise
     except Exception as err:
@@ -324,11 +381,6 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         events.emit("error", message=message)
         events.emit("end", status="failed", step=None, lora_path=None)
         raise
-    finally:
-        events.close()
-        if lock is not None:
-            lock.release()
-        dist.close()
 
 
 def earlier_outputs(run_dir: Path) -> list[str]:
@@ -373,9 +425,14 @@ class Run:
     events: EventLog
     total_steps: int
     step: int = 0
-    dist: Distributed = dataclasses.field(default_factory=Distributed)
+    parallel: SingleProcess = dataclasses.field(default_factory=SingleProcess)
     model: Optional[torch.nn.Module] = None  # what the loss calls: the DDP wrapper of `dit`, or `dit` itself
+    progress: bool = False  # console bars (the writer's)
+    stop: StopRequest = dataclasses.field(default_factory=StopRequest)  # installed by the loop
     gradients_checked: bool = False  # multi-GPU: every trainable parameter got a gradient (first step)
+    saved_at: Optional[int] = None  # the newest step with a checkpoint
+    nonfinite_in_a_row: int = 0
+    seconds_avg: Optional[float] = None  # smoothed s/step for the ETA
 
     def __post_init__(self) -> None:
         self.model = self.model or self.dit
@@ -385,27 +442,25 @@ class Run:
         return self.run_dir / "checkpoints"
 
 
-def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool, dist: Optional[Distributed] = None) -> Run:
+def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool,
+              parallel: Optional[SingleProcess] = None) -> Run:
     """Precision, caches, model, optimizer, schedule; then the saved state when resuming."""
-    dist = dist or Distributed()
-    # Rank 0 picks the checkpoint, so every rank resumes from the same one; a world-size mismatch is
+    parallel = parallel or SingleProcess()
+    # The writer picks the checkpoint, so every rank resumes from the same one; a world-size mismatch is
     # reported now, before minutes of caching and model loading.
-    resume_path = dist.broadcast(ckpt.resolve_resume_path(config.resume_from_checkpoint, run_dir / "checkpoints")
-                                 if dist.is_main else None)
+    resume_path = parallel.decide(lambda: ckpt.resolve_resume_path(config.resume_from_checkpoint, run_dir / "checkpoints"),
+                                  error=CheckpointError)
     saved_world_size = ckpt.saved_world_size(resume_path) if resume_path is not None else None
     if saved_world_size is not None:
-        check_resume_world_size(saved_world_size, dist, resume_path)
-    precision = choose_precision(config, dist.device if dist.enabled else None)
+        check_resume_world_size(saved_world_size, parallel, resume_path)
+    precision = choose_precision(config, parallel.device)
     seed_everything(config.seed)  # the same on every rank: adapters start identical
-    data = prepare_data(config, device=precision.device, progress=progress, dist=dist)
-    plan = plan_memory(config, data, precision, dist)  # before the model loads: a pinned key that cannot fit stops here
+    data = prepare_data(config, device=precision.device, progress=progress, parallel=parallel)
+    plan = plan_memory(config, data, precision, parallel)  # before the model loads: a pinned key that cannot fit stops here
     config = config.model_copy(update=plan.settings.config_values())  # the snapshot in `start` holds what runs
-    if dist.is_main:
-        print(plan.summary())
-    dit = build_model_in_turns(config, precision, dist)
-    sharded = dist.enabled and config.distributed_strategy == "fsdp"
-    if sharded:
-        dist_utils.wrap_fsdp(dit)  # before the optimizer: it must hold the sharded parameters
+    parallel.say(plan.summary())
+    dit = build_model_in_turns(config, precision, parallel)
+    model = parallel.wrap(dit)  # before the optimizer: under FSDP it must hold the sharded parameters
     params = list(trainable_state(dit).values())
     optimizer = build_optimizer(
         params, kind=config.optimizer, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -415,46 +470,35 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     scheduler = build_lr_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.lr_warmup_steps, total_steps=total_steps)
     # Each rank draws its own sigmas/noise/posterior samples (its batches differ too); rank 0's stream
     # is the single-process one.
-    generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, dist.rank))
-    model = wrap_ddp(dit, dist) if dist.enabled and not sharded else dit
+    generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, parallel.data_rank))
     run = Run(config, run_dir, precision, data, dit, params, optimizer, scheduler, generator, events, total_steps,
-              dist=dist, model=model)
+              parallel=parallel, model=model, progress=progress)
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, tensors=dist.is_main or not sharded)
-        check_resume_world_size(state["state"].get("world_size"), dist, resume_path)
-        check_resume_strategy(state["state"].get("distributed_strategy", "ddp"), "fsdp" if sharded else "ddp", resume_path)
-        if sharded:
-            problem = None
-            if dist.is_main:  # the others hold no weights to check; they learn the verdict
-                try:
-                    ckpt.check_weight_names(dit, state["weights"], source=resume_path)
-                    _require_finite_resume(state, resume_path)
-                except CheckpointError as err:
-                    problem = str(err)
-            problem = dist.broadcast(problem)
-            if problem:
-                raise CheckpointError(problem)
-            dist_utils.load_full_state(dit, optimizer, state["weights"], state["optimizer"])
-        else:
-            _require_finite_resume(state, resume_path)
-            ckpt.apply_weights(dit, state["weights"], source=resume_path)
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        data.sampler.load_state_dict(state["state"]["sampler"])
-        rng = state["rng"]["ranks"][dist.rank] if dist.enabled else state["rng"]
-        ckpt.restore_rng_state(rng, {"train": run.generator}, cuda_device=_rank_cuda_device(dist))
-        run.step = int(state["state"]["step"])
-        if dist.is_main:
-            print(f"resumed from {resume_path} at step {run.step}")
-    elif config.resume_from_checkpoint == "latest" and dist.is_main:
-        print(f"no complete checkpoint in {run.checkpoints_dir} yet: starting at step 0")
+        resume(run, resume_path)
+    elif config.resume_from_checkpoint == "latest":
+        parallel.say(f"no complete checkpoint in {run.checkpoints_dir} yet: starting at step 0")
     events.emit(
         "start", run_dir=str(run_dir), config=config.model_dump(mode="json"), total_steps=total_steps,
         pid=os.getpid(), resumed_from=str(resume_path) if resume_path else None, start_step=run.step,
-        world_size=dist.world_size,
+        world_size=parallel.world_size,
     )
     events.emit("memory_plan", **plan.to_event())
     return run
+
+
+def resume(run: Run, path: Path) -> None:
+    """Weights, optimizer, schedule, sampler position, RNG and step from the checkpoint at `path`."""
+    parallel = run.parallel
+    state = ckpt.load_checkpoint(path, tensors=parallel.loads_checkpoint_tensors)
+    check_resume_world_size(state["state"].get("world_size"), parallel, path)
+    check_resume_strategy(state["state"].get("distributed_strategy", "ddp"), parallel.checkpoint_layout, path)
+    parallel.load(run.dit, run.optimizer, state, path, check=lambda: _require_finite_resume(state, path))
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.data.sampler.load_state_dict(state["state"]["sampler"])
+    rng = parallel.rng_from_checkpoint(state["rng"])
+    ckpt.restore_rng_state(rng, {"train": run.generator}, cuda_device=parallel.cuda_rng_device)
+    run.step = int(state["state"]["step"])
+    parallel.say(f"resumed from {path} at step {run.step}")
 
 
 def _require_finite_resume(state: dict[str, Any], path: Path) -> None:
@@ -470,35 +514,29 @@ def _require_finite_resume(state: dict[str, Any], path: Path) -> None:
         )
 
 
-def _rank_cuda_device(dist: Distributed) -> Optional[torch.device]:
-    """A multi-GPU rank saves and restores only its own GPU's RNG state."""
-    return dist.device if dist.enabled and dist.device.type == "cuda" else None
-
-
 def optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float, bool]:
     """Accumulate micro-batches, clip, step. Returns (loss, grad norm, skipped: non-finite)."""
-    config, dist = run.config, run.dist
+    config, parallel = run.config, run.parallel
     run.optimizer.zero_grad(set_to_none=True)
     losses = []
     for micro in range(config.gradient_accumulation_steps):
         batch = run.data.to_flow_batch(next(batches), generator=run.generator, caption_dropout=config.caption_dropout_probability)
-        # DDP all-reduces the gradients in the last micro-batch's backward only (no_sync before it).
-        last = micro == config.gradient_accumulation_steps - 1
-        with _gradient_sync(run, last):
+        # Multi-GPU: gradients are exchanged in the last micro-batch's backward only.
+        with parallel.gradient_sync(run.model, micro == config.gradient_accumulation_steps - 1):
             loss = training_loss(
                 run.model, batch, generator=run.generator, shift=config.flow_schedule_shift,
                 distribution=config.flow_sigma_distribution, continuation_latents=config.video_continuation_latents,
                 autocast_dtype=run.precision.autocast_dtype,
             )
             losses.append(float(loss.detach()))
-            # Multi-GPU: every rank must join DDP's all-reduce, so a non-finite loss is backpropagated
+            # Multi-GPU: every rank must join the gradient exchange, so a non-finite loss is backpropagated
             # too; its NaN reaches every rank's averaged gradient and all ranks skip the step together.
-            if math.isfinite(losses[-1]) or dist.enabled:
+            if math.isfinite(losses[-1]) or parallel.collective_backward:
                 (loss / config.gradient_accumulation_steps).backward()  # the sum of scaled losses is the mean
-    if dist.enabled and not run.gradients_checked:  # once per process, on its first step
+    if parallel.collective_backward and not run.gradients_checked:  # once per process, on its first step
         _require_all_trainable_used(run)
         run.gradients_checked = True
-    loss_value = dist.mean(float(np.mean(losses)))  # the same value, and the same skip decision, on every rank
+    loss_value = parallel.mean(float(np.mean(losses)))  # the same value, and the same skip decision, on every rank
     grad_norm = float("nan")
     if math.isfinite(loss_value):
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
@@ -509,16 +547,6 @@ def optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float
     run.optimizer.step()
     run.scheduler.step()
     return loss_value, grad_norm, False
-
-
-def _gradient_sync(run: Run, last: bool) -> Any:
-    """Multi-GPU: gradients are exchanged in the last micro-batch's backward only."""
-    if not run.dist.enabled:
-        return contextlib.nullcontext()
-    if dist_utils.is_sharded(run.model):
-        run.model.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro-batch
-        return contextlib.nullcontext()
-    return contextlib.nullcontext() if last else run.model.no_sync()
 
 
 def _require_all_trainable_used(run: Run) -> None:
@@ -553,11 +581,51 @@ def weights_problem(params: list[torch.nn.Parameter]) -> Optional[str]:
 
 
 def agreed_weights_problem(run: Run) -> Optional[str]:
-    """`weights_problem` with every rank's verdict: FSDP shards differ (DDP replicas are equal)."""
-    problem = weights_problem(run.params)
-    if run.dist.enabled and dist_utils.is_sharded(run.dit) and run.dist.any(problem is not None):
-        problem = next(p for p in run.dist.gather(problem) if p)
-    return problem
+    """`weights_problem` with every rank's verdict (FSDP shards differ; DDP replicas are equal)."""
+    return run.parallel.agree_problem(weights_problem(run.params))
+
+
+def check_diverged(run: Run, loss: float, grad_norm: float, skipped: bool) -> None:
+    """Raise `TrainingDivergedError` after MAX_NONFINITE_IN_A_ROW skipped steps, or when an update left the
+    weights NaN/inf (learning_rate inf) or exploded (1e30) with a finite loss: before such weights are
+    checkpointed or become the final LoRA."""
+    if skipped:
+        run.nonfinite_in_a_row += 1
+        run.events.emit("error", message=f"step {run.step}: non-finite loss {loss} or grad norm {grad_norm}; step skipped",
+                        step=run.step)
+        if run.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise TrainingDivergedError(
+                f"loss or gradient was NaN/inf for {run.nonfinite_in_a_row} steps in a row (last at step {run.step}); "
+                f"{resume_advice(run)}"
+            )
+        return
+    run.nonfinite_in_a_row = 0
+    problem = agreed_weights_problem(run)
+    if problem is not None:
+        raise TrainingDivergedError(
+            f"the trainable weights are {problem} after step {run.step} (learning_rate "
+            f"{run.scheduler.get_last_lr()[0]:g}); {resume_advice(run)}"
+        )
+
+
+def log_step(run: Run, result: TrainResult, bar: Any, loss: float, grad_norm: float, skipped: bool, *,
+             seconds: float) -> None:
+    """The step event, the console bar and the result's loss curve (s/step measures training only)."""
+    run.seconds_avg = seconds if run.seconds_avg is None else 0.9 * run.seconds_avg + 0.1 * seconds
+    result.losses[run.step] = loss
+    run.events.emit(
+        "step", step=run.step, total_steps=run.total_steps, loss=loss, lr=run.scheduler.get_last_lr()[0],
+        s_per_step=seconds, eta_s=run.seconds_avg * (run.total_steps - run.step),
+        peak_mem_gib=_peak_memory_gib(run.precision.device),
+        peak_reserved_gib=_peak_memory_gib(run.precision.device, reserved=True), grad_norm=grad_norm, skipped=skipped,
+    )
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", s_per_step=f"{seconds:.2f}")
+
+
+def _every(interval: Optional[int], step: int) -> bool:
+    return bool(interval) and step % interval == 0
 
 
 def resume_advice(run: Run) -> str:
@@ -574,41 +642,36 @@ def resume_advice(run: Run) -> str:
 _HYPERPARAMETER_HINT = " (and check that lora_alpha and flow_schedule_shift are ordinary finite numbers)"
 
 
+def checkpoint(run: Run, result: TrainResult) -> None:
+    """`save` at this step unless it is saved already; keeps track of the newest step saved and its folder."""
+    if run.saved_at == run.step:
+        return
+    with run.stop.shielded():
+        path = save(run)
+    if path is not None:
+        run.saved_at, result.checkpoint_path = run.step, path
+
+
 def save(run: Run) -> Optional[Path]:
     """A checkpoint at the current step; a failed save (disk full) is reported and training goes on.
     Weights that are non-finite or exploded are never saved (refused with an error event).
 
-    Multi-GPU: every rank calls this (its RNG state goes in), rank 0 writes, and every rank returns
-    rank 0's result so they all agree on whether the step is saved.
+    Multi-GPU: every rank calls this (its RNG state goes in, FSDP gathers the shards), the writer writes,
+    and every rank returns the writer's result so they all agree on whether the step is saved.
     """
-    dist = run.dist
+    parallel = run.parallel
     problem = agreed_weights_problem(run)
     if problem is not None:
         message = f"refusing to save checkpoint for step {run.step}: the trainable weights are {problem}"
         run.events.emit("error", message=message, step=run.step)
-        if dist.is_main:
-            print(f"warning: {message}", file=sys.stderr)
+        parallel.say(f"warning: {message}", file=sys.stderr)
         return None
-    rng = ckpt.capture_rng_state({"train": run.generator}, cuda_device=_rank_cuda_device(dist))
-    if dist.enabled:
-        # Rank 0's state at the top level (what a single-process resume reads), every rank's under "ranks".
-        ranks = dist.gather(rng)
-        rng = {**ranks[0], "ranks": ranks}
-    if dist_utils.is_sharded(run.dit):
-        # Collective: every rank takes part in gathering the shards, rank 0 keeps the full tensors.
-        weights = dist_utils.full_trainable_state(run.dit, keep=dist.is_main)
-        optimizer_state = dist_utils.full_optimizer_state(run.dit, run.optimizer)
-        path = None
-        if dist.is_main:
-            with dist_utils.adapters_from(run.dit, weights):  # the checkpoint's LoRA file reads the adapters
-                path = _write_checkpoint(run, rng, weights, optimizer_state)
-    else:
-        path = _write_checkpoint(run, rng) if dist.is_main else None
-    return dist.broadcast(path)
+    rng = parallel.rng_for_checkpoint(ckpt.capture_rng_state({"train": run.generator}, cuda_device=parallel.cuda_rng_device))
+    return parallel.write_checkpoint(run.dit, run.optimizer, lambda state: _write_checkpoint(run, rng, state.weights, state.optimizer))
 
 
-def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: Optional[dict[str, torch.Tensor]] = None,
-                      optimizer_state: Optional[dict[str, Any]] = None) -> Optional[Path]:
+def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: dict[str, torch.Tensor],
+                      optimizer_state: dict[str, Any]) -> Optional[Path]:
     extra = {}
     if run.config.model_type == "lora":
         from longcat_tuner.model.lora import save_lora
@@ -616,13 +679,11 @@ def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: Optional[dic
         extra[LORA_FILE] = lambda path: save_lora(run.dit, path, format="official")
     try:
         path = ckpt.save_checkpoint(
-            run.checkpoints_dir, step=run.step, weights=trainable_state(run.dit) if weights is None else weights,
-            optimizer_state=run.optimizer.state_dict() if optimizer_state is None else optimizer_state,
-            scheduler_state=run.scheduler.state_dict(),
-            rng_state=rng_state, extra_files=extra,
+            run.checkpoints_dir, step=run.step, weights=weights, optimizer_state=optimizer_state,
+            scheduler_state=run.scheduler.state_dict(), rng_state=rng_state, extra_files=extra,
             trainer_state={"sampler": run.data.sampler.state_dict(), "total_steps": run.total_steps,
-                           "world_size": run.dist.world_size,
-                           "distributed_strategy": "fsdp" if dist_utils.is_sharded(run.dit) else "ddp"},
+                           "world_size": run.parallel.world_size,
+                           "distributed_strategy": run.parallel.checkpoint_layout},
         )
     except LongcatError as err:  # older checkpoints stay intact; the next interval tries again
         message = f"{err} Training goes on."
@@ -634,19 +695,74 @@ def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: Optional[dic
     return path
 
 
+def _last_good_checkpoint(run: Run) -> Optional[Path]:
+    """The newest finite checkpoint up to this step (the writer looks, every rank learns it)."""
+    return run.parallel.decide(lambda: ckpt.last_finite_checkpoint(run.checkpoints_dir, before=run.step + 1))
+
+
+def write_final_outputs(run: Run, result: TrainResult) -> None:
+    """The final weights (`save_outputs`), with the checks of the end: finite weights only; a failed write
+    (disk full) removes its partial files and raises a `CheckpointError` naming the last good checkpoint, on
+    every rank; a final checkpoint that could not be written is an error too, once the weights are out."""
+    config = run.config
+    metadata = {"step": run.step, "lora_rank": config.lora_rank, "lora_alpha": config.effective_lora_alpha,
+                "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path),
+                # `sample` defaults to the attention the LoRA was trained with.
+                "attention_implementation": config.attention_implementation}
+    problem = agreed_weights_problem(run)
+    if problem is not None:
+        raise TrainingDivergedError(f"refusing to write the final weights: they are {problem}; {resume_advice(run)}")
+    whole_model = config.model_type == "full"
+    with run.stop.shielded(), run.parallel.full_state(run.dit, whole_model=whole_model) as state:
+        result.lora_path, result.comfyui_lora_path = run.parallel.decide(
+            lambda: _save_final(run, metadata, state=state.weights if whole_model else None), error=CheckpointError)
+    if run.saved_at != run.step:  # the weights are out, but the run cannot be continued from its end
+        raise CheckpointError(
+            f"the final checkpoint (step {run.step}) could not be written (see the error above); the final weights "
+            f"are {result.lora_path}, the last good checkpoint is {_last_good_checkpoint(run) or 'none'}. Free "
+            f"space in {run.checkpoints_dir} and rerun with --resume_from_checkpoint latest to write it"
+        )
+    run.parallel.barrier()  # the final outputs exist before anyone validates or leaves
+
+
+def _save_final(run: Run, metadata: dict[str, Any], state: Optional[dict[str, torch.Tensor]] = None
+                ) -> tuple[Optional[Path], Optional[Path]]:
+    try:
+        return save_outputs(run.dit, run.config, run.run_dir, metadata, state=state)
+    except Exception as err:
+        for partial in run.run_dir.glob("*.safetensors.tmp*"):  # a LoRA file cut short
+            partial.unlink(missing_ok=True)
+        if not is_write_error(err):
+            raise
+        last = ckpt.last_finite_checkpoint(run.checkpoints_dir, before=run.step + 1)
+        lora = run.config.model_type == "lora"
+        kept = (f"the last good checkpoint {last} is kept" + (f" (its {LORA_FILE} is usable as is)" if lora else "")
+                if last is not None else "no checkpoint was saved before")
+        what = "LoRA" if lora else "weights"
+        raise CheckpointError(
+            f"could not write the final {what} in {run.run_dir}: {write_failure(err, run.run_dir)}; {kept}. Free space "
+            "there (or set output_dir to a disk with room) and rerun with --resume_from_checkpoint latest to write them"
+        ) from err
+
+
 def validate(run: Run) -> list[Path]:
-    """Validation videos, first-frame PSNR and the held-out loss; returns the video paths (rank 0 only)."""
-    main = run.dist.is_main
-    if not main and not dist_utils.is_sharded(run.dit):  # the others go on to the next agreement and wait there
-        return []
-    # FSDP: every rank samples the same items (a sharded block needs all ranks to gather its weights);
-    # only rank 0's files are kept.
-    with contextlib.nullcontext(str(run.run_dir)) if main else tempfile.TemporaryDirectory() as out_root:
-        items, held = _validation_results(run, Path(out_root))
-    if not main:
-        return []
-    run.events.emit("validation", step=run.step, items=items, heldout_loss=held)
-    return [run.run_dir / item["video"] for item in items]
+    """Validation videos, early-frame drift and the held-out loss (one `validation` event); returns the video
+    paths (on the writer). A stop request ends it after the current denoising step (`ValidationStopped`,
+    after the event for the videos finished before)."""
+
+    def validation(out_root: Path) -> list[Path]:
+        stopped = None
+        try:
+            items, held = _validation_results(run, out_root)
+        except ValidationStopped as err:
+            stopped, items, held = err, err.items, None
+        run.events.emit("validation", step=run.step, items=items, heldout_loss=held,
+                        **({"stopped": str(stopped)} if stopped else {}))
+        if stopped:
+            raise stopped
+        return [out_root / item["video"] for item in items]
+
+    return run.parallel.validate(validation, run.run_dir, default=[])
 
 
 def _validation_results(run: Run, out_root: Path) -> tuple[list[dict[str, Any]], Optional[float]]:
@@ -659,6 +775,7 @@ def _validation_results(run: Run, out_root: Path) -> tuple[list[dict[str, Any]],
             guidance=config.validation_guidance, shift=config.flow_schedule_shift,
             negative_embeds=data.negative_embeds, negative_mask=data.negative_mask,
             seed=config.validation_seed, device=run.precision.device,
+            progress=lambda index, count: validation_progress(run, index, count),
         )
     held = None
     if data.heldout_batches:
@@ -675,14 +792,35 @@ def _validation_results(run: Run, out_root: Path) -> tuple[list[dict[str, Any]],
     return items, held
 
 
+def validation_progress(run: Run, index: int, count: int) -> SamplingProgress:
+    """Video `index` of `count`: a `validation_progress` event per denoising step and for the decode, a
+    console bar, and a stop (SIGINT/SIGTERM) after the current denoising step, agreed between the ranks
+    that sample together."""
+
+    def report(phase: str, denoise_step: int, of: int) -> None:
+        run.events.emit("validation_progress", step=run.step, video=index + 1, videos=count, phase=phase,
+                        denoise_step=denoise_step, of=of)
+
+    return SamplingProgress(label=f"validation {index + 1}/{count}", bar=run.progress, report=report,
+                            should_stop=lambda: run.parallel.stop_validation(run.stop.requested))
+
+
 def validate_or_warn(run: Run, result: TrainResult, *, final: bool) -> None:
     """`validate`, where a failure (unwritable folder, out of memory, a resolution too large) is an error
     event and a warning of the run, not the end of it: training goes on, or (final) the outputs written
-    before it stay the run's result."""
+    before it stay the run's result. A stop request ends it early: a warning, then the loop stops (saving
+    a checkpoint) or, after the final step, the run ends with its outputs written."""
+    where = f"{'final ' if final else ''}validation at step {run.step}"
     try:
         result.validation_videos = validate(run)
+    except ValidationStopped as err:
+        message = f"{where} stopped ({run.stop.signal_name or 'stop requested'}): {err}"
+        if final:
+            message += f"; the final weights ({result.lora_path}) and checkpoint ({result.checkpoint_path}) are saved"
+        result.warnings.append(message)
+        run.parallel.say(message, file=sys.stderr)
     except Exception as err:
-        message = f"{'final ' if final else ''}validation at step {run.step} failed: {_validation_failure(run, err)}"
+        message = f"{where} failed: {_validation_failure(run, err)}"
         if final:
             message += (f"; the final weights ({result.lora_path}) and checkpoint ({result.checkpoint_path}) are saved, "
                         "the run counts as completed; fix that and use `longcat-tuner sample` to see the result")
@@ -690,8 +828,9 @@ def validate_or_warn(run: Run, result: TrainResult, *, final: bool) -> None:
             message += "; training goes on"
         run.events.emit("error", message=message, step=run.step)
         result.warnings.append(message)
-        if run.dist.is_main:
-            print(f"warning: {message}", file=sys.stderr)
+        run.parallel.say(f"warning: {message}", file=sys.stderr)
+    if final:
+        run.parallel.barrier()  # no rank leaves (and tears down the group) before the writer has validated
 
 
 def _validation_failure(run: Run, err: Exception) -> str:
@@ -705,93 +844,6 @@ def _validation_failure(run: Run, err: Exception) -> str:
     if isinstance(err, LongcatError):
         return str(err)
     return f"{type(err).__name__}: {err}"
-
-
-def _every(interval: Optional[int], step: int) -> bool:
-    return bool(interval) and step % interval == 0
-
-
-def _train(config: TrainConfig, run_dir: Path, events: EventLog, progress: bool, dist: Distributed) -> TrainResult:
-    run = start_run(config, run_dir, events, progress, dist)
-    result = TrainResult(run_dir=run_dir, status="completed", step=run.step, dit=run.dit)
-    bar = _progress_bar(progress, run.step, run.total_steps)
-    batches = run.data.batches()
-    nonfinite_in_a_row, saved_at, seconds_avg = 0, None, None
-    stopping = False
-    with StopRequest() as stop:
-        # A signal may reach one rank only, or the ranks at different steps: they agree at every step
-        # boundary, so all stop after the same step and none waits alone in a collective.
-        while run.step < run.total_steps and not (stopping := dist.any(stop.requested)):
-            started = time.perf_counter()
-            try:
-                loss, grad_norm, skipped = optimizer_step(run, batches)
-            except torch.OutOfMemoryError as err:
-                raise out_of_memory_error(run, err) from err
-            run.step += 1
-            if skipped:
-                nonfinite_in_a_row += 1
-                events.emit("error", message=f"step {run.step}: non-finite loss {loss} or grad norm {grad_norm}; step skipped", step=run.step)
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise TrainingDivergedError(
-                        f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (last at step {run.step}); "
-                        f"{resume_advice(run)}"
-                    )
-            else:
-                nonfinite_in_a_row = 0
-                # An update can leave the weights NaN/inf (learning_rate inf) or exploded (1e30) with a finite
-                # loss: stop before such weights are checkpointed or become the final LoRA.
-                problem = agreed_weights_problem(run)
-                if problem is not None:
-                    raise TrainingDivergedError(
-                        f"the trainable weights are {problem} after step {run.step} (learning_rate "
-                        f"{run.scheduler.get_last_lr()[0]:g}); {resume_advice(run)}"
-                    )
-
-            # Once in a while: log, validate, checkpoint (s/step measures training only).
-            seconds = time.perf_counter() - started
-            seconds_avg = seconds if seconds_avg is None else 0.9 * seconds_avg + 0.1 * seconds
-            result.losses[run.step] = loss
-            events.emit(
-                "step", step=run.step, total_steps=run.total_steps, loss=loss, lr=run.scheduler.get_last_lr()[0],
-                s_per_step=seconds, eta_s=seconds_avg * (run.total_steps - run.step),
-                peak_mem_gib=_peak_memory_gib(run.precision.device),
-                peak_reserved_gib=_peak_memory_gib(run.precision.device, reserved=True), grad_norm=grad_norm, skipped=skipped,
-            )
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", s_per_step=f"{seconds:.2f}")
-            if _every(config.validation_step_interval, run.step) and run.step < run.total_steps:
-                validate_or_warn(run, result, final=False)
-            if _every(config.checkpoint_step_interval, run.step):
-                saved_at = _checkpoint(run, result, saved_at)
-        if bar is not None:
-            bar.close()
-        result.step = run.step
-        if stopping:
-            if saved_at != run.step:
-                saved_at = _checkpoint(run, result, saved_at)
-            result.status = "interrupted"
-            signal_name = next((name for name in dist.gather(stop.signal_name) if name), None)
-            events.emit("end", status="interrupted", step=run.step, lora_path=None, signal=signal_name)
-            return result
-
-        # The end, still under StopRequest (a SIGTERM here lets the final weights be written before exiting):
-        # the final checkpoint and weights first, validation last, so a failing validation loses nothing.
-        if saved_at != run.step:
-            saved_at = _checkpoint(run, result, saved_at)
-        result.lora_path, result.comfyui_lora_path = write_final_outputs(run)
-        if saved_at != run.step:  # the weights are out, but the run cannot be continued from its end
-            raise CheckpointError(
-                f"the final checkpoint (step {run.step}) could not be written (see the error above); the final weights "
-                f"are {result.lora_path}, the last good checkpoint is {_last_good_checkpoint(run) or 'none'}. Free "
-                f"space in {run.checkpoints_dir} and rerun with --resume_from_checkpoint latest to write it"
-            )
-        dist.barrier()  # the final outputs exist before anyone validates or leaves
-        validate_or_warn(run, result, final=True)
-        dist.barrier()  # no rank leaves (and tears down the group) before rank 0 has validated
-        events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path),
-                    checkpoint=str(result.checkpoint_path), warnings=result.warnings)
-        return result
 
 
 def out_of_memory_error(run: Run, err: BaseException) -> GPUMemoryError:
@@ -816,69 +868,21 @@ def out_of_memory_error(run: Run, err: BaseException) -> GPUMemoryError:
     )
 
 
-def _checkpoint(run: Run, result: TrainResult, saved_at: Optional[int]) -> Optional[int]:
-    """`save`, keeping track of the newest step saved (returned) and its folder."""
-    path = save(run)
-    if path is None:
-        return saved_at
-    result.checkpoint_path = path
-    return run.step
-
-
-def _last_good_checkpoint(run: Run) -> Optional[Path]:
-    """The newest finite checkpoint up to this step (rank 0 looks, every rank learns it)."""
-    last = ckpt.last_finite_checkpoint(run.checkpoints_dir, before=run.step + 1) if run.dist.is_main else None
-    return run.dist.broadcast(last)
-
-
-def write_final_outputs(run: Run) -> tuple[Optional[Path], Optional[Path]]:
-    """`save_outputs` with the checks of the end: finite weights only, and a failed write (disk full)
-    removes its partial files and raises a `CheckpointError` that names the last good checkpoint, on
-    every rank (rank 0 writes; the others learn its verdict)."""
-    config, dist = run.config, run.dist
-    metadata = {"step": run.step, "lora_rank": config.lora_rank, "lora_alpha": config.effective_lora_alpha,
-                "lora_targets": config.lora_targets, "base_model": str(config.pretrained_model_name_or_path),
-                # `sample` defaults to the attention the LoRA was trained with.
-                "attention_implementation": config.attention_implementation}
-    paths, error = (None, None), None
-    problem = agreed_weights_problem(run)
-    if problem is not None:
-        raise TrainingDivergedError(f"refusing to write the final weights: they are {problem}; {resume_advice(run)}")
-    if dist_utils.is_sharded(run.dit):  # collective: every rank helps gather, rank 0 writes
-        full = config.model_type == "full"
-        state = (dist_utils.full_model_state if full else dist_utils.full_trainable_state)(run.dit, keep=dist.is_main)
-        if dist.is_main:
-            with dist_utils.adapters_from(run.dit, state):
-                paths, error = _save_final(run, metadata, state=state if full else None)
-    elif dist.is_main:
-        paths, error = _save_final(run, metadata)
-    message = dist.broadcast(str(error) if error is not None else None)
-    if error is not None:
-        raise error
-    if message:
-        raise CheckpointError(message)
-    return paths
-
-
-def _save_final(run: Run, metadata: dict[str, Any], state: Optional[dict[str, torch.Tensor]] = None
-                ) -> tuple[tuple[Optional[Path], Optional[Path]], Optional[Exception]]:
-    """(paths, None), or (no paths, the error): returned, not raised, so the other ranks learn of it."""
-    try:
-        return save_outputs(run.dit, run.config, run.run_dir, metadata, state=state), None
-    except Exception as err:
-        for partial in run.run_dir.glob("*.safetensors.tmp*"):  # a LoRA file cut short
-            partial.unlink(missing_ok=True)
-        if not is_write_error(err):
-            return (None, None), err
-        last = ckpt.last_finite_checkpoint(run.checkpoints_dir, before=run.step + 1)
-        lora = run.config.model_type == "lora"
-        kept = (f"the last good checkpoint {last} is kept" + (f" (its {LORA_FILE} is usable as is)" if lora else "")
-                if last is not None else "no checkpoint was saved before")
-        what = "LoRA" if lora else "weights"
-        return (None, None), CheckpointError(
-            f"could not write the final {what} in {run.run_dir}: {write_failure(err, run.run_dir)}; {kept}. Free space "
-            "there (or set output_dir to a disk with room) and rerun with --resume_from_checkpoint latest to write them"
-        )
+def end_run(run: Run, result: TrainResult) -> TrainResult:
+    """The `end` event. Stopped before the last step: a checkpoint at this step (unless saved), status
+    interrupted. Otherwise completed (the final outputs are written; a signal during the final validation
+    only cut it short)."""
+    result.step = run.step
+    signal_name = next((name for name in run.parallel.gather(run.stop.signal_name) if name), None)
+    if run.step < run.total_steps:
+        checkpoint(run, result)
+        result.status = "interrupted"
+        run.events.emit("end", status="interrupted", step=run.step, lora_path=None, signal=signal_name)
+        return result
+    run.events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path),
+                    checkpoint=str(result.checkpoint_path), warnings=result.warnings,
+                    **({"signal": signal_name} if signal_name else {}))
+    return result
 
 
 def _progress_bar(enabled: bool, start: int, total: int) -> Any:
