@@ -207,6 +207,7 @@ def summarize_run(events: list[dict[str, Any]]) -> dict[str, Any]:
         "s_per_step_all": [round(e["s_per_step"], 3) for e in steps],
         "peak_allocated_gib": _max(steps, "peak_mem_gib"),
         "peak_reserved_gib": _max(steps, "peak_reserved_gib"),
+        "validation_peak_reserved_gib": _max([e for e in events if e["event"] == "validation"], "peak_reserved_gib"),
         "plan": None if plan is None else {k: plan.get(k) for k in (
             "source", "describe", "settings", "predicted_step_s", "predicted_peak_gib", "budget_gib", "card_gib", "cap_gib")},
         "checkpoint_s": [],

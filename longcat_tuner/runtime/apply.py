@@ -97,6 +97,8 @@ def gpu_budget(device: Device, cap_gib: Optional[float]) -> tuple[float, float]:
     """(the card's GiB, GiB other processes hold on it now), with `cap_gib` enforced on this process
     (PyTorch's per-process memory fraction). `train` and `sample` plan within min(card - others, cap)."""
     device = torch.device(device)
+    if device.index is None:  # "cuda": the current device (the memory-fraction call wants an index)
+        device = torch.device("cuda", torch.cuda.current_device())
     card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     if cap_gib is not None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / card_gib), device)

@@ -757,6 +757,8 @@ def validate(run: Run) -> list[Path]:
         except ValidationStopped as err:
             stopped, items, held = err, err.items, None
         run.events.emit("validation", step=run.step, items=items, heldout_loss=held,
+                        peak_mem_gib=_peak_memory_gib(run.precision.device),
+                        peak_reserved_gib=_peak_memory_gib(run.precision.device, reserved=True),
                         **({"stopped": str(stopped)} if stopped else {}))
         if stopped:
             raise stopped
