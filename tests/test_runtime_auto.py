@@ -151,7 +151,13 @@ def test_trainer_plans_from_the_largest_bucket_and_enforces_the_cap(tmp_path, mo
     config = _config(tmp_path, max_gpu_memory_gib=48, pretrained_model_name_or_path=str(tiny))
     fractions = []
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=144 * 2**30))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def set_fraction(fraction, device=None):  # the real one refuses a device without an index ("cuda")
+        assert isinstance(device, torch.device) and device.index == 0, device
+        fractions.append(fraction)
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
     # 100 GiB free: another process holds 44 GiB minus this one's context (`gpu_budget` counts it as theirs).
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 144 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
