@@ -20,5 +20,9 @@ class CheckpointError(LongcatError):
     """A model or training checkpoint folder that is missing files, keys or has wrong shapes."""
 
 
+class GPUMemoryError(LongcatError):
+    """The GPU ran out of memory under the run's memory settings (other processes, or a plan too tight)."""
+
+
 class ShapeError(LongcatError):
     """A size, frame count or token grid that the model or an attention backend cannot take."""

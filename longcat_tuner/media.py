@@ -1,104 +1,26 @@
-"""Small media helpers shared by sampling, validation and the data pipeline: sizes, images, mp4 output.
+"""Tensor-side media helpers for sampling and validation: image and video tensors, mp4 and contact-sheet output,
+PSNR, frame-count check.
 
-Resolution rule: `HxW` is explicit (480x832 = 480 high, 832 wide). A bucket name (`480p`, `720p`) or a bare
-number (480) means the pixel area of the official landscape size of that class (480x832, 720x1280), with
-height and width on the `alignment` grid and the aspect ratio closest to the source's; ties go to the
-area closest to the target.
+Reading and preparing images (EXIF, RGB, the one start-frame preparation) lives in `longcat_tuner.data.images`
+and sizes in `longcat_tuner.config.resolution` / `longcat_tuner.data.buckets`, all torch-free; this module
+imports them, never the other way round.
 """
 from __future__ import annotations
 
 import math
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
 
-from longcat_tuner.errors import DataError, ShapeError
-
-
-def parse_resolution(
-    spec: str, source_hw: Optional[tuple[int, int]] = None, alignment: int = 64
-) -> tuple[int, int]:
-    """`"480x832"` -> (480, 832); a bucket name (`480p`, `720p`) -> the training bucket for a source of
-    `source_hw` (height, width; default 16:9) on the `alignment` grid, so sampling, validation and training agree."""
-    from longcat_tuner.config.training import parse_resolution as parse_spec
-    from longcat_tuner.data.buckets import bucket_size
-
-    try:
-        parsed = parse_spec(str(spec).strip())
-    except ValueError as err:
-        raise ShapeError(f"resolution {err}") from None
-    if isinstance(parsed, tuple):
-        return parsed
-    height, width = source_hw or (9, 16)
-    return bucket_size(int(parsed.removesuffix("p")), height, width, alignment)
-
-
-def to_rgb(image):
-    """Any PIL image as 8-bit RGB, the same way for training start frames and for sampling.
-
-    Transparent pixels become white (not whatever colour the alpha hid); 16-bit and float grey images are
-    scaled to 8 bits (Pillow's own conversion clips them at 255, turning most of the picture white).
-    """
-    from PIL import Image
-
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "P", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode.startswith("I") or image.mode == "F":
-        # Integers are taken as 16-bit (0..65535) unless they all fit in 8 bits; floats as 0..1 when they
-        # lie there, else stretched between their min and max.
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F":
-            low, high = (0.0, 1.0) if values.min() >= 0 and values.max() <= 1 else (values.min(), values.max())
-        else:
-            low, high = 0.0, (255.0 if values.max() <= 255 else 65535.0)
-        grey = np.clip((values - low) / max(high - low, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    return image.convert("RGB")  # L, CMYK, YCbCr, 1, ...
-
-
-def load_image(path: Union[str, Path]):
-    """An RGB PIL image with its EXIF orientation applied (`to_rgb`); opened by the one safe opener
-    (`longcat_tuner.data.images.open_image`: unreadable files and decompression bombs are a named `DataError`)."""
-    from PIL import ImageOps
-
-    from longcat_tuner.data.images import open_image
-
-    try:
-        with open_image(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated or corrupt pixel data
-        raise DataError(f"cannot read image {path}: {err}") from None
-
-
-def resize_and_crop(image, height: int, width: int, *, crop: str = "center", rng: Optional[np.random.Generator] = None):
-    """Aspect-preserving resize to cover (height, width), then a center or random crop (PIL in, PIL out)."""
-    from PIL import Image
-
-    scale = max(height / image.height, width / image.width)
-    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
-    if crop == "random" and rng is not None:
-        left, top = int(rng.integers(0, new_w - width + 1)), int(rng.integers(0, new_h - height + 1))
-    else:
-        left, top = (new_w - width) // 2, (new_h - height) // 2
-    return image.crop((left, top, left + width, top + height))
-
-
-def load_start_frame(path: Union[str, Path], height: int, width: int) -> torch.Tensor:
-    """A start frame as the model gets it: EXIF-rotated, resized to cover, center-cropped, `[3, H, W]` in [-1, 1]."""
-    return image_to_tensor(resize_and_crop(load_image(path), height, width))
+from longcat_tuner.config.sampling import causal_frame_count_error
+from longcat_tuner.errors import ShapeError
 
 
 def image_to_tensor(image) -> torch.Tensor:
-    """PIL RGB -> float tensor `[3, H, W]` in [-1, 1]."""
+    """RGB uint8 (PIL or `[H, W, 3]` array) -> float tensor `[3, H, W]` in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -149,11 +71,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def frame_count_ok(frames: int) -> bool:
-    return frames >= 1 and (frames - 1) % 4 == 0
-
-
 def check_frames(frames: int, what: str = "--frames") -> None:
-    if not frame_count_ok(frames):
-        down = max(1, frames - (frames - 1) % 4)
-        raise ShapeError(f"{what} {frames}: the VAE needs (frames - 1) % 4 == 0, e.g. {down} or {down + 4}")
+    """`ShapeError` unless `frames` fits the causal VAE (the schema's rule, `config.sampling`)."""
+    problem = causal_frame_count_error(frames)
+    if problem:
+        raise ShapeError(f"{what}: {problem}")

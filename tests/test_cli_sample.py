@@ -30,11 +30,12 @@ def test_i2v_sample_writes_video_with_encoded_start_frame(tiny_checkpoint, tmp_p
 def test_generate_keeps_encoded_start_frame(tiny_checkpoint, shared_dir):
     from longcat_tuner import TextEncoder, VideoVAE, load_dit
     from longcat_tuner.generate import generate
-    from longcat_tuner.media import image_to_tensor, load_image, resize_and_crop
+    from longcat_tuner.data.images import prepare_start_frame, read_image
+    from longcat_tuner.media import image_to_tensor
 
     dit, vae = load_dit(tiny_checkpoint), VideoVAE.from_pretrained(tiny_checkpoint)
     embeds, mask = TextEncoder.from_pretrained(tiny_checkpoint).encode(["a girl turns her head", ""])
-    start = image_to_tensor(resize_and_crop(load_image(ASSETS / "girl.png"), 64, 96))
+    start = image_to_tensor(prepare_start_frame(read_image(ASSETS / "girl.png"), 64, 96))
     result = generate(dit, vae, text_embeds=embeds[:1], text_mask=mask[:1], negative_embeds=embeds[1:],
                       negative_mask=mask[1:], height=64, width=96, frames=9, start_frame=start, steps=3, seed=7)
     expected = vae.encode(start.reshape(1, 3, 1, 64, 96), generator=torch.Generator().manual_seed(7))
@@ -43,7 +44,7 @@ def test_generate_keeps_encoded_start_frame(tiny_checkpoint, shared_dir):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--frames", "10"], "(frames - 1) % 4"),
+    (["--frames", "10"], "(frames - 1) must be divisible by 4"),
     (["--resolution", "250x256"], "divisible by 16"),
 ])
 def test_bad_sizes_are_clear_errors(tiny_checkpoint, tmp_path, args, message):

@@ -105,7 +105,7 @@ def test_check_reads_config_json_and_reports_json(tmp_path, capsys):
     assert cli_main(["check", "--config", str(config), "--json"]) == 1  # the model folder is missing
     summary = json.loads(capsys.readouterr().out)
     assert summary["train_items"] == 1 and summary["eval_items"] == 1
-    assert summary["datasets"][0]["buckets"] == {"5x32x64": 1} and "lacks vae" in summary["blocking"][0]
+    assert summary["datasets"][0]["buckets"] == {"5x32x64": 1} and "does not exist" in summary["blocking"][0]
     assert cli_main(["check", "--config", str(config), "--data-only"]) == 0
     assert "bucket 5x32x64 (frames x height x width): 1" in capsys.readouterr().out
     settings = json.loads(config.read_text())

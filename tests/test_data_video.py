@@ -41,7 +41,7 @@ def test_4k_30fps_clip_is_resampled_to_15fps_by_timestamp():
         select_frame_indices(info.frame_times, 15.0, 93)
     # Decode 3 output frames to a small bucket and compare with a plain sequential decode of frames 0..4.
     plan = plan_resize(info.height, info.width, 64, 96)
-    assert (plan.scaled_height, plan.scaled_width, plan.top, plan.left) == (64, 114, 0, 9)
+    assert (plan.scaled_height, plan.scaled_width, plan.top, plan.left) == (64, 113, 0, 8)  # 3840*64//2160, official center
     frames = decode_frames(path, info, [0, 2, 4], plan)
     assert frames.shape == (3, 64, 96, 3) and frames.dtype == np.uint8
     import av
@@ -49,8 +49,8 @@ def test_4k_30fps_clip_is_resampled_to_15fps_by_timestamp():
     with av.open(str(path)) as container:
         sequential = []
         for k, frame in enumerate(container.decode(video=0)):
-            rgb = frame.reformat(width=114, height=64, format="rgb24", interpolation="AREA").to_ndarray()
-            sequential.append(rgb[:, 9:105])
+            rgb = frame.reformat(width=113, height=64, format="rgb24", interpolation="AREA").to_ndarray()
+            sequential.append(rgb[:, 8:104])
             if k == 4:
                 break
     for out, source in zip(frames, [0, 2, 4]):
@@ -120,9 +120,9 @@ def test_bucket_grid_properties():
 
 def test_crop_plans():
     center = plan_resize(1080, 1920, 480, 832)
-    assert (center.scaled_height, center.scaled_width, center.top, center.left) == (480, 854, 0, 11)
+    assert (center.scaled_height, center.scaled_width, center.top, center.left) == (480, 853, 0, 10)  # floor, 853//2 - 416
     corner = plan_resize(1080, 1920, 480, 832, crop_fraction=(0.0, 1.0))
-    assert (corner.top, corner.left) == (0, 22)
+    assert (corner.top, corner.left) == (0, 21)
     tall = plan_resize(2048, 2048, 480, 832)
     assert (tall.scaled_height, tall.scaled_width, tall.top, tall.left) == (832, 832, 176, 0)
     stretch = plan_resize(1080, 1920, 608, 640, crop=False)
@@ -175,7 +175,7 @@ def test_image_modes_convert_alike_for_training_and_sampling(tmp_path, kind):
     """A start frame looks the same to the cache (data.images) and to `sample` (media): no white-out, no hidden colour."""
     from PIL import Image
 
-    from longcat_tuner.media import load_image as sample_image
+    from longcat_tuner.data.images import read_image as sample_image
 
     ramp = np.linspace(0, 1, 48 * 80).reshape(48, 80)
     if kind == "gray16":

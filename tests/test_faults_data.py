@@ -199,7 +199,7 @@ def test_a_decompression_bomb_start_frame_is_skipped_by_name_and_the_rest_trains
     # The training-side loaders (cache build, sampling) refuse it the same way, before decoding a pixel.
     with pytest.raises(DataError, match="30000x30000 = 900 Mpixel"):
         load_image(tmp_path / "starts" / "bomb.png", plan_resize(30000, 30000, 32, 32))
-    from longcat_tuner.media import load_image as load_sampling_image
+    from longcat_tuner.data.images import read_image as load_sampling_image
 
     with pytest.raises(DataError, match="30000x30000 = 900 Mpixel"):
         load_sampling_image(tmp_path / "starts" / "bomb.png")

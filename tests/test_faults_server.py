@@ -29,9 +29,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_server_api import AUTH, FAKE_CLI, REPO, WRITE, make_server, png_bytes, save_config, valid_body, wait_for  # noqa: E402
 
-from longcat_tuner.server import app as app_module  # noqa: E402
+from longcat_tuner.server.routes import datasets as datasets_routes  # noqa: E402
+from longcat_tuner.server.routes import previews as previews_routes  # noqa: E402
+from longcat_tuner.server.routes import runs as runs_routes  # noqa: E402
 from longcat_tuner.server import jobs, security  # noqa: E402
-from longcat_tuner.server.app import ServerSettings  # noqa: E402
+from longcat_tuner.server.app import ServerSettings, api_routes  # noqa: E402
 from longcat_tuner.server.jobs import EventsIndex, Job, read_events, run_digest, select_run_events  # noqa: E402
 from longcat_tuner.train import run_lock  # noqa: E402
 
@@ -306,7 +308,7 @@ def test_chunked_upload_over_the_limit_stops_reading_early(server) -> None:
     assert status == 413, answer
     assert f"{settings.max_upload_bytes}-byte limit" in json.loads(answer)["detail"]
     # The server stopped reading right after the limit, not at the end of the body.
-    assert sent[0] <= settings.max_upload_bytes + app_module.MULTIPART_OVERHEAD + 2 * 64 * 1024, sent[0]
+    assert sent[0] <= settings.max_upload_bytes + previews_routes.MULTIPART_OVERHEAD + 2 * 64 * 1024, sent[0]
     assert not list((settings.data_dir / "uploads").iterdir())  # no partial file left behind
 
 
@@ -326,12 +328,13 @@ FILE_ROUTES = [
     ("GET", "/api/config"), ("PUT", "/api/config"), ("GET", "/api/config/import"), ("POST", "/api/checks"),
     ("GET", "/api/checks/{job_id}"), ("GET", "/api/uploads/{upload_id}"), ("POST", "/api/previews"),
     ("GET", "/api/previews"), ("GET", "/api/previews/{job_id}"), ("GET", "/api/previews/{job_id}/video"),
+    ("GET", "/api/runs/{run_id}/start-frame"), ("GET", "/api/system/gpu"),
 ]  # fmt: skip
 
 
 def test_routes_that_touch_files_run_in_worker_threads(server) -> None:
     client, *_ = server
-    endpoints = {(m, r.path): r.endpoint for r in client.app.routes for m in getattr(r, "methods", None) or []}
+    endpoints = {(m, r.path): r.endpoint for r in api_routes() for m in r.methods}
     for method, path in FILE_ROUTES:
         assert not inspect.iscoroutinefunction(endpoints[(method, path)]), f"{method} {path} runs on the event loop"
 
@@ -352,13 +355,13 @@ def test_a_slow_request_does_not_stall_the_server(server, what: str) -> None:
 
     Image.new("RGB", (40, 30)).save(work / "f.png")
     if what == "thumbnail":
-        monkeypatch.setattr(app_module, "open_image", slow(app_module.open_image))
+        monkeypatch.setattr(datasets_routes, "open_image", slow(datasets_routes.open_image))
         request = ("GET", "/api/image", {"params": {"path": str(work / "f.png")}, "headers": AUTH})
     elif what == "runs":
         save_config(client, work)
         run = client.post("/api/runs", json={}, headers=WRITE).json()
         wait_for(lambda: client.get(f"/api/runs/{run['id']}", headers=AUTH).json()["status"] == "completed")
-        monkeypatch.setattr(app_module, "find_events_file", slow(app_module.find_events_file))
+        monkeypatch.setattr(runs_routes, "find_events_file", slow(runs_routes.find_events_file))
         request = ("GET", "/api/runs", {"headers": AUTH})
     else:
         monkeypatch.setattr(security, "decode_upload_image", slow(security.decode_upload_image))
@@ -426,10 +429,10 @@ def test_runs_list_stays_fast_over_a_300k_step_events_file(server) -> None:
 def test_the_event_stream_of_a_long_run_arrives_in_steps(server, monkeypatch: pytest.MonkeyPatch) -> None:
     client, _, work, _ = server
     job = write_long_run(client.app.state.store, work / "long", 20_000)
-    monkeypatch.setattr(app_module, "STREAM_CHUNK_BYTES", 64 * 1024)  # ~30 polls for this file
+    monkeypatch.setattr(runs_routes, "STREAM_CHUNK_BYTES", 64 * 1024)  # ~30 polls for this file
     polls = []
-    original = app_module.read_events
-    monkeypatch.setattr(app_module, "read_events", lambda *a, **k: polls.append(k.get("max_bytes")) or original(*a, **k))
+    original = runs_routes.read_events
+    monkeypatch.setattr(runs_routes, "read_events", lambda *a, **k: polls.append(k.get("max_bytes")) or original(*a, **k))
     started = time.monotonic()
     text = client.get(f"/api/runs/{job.id}/events", headers=AUTH).text
     steps = [json.loads(line[6:])["step"] for line in text.splitlines() if line.startswith('data: {"event": "step"')]

@@ -596,3 +596,32 @@ def test_weights_poisoned_after_the_step_check_are_neither_checkpointed_nor_expo
     assert any("refusing to save checkpoint for step 2" in m for m in _errors(run_dir))
     assert ckpt.list_checkpoints(run_dir / "checkpoints") == [] and not (run_dir / LORA_FILE).exists()
     assert _end(run_dir)["status"] == "failed"
+
+
+@needs_tiny
+def test_out_of_memory_in_a_step_names_the_settings_and_the_fix(workspace, monkeypatch):
+    """A training step that runs out of GPU memory ends the run `failed` with a message that names the memory
+    settings in use, the keys that make room and the checkpoint to resume from, not a raw traceback."""
+    from longcat_tuner.errors import GPUMemoryError
+    from longcat_tuner.train import trainer as trainer_module
+    from longcat_tuner.train.trainer import train
+
+    real_step = trainer_module.optimizer_step
+    calls = {"n": 0}
+
+    def optimizer_step(run, batches):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 788.00 MiB.\nmore detail")
+        return real_step(run, batches)
+
+    monkeypatch.setattr(trainer_module, "optimizer_step", optimizer_step)
+    run_dir = workspace / "oom-step"
+    with pytest.raises(GPUMemoryError) as caught:
+        train(make_config(workspace, "oom-step", max_train_steps=4, checkpoint_step_interval=2), progress=False)
+    message = str(caught.value)
+    assert message.startswith("step 3 ran out of GPU memory (CUDA out of memory. Tried to allocate 788.00 MiB.)")
+    assert "gradient_checkpointing_mode full" in message and "max_gpu_memory_gib" in message
+    assert "musubi_blocks_to_swap" in message and "--resume_from_checkpoint latest" in message
+    assert "checkpoint-000002" in message
+    assert _end(run_dir)["status"] == "failed" and _errors(run_dir)[-1] == message

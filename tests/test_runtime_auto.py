@@ -5,6 +5,7 @@ fastest settings that fit; keys the user set are pinned; an impossible pin fails
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -142,6 +143,7 @@ def test_trainer_plans_from_the_largest_bucket_and_enforces_the_cap(tmp_path, mo
     """`plan_memory` (what `train` calls before loading the DiT) on a pretend 141 GiB card."""
     from longcat_tuner.runtime import auto
     from longcat_tuner.train import trainer
+    from longcat_tuner.train.parallel import SingleProcess
 
     tiny = ROOT.parent / "shared" / "reference" / "longcat-tiny"
     if not tiny.is_dir():
@@ -149,16 +151,29 @@ def test_trainer_plans_from_the_largest_bucket_and_enforces_the_cap(tmp_path, mo
     config = _config(tmp_path, max_gpu_memory_gib=48, pretrained_model_name_or_path=str(tiny))
     fractions = []
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=144 * 2**30))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def set_fraction(fraction, device=None):  # the real one refuses a device without an index ("cuda")
+        assert isinstance(device, torch.device) and device.index == 0, device
+        fractions.append(fraction)
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    # 100 GiB free: another process holds 44 GiB minus this one's context (`gpu_budget` counts it as theirs).
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 144 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     monkeypatch.setattr(auto, "is_calibrated", lambda dit_config: True)  # the tiny DiT stands in for the 13.6B one
     keys = [(33, 320, 320, True), (93, 480, 832, True), (93, 480, 832, False), (61, 480, 480, True)]
     data = types.SimpleNamespace(dataset=types.SimpleNamespace(group_keys=lambda: keys))
     precision = trainer.Precision(device=torch.device("cuda"), base_dtype=torch.bfloat16, autocast_dtype=torch.bfloat16)
-    plan = trainer.plan_memory(config, data, precision, trainer.Distributed())
+    plan = trainer.plan_memory(config, data, precision, SingleProcess())
     assert fractions == [pytest.approx(48 / 144)]
     assert plan.shape == ClipShape(frames=93, height=480, width=832, batch=1, has_start_frame=True)
     assert plan.source == "auto" and plan.budget_gib == 48
     assert plan.settings == _plan(config, card_gib=144).settings
+    # With the cap lifted, the plan fits what the other process left (144 - 44 + the context allowance).
+    uncapped = trainer.plan_memory(config.model_copy(update={"max_gpu_memory_gib": None}), data, precision,
+                                   SingleProcess())
+    assert uncapped.budget_gib == pytest.approx(100 + 0.6) and "held by other processes" in uncapped.reason
 
 
 def test_cpu_training_records_its_plan(tmp_path):
@@ -290,3 +305,24 @@ def test_full_fine_tune_refuses_frozen_only_settings_before_loading(tmp_path, ti
     if "base_model_precision" in keys:
         with pytest.raises(ConfigError, match=match):
             apply.prepare_base_weights(dit, MemorySettings(base_precision=keys["base_model_precision"]))
+
+
+def test_room_left_on_the_card_goes_to_uncheckpointed_blocks(tmp_path):
+    """On the whole card the plan leaves blocks out of checkpointing (as many as fit); under a cap that
+    needs block swap it never swaps blocks to make room for them; a pinned count wins."""
+    whole = _plan(_config(tmp_path))
+    assert whole.settings.uncheckpointed_blocks > 0 and whole.settings.blocks_to_swap == 0 and _fits(whole)
+    more = dataclasses.replace(whole.settings, uncheckpointed_blocks=whole.settings.uncheckpointed_blocks + 1)
+    estimate = planner.estimate(planner.Setting.from_memory(more, height=480, width=832, frames=93, lora_rank=32))
+    assert not planner.fits(estimate, whole.budget_gib)  # the most that fit
+    capped = _plan(_config(tmp_path, max_gpu_memory_gib=48))
+    assert capped.settings.blocks_to_swap > 0 and capped.settings.uncheckpointed_blocks == 0
+    pinned = _plan(_config(tmp_path, gradient_checkpointing_uncheckpointed_blocks=2))
+    assert pinned.settings.uncheckpointed_blocks == 2 and pinned.chosen_by["uncheckpointed_blocks"] == "config"
+
+
+def test_memory_held_by_other_processes_shrinks_the_budget(tmp_path):
+    alone = _plan(_config(tmp_path), card_gib=79.2)
+    shared = _plan(_config(tmp_path), card_gib=79.2, others_gib=7.0)
+    assert shared.budget_gib == pytest.approx(72.2) and "7.0 GiB of it held by other processes" in shared.reason
+    assert shared.predicted_peak_gib < alone.predicted_peak_gib

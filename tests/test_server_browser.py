@@ -3,8 +3,12 @@
 Opens the page with the token, fills the schema-generated config form (inline validation included)
 for the tiny checkpoint and a tiny synthetic image-to-video dataset, saves, starts a short CPU run,
 watches the loss chart and the validation video appear, then previews a video from
-`../shared/assets/girl.png` with the trained LoRA. Screenshots go to tmp_path and are copied to
-`test-artifacts/server-browser/` in the repository.
+`../shared/assets/girl.png` with the trained LoRA. Along the way: the loss chart's y labels differ, Stop
+is disabled once a run has ended, start-frame dataset cards hide the keys they do not use, the GPU
+indicator reads `nvidia-smi` (a stand-in printing one H100 is put on the server's PATH), each validation
+video shows its start frame, the preview's LoRA list offers a run folder trained outside the UI and
+takes a typed path, its log reads as words, and "Fast preview" wraps as a paragraph. Screenshots go to
+tmp_path and are copied to `test-artifacts/server-browser/` in the repository.
 """
 from __future__ import annotations
 
@@ -67,7 +71,13 @@ def server(tmp_path: Path):
     _require()
     make_dataset(tmp_path / "videos")
     port = free_port()
-    env = {**os.environ, "LONGCAT_TUNER_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
+    # The GPU indicator's source: an nvidia-smi that answers like one H100 at 40 GiB and 97 % use.
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(f"#!{sys.executable}\nprint('0, NVIDIA H100 80GB HBM3, 40960, 81559, 97')\n")
+    smi.chmod(0o755)
+    env = {**os.environ, "LONGCAT_TUNER_TOKEN": TOKEN, "PYTHONPATH": str(REPO),
+           "PATH": f"{smi.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     command = [
         sys.executable, "-m", "longcat_tuner.cli", "server", "--port", str(port), "--data-dir", str(tmp_path / "ui"),
         "--allow-dir", str(tmp_path), "--allow-dir", str(TINY), "--allow-dir", str(GIRL.parent),
@@ -154,7 +164,15 @@ def test_configure_train_watch_and_preview_in_chromium(server: str, tmp_path: Pa
                 page.click("#dataset-add-i2v")
             cards = page.locator("#datasets-form .dataset")
             expect(cards).to_have_count(4)
-            for index in range(4):
+            # Start-frame cards (1 and 3) show only what a conditioning dataset uses.
+            for index in (1, 3):
+                for key in ("resolution", "crop", "crop_style", "repeats", "caption_strategy"):
+                    expect(cards.nth(index).locator(f"[data-field='{key}']")).to_be_hidden()
+                expect(cards.nth(index).locator("fieldset[data-key='video']")).to_be_hidden()
+                expect(cards.nth(index).locator("[data-field='instance_data_dir']")).to_be_visible()
+                expect(cards.nth(index).locator("[data-field='cache_dir_vae']")).to_be_visible()
+            for index in (0, 2):
+                expect(cards.nth(index).locator("fieldset[data-key='video']")).to_be_visible()
                 fill(cards.nth(index), "resolution", "64x64")
             fill(cards.nth(0), "num_frames", "6")
             frames_error = cards.nth(0).locator("[data-error-for='num_frames']")
@@ -196,9 +214,12 @@ def test_configure_train_watch_and_preview_in_chromium(server: str, tmp_path: Pa
             # The page's CSP forbids eval, so poll from Python instead of page.wait_for_function.
             first = wait_until(points, 150)
             first_run = page.locator("#run-id").inner_text()
+            # While it trains, the GPU indicator shows nvidia-smi's memory and use.
+            expect(page.locator("#stat-gpu")).to_have_text("40.0 / 79.6 GiB · 97%", timeout=10_000)
             page.click("#run-stop")  # at once: on a fast machine the tiny model runs ~20 steps/s
             shoot(page, tmp_path, "4-run-stopping")
             expect(page.locator("#run-status")).to_have_text("interrupted", timeout=60_000)
+            expect(page.locator("#run-stop")).to_be_disabled()  # by status: an ended run cannot be stopped
             stopped_at = int(page.locator("#stat-step").inner_text().split("/")[0])
             assert first <= stopped_at < STEPS
             expect(page.locator(f"#runs-table tr[data-run='{first_run}'] .status")).to_have_text("interrupted")
@@ -212,6 +233,11 @@ def test_configure_train_watch_and_preview_in_chromium(server: str, tmp_path: Pa
             assert 0 < int(chart.get_attribute("data-history")) <= stopped_at
             expect(page.locator("#run-log")).to_contain_text("resumed from")
             expect(page.locator("#run-stop")).to_be_disabled(timeout=30_000)  # the process has exited
+            # Every y-axis label of the chart differs, also for a loss that moves only in its 4th digit.
+            labels = chart.get_attribute("data-y-labels").split("|")
+            assert len(labels) == 5 and len(set(labels)) == 5, labels
+            small = page.evaluate("() => yTickLabels(0.12341, 0.12349, 4)")
+            assert len(set(small)) == 5 and all(text.startswith("0.1234") for text in small), small
             shoot(page, tmp_path, "5-run-resumed-and-completed")
 
             # 5. The validation video plays in the gallery with its step, prompt and PSNR.
@@ -221,6 +247,10 @@ def test_configure_train_watch_and_preview_in_chromium(server: str, tmp_path: Pa
             expect(page.locator("#gallery")).to_contain_text("first-frame PSNR")
             expect(page.locator("#gallery")).to_contain_text("a grey square")
             expect(video).to_have_attribute("data-loaded", "1", timeout=20_000)  # decodable by Chromium
+            # Beside it, the start frame it began from (the eval split's frame, found by the server).
+            start_frame = page.locator("#gallery .start-frame img").first
+            expect(start_frame).to_have_attribute("data-loaded", "1", timeout=20_000)
+            assert start_frame.evaluate("img => img.naturalWidth") == 64
             shoot(page, tmp_path, "6-validation")
 
             # 6. Preview: upload girl.png, pick the trained LoRA, generate, and the video appears.
@@ -231,6 +261,9 @@ def test_configure_train_watch_and_preview_in_chromium(server: str, tmp_path: Pa
             page.fill("#preview-frames", "5")
             page.fill("#preview-steps", "2")
             page.fill("#preview-resolution", "64x64")
+            # "Fast preview" reads as a paragraph beside its box, not one word per line.
+            fast = page.locator("#preview-form label.check span").bounding_box()
+            assert fast["height"] < 60 and fast["width"] > 200, fast
             lora_option = page.locator("#preview-lora option", has_text="longcat_lora.safetensors").first
             expect(lora_option).to_be_attached(timeout=10_000)
             page.select_option("#preview-lora", lora_option.get_attribute("value"))
@@ -239,7 +272,26 @@ def test_configure_train_watch_and_preview_in_chromium(server: str, tmp_path: Pa
             expect(preview).to_be_visible(timeout=120_000)
             expect(page.locator("#preview-state")).to_contain_text("completed")
             expect(preview).to_have_attribute("data-loaded", "1", timeout=20_000)
+            # The log in words: the sampler's JSON progress lines become steps and a "done" line.
+            log = page.locator("#preview-log")
+            expect(log).to_contain_text("sampling step 2 / 2")
+            expect(log).to_contain_text("done: wrote")
+            assert '{"event"' not in log.inner_text()
             shoot(page, tmp_path, "7-preview")
+
+            # 7. A run trained outside the UI (a copy of the run folder, as `train` leaves it) is offered
+            #    too, and a typed LoRA path wins over the list.
+            cli_run = tmp_path / "cli-run"
+            shutil.copytree(tmp_path / "run", cli_run)
+            page.click("nav a[data-tab='config']")
+            page.click("nav a[data-tab='preview']")
+            cli_option = page.locator("#preview-lora option", has_text="cli-run")
+            expect(cli_option.first).to_be_attached(timeout=10_000)
+            page.fill("#preview-lora-path", str(cli_run / "longcat_lora.safetensors"))
+            page.click("#preview-run")
+            expect(page.locator("#preview-history li").first).to_contain_text("cli-run/longcat_lora.safetensors", timeout=120_000)
+            expect(page.locator("#preview-history li").first).to_contain_text("completed")
+            shoot(page, tmp_path, "8-preview-typed-lora")
             assert not errors, errors
         except Exception:
             shoot(page, tmp_path, "failure")

@@ -6,7 +6,7 @@ as shipped, only the paths filled and the step count overridden on the command l
 """
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,29 +19,11 @@ pytestmark = pytest.mark.skipif(not TINY.is_dir(), reason=f"tiny reference check
 
 
 def fill_paths(root: Path, *, frames: int, height: int, width: int, shrink: bool) -> Path:
-    """Write clips for the example's four datasets and return a config.json with only paths changed."""
-    from longcat_tuner.commands.demo import write_split
+    """The examples with only paths filled (the full-size product benchmark writes them the same way)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_product import write_guide_config
 
-    train_clips, train_starts = write_split(root / "clips-train", count=2, frames=frames, height=height, width=width, seed=0)
-    val_clips, val_starts = write_split(root / "clips-val", count=1, frames=frames, height=height, width=width, seed=1)
-    folders = {
-        "longcat-video-train": train_clips, "longcat-video-cond": train_starts,
-        "longcat-video-val": val_clips, "longcat-video-val-cond": val_starts,
-    }
-    datasets = json.loads((REPO / "config" / "multidatabackend.json.example").read_text())
-    for entry in datasets:
-        entry["instance_data_dir"] = str(folders[entry["id"]])
-        entry["cache_dir_vae"] = str(root / "cache" / entry["id"])
-        if shrink:
-            entry["resolution"] = f"{height}x{width}"
-            if "video" in entry:
-                entry["video"]["num_frames"] = frames
-    (root / "multidatabackend.json").write_text(json.dumps(datasets, indent=2))
-    config = json.loads((REPO / "config" / "config.json.example").read_text())
-    config.update(pretrained_model_name_or_path=str(TINY), output_dir="output", data_backend_config="multidatabackend.json")
-    path = root / "config.json"
-    path.write_text(json.dumps(config, indent=2))
-    return path
+    return write_guide_config(root, TINY, clips=2, frames=frames, height=height, width=width, shrink=shrink)
 
 
 @pytest.mark.slow
@@ -49,7 +31,7 @@ def test_guide_examples_train_on_cpu(tmp_path):
     from longcat_tuner.cli import main
 
     config = fill_paths(tmp_path, frames=9, height=64, width=64, shrink=True)
-    code = main(["train", "--config", str(config), "--no-progress", "--max_train_steps", "2",
+    code = main(["train", "--config", str(config), "--no-progress", "--output_dir", str(tmp_path / "output"), "--max_train_steps", "2",
                  "--validation_resolution", "64x64", "--validation_num_video_frames", "9",
                  "--validation_num_inference_steps", "2", "--validation_max_samples", "1"])
     assert code == 0
@@ -66,7 +48,8 @@ def test_guide_examples_train_unchanged_on_cuda(tmp_path):
     from longcat_tuner.cli import main
 
     config = fill_paths(tmp_path, frames=93, height=480, width=832, shrink=False)
-    assert main(["train", "--config", str(config), "--no-progress", "--max_train_steps", "3"]) == 0
+    assert main(["train", "--config", str(config), "--no-progress", "--output_dir", str(tmp_path / "output"),
+                 "--max_train_steps", "3"]) == 0
     events = read_events(tmp_path / "output")
     assert events[-1]["status"] == "completed"
     (validation,) = [e for e in events if e["event"] == "validation"]

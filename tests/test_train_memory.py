@@ -73,3 +73,14 @@ def test_checkpointed_block_compile_needs_keep_attention(tiny_checkpoint):
     with pytest.raises(ConfigError, match="keep_attention"):
         apply_runtime(load_dit(tiny_checkpoint), _settings(mode="full", compile_blocks=True,
                                                             compile_scope="checkpointed_block"), "cpu")
+
+
+@pytest.mark.parametrize("mode", ["full", "keep_attention"])
+def test_uncheckpointed_first_blocks_match_plain_backward(tiny_checkpoint, dit_cases, mode):
+    """gradient_checkpointing_uncheckpointed_blocks: the first k blocks run plainly (not marked, nothing
+    recomputed), the rest checkpointed; gradients equal the plain backward's."""
+    expected, _ = _grads(tiny_checkpoint, dit_cases, gradient_checkpointing=False)
+    got, marks = _grads(tiny_checkpoint, dit_cases, gradient_checkpointing=True, mode=mode, uncheckpointed_blocks=1)
+    assert marks == [False] + [True] * (len(marks) - 1)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)

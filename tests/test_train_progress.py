@@ -161,11 +161,12 @@ def tiny_models():
     """The tiny DiT, VAE, [prompt, ""] embeddings and a 64x64 start frame, loaded once (tests may add LoRAs
     to a copy of the DiT only)."""
     from longcat_tuner import TextEncoder, VideoVAE, load_dit
-    from longcat_tuner.media import image_to_tensor, load_image, resize_and_crop
+    from longcat_tuner.data.images import prepare_start_frame, read_image
+    from longcat_tuner.media import image_to_tensor
 
     dit, vae = load_dit(TINY), VideoVAE.from_pretrained(TINY)
     embeds, mask = TextEncoder.from_pretrained(TINY).encode(["a girl turns her head", ""])
-    start = image_to_tensor(resize_and_crop(load_image(ASSETS / "girl.png"), 64, 64))
+    start = image_to_tensor(prepare_start_frame(read_image(ASSETS / "girl.png"), 64, 64))
     return dit, vae, embeds, mask, start
 
 

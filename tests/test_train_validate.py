@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from longcat_tuner.media import load_start_frame, psnr, write_contact_sheet, write_mp4
-from longcat_tuner.media import parse_resolution as validation_size
+from longcat_tuner.data.buckets import resolution_size as validation_size
+from longcat_tuner.data.images import prepare_start_frame, read_image
+from longcat_tuner.media import image_to_tensor, psnr, write_contact_sheet, write_mp4
 from longcat_tuner.media import video_to_uint8 as to_uint8_frames
 
 
@@ -42,7 +43,7 @@ def test_start_frame_is_covered_and_center_cropped(tmp_path):
     image = np.zeros((100, 200, 3), dtype=np.uint8)
     image[:, 50:150] = 255  # a white center band, black sides
     Image.fromarray(image).save(tmp_path / "s.png")
-    frame = load_start_frame(tmp_path / "s.png", 64, 64)
+    frame = image_to_tensor(prepare_start_frame(read_image(tmp_path / "s.png"), 64, 64))
     assert frame.shape == (3, 64, 64)
     assert float(frame.min()) >= -1 and float(frame.max()) <= 1
     assert float(frame[:, :, 32].mean()) > 0.9  # the crop keeps the center

@@ -17,6 +17,7 @@ def run(args: argparse.Namespace) -> int:
 
     from longcat_tuner.data.backends import plan_summary
     from longcat_tuner.data.cache import build_caches
+    from longcat_tuner.devices import default_dtype
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     settings = data_settings(args)
@@ -24,8 +25,7 @@ def run(args: argparse.Namespace) -> int:
     if model_root is None:
         raise ConfigError("give --config config/config.json (pretrained_model_name_or_path) or --model FOLDER")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # bf16 halves VAE/umT5 memory on GPUs; the CPU path stays in fp32 (bf16 matmuls are slow there).
-    encoder_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.encoder_dtype or ("bf16" if str(device).startswith("cuda") else "fp32")]
+    encoder_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.encoder_dtype] if args.encoder_dtype else default_dtype(device)
     index = build_caches(
         settings.data_backend_config,
         model_root=model_root,

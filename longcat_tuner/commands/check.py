@@ -1,10 +1,12 @@
 """`longcat-tuner check`: validate config.json, multidatabackend.json, the media and the model folder, without GPU or weights.
 
-Prints, per dataset, the usable items, their buckets, and every skipped file with its reason; exits
-non-zero when training could not start (bad config, no usable training item, empty or missing eval
-split, a missing or broken model folder). Start frames are decoded in full, so `check` and `train` agree
-on which are usable; the model folder is checked from its configs and safetensors headers alone.
-Nothing here imports torch.
+Prints, per dataset, the usable items, their buckets, and every skipped file with its reason, and what the
+validation settings will cost; exits non-zero when `train` would stop (bad config, no usable training item,
+empty or missing eval split, a missing or broken model folder, an output_dir that cannot be created or
+written, a start frame in another folder than its clip, settings this machine cannot run: block swap
+without CUDA, xformers or bitsandbytes not installed). Start frames are decoded in full, so `check` and
+`train` agree on which are usable; the model folder is checked from its configs and safetensors headers
+alone. Nothing here imports torch (CUDA is asked about in a child process, only when a setting needs it).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from longcat_tuner.errors import ConfigError
 
@@ -30,23 +32,25 @@ class DataSettings:
     model_root: Optional[Path] = None
     lora_rank: Optional[int] = None  # with lora_targets: checked against the DiT's layer widths
     lora_targets: Optional[tuple[str, ...]] = None
+    config: Optional[Any] = None  # the whole TrainConfig when --config was given (run-level checks)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="config.json (reads data_backend_config, eval_dataset_id, "
-                        "aspect_bucket_alignment, seed, train_batch_size, pretrained_model_name_or_path)")
-    parser.add_argument("--data_backend_config", type=Path, help="multidatabackend.json (overrides the config's)")
-    parser.add_argument("--eval_dataset_id", help="eval split id (overrides the config's; 'none' for no eval split)")
-    parser.add_argument("--aspect_bucket_alignment", type=int, help="bucket grid in pixels (default 64)")
+    from longcat_tuner.config.training import DATA_KEYS, add_config_arguments
+
+    parser.add_argument("--config", type=Path, help="config.json (its data keys and pretrained_model_name_or_path; "
+                        "the flags below override them)")
+    add_config_arguments(parser, names=DATA_KEYS, title="data keys (override config.json; `none` clears eval_dataset_id)")
 
 
 def data_settings(args: argparse.Namespace) -> DataSettings:
     """Settings from `--config` (validated by the training schema) and command-line overrides."""
-    values: dict = {}
-    if args.config is not None:
-        from longcat_tuner.config.training import TrainConfig
+    from longcat_tuner.config.training import DATA_KEYS, TrainConfig
 
-        config = TrainConfig.from_file(args.config)
+    values: dict = {}
+    overrides = {key: getattr(args, key) for key in DATA_KEYS if hasattr(args, key)}
+    if args.config is not None:
+        config = TrainConfig.from_file(args.config, overrides=overrides)
         values = {
             "data_backend_config": config.data_backend_config,
             "eval_dataset_id": config.eval_dataset_id,
@@ -54,16 +58,17 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
             "seed": config.seed,
             "train_batch_size": config.train_batch_size,
             "model_root": config.pretrained_model_name_or_path,
+            "config": config,
         }
         if config.model_type == "lora":
             values.update(lora_rank=config.lora_rank, lora_targets=tuple(config.lora_targets))
-    if args.data_backend_config is not None:
-        values["data_backend_config"] = args.data_backend_config
-    if args.eval_dataset_id is not None:
-        values["eval_dataset_id"] = None if args.eval_dataset_id.lower() in ("", "none", "null") else args.eval_dataset_id
-    if args.aspect_bucket_alignment is not None:
-        values["alignment"] = args.aspect_bucket_alignment
-    if "data_backend_config" not in values:
+    else:
+        # Without a config the flags are checked by the same schema rules, one key at a time.
+        for key, value in overrides.items():
+            values[{"aspect_bucket_alignment": "alignment"}.get(key, key)] = value
+        if values.get("data_backend_config") is not None:
+            values["data_backend_config"] = Path(values["data_backend_config"])
+    if values.get("data_backend_config") is None:
         raise ConfigError("give --config config/config.json (or --data_backend_config multidatabackend.json)")
     values.setdefault("eval_dataset_id", None)
     return DataSettings(**values)
@@ -109,15 +114,144 @@ def blocking_problems(summary: dict, settings: DataSettings, *, data_only: bool)
         problems.append("no usable training item: fix or add the files listed above")
     if settings.eval_dataset_id and summary["eval_items"] == 0:
         problems.append(f"eval split '{settings.eval_dataset_id}' has no usable item")
+    for problem in summary["conditioning"]:
+        if problem.get("clip"):  # a start frame in another folder than its clip's: that clip is left out of training
+            problems.append(f"{problem['path']}: {problem['reason']}")
     if not data_only and settings.model_root is not None:
-        missing = [c for c in ("vae", "text_encoder", "tokenizer", "dit") if not (Path(settings.model_root) / c).is_dir()]
-        if missing:
+        root = Path(settings.model_root)
+        missing = [c for c in ("vae", "text_encoder", "tokenizer", "dit") if not (root / c).is_dir()]
+        if not root.exists():
+            problems.append(
+                f"model folder {root} (pretrained_model_name_or_path) does not exist; download the checkpoint there "
+                "(e.g. `huggingface-cli download meituan-longcat/LongCat-Video --local-dir <folder>`) or fix the path, "
+                "or pass --data-only to check the data alone"
+            )
+        elif not root.is_dir():
+            problems.append(f"model folder {root} (pretrained_model_name_or_path) is a file, not a folder; fix the path")
+        elif missing:
             problems.append(
                 f"model folder {settings.model_root} lacks {', '.join(missing)}/ (official hub layout expected); "
                 "fix pretrained_model_name_or_path, or pass --data-only to check the data alone"
             )
         elif summary.get("model"):
             problems.extend(summary["model"]["problems"])
+    return problems
+
+
+# One measured sampling step (bench/results/sampling.json, H100, bf16, cuDNN SDPA): a CFG step at 480x832x93 I2V
+# runs the DiT on a batch of 2 in 9.537 s. Other shapes scale by the DiT's FLOPs (the same count as the planner);
+# the 16-step distilled run (batch 1) measured 4.766 s, the FLOP ratio predicts 4.77 s.
+SAMPLING_REFERENCE = {"device": "H100", "step_s": 9.537, "height": 480, "width": 832, "frames": 93, "batch": 2}
+
+
+def sampling_step_seconds(height: int, width: int, frames: int, *, guidance: float, start_frame: bool = True) -> float:
+    """Predicted seconds of one denoising step on the reference GPU (both CFG passes when guidance > 1)."""
+    from longcat_tuner.runtime.planner import Setting, flops
+
+    def total(h: int, w: int, f: int, batch: int, cond: int) -> float:
+        counts = flops(Setting(height=h, width=w, frames=f, batch=batch, num_cond_latents=cond))
+        return counts["linear"] + counts["attention"]
+
+    ref = SAMPLING_REFERENCE
+    ratio = total(height, width, frames, 2 if guidance > 1 else 1, 1 if start_frame else 0) / total(
+        ref["height"], ref["width"], ref["frames"], ref["batch"], 1)
+    return ref["step_s"] * ratio
+
+
+def validation_estimate(config: Any, eval_items: int) -> Optional[dict]:
+    """What the validation settings cost: videos per validation, validations per run, predicted seconds."""
+    from longcat_tuner.data.buckets import resolution_size
+
+    if config.validation_using_datasets:
+        videos = min(config.validation_max_samples, eval_items)
+    else:
+        videos = 1 if config.validation_prompt else 0
+    if not videos:
+        return None
+    # A class (480p) follows each start frame's aspect; every bucket of a class has about the same area (tokens).
+    height, width = resolution_size(config.validation_resolution)
+    frames, steps = config.validation_num_video_frames, config.validation_num_inference_steps
+    per_step = sampling_step_seconds(height, width, frames, guidance=config.validation_guidance,
+                                     start_frame=config.validation_using_datasets)
+    runs = None
+    if config.max_train_steps is not None:
+        interval = config.validation_step_interval
+        runs = 1 if not interval else config.max_train_steps // interval + (1 if config.max_train_steps % interval else 0)
+    per_video = per_step * steps
+    return {
+        "videos_per_validation": videos, "validations": runs, "height": height, "width": width, "frames": frames,
+        "steps": steps, "cfg": config.validation_guidance > 1, "seconds_per_step": round(per_step, 2),
+        "seconds_per_video": round(per_video, 1),
+        "seconds_total": None if runs is None else round(per_video * videos * runs, 1),
+        "device": SAMPLING_REFERENCE["device"],
+    }
+
+
+def format_validation_estimate(estimate: dict) -> str:
+    shape = f"{estimate['height']}x{estimate['width']}x{estimate['frames']}"
+    line = (
+        f"[validation] {estimate['videos_per_validation']} video(s) of {shape} at {estimate['steps']} steps"
+        f"{' with CFG' if estimate['cfg'] else ''}: ~{estimate['seconds_per_video']:.0f} s per video on an "
+        f"{estimate['device']} ({estimate['seconds_per_step']:.1f} s per step; VAE decode not counted)"
+    )
+    if estimate["seconds_total"] is not None:
+        line += (f", {estimate['validations']} validation(s) -> ~{estimate['seconds_total'] / 60:.0f} min of the run; "
+                 "lower validation_num_inference_steps or validation_max_samples, or raise validation_step_interval, "
+                 "to spend less")
+    return line
+
+
+def output_dir_problem(output_dir: Path) -> Optional[str]:
+    """Why `train` could not create or write `output_dir`, or None. Probes with a temporary file in the nearest
+    existing folder (permission bits alone say nothing for root or read-only file systems); creates nothing."""
+    import tempfile
+
+    if output_dir.exists() and not output_dir.is_dir():
+        return f"output_dir {output_dir} is a file, not a folder; set output_dir to a folder path (fix config.json)"
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return (f"output_dir {output_dir} cannot be created: {existing} is a file, not a folder; set output_dir to a "
+                "path under a folder (fix config.json)")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".longcat-check-"):
+            pass
+    except OSError as err:
+        return (f"output_dir {output_dir} is not writable ({existing}: {err.strerror or err}); choose a folder you can "
+                "write to, or fix its permissions")
+    return None
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device, asked in a child process (`check` itself imports no torch)."""
+    import subprocess
+
+    try:
+        result = subprocess.run([sys.executable, "-c", "import torch; print(int(torch.cuda.is_available()))"],
+                                capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.stdout.strip().endswith("1")
+
+
+def run_problems(config: Any) -> list[str]:
+    """What `train` would refuse about this config on this machine, before touching data or weights."""
+    from importlib.util import find_spec
+
+    problems = []
+    problem = output_dir_problem(Path(config.output_dir))
+    if problem:
+        problems.append(problem)
+    if config.attention_implementation == "xformers" and find_spec("xformers") is None:
+        problems.append("attention_implementation 'xformers' but xformers is not installed: `pip install xformers`, "
+                        "or set attention_implementation to auto or sdpa")
+    if config.optimizer == "adamw8bit" and find_spec("bitsandbytes") is None:
+        problems.append("optimizer 'adamw8bit' needs bitsandbytes, which is not installed: `pip install bitsandbytes`, "
+                        "or set optimizer to adamw")
+    if config.musubi_blocks_to_swap and not cuda_available():
+        problems.append(f"musubi_blocks_to_swap {config.musubi_blocks_to_swap} streams weights to a CUDA device and this "
+                        "machine has none (torch sees no GPU): set it to 0 here, or run on a GPU machine")
     return problems
 
 
@@ -144,6 +278,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.data_only:
         summary["model"] = model_summary(settings)
     problems = blocking_problems(summary, settings, data_only=args.data_only)
+    if settings.config is not None:
+        problems += run_problems(settings.config)
+        summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])
     largest = largest_batch_group(plan)
     if 0 < largest < settings.train_batch_size:
         # The trainer drops short batches (every step sees train_batch_size items of one bucket).
@@ -161,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
         if model and model["ok"]:
             parts = "; ".join(f"{name} {note}" for name, note in model["components"].items())
             print(f"[model] {model['root']}: ok ({parts})")
+        if summary.get("validation_estimate"):
+            print(format_validation_estimate(summary["validation_estimate"]))
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         if not problems:

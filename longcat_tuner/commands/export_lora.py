@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from longcat_tuner.config.training import LORA_FILE_FORMATS
+from longcat_tuner.model.lora_names import LORA_FILE_FORMATS
 
 CLIENTS = {
     "official": "LongCat-Video's own loader (dit.load_lora)",

@@ -4,14 +4,16 @@ Reads the config with its own loader (`TrainConfig.from_file`); the clip size co
 `--resolution`/`--frames`, else from the training datasets (their `resolution` and `video.num_frames`:
 the largest), else the validation resolution and frame count. First comes the memory plan `train` would
 choose on a card of `--gpu-memory` GiB (`runtime.auto.choose_plan`, the same function), then the
-config's own settings and the settings close to them that fit. The numbers come from
-`longcat_tuner.runtime.planner`, calibrated by the benchmarks in `bench/results/`.
+config's own settings and the settings close to them that fit, and for cards of 24 or 32 GB the
+allocator setting they need. The numbers come from `longcat_tuner.runtime.planner`, calibrated by the
+benchmarks in `bench/results/`. Sizes are read by the one resolution parser (`config.resolution`).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from longcat_tuner.config.sampling import add_sampling_arguments
 from longcat_tuner.errors import ConfigError
 
 
@@ -24,8 +26,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--config", type=Path, required=True, help="config.json")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GPU memory in GiB (default 80)")
-    parser.add_argument("--resolution", help="training clip size HEIGHTxWIDTH (default: validation_resolution)")
-    parser.add_argument("--frames", type=int, help="frames per training clip (default: validation_num_video_frames)")
+    add_sampling_arguments(parser, ("resolution", "frames"), defaults=False, helps={
+        "resolution": "Training clip size: HEIGHTxWIDTH, or a class (480p) taken at its 16:9 size (every bucket of a "
+        "class has about the same area). Default: the largest training dataset, else validation_resolution.",
+        "frames": "Frames per training clip; (frames - 1) must be divisible by 4. Default: the largest training "
+        "dataset's video.num_frames, else validation_num_video_frames.",
+    })
     parser.add_argument("--keep-attention", action="store_true",
                         help="plan for gradient_checkpointing_mode keep_attention (default: as in the config)")
     parser.add_argument("--offload-activations", action="store_true",
@@ -34,12 +40,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _resolution(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"resolution '{text}' must be HEIGHTxWIDTH, e.g. 480x832") from None
-    return height, width
+def clip_size(spec, aspect: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(height, width) of a resolution setting through the one parser: a class follows `aspect` (height,
+    width), else its 16:9 size."""
+    from longcat_tuner.data.buckets import resolution_size
+
+    return resolution_size(spec, aspect)
 
 
 def setting_from_config(
@@ -48,10 +54,7 @@ def setting_from_config(
 ):
     from longcat_tuner.runtime.planner import Setting
 
-    text = resolution or config.validation_resolution
-    if text in ("480p", "720p"):
-        text = {"480p": "480x832", "720p": "720x1280"}[text]
-    height, width = _resolution(text)
+    height, width = clip_size(resolution or config.validation_resolution)
     if config.model_type != "lora":
         raise ConfigError("plan estimates LoRA training (model_type 'lora'); full fine-tuning needs several GPUs")
     precision = config.base_model_precision
@@ -77,8 +80,8 @@ def setting_from_config(
 def training_shape(config) -> tuple[str, int] | None:
     """(HEIGHTxWIDTH, frames) of the largest training clip the datasets file asks for, or None if unreadable.
 
-    An area target N (the guide's 480) is taken at 16:9 (480 -> 480x832): every bucket of a target has
-    about the same pixel count, so the same tokens.
+    An area target N (the guide's 480) is taken at its 16:9 size (480 -> 480x832): every bucket of a target
+    has about the same pixel count, so the same tokens.
     """
     from longcat_tuner.config.datasets import load_datasets
     from longcat_tuner.errors import LongcatError
@@ -89,11 +92,7 @@ def training_shape(config) -> tuple[str, int] | None:
         return None
     best = None
     for dataset in train:
-        if isinstance(dataset.resolution, str) and "x" in dataset.resolution.lower():
-            height, width = _resolution(dataset.resolution)
-        else:
-            height = int(dataset.resolution)
-            width = 16 * round(height * 832 / 480 / 16)
+        height, width = clip_size(dataset.resolution)
         frames = dataset.video.num_frames if dataset.dataset_type == "video" else 1
         if best is None or height * width * frames > best[0]:
             best = (height * width * frames, f"{height}x{width}", frames)
@@ -139,4 +138,28 @@ def run(args: argparse.Namespace) -> int:
             print(format_sequence_parallel(setting, config.sequence_parallel_size))
     except ValueError as err:
         raise ConfigError(f"{args.config}: {err}") from None
+    advice = allocator_advice(args.gpu_memory)
+    if advice:
+        print()
+        print(advice)
     return 0
+
+
+# Cards up to this size (the 24 and 32 GB classes) run the low-memory settings within a GiB or two of their
+# size: README "Memory ladder" (the 20.1 GiB step reserves up to 25 GiB with the default allocator).
+EXPANDABLE_SEGMENTS_UP_TO_GIB = 40.0
+ALLOCATOR_SETTING = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+
+
+def allocator_advice(card_gib: float) -> str | None:
+    """The allocator setting a small card needs (README), or None for a card with room to spare."""
+    import os
+
+    if card_gib > EXPANDABLE_SEGMENTS_UP_TO_GIB:
+        return None
+    set_here = "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    return (
+        f"a {card_gib:g} GiB card also needs the allocator setting {ALLOCATOR_SETTING} (README \"Memory ladder\": "
+        "at the lowest-memory settings the allocator's reserve comes within a GiB or so of a 24 GB card): "
+        + ("it is set in this shell." if set_here else f"run `export {ALLOCATOR_SETTING}` before `longcat-tuner train`.")
+    )

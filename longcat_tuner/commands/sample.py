@@ -6,6 +6,7 @@ import json
 import sys
 
 from longcat_tuner.commands.argtypes import bounded_int, positive_float
+from longcat_tuner.config.sampling import add_sampling_arguments
 
 
 def register(subparsers) -> None:
@@ -19,15 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--lora-multiplier", type=float, action="append", default=[], help="strength per --lora (default 1.0)")
     p.add_argument("--image", help="start frame (PNG/JPEG); omit for text-to-video")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="", help='negative prompt for CFG (default: empty, as the official code)')
-    p.add_argument("--frames", type=int, default=93, help="pixel frames, (frames - 1) %% 4 == 0 (default 93)")
-    p.add_argument("--resolution", default="480p", help="HEIGHTxWIDTH (480x832) or a bucket following the image aspect (480p, 720p)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; 1 disables CFG (use with --distilled)")
-    p.add_argument("--shift", type=float, default=12.0)
-    p.add_argument("--distilled", action="store_true", help="16-step distilled grid (use with the official cfg_step_lora)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=15)
+    # --resolution --frames --steps --guidance --shift --seed --negative-prompt --fps --distilled: the schema's
+    # sampling section (defaults, bounds and help declared once, shared with the web preview and validation).
+    add_sampling_arguments(p)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--attention", default=None,
@@ -39,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-gpu-memory-gib", type=positive_float, default=None,
                    help="most GPU memory the sampler may use (enforced); block swap is chosen to fit it")
     p.add_argument("--base-precision", choices=["no_change", "fp8-torchao", "int8-quanto"], default="no_change",
-                   help="store the DiT block weights in 8 bits (about half the memory; small quality cost)")
+                   help="store the DiT block weights in 8 bits (about half the memory; small quality cost; our own layers: no torchao or optimum-quanto needed)")
     p.add_argument("--output", required=True, help="output .mp4")
     p.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per denoising step and phase (decoding, done) instead of a bar (for the web UI)")
@@ -62,13 +57,15 @@ def _sample(args: argparse.Namespace, ctx) -> int:
 
     from longcat_tuner.encoders import TextEncoder, VideoVAE
     from longcat_tuner.generate import SamplingProgress, generate
-    from longcat_tuner.media import check_frames, image_to_tensor, load_image, parse_resolution, resize_and_crop, video_to_uint8, write_mp4
+    from longcat_tuner.data.buckets import resolution_size
+    from longcat_tuner.data.images import prepare_start_frame, read_image
+    from longcat_tuner.devices import default_dtype
+    from longcat_tuner.media import image_to_tensor, video_to_uint8, write_mp4
 
-    check_frames(args.frames)
-    image = load_image(args.image) if args.image else None
-    height, width = parse_resolution(args.resolution, source_hw=(image.height, image.width) if image else None)
+    image = read_image(args.image) if args.image else None
+    height, width = resolution_size(args.resolution, source_hw=(image.height, image.width) if image else None)
     device = ctx.device if ctx.enabled else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
     args.blocks_to_swap = sampling_swap(args, height=height, width=width, device=device)
     # The text encoder (umT5-XXL, ~11 GB) runs and leaves the GPU before the DiT loads: never both resident.
@@ -89,7 +86,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
         if ctx.is_main and not args.progress_json:
             print(f"sequence parallel: each clip split over {ctx.world_size} processes", flush=True)
     vae = VideoVAE.from_pretrained(args.model, dtype=dtype, device=device)
-    start = image_to_tensor(resize_and_crop(image, height, width)) if image else None
+    start = image_to_tensor(prepare_start_frame(image, height, width)) if image else None
 
     def report(phase: str, step: int, total: int) -> None:
         # The VAE decode after the last step can take as long as the denoising: it is a phase of its own.
@@ -123,9 +120,9 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
         if args.max_gpu_memory_gib is not None:
             raise ConfigError("--max-gpu-memory-gib caps GPU memory; drop it on the CPU")
         return 0
-    card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    if args.max_gpu_memory_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory_gib / card_gib), device)
+    from longcat_tuner.runtime.apply import gpu_budget
+
+    card_gib, others_gib = gpu_budget(device, args.max_gpu_memory_gib)
     if args.blocks_to_swap is not None:
         return args.blocks_to_swap
     from longcat_tuner.model.config import DiTConfig
@@ -134,7 +131,7 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
 
     if not is_calibrated(DiTConfig.from_file(find_component(args.model, "dit") / "config.json")):
         return 0
-    budget = min(card_gib, args.max_gpu_memory_gib or card_gib)
+    budget = min(card_gib - others_gib, args.max_gpu_memory_gib or card_gib)
     shape = ClipShape(frames=args.frames, height=height, width=width, batch=2 if args.guidance > 1 else 1,
                       has_start_frame=bool(args.image))
     swap, peak = choose_sampling_swap(shape, budget, base_precision=args.base_precision)

@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from longcat_tuner.config.resolution import parse_resolution
+from longcat_tuner.config.sampling import MAX_FRAMES, causal_frame_count_error
 from longcat_tuner.config.training import numeric_range, refuse_bool_number
 from longcat_tuner.errors import ConfigError
 
@@ -22,19 +24,9 @@ VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".webm", ".mkv", ".m4v", ".
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def causal_frame_count_error(frames: int) -> Optional[str]:
-    """Why `frames` does not fit the causal VAE (1 + 4k frames), or None when it does."""
-    if frames >= 1 and (frames - 1) % 4 == 0:
-        return None
-    lower = max(1, frames - (frames - 1) % 4)
-    return f"{frames} frames: (frames - 1) must be divisible by 4 (causal VAE); use {lower} or {lower + 4}"
-
-
 # Bounds far above real use, so that a typo (`1e10`, `1e9`) is refused up front.
-MAX_FRAMES = 4097
 MAX_REPEATS = 10_000
 MAX_FPS = 240.0
-MAX_RESOLUTION = 4096
 
 
 class VideoSettings(BaseModel):
@@ -149,7 +141,7 @@ class DatasetConfig(BaseModel):
     @field_validator("resolution")
     @classmethod
     def _resolution(cls, value: Union[int, str]) -> Union[int, str]:
-        parse_dataset_resolution(value)
+        parse_resolution(value)
         return value
 
     @model_validator(mode="after")
@@ -170,32 +162,6 @@ class DatasetConfig(BaseModel):
     @property
     def text_cache_dir(self) -> Path:
         return self.cache_dir_text if self.cache_dir_text is not None else self.cache_dir_vae.parent / "text"
-
-
-def parse_dataset_resolution(value: Union[int, str]) -> Union[int, tuple[int, int]]:
-    """`480` -> 480 (area target); `"480x832"` -> (480, 832) fixed height x width."""
-    if isinstance(value, bool):
-        raise ValueError("expected a number such as 480 or a size such as 480x832")
-    if isinstance(value, int):
-        if value < 32:
-            raise ValueError(f"{value} is too small; use 480 (480p) or 720 (720p)")
-        if value > MAX_RESOLUTION:
-            raise ValueError(f"{value} is too large (at most {MAX_RESOLUTION}); use 480 (480p) or 720 (720p)")
-        if value % 16:
-            lower = value - value % 16
-            raise ValueError(f"{value} is not a multiple of 16; use {lower} or {lower + 16}")
-        return value
-    match = re.fullmatch(r"\s*(\d+)\s*(?:p|[xX]\s*(\d+))?\s*", str(value))
-    if not match:
-        raise ValueError(f"'{value}' is neither a number (480) nor HEIGHTxWIDTH (480x832)")
-    if match.group(2) is None:
-        return parse_dataset_resolution(int(match.group(1)))
-    height, width = int(match.group(1)), int(match.group(2))
-    if height % 16 or width % 16:
-        raise ValueError(f"{height}x{width}: height and width must be divisible by 16 (e.g. 480x832)")
-    if not (16 <= height <= MAX_RESOLUTION and 16 <= width <= MAX_RESOLUTION):
-        raise ValueError(f"{height}x{width}: height and width must lie in 16..{MAX_RESOLUTION} (e.g. 480x832)")
-    return height, width
 
 
 class DatasetList(BaseModel):

@@ -11,43 +11,22 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Iterable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from longcat_tuner.config.resolution import parse_resolution  # noqa: F401  (re-exported: the one parser)
+from longcat_tuner.config.sampling import MAX_SEED, sampling_field
 from longcat_tuner.errors import ConfigError
-
-# Every linear layer of every DiT block: the official cfg_step_lora targets (MODEL.md 4.4) plus cross_attn.proj.
-# Defined here, torch-free, for the schema and the web UI; `longcat_tuner.model.lora` uses the same tuple.
-DEFAULT_LORA_TARGETS: tuple[str, ...] = (
-    "attn.qkv",
-    "attn.proj",
-    "cross_attn.q_linear",
-    "cross_attn.kv_linear",
-    "cross_attn.proj",
-    "ffn.w1",
-    "ffn.w2",
-    "ffn.w3",
-)
-
-# LoRA file layouts `train` and `export-lora` can write, each named for the client that loads it; the
-# layouts themselves live in `longcat_tuner.model.lora_formats` (torch-free names here for the schema/CLI).
-LORA_FILE_FORMATS: tuple[str, ...] = ("official", "comfyui-wanvideowrapper", "wan2gp", "diffusers")
-
-# Named validation sizes: the training bucket of that height for the start frame's aspect ratio.
-RESOLUTION_BUCKETS: tuple[str, ...] = ("480p", "720p")
+from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS
 
 # Upper bounds of the schema's counts: far above any real run, low enough that a typo (`1e10`, `2**70`)
 # is refused up front instead of overflowing a tensor or running "forever".
 MAX_LORA_RANK = 1024
 MAX_STEPS = 1_000_000_000
-# torch.manual_seed takes up to 2**64 - 1; per-rank seeds are derived modulo 2**63 (train/distributed.py),
-# validation adds the item index: 2**63 - 1 leaves room for both.
-MAX_SEED = 2**63 - 1
 # The largest peak learning rate that makes sense per optimizer (AdamW steps are ~lr per weight, so
 # lr > 1 destroys the weights in one step). An adaptive optimizer (Prodigy-like, lr ~ 1) would go up to
 # the field's hard cap of 10.
@@ -60,6 +39,12 @@ PATH_FIELDS: tuple[str, ...] = (
     "data_backend_config",
     "resume_from_checkpoint",
     "init_lora",
+)
+
+
+# The data section: the keys the data pipeline reads; `check` and `cache` take them as flags (from the schema).
+DATA_KEYS: tuple[str, ...] = (
+    "data_backend_config", "eval_dataset_id", "aspect_bucket_alignment", "train_batch_size", "seed",
 )
 
 
@@ -217,6 +202,12 @@ class TrainConfig(BaseModel):
     gradient_checkpointing_keep_attention_blocks: Optional[int] = Field(
         None, ge=0, le=1024, description="With `keep_attention`: how many blocks (from the first) keep attention; empty: all."
     )
+    gradient_checkpointing_uncheckpointed_blocks: int = Field(
+        0, ge=0, le=1024,
+        description="With gradient checkpointing: the first N blocks are not checkpointed (they store their "
+        "activations, ~10 GiB per block at 480x832x93, and skip the recompute in backward). Left unset on "
+        "CUDA, the memory plan picks N from the room the card has.",
+    )
     compile_blocks: bool = Field(
         False, description="torch.compile each DiT block (fuses the fp32 modulation/norm/RoPE chains; CUDA; "
         "the first step pays the compile time)."
@@ -260,25 +251,21 @@ class TrainConfig(BaseModel):
         "longcat-video-val",
         description="`id` of the eval split in multidatabackend.json (never trained on).",
     )
-    validation_resolution: str = Field(
-        "480x832",
-        description="`HEIGHTxWIDTH` (480x832 is 480 high, 832 wide) or a bucket name (`480p`, `720p`) "
-        "that follows the start frame's aspect.",
+    validation_resolution: str = sampling_field(
+        "resolution", "480x832",
+        "`HEIGHTxWIDTH` (480x832 is 480 high, 832 wide) or a class (`480p`, `720p`) that follows the start "
+        "frame's aspect (the training bucket of that class for the image).",
     )
-    validation_num_video_frames: int = Field(
-        93, ge=1, description="Frames per validation video; (frames - 1) must be divisible by 4."
+    validation_num_video_frames: int = sampling_field(
+        "frames", 93, "Frames per validation video; (frames - 1) must be divisible by 4."
     )
-    validation_num_inference_steps: int = Field(40, ge=1, le=1000, description="Sampling steps per validation video.")
-    validation_guidance: float = Field(
-        4.0, ge=1.0, le=50.0, description="Classifier-free guidance scale (CFG-Zero*); 3.5-5.0 is typical, 1 disables."
-    )
+    validation_num_inference_steps: int = sampling_field("steps", 40, "Sampling steps per validation video.")
+    validation_guidance: float = sampling_field("guidance", 4.0)
     validation_prompt: Optional[str] = Field(
         None, description="Prompt used when validation_using_datasets is false (text-to-video samples)."
     )
-    validation_negative_prompt: str = Field(
-        "", description="Negative prompt for guidance; empty is the official default."
-    )
-    validation_seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for validation noise (same every validation).")
+    validation_negative_prompt: str = sampling_field("negative_prompt", "")
+    validation_seed: int = sampling_field("seed", 42, "Seed for validation noise (same every validation).")
     validation_max_samples: int = Field(4, ge=1, le=10_000, description="At most this many eval items per validation.")
     validation_loss_sigmas: list[float] = Field(
         default_factory=lambda: [0.25, 0.5, 0.75, 0.9],
@@ -318,20 +305,6 @@ class TrainConfig(BaseModel):
     def _alignment_multiple_of_16(cls, value: int) -> int:
         if value % 16:
             raise ValueError(f"{value} is not a multiple of 16 (VAE 8 x patch 2); use 64")
-        return value
-
-    @field_validator("validation_num_video_frames")
-    @classmethod
-    def _causal_frame_count(cls, value: int) -> int:
-        if (value - 1) % 4:
-            lower, upper = value - (value - 1) % 4, value + 4 - (value - 1) % 4
-            raise ValueError(f"{value} frames: (frames - 1) must be divisible by 4; use {lower} or {upper}")
-        return value
-
-    @field_validator("validation_resolution")
-    @classmethod
-    def _resolution_format(cls, value: str) -> str:
-        parse_resolution(value)
         return value
 
     @field_validator("lora_targets")
@@ -425,28 +398,15 @@ class TrainConfig(BaseModel):
         return cls.from_dict(data, source=str(path))
 
 
-def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make the path-valued keys of `data` absolute, relative to `base`."""
-    for key in PATH_FIELDS:
+def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_FIELDS) -> dict[str, Any]:
+    """Make the path-valued keys of `data` (`keys`: config.json's by default) absolute, relative to `base`."""
+    for key in keys:
         value = data.get(key)
         if value is None or (key == "resume_from_checkpoint" and value == "latest"):
             continue
         candidate = Path(str(value)).expanduser()
         data[key] = str(candidate if candidate.is_absolute() else (base / candidate))
     return data
-
-
-def parse_resolution(value: str) -> tuple[int, int] | str:
-    """`"480x832"` -> (480, 832) (height, width); a bucket name (`480p`) is returned as is."""
-    if value in RESOLUTION_BUCKETS:
-        return value
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
-    if not match:
-        raise ValueError(f"'{value}' is neither HEIGHTxWIDTH (e.g. 480x832) nor one of {list(RESOLUTION_BUCKETS)}")
-    height, width = int(match.group(1)), int(match.group(2))
-    if height % 16 or width % 16:
-        raise ValueError(f"{height}x{width}: height and width must be divisible by 16 (e.g. 480x832)")
-    return height, width
 
 
 def read_json(path: Path) -> Any:
@@ -583,44 +543,77 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _cli_value(text: str, kind: Any) -> Any:
-    if text.lower() in ("none", "null", ""):
+def _cli_value(text: str, kind: Any, optional: bool) -> Any:
+    if optional and text.lower() in ("none", "null", ""):
         return None
     return kind(text) if kind in (int, float) else text
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel] = TrainConfig) -> None:
-    """Add `--<key>` for every schema field; help text and defaults come from the schema.
+def _argument_type(kind: Any, optional: bool, check: Optional[Callable[[Any], Any]]) -> Callable[[str], Any]:
+    """Text -> value of `kind` (None for `none`/`null`/empty when optional), then `check` (schema rules)."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = _cli_value(text, kind, optional)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+        try:
+            return value if check is None or value is None else check(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = kind.__name__ if isinstance(kind, type) else "value"
+    return convert
+
+
+def add_field_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    name: str,
+    field: Any,
+    *,
+    flag: Optional[str] = None,
+    default: Any = argparse.SUPPRESS,
+    check: Optional[Callable[[Any], Any]] = None,
+    description: Optional[str] = None,
+) -> None:
+    """Add one schema field as a command-line flag: its type, choices and help (with its default) from the schema.
+
+    `default=argparse.SUPPRESS` leaves the option out of the namespace unless typed (config overrides);
+    `check` validates a typed value by the schema's rules (an argparse error otherwise).
+    """
+    annotation, optional = _unwrap_optional(field.annotation)
+    shown = "required" if field.is_required() else field.get_default(call_default_factory=True)
+    help_text = f"{description or field.description} [default: {shown}]".replace("%", "%%")
+    flag = flag or f"--{name}"
+    common = {"default": default, "help": help_text, "dest": name}
+    if annotation is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+    elif typing.get_origin(annotation) is Literal:
+        parser.add_argument(flag, choices=list(typing.get_args(annotation)), **common)
+    elif typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        if typing.get_origin(item) is Literal:  # a list of names (lora_export_formats)
+            parser.add_argument(flag, nargs="+", choices=list(typing.get_args(item)), metavar=name.upper(), **common)
+        else:
+            parser.add_argument(flag, nargs="+", type=item, metavar=name.upper(), **common)
+    elif annotation in (int, float, str):
+        metavar = annotation.__name__.upper() if annotation is not str else "VALUE"
+        parser.add_argument(flag, type=_argument_type(annotation, optional, check), metavar=metavar, **common)
+    else:  # paths
+        parser.add_argument(flag, type=str, metavar="VALUE", **common)
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, model: type[BaseModel] = TrainConfig, names: Optional[Iterable[str]] = None,
+    *, title: str = "config keys (override config.json)",
+) -> None:
+    """Add `--<key>` for every schema field (or those in `names`); help text and defaults come from the schema.
 
     Defaults are suppressed in the namespace so that only options the user typed override the file.
     """
-    group = parser.add_argument_group("config keys (override config.json)")
-    for name, field in model.model_fields.items():
-        annotation, optional = _unwrap_optional(field.annotation)
-        default = "required" if field.is_required() else field.get_default(call_default_factory=True)
-        help_text = f"{field.description} [default: {default}]".replace("%", "%%")
-        flag = f"--{name}"
-        if annotation is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif typing.get_origin(annotation) is Literal:
-            group.add_argument(flag, choices=list(typing.get_args(annotation)), default=argparse.SUPPRESS, help=help_text)
-        elif typing.get_origin(annotation) is list:
-            (item,) = typing.get_args(annotation)
-            if typing.get_origin(item) is Literal:  # a list of names (lora_export_formats)
-                group.add_argument(flag, nargs="+", choices=list(typing.get_args(item)), default=argparse.SUPPRESS,
-                                   metavar=name.upper(), help=help_text)
-            else:
-                group.add_argument(flag, nargs="+", type=item, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
-        elif annotation in (int, float):
-            group.add_argument(
-                flag,
-                type=(lambda text, kind=annotation: _cli_value(text, kind)) if optional else annotation,
-                default=argparse.SUPPRESS,
-                metavar=annotation.__name__.upper(),
-                help=help_text,
-            )
-        else:
-            group.add_argument(flag, type=str, default=argparse.SUPPRESS, metavar="VALUE", help=help_text)
+    group = parser.add_argument_group(title)
+    for name in names or model.model_fields:
+        add_field_argument(group, name, model.model_fields[name])
 
 
 def config_overrides(args: argparse.Namespace, model: type[BaseModel] = TrainConfig) -> dict[str, Any]:

@@ -24,14 +24,15 @@ from longcat_tuner.config.datasets import (
     VIDEO_EXTENSIONS,
     DatasetConfig,
     DatasetList,
-    parse_dataset_resolution,
 )
+from longcat_tuner.config.resolution import parse_resolution
 from longcat_tuner.data.buckets import Bucket, bucket_size
 from longcat_tuner.data.images import probe_image
 from longcat_tuner.data.video import ResizePlan, VideoInfo, available_frames, clip_frame_count, plan_resize, probe_video, select_frame_indices
 from longcat_tuner.errors import DataError, LongcatError
 
 MediaType = Literal["video", "image"]
+NO_START_FRAME = "no start frame"  # the reason's opening words for an I2V clip whose start frame is missing
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Problem:
     path: str
     reason: str
     skipped: bool = True
+    clip: Optional[str] = None  # a start frame in the wrong folder: the clip it belongs to (check refuses these)
 
     def __str__(self) -> str:
         return f"[{self.dataset_id}] {self.path}: {self.reason}"
@@ -314,7 +316,7 @@ def pair_dataset(dataset: DatasetConfig, datasets: DatasetList) -> tuple[list[Sa
                 Problem(
                     dataset.id,
                     str(path),
-                    f"no start frame: expected {expected} (same relative path and stem, any of "
+                    f"{NO_START_FRAME}: expected {expected} (same relative path and stem, any of "
                     f"{', '.join(IMAGE_EXTENSIONS)}) in conditioning dataset '{cond_dataset.id}'",
                 )
             )
@@ -336,7 +338,7 @@ def crop_fraction_for(dataset: DatasetConfig, key: str, seed: int) -> tuple[floa
 
 def plan_sample(source: SampleSource, dataset: DatasetConfig, *, alignment: int, seed: int) -> PlannedSample:
     """Probe a paired source and decide its bucket, frames and crops. Raises `DataError` to skip it."""
-    resolution = parse_dataset_resolution(dataset.resolution)
+    resolution = parse_resolution(dataset.resolution)
     crop_fraction = crop_fraction_for(dataset, source.key, seed)
     if source.media_type == "video":
         info = probe_video(source.media_path)
@@ -432,15 +434,42 @@ def plan_data(datasets: DatasetList, *, eval_dataset_id: Optional[str], alignmen
     for dataset in train_sets + ([eval_set] if eval_set else []):
         for cond_id in dataset.conditioning_data:
             users.setdefault(cond_id, []).append(dataset.id)
+    unpaired = clips_without_start_frame(train_plans + ([eval_plan] if eval_plan else []), datasets)
     for cond_id, clip_ids in users.items():
         cond = datasets.by_id(cond_id)
         media, _ = scan_media(cond.instance_data_dir, IMAGE_EXTENSIONS, cond.id)
         for key, path in media.items():
-            if (cond_id, key) not in used:
+            if (cond_id, key) in used:
+                continue
+            same_stem = [(clip, expected) for clip_id, clip, expected in unpaired.get(key.rsplit("/", 1)[-1], [])
+                         if clip_id in clip_ids]
+            if same_stem:
+                clip, expected = same_stem[0]
+                conditioning_problems.append(Problem(
+                    cond_id, str(path), f"start frame in the wrong folder: clip {clip} has this name but no start "
+                    f"frame; move this file to {expected}{path.suffix} (the clip's relative path and stem)",
+                    clip=str(clip),
+                ))
+            else:
                 conditioning_problems.append(
                     Problem(cond_id, str(path), f"orphan start frame: no clip '{key}.*' in dataset(s) {clip_ids}; remove it or add the clip")
                 )
     return DataPlan(train_plans, eval_plan, conditioning_problems)
+
+
+def clips_without_start_frame(plans: list[DatasetPlan], datasets: DatasetList) -> dict[str, list[tuple[str, Path, Path]]]:
+    """File stem -> (dataset id, clip, where its start frame belongs, without suffix) of the I2V clips skipped
+    for a missing start frame."""
+    found: dict[str, list[tuple[str, Path, Path]]] = {}
+    for plan in plans:
+        if not plan.dataset.conditioning_data:
+            continue
+        cond_root = datasets.by_id(plan.dataset.conditioning_data[0]).instance_data_dir
+        for problem in plan.problems:
+            if problem.reason.startswith(NO_START_FRAME):
+                key = Path(problem.path).relative_to(plan.dataset.instance_data_dir).with_suffix("")
+                found.setdefault(key.name, []).append((plan.dataset.id, Path(problem.path), cond_root / key))
+    return found
 
 
 def _file_identity(path: Path) -> Optional[tuple[int, int]]:
@@ -523,7 +552,8 @@ def plan_summary(plan: DataPlan) -> dict:
         datasets.append(one(plan.eval, "eval"))
     return {
         "datasets": datasets,
-        "conditioning": [{"dataset_id": p.dataset_id, "path": p.path, "reason": p.reason} for p in plan.conditioning_problems],
+        "conditioning": [{"dataset_id": p.dataset_id, "path": p.path, "reason": p.reason, "clip": p.clip}
+                         for p in plan.conditioning_problems],
         "train_items": len(plan.train_samples),
         "eval_items": len(plan.eval.samples) if plan.eval is not None else 0,
     }

@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass
 from typing import Hashable, Iterator, Optional, Sequence, Union
 
+from longcat_tuner.config.resolution import parse_resolution
 from longcat_tuner.errors import ConfigError, DataError, ShapeError
 
 
@@ -113,6 +114,22 @@ def bucket_size(
         bucket_candidates(resolution, alignment),
         key=lambda hw: (round(abs(math.log(hw[1] / hw[0]) - aspect), 9), -hw[0] * hw[1], hw[0]),
     )
+
+
+def resolution_size(
+    spec: Union[int, str], source_hw: Optional[tuple[int, int]] = None, alignment: int = 64
+) -> tuple[int, int]:
+    """(height, width) for a resolution setting (`config.resolution.parse_resolution` reads it): `480x832` as
+    is; a class (`480p`, 480) -> the training bucket for a source of `source_hw` (height, width) on the
+    `alignment` grid, so sampling, validation and training agree; without a source, the class's native
+    16:9 size (480p -> 480x832)."""
+    try:
+        parsed = parse_resolution(spec)
+    except ValueError as err:
+        raise ShapeError(f"resolution {err}") from None
+    if isinstance(parsed, tuple):
+        return parsed
+    return bucket_size(parsed, *(source_hw or native_size(parsed)), alignment)
 
 
 class BucketBatchSampler:

@@ -35,12 +35,15 @@ from longcat_tuner.config.datasets import DatasetConfig, DatasetList, load_datas
 from longcat_tuner.data.backends import DataPlan, DatasetPlan, PlannedSample, Problem, plan_data, require_usable
 from longcat_tuner.data.images import load_image
 from longcat_tuner.data.video import decode_frames, frames_to_pixels
+from longcat_tuner.devices import default_dtype
 from longcat_tuner.errors import DataError, LongcatError
 from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
+# 2: start frames scaled as the official pipeline scales them (LANCZOS without a pre-shrink, sizes rounded
+# down, crop centered at scaled // 2 - target // 2): caches of version 1 hold other pixels and rebuild.
+FORMAT_VERSION = "2"
 MANIFEST_NAME = "manifest.json"
 EMPTY_PROMPT = ""
 _T = TypeVar("_T")
@@ -126,7 +129,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def default_cache_dtype(device: Union[str, torch.device]) -> torch.dtype:
     """bf16 entries on CUDA (half the disk and I/O), fp32 on the CPU; `train` and `cache` share this rule
     because the dtype is part of the fingerprint."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return default_dtype(device)
 
 
 # --- fingerprints ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Still images (start frames and image datasets): safe open, size probe, EXIF orientation, resize and crop.
+"""Still images (start frames and image datasets): safe open, size probe, EXIF orientation, resize and crop;
+the one start-frame preparation (`prepare_start_frame`) for training, validation, `sample` and the web preview.
 
 Images are read with Pillow; `ImageOps.exif_transpose` applies the camera's orientation tag so a
 portrait phone photo stays portrait, as it is displayed, before it is bucketed and cropped.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longcat_tuner.data.video import ResizePlan
+from longcat_tuner.data.video import ResizePlan, plan_resize
 from longcat_tuner.errors import DataError
 
 # 80 Mpixel: above any camera start frame (61 Mpixel full-frame sensors), below Pillow's own warning
@@ -106,20 +107,70 @@ def probe_image(path: str | Path, *, decode: bool = True) -> tuple[int, int]:
     return (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)
 
 
-def load_image(path: str | Path, plan: ResizePlan) -> np.ndarray:
-    """Decode, apply EXIF orientation, convert to RGB, scale and crop per `plan` -> uint8 [H, W, 3]."""
-    from PIL import Image, ImageOps
+def to_rgb(image):
+    """Any PIL image as 8-bit RGB, the same way for training start frames and for sampling.
 
-    from longcat_tuner.media import to_rgb  # the same conversion as sampling (media.py imports torch: lazily)
+    Transparent pixels become white (not whatever colour the alpha hid); 16-bit and float grey images are
+    scaled to 8 bits (Pillow's own conversion clips them at 255, turning most of the picture white).
+    """
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "P", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        # Integers are taken as 16-bit (0..65535) unless they all fit in 8 bits; floats as 0..1 when they
+        # lie there, else stretched between their min and max.
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            low, high = (0.0, 1.0) if values.min() >= 0 and values.max() <= 1 else (values.min(), values.max())
+        else:
+            low, high = 0.0, (255.0 if values.max() <= 255 else 65535.0)
+        grey = np.clip((values - low) / max(high - low, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")  # L, CMYK, YCbCr, 1, ...
+
+
+def read_image(path: str | Path):
+    """An RGB PIL image with its EXIF orientation applied (`to_rgb`), fully decoded; opened by `open_image`
+    (unreadable files and decompression bombs are a named `DataError`)."""
+    from PIL import ImageOps
 
     path = Path(path)
     with open_image(path) as image:
         try:
-            image = to_rgb(ImageOps.exif_transpose(image))
-            # reducing_gap: a fast box pre-shrink for large downscales (2048 -> 640) keeps quality.
-            image = image.resize((plan.scaled_width, plan.scaled_height), Image.Resampling.LANCZOS, reducing_gap=3.0)
-        except (OSError, ValueError, SyntaxError, struct.error, EOFError) as err:
+            return to_rgb(ImageOps.exif_transpose(image))
+        except (OSError, ValueError, SyntaxError, struct.error, EOFError) as err:  # truncated or corrupt pixel data
             raise DataError(f"{path}: image data is corrupt or truncated ({err}); re-save or remove it") from None
-        array = np.asarray(image)
+
+
+def resize_to_plan(image, plan: ResizePlan) -> np.ndarray:
+    """Scale an RGB PIL image to the plan's size with PIL's LANCZOS filter and cut the plan's window
+    -> uint8 [H, W, 3]. No `reducing_gap` pre-shrink: the exact pixels of diffusers' image processor."""
+    from PIL import Image
+
+    scaled = image.resize((plan.scaled_width, plan.scaled_height), Image.Resampling.LANCZOS)
+    array = np.asarray(scaled)
     # A writable copy of the window (torch.from_numpy refuses read-only PIL buffers).
     return np.array(array[plan.top : plan.top + plan.height, plan.left : plan.left + plan.width])
+
+
+def prepare_start_frame(image, height: int, width: int) -> np.ndarray:
+    """The one start-frame preparation (training caches, validation, `sample`, the web preview): an RGB PIL
+    image scaled with LANCZOS to cover (height, width), sizes rounded down, then center-cropped -> uint8
+    [height, width, 3]. Equal to the official pipeline's diffusers `VideoProcessor.preprocess(image, height,
+    width, resize_mode="crop")` before its [-1, 1] scaling (tests/test_start_frame.py checks it)."""
+    return resize_to_plan(image, plan_resize(image.height, image.width, height, width))
+
+
+def load_image(path: str | Path, plan: ResizePlan) -> np.ndarray:
+    """Decode, apply EXIF orientation, convert to RGB, scale and crop per `plan` (`resize_to_plan`) -> uint8 [H, W, 3]."""
+    path = Path(path)
+    image = read_image(path)
+    try:
+        return resize_to_plan(image, plan)
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as err:
+        raise DataError(f"{path}: image data is corrupt or truncated ({err}); re-save or remove it") from None

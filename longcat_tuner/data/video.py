@@ -73,17 +73,27 @@ def plan_resize(
     """Aspect-preserving scale that covers (height, width), then a crop at `crop_fraction` of the overflow.
 
     `crop_fraction` (vertical, horizontal) in [0, 1]: (0.5, 0.5) is a center crop. With `crop=False` the
-    source is stretched to the target (no crop, aspect changes).
+    source is stretched to the target (no crop, aspect changes). The geometry is the official pipeline's
+    (diffusers' resize-and-crop): the side that binds is scaled to the target exactly, the other side is
+    rounded down (never below the target), and a center crop starts at scaled // 2 - target // 2. Start
+    frames and clips share it, so a start frame and its clip's first frame line up pixel for pixel.
     """
     if not crop:
         return ResizePlan(height, width, 0, 0, height, width)
-    scale = max(height / src_height, width / src_width)
-    # Round up so floating error never leaves the scaled image one pixel short of the target.
-    scaled_height = max(height, math.ceil(src_height * scale - 1e-6))
-    scaled_width = max(width, math.ceil(src_width * scale - 1e-6))
-    top = round(crop_fraction[0] * (scaled_height - height))
-    left = round(crop_fraction[1] * (scaled_width - width))
+    if width * src_height > src_width * height:  # the target is wider than the source: the width binds
+        scaled_height, scaled_width = max(height, src_height * width // src_width), width
+    else:
+        scaled_height, scaled_width = height, max(width, src_width * height // src_height)
+    top = _crop_offset(scaled_height, height, crop_fraction[0])
+    left = _crop_offset(scaled_width, width, crop_fraction[1])
     return ResizePlan(scaled_height, scaled_width, top, left, height, width)
+
+
+def _crop_offset(scaled: int, target: int, fraction: float) -> int:
+    """Start of the crop window: centered as the official pipeline centers it, else at `fraction` of the overflow."""
+    if fraction == 0.5:
+        return scaled // 2 - target // 2
+    return round(fraction * (scaled - target))
 
 
 def _open(path: Path):

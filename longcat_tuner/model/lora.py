@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from longcat_tuner.config.training import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS
+from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS
 from longcat_tuner.errors import CheckpointError, ConfigError
 from longcat_tuner.model import lora_formats
 from longcat_tuner.model.lora_formats import FUSED_SPLITS, fused_parts  # noqa: F401  (re-exported)

@@ -52,23 +52,14 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from longcat_tuner.config.training import LORA_FILE_FORMATS
+from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS
 from longcat_tuner.errors import CheckpointError, ConfigError
 
 # --- the official module tree ------------------------------------------------------------------------------
 
 # Linear layers of one official block and outside the blocks (the official LongCatVideoTransformer3DModel).
-BLOCK_LINEARS: tuple[str, ...] = (
-    "adaLN_modulation.1",
-    "attn.qkv",
-    "attn.proj",
-    "cross_attn.q_linear",
-    "cross_attn.kv_linear",
-    "cross_attn.proj",
-    "ffn.w1",
-    "ffn.w2",
-    "ffn.w3",
-)
+# (The default LoRA targets are every linear layer of a block but the modulation.)
+BLOCK_LINEARS: tuple[str, ...] = ("adaLN_modulation.1",) + DEFAULT_LORA_TARGETS
 TOP_LINEARS: tuple[str, ...] = (
     "t_embedder.mlp.0",
     "t_embedder.mlp.2",

@@ -102,13 +102,16 @@ def write_text_encoder(folder: Path, d_model: int, *, seed: int = 0) -> None:
     UMT5EncoderModel(config).save_pretrained(folder)
 
 
-def write_vae(folder: Path, *, seed: int = 0, base_dim: int = 16) -> None:
+def write_vae(folder: Path, *, seed: int = 0, base_dim: int = 16, wan21: bool = False) -> None:
+    """diffusers' AutoencoderKLWan with random weights: a narrow one (`base_dim`, one residual block per
+    level), or with `wan21` the Wan 2.1 VAE's own shape (diffusers' defaults: base 96, two residual blocks)."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
+    shape = {} if wan21 else {"base_dim": base_dim, "num_res_blocks": 1}
     vae = AutoencoderKLWan(
-        base_dim=base_dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
-        temperal_downsample=[False, True, True], latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD,
+        z_dim=16, dim_mult=[1, 2, 4, 4], attn_scales=[], temperal_downsample=[False, True, True],
+        latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD, **shape,
     )
     vae.save_pretrained(folder)
 
@@ -116,15 +119,23 @@ def write_vae(folder: Path, *, seed: int = 0, base_dim: int = 16) -> None:
 def write_random_checkpoint(
     root: Union[str, Path], size: str = "tiny", *, seed: int = 0, num_shards: int = 1
 ) -> Path:
-    """Create `root` with `dit/ text_encoder/ tokenizer/ vae/ scheduler/`; returns `root`."""
+    """Create `root` with `dit/ text_encoder/ tokenizer/ vae/ scheduler/`; returns `root`.
+
+    `size` "full" writes the release's shapes as the hub ships them: the 13.6B DiT and a umT5-XXL encoder
+    in sharded bf16 files with their `*.index.json` (drawn on the GPU when there is one, host memory bounded
+    to two shards; `num_shards` applies to the DiT) and the Wan 2.1 VAE."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}")
     config = SIZES[size]
     root = Path(root)
-    write_dit(root / "dit", config, seed=seed, num_shards=num_shards)
-    write_text_encoder(root / "text_encoder", config.caption_channels, seed=seed)
+    if size == "full":
+        write_dit_sharded(root / "dit", config, num_shards=max(num_shards, 6), seed=seed)
+        write_text_encoder_sharded(root / "text_encoder", **UMT5_XXL, seed=seed)
+    else:
+        write_dit(root / "dit", config, seed=seed, num_shards=num_shards)
+        write_text_encoder(root / "text_encoder", config.caption_channels, seed=seed)
     write_tokenizer(root / "tokenizer")
-    write_vae(root / "vae", seed=seed)
+    write_vae(root / "vae", seed=seed, wan21=size == "full")
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
     return root
@@ -141,13 +152,24 @@ UMT5_XXL = {  # google/umt5-xxl's encoder, the text encoder LongCat-Video ships
 }
 
 
-def _draw(name: str, shape: tuple[int, ...], generator: torch.Generator, *, device, dtype, std: Optional[float]) -> torch.Tensor:
-    """One random tensor: norm weights near 1; others N(0, std) (std None: 1/sqrt(fan_in), as `write_dit`)."""
+# Output projections of the residual branches, drawn 5x smaller in the full-size DiT (as bench/common.py's
+# `random_dit`): with every branch at unit gain the residual stream of 48 random blocks grows until bf16
+# losses stop being useful numbers.
+DAMPED_SUFFIXES = ("attn.proj.weight", "ffn.w2.weight")
+DAMPING = 0.2
+
+
+def _draw(name: str, shape: tuple[int, ...], generator: torch.Generator, *, device, dtype, std: Optional[float],
+          damped: tuple[str, ...] = ()) -> torch.Tensor:
+    """One random tensor: norm weights near 1; others N(0, std) (std None: 1/sqrt(fan_in), as `write_dit`),
+    names ending in one of `damped` scaled by DAMPING."""
     if name.endswith("norm.weight") or name.endswith("layer_norm.weight"):
         value = 1.0 + 0.1 * torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     else:
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
         scale = std if std is not None else 1.0 / max(fan_in, 1) ** 0.5
+        if name.endswith(damped):
+            scale *= DAMPING
         value = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(scale)
     return value.to(dtype)
 
@@ -170,7 +192,7 @@ def _split_by_size(shapes: dict[str, tuple[int, ...]], num_shards: int) -> list[
 def write_sharded_safetensors(
     folder: Path, shapes: dict[str, tuple[int, ...]], *, base_name: str, num_shards: int,
     dtype: torch.dtype = torch.bfloat16, device: Union[str, torch.device, None] = None, seed: int = 0,
-    std: Optional[float] = None,
+    std: Optional[float] = None, damped: tuple[str, ...] = (),
 ) -> list[Path]:
     """Random tensors of `shapes` as `<stem>-0000i-of-0000n.safetensors` + `<base_name>.index.json` (the hub
     layout of diffusers and transformers); `device` draws them (default: CUDA when available)."""
@@ -202,7 +224,7 @@ def write_sharded_safetensors(
         for path, names in zip(files, groups):
             shard = {}
             for name in names:
-                value = _draw(name, tuple(shapes[name]), generator, device=device, dtype=dtype, std=std)
+                value = _draw(name, tuple(shapes[name]), generator, device=device, dtype=dtype, std=std, damped=damped)
                 shard[name] = value.cpu() if value.device.type != "cpu" else value
                 total_bytes += shard[name].numel() * shard[name].element_size()
                 weight_map[name] = path.name
@@ -231,7 +253,7 @@ def write_dit_sharded(
     model = build_dit(config, device="meta")
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     return write_sharded_safetensors(folder, shapes, base_name=WEIGHTS_NAME, num_shards=num_shards, dtype=dtype,
-                                     device=device, seed=seed)
+                                     device=device, seed=seed, damped=DAMPED_SUFFIXES)
 
 
 def write_text_encoder_sharded(

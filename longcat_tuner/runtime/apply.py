@@ -9,7 +9,8 @@ A model goes through three calls, in this order:
 3. (the caller attaches LoRA adapters or unfreezes the model) `apply_runtime(dit, settings, device)`:
    placement on the device (all but the swapped blocks' frozen tensors), then one forward per block,
    composed once from the original: torch.compile (scope `block`) inside, the checkpointing mode around
-   it, torch.compile of the checkpointed block (scope `checkpointed_block`) outside; then block swap,
+   it, torch.compile of the checkpointed block (scope `checkpointed_block`) outside; the first
+   `uncheckpointed_blocks` blocks are not checkpointed (compiled whole when compile is on); then block swap,
    told explicitly which blocks are recomputed in backward. The returned `AppliedRuntime.remove()`
    restores every block.
 """
@@ -88,6 +89,24 @@ def refuse_trained_base(settings: MemorySettings) -> None:
         raise ConfigError("musubi_blocks_to_swap streams frozen weights; a full fine-tune trains them: use model_type 'lora'")
 
 
+# What a CUDA context and the kernels loaded with it take on the card, outside PyTorch's allocator.
+CONTEXT_GIB = 0.6
+
+
+def gpu_budget(device: Device, cap_gib: Optional[float]) -> tuple[float, float]:
+    """(the card's GiB, GiB other processes hold on it now), with `cap_gib` enforced on this process
+    (PyTorch's per-process memory fraction). `train` and `sample` plan within min(card - others, cap)."""
+    device = torch.device(device)
+    if device.index is None:  # "cuda": the current device (the memory-fraction call wants an index)
+        device = torch.device("cuda", torch.cuda.current_device())
+    card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if cap_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / card_gib), device)
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = (total - free - torch.cuda.memory_reserved(device)) / 2**30 - CONTEXT_GIB
+    return card_gib, (used_by_others if used_by_others >= 1.0 else 0.0)
+
+
 def load_device(settings: MemorySettings, device: Device) -> torch.device:
     """The device to load the DiT on: the host when it is assembled there first, else `device`."""
     device = torch.device(device)
@@ -113,10 +132,12 @@ def _compose(forward: Callable[..., Any], settings: MemorySettings, index: int, 
     """(the block's forward under `settings`, whether backward recomputes it)."""
     mode = settings.checkpointing
     outer = settings.compiles_checkpointed_block
+    if mode == "none" or index < settings.uncheckpointed_blocks:
+        # Not checkpointed (mode none, or one of the first `uncheckpointed_blocks`): backward reads the
+        # activations this forward stores; compiled as the block itself under either scope.
+        return (torch.compile(forward) if settings.compile_blocks else forward), False
     if settings.compile_blocks and not outer:
         forward = torch.compile(forward)
-    if mode == "none":
-        return forward, False
     keep = settings.keep_attention_blocks
     wrapped = checkpointed_forward(forward, mode, save_attention=keep is None or index < keep, stream=stream)
     return (torch.compile(wrapped) if outer else wrapped), True

@@ -114,25 +114,50 @@ def _candidates(pinned: dict[str, Any], *, allow_none: bool, compile_ok: bool, p
                         continue
                     yield MemorySettings(
                         checkpointing=mode, keep_attention_blocks=keep if mode == "keep_attention" else None,
+                        uncheckpointed_blocks=pinned.get("uncheckpointed_blocks", 0) if mode != "none" else 0,
                         compile_blocks=compiled, compile_scope=scope, blocks_to_swap=0,
                         swap_device=pinned.get("swap_device", "cpu"), base_precision=precision,
                     )
 
 
+def _estimate(settings: MemorySettings, shape: ClipShape, lora_rank: int) -> planner.Estimate:
+    return planner.estimate(planner.Setting.from_memory(
+        settings, height=shape.height, width=shape.width, frames=shape.frames, batch=shape.batch,
+        lora_rank=lora_rank, num_cond_latents=1 if shape.has_start_frame else 0,
+    ))
+
+
+def _most_uncheckpointed(settings: MemorySettings, estimate: planner.Estimate, shape: ClipShape, budget_gib: float,
+                         lora_rank: int) -> tuple[MemorySettings, planner.Estimate]:
+    """`settings` with the most blocks left out of checkpointing that still fit (each one skips its recompute)."""
+    low, high, found = 0, planner.DEPTH, (settings, estimate)
+    while low < high:  # the peak grows with every block left out: the largest count that fits
+        middle = (low + high + 1) // 2
+        candidate = dataclasses.replace(settings, uncheckpointed_blocks=middle)
+        candidate_estimate = _estimate(candidate, shape, lora_rank)
+        if planner.fits(candidate_estimate, budget_gib):
+            low, found = middle, (candidate, candidate_estimate)
+        else:
+            high = middle - 1
+    return found
+
+
 def _fastest(pinned: dict[str, Any], shape: ClipShape, budget_gib: float, *, lora_rank: int, compile_ok: bool,
              precisions: tuple[str, ...]) -> Optional[tuple[MemorySettings, planner.Estimate]]:
-    """The fastest settings that fit `budget_gib` (fewest swapped blocks per combination), or None."""
+    """The fastest settings that fit `budget_gib` (fewest swapped blocks per combination), or None.
+
+    The room left at that swap count goes to blocks left out of checkpointing (unless pinned); blocks are
+    never swapped to make room for them (a swapped block frees ~0.5 GiB, a block's activations take ~10)."""
     best = None
     for precision in precisions:
         for base in _candidates(pinned, allow_none=True, compile_ok=compile_ok, precision=precision):
             swaps = [pinned["blocks_to_swap"]] if "blocks_to_swap" in pinned else range(0, planner.DEPTH + 1)
             for swap in swaps:
                 settings = dataclasses.replace(base, blocks_to_swap=swap)
-                estimate = planner.estimate(planner.Setting.from_memory(
-                    settings, height=shape.height, width=shape.width, frames=shape.frames, batch=shape.batch,
-                    lora_rank=lora_rank, num_cond_latents=1 if shape.has_start_frame else 0,
-                ))
+                estimate = _estimate(settings, shape, lora_rank)
                 if planner.fits(estimate, budget_gib):
+                    if base.checkpointing != "none" and "uncheckpointed_blocks" not in pinned:
+                        settings, estimate = _most_uncheckpointed(settings, estimate, shape, budget_gib, lora_rank)
                     if best is None or (estimate.step_s, estimate.peak_gib) < (best[1].step_s, best[1].peak_gib):
                         best = (settings, estimate)
                     break  # more swapped blocks are only slower
@@ -148,15 +173,18 @@ def choose_plan(
     shape: Optional[ClipShape],
     cuda: bool,
     card_gib: Optional[float] = None,
+    others_gib: float = 0.0,
     compile_ok: bool = True,
     fp8_ok: bool = True,
     calibrated_model: bool = True,
     distributed_strategy: Optional[str] = None,
 ) -> Plan:
-    """The run's `Plan` (see the module docstring). `explicit`: the config keys the user set."""
+    """The run's `Plan` (see the module docstring). `explicit`: the config keys the user set; `others_gib`:
+    memory other processes hold on the card (the plan fits in what is left)."""
     given = MemorySettings.from_config(config)
     cap = getattr(config, "max_gpu_memory_gib", None)
-    budget = None if card_gib is None else (min(card_gib, cap) if cap else card_gib)
+    available = None if card_gib is None else card_gib - others_gib
+    budget = None if available is None else (min(available, cap) if cap else available)
     as_given = dict(card_gib=card_gib, cap_gib=cap, budget_gib=budget, shape=shape,
                     chosen_by={field: "config" for field in CONFIG_KEYS})
     if not cuda:
@@ -194,6 +222,7 @@ def choose_plan(
     reason = (
         f"the fastest predicted setting that fits {budget:.1f} GiB"
         + (f" (max_gpu_memory_gib {cap:g} on a {card_gib:.0f} GiB card)" if cap else f" (the whole {card_gib:.0f} GiB card)")
+        + (f"; {others_gib:.1f} GiB of it held by other processes" if others_gib else "")
         + f" at the largest training clip {shape.text}"
         + (f"; set by you: {', '.join(sorted(set(CONFIG_KEYS) - set(auto_fields)))}" if pinned else "")
         + ("; 8-bit base weights because nothing in bf16 fits" if settings.quantized and "base_precision" not in pinned else "")

@@ -19,6 +19,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from longcat_tuner.config.training import TrainConfig
+
+DEFAULT_LORA_RANK: int = TrainConfig.model_fields["lora_rank"].default
+
 GIB = 2**30
 
 # Measured on one NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, cuDNN SDPA), full 13.6B DiT with random bf16
@@ -69,6 +73,12 @@ CALIBRATION = {
     # swapped blocks it ran out of memory with 8.6 GiB reserved but unallocated. 1.25 keeps it off
     # budgets where that slack does not fit.
     "reserved_factor_checkpointed_block": 1.25,
+    # A block left out of checkpointing (gradient_checkpointing_uncheckpointed_blocks) stores its activations
+    # for backward instead of its input. Not measured on its own yet: taken as the whole working set of a
+    # block's recompute + backward above (an upper bound of what autograd keeps), so a plan errs on the
+    # side of fitting.
+    "uncheckpointed_bytes_per_token_eager": 336_000.0,
+    "uncheckpointed_bytes_per_token_compiled": 293_000.0,
     "headroom_gib": 1.5,
 }
 
@@ -100,19 +110,21 @@ class Setting:
     width: int = 832
     frames: int = 93
     batch: int = 1
-    lora_rank: int = 32  # the calibration runs; `from_memory` takes the config's
+    lora_rank: int = DEFAULT_LORA_RANK  # the schema's default (the calibration runs used 32)
     blocks_to_swap: int = 0
     precision: str = "bf16"  # bf16 | fp8-torchao | int8-quanto (no_change = bf16 on CUDA)
     gradient_checkpointing: bool = True
     keep_attention: bool = False  # selective checkpointing: attention outputs kept, not recomputed
     keep_attention_blocks: Optional[int] = None  # with keep_attention: the first k blocks keep it (None: all)
+    uncheckpointed_blocks: int = 0  # with checkpointing: the first k blocks store activations, no recompute
     offload_activations: bool = False  # checkpointed block inputs in pinned host memory
     compiled: bool = False  # torch.compile of the blocks
     compile_checkpointed_block: bool = False  # compile_scope checkpointed_block (compiled + keep_attention)
     num_cond_latents: int = 1
 
     @classmethod
-    def from_memory(cls, memory, *, height: int, width: int, frames: int, batch: int = 1, lora_rank: int = 8,
+    def from_memory(cls, memory, *, height: int, width: int, frames: int, batch: int = 1,
+                    lora_rank: int = DEFAULT_LORA_RANK,
                     num_cond_latents: int = 1) -> "Setting":
         """The planner's view of `memory` (a `runtime.settings.MemorySettings`) at one clip shape."""
         precision = "bf16" if memory.base_precision == "no_change" else memory.base_precision
@@ -122,19 +134,24 @@ class Setting:
             gradient_checkpointing=memory.checkpointing != "none",
             keep_attention=memory.checkpointing == "keep_attention",
             keep_attention_blocks=memory.keep_attention_blocks if memory.checkpointing == "keep_attention" else None,
+            uncheckpointed_blocks=memory.uncheckpointed_blocks if memory.checkpointing != "none" else 0,
             offload_activations=memory.checkpointing == "offload_inputs",
             compiled=memory.compile_blocks, compile_checkpointed_block=memory.compiles_checkpointed_block,
             num_cond_latents=num_cond_latents,
         )
 
     @property
+    def uncheckpointed(self) -> int:
+        """Blocks that store their activations (all of them without checkpointing)."""
+        return min(DEPTH, self.uncheckpointed_blocks) if self.gradient_checkpointing else DEPTH
+
+    @property
     def kept_attention_share(self) -> float:
-        """Share of the blocks that keep their attention outputs."""
+        """Share of the blocks that are checkpointed and keep their attention outputs."""
         if not self.keep_attention:
             return 0.0
-        if self.keep_attention_blocks is None:
-            return 1.0
-        return max(0, min(self.keep_attention_blocks, DEPTH)) / DEPTH
+        keeping = DEPTH if self.keep_attention_blocks is None else max(0, min(self.keep_attention_blocks, DEPTH))
+        return max(0, keeping - self.uncheckpointed) / DEPTH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,14 +237,17 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
     }
     hidden_state = n * HIDDEN * 2.0
     working = n * cal[f"working_bytes_per_token_{mode}"]
+    checkpointed = DEPTH - setting.uncheckpointed
     if setting.gradient_checkpointing:
         if setting.offload_activations:
             memory["offload_working_set"] = n * cal["offload_extra_bytes_per_token"]
         else:
-            memory["checkpointed_inputs"] = DEPTH * hidden_state
+            memory["checkpointed_inputs"] = checkpointed * hidden_state
         if setting.keep_attention:
             memory["kept_attention"] = setting.kept_attention_share * DEPTH * hidden_state * (
                 1 - setting.num_cond_latents * 1.0 / max(1, token_grid(setting.height, setting.width, setting.frames)[0]))
+        if setting.uncheckpointed:
+            memory["uncheckpointed_activations"] = setting.uncheckpointed * n * cal[f"uncheckpointed_bytes_per_token_{mode}"]
         memory["block_working_set"] = working
         if setting.compile_checkpointed_block:
             memory["compiled_checkpoint_extra"] = n * cal["checkpointed_block_extra_bytes_per_token"]
@@ -237,11 +257,11 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
 
     attention_fwd = f["attention"] / (cal["attention_fwd_tflops"] * 1e12)
     attention_bwd = 2 * f["attention"] / (cal["attention_bwd_tflops"] * 1e12)
-    recompute = setting.gradient_checkpointing
-    attention_passes = 1.0 + (1.0 if recompute else 0.0)
+    recomputed_share = checkpointed / DEPTH  # blocks whose forward runs again in backward
+    attention_passes = 1.0 + recomputed_share
     if setting.keep_attention:
         attention_passes -= cal["keep_attention_saving"] * setting.kept_attention_share
-    linear_passes = 3.0 if recompute else 2.0  # forward, input gradients, recompute
+    linear_passes = 2.0 + recomputed_share  # forward, input gradients, recompute
     parts = {
         "attention": attention_passes * attention_fwd + attention_bwd,
         "linear_and_elementwise": linear_passes * f["linear"] / (cal[f"linear_tflops_{mode}"] * 1e12),
@@ -257,7 +277,7 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
         stall = max(0.0, copy_s - compute_per_block)
         parts["block_swap"] = setting.blocks_to_swap * (cal["swap_s_per_block"] + 2 * stall)
     if setting.offload_activations:
-        parts["activation_offload"] = DEPTH * hidden_state / (cal["offload_gbps"] * 1e9)
+        parts["activation_offload"] = checkpointed * hidden_state / (cal["offload_gbps"] * 1e9)
     step = sum(parts.values())
     return Estimate(
         tokens=f["tokens"],
@@ -314,6 +334,8 @@ def describe(setting: Setting) -> str:
              "gradient_checkpointing " + ("on" if setting.gradient_checkpointing else "off")]
     if setting.keep_attention:
         knobs.append("keep attention (selective checkpointing)")
+    if setting.gradient_checkpointing and setting.uncheckpointed_blocks:
+        knobs.append(f"first {setting.uncheckpointed_blocks} blocks not checkpointed")
     if setting.offload_activations:
         knobs.append("offload block inputs to host")
     if setting.compiled:

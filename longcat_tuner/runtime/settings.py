@@ -17,6 +17,7 @@ QUANTIZED_PRECISIONS = ("int8-quanto", "fp8-torchao")
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "checkpointing": ("gradient_checkpointing", "gradient_checkpointing_mode"),
     "keep_attention_blocks": ("gradient_checkpointing_keep_attention_blocks",),
+    "uncheckpointed_blocks": ("gradient_checkpointing_uncheckpointed_blocks",),
     "compile_blocks": ("compile_blocks",),
     "compile_scope": ("compile_scope",),
     "blocks_to_swap": ("musubi_blocks_to_swap",),
@@ -32,6 +33,7 @@ class MemorySettings:
 
     checkpointing: str = "full"  # none | full | keep_attention | offload_inputs
     keep_attention_blocks: Optional[int] = None  # keep_attention: the first k blocks keep it (None: all)
+    uncheckpointed_blocks: int = 0  # with a checkpointing mode: the first k blocks store their activations instead
     compile_blocks: bool = False
     compile_scope: str = "block"  # block | checkpointed_block (keep_attention only)
     blocks_to_swap: int = 0  # the last N blocks' frozen weights live in pinned host memory
@@ -43,6 +45,8 @@ class MemorySettings:
             raise ValueError(f"checkpointing '{self.checkpointing}' is not one of {', '.join(CHECKPOINTING_MODES)}")
         if self.compile_scope not in ("block", "checkpointed_block"):
             raise ValueError(f"compile_scope '{self.compile_scope}' is not block or checkpointed_block")
+        if self.uncheckpointed_blocks < 0:
+            raise ValueError(f"uncheckpointed_blocks must be >= 0, got {self.uncheckpointed_blocks}")
         if self.blocks_to_swap < 0:
             raise ValueError(f"blocks_to_swap must be >= 0, got {self.blocks_to_swap}")
 
@@ -66,6 +70,7 @@ class MemorySettings:
         return cls(
             checkpointing=mode,
             keep_attention_blocks=config.gradient_checkpointing_keep_attention_blocks,
+            uncheckpointed_blocks=config.gradient_checkpointing_uncheckpointed_blocks if config.gradient_checkpointing else 0,
             compile_blocks=config.compile_blocks,
             compile_scope=config.compile_scope,
             blocks_to_swap=config.musubi_blocks_to_swap,
@@ -79,6 +84,7 @@ class MemorySettings:
             "gradient_checkpointing": self.checkpointing != "none",
             "gradient_checkpointing_mode": "full" if self.checkpointing == "none" else self.checkpointing,
             "gradient_checkpointing_keep_attention_blocks": self.keep_attention_blocks,
+            "gradient_checkpointing_uncheckpointed_blocks": self.uncheckpointed_blocks,
             "compile_blocks": self.compile_blocks,
             "compile_scope": self.compile_scope,
             "musubi_blocks_to_swap": self.blocks_to_swap,
@@ -93,6 +99,8 @@ class MemorySettings:
         ]
         if self.checkpointing == "keep_attention" and self.keep_attention_blocks is not None:
             parts.append(f"gradient_checkpointing_keep_attention_blocks {self.keep_attention_blocks}")
+        if self.checkpointing != "none" and self.uncheckpointed_blocks:
+            parts.append(f"gradient_checkpointing_uncheckpointed_blocks {self.uncheckpointed_blocks}")
         if self.compile_blocks:
             parts.append(f"compile_blocks (compile_scope {self.compile_scope})")
         parts.append(f"musubi_blocks_to_swap {self.blocks_to_swap}")

@@ -17,10 +17,13 @@ import torch
 
 from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.data.dataset import CachedVideoDataset, collate_samples, sample_posterior
+from longcat_tuner.devices import default_dtype
 from longcat_tuner.errors import ConfigError, DataError
-from longcat_tuner.media import image_to_tensor, load_image, parse_resolution, resize_and_crop
 from longcat_tuner.train.parallel import SingleProcess
 from longcat_tuner.train.step import FlowBatch, drop_captions
+from longcat_tuner.data.buckets import resolution_size
+from longcat_tuner.data.images import prepare_start_frame, read_image
+from longcat_tuner.media import image_to_tensor
 from longcat_tuner.train.validate import ValidationItem
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ class TrainingData:
 
 def encoder_settings(device: torch.device) -> torch.dtype:
     """Encoders run in bf16 on CUDA (as the official demos load them) and fp32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return default_dtype(device)
 
 
 def prepare_data(
@@ -101,7 +104,7 @@ def prepare_data(
         index = build_caches(
             config.data_backend_config, model_root=config.pretrained_model_name_or_path, eval_dataset_id=eval_id,
             alignment=config.aspect_bucket_alignment, seed=config.seed, device=device, encoder_dtype=dtype,
-            cache_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, progress=progress and parallel.is_writer,
+            cache_dtype=default_dtype(device), progress=progress and parallel.is_writer,
         )
     dataset = CachedVideoDataset(index.train, index.empty_text_path)
     if len({key[-1] for key in dataset.group_keys()}) > 1:
@@ -167,11 +170,11 @@ def validation_items(config: TrainConfig, eval_set: CachedVideoDataset, text_enc
             sample = eval_set[position]
             start = None
             if sample["cond_media_path"]:
-                image = load_image(sample["cond_media_path"])  # EXIF-rotated, as the cache saw it
-                height, width = parse_resolution(
+                image = read_image(sample["cond_media_path"])  # EXIF-rotated, as the cache saw it
+                height, width = resolution_size(
                     config.validation_resolution, (image.height, image.width), config.aspect_bucket_alignment
                 )
-                start = image_to_tensor(resize_and_crop(image, height, width))
+                start = image_to_tensor(prepare_start_frame(image, height, width))
             elif not isinstance(_fixed_size(config), tuple):
                 raise ConfigError(
                     f"eval sample {sample['sample_id']} has no start frame, so validation_resolution must be "
@@ -197,6 +200,6 @@ def validation_items(config: TrainConfig, eval_set: CachedVideoDataset, text_enc
 
 
 def _fixed_size(config: TrainConfig) -> Any:
-    from longcat_tuner.config.training import parse_resolution
+    from longcat_tuner.config.resolution import parse_resolution
 
     return parse_resolution(config.validation_resolution)

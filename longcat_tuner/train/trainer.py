@@ -35,7 +35,8 @@ import torch
 
 from longcat_tuner import runtime
 from longcat_tuner.config.training import TrainConfig
-from longcat_tuner.errors import CheckpointError, ConfigError, LongcatError
+from longcat_tuner.devices import default_dtype
+from longcat_tuner.errors import CheckpointError, ConfigError, GPUMemoryError, LongcatError
 from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
 from longcat_tuner.model.inspect import WEIGHTS_NAME
 from longcat_tuner.generate import SamplingProgress
@@ -152,7 +153,7 @@ def choose_precision(config: TrainConfig, device: Optional[torch.device] = None)
     elif config.base_model_precision == "bf16":
         base = torch.bfloat16
     else:  # no_change, and the layers a quantized format leaves alone
-        base = torch.bfloat16 if device.type == "cuda" else torch.float32
+        base = default_dtype(device)
     autocast = torch.bfloat16 if device.type == "cuda" and config.mixed_precision == "bf16" else None
     return Precision(device=device, base_dtype=base, autocast_dtype=autocast)
 
@@ -200,16 +201,14 @@ def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, p
     from longcat_tuner.runtime.auto import choose_plan, is_calibrated
     from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
 
+    from longcat_tuner.runtime.apply import gpu_budget
+
     cuda = precision.device.type == "cuda"
-    card_gib = None
-    if cuda:
-        card_gib = torch.cuda.get_device_properties(precision.device).total_memory / 2**30
-        if config.max_gpu_memory_gib is not None:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, config.max_gpu_memory_gib / card_gib), precision.device)
+    card_gib, others_gib = gpu_budget(precision.device, config.max_gpu_memory_gib) if cuda else (None, 0.0)
     dit_config = DiTConfig.from_file(find_component(config.pretrained_model_name_or_path, "dit") / "config.json")
     return choose_plan(
         config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS),
-        shape=largest_clip(data, config.train_batch_size), cuda=cuda, card_gib=card_gib,
+        shape=largest_clip(data, config.train_batch_size), cuda=cuda, card_gib=card_gib, others_gib=others_gib,
         compile_ok=find_spec("triton") is not None, calibrated_model=is_calibrated(dit_config),
         distributed_strategy=parallel.distributed_strategy,
     )
@@ -327,7 +326,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             # boundary, so all stop after the same step and none waits alone in a collective.
             while run.step < run.total_steps and not parallel.any(run.stop.requested):
                 started = time.perf_counter()
-                loss, grad_norm, skipped = optimizer_step(run, batches)
+                try:
+                    loss, grad_norm, skipped = optimizer_step(run, batches)
+                except torch.OutOfMemoryError as err:  # a message with the settings and the fix, not a traceback
+                    raise out_of_memory_error(run, err) from err
                 run.step += 1
                 check_diverged(run, loss, grad_norm, skipped)
                 # Once in a while: log, checkpoint, validate; the last step's checkpoint and final weights are
@@ -636,7 +638,8 @@ def log_step(run: Run, result: TrainResult, bar: Any, loss: float, grad_norm: fl
     run.events.emit(
         "step", step=run.step, total_steps=run.total_steps, loss=loss, lr=run.scheduler.get_last_lr()[0],
         s_per_step=seconds, eta_s=run.seconds_avg * (run.total_steps - run.step),
-        peak_mem_gib=_peak_memory_gib(run.precision.device), grad_norm=grad_norm, skipped=skipped,
+        peak_mem_gib=_peak_memory_gib(run.precision.device),
+        peak_reserved_gib=_peak_memory_gib(run.precision.device, reserved=True), grad_norm=grad_norm, skipped=skipped,
     )
     if bar is not None:
         bar.update(1)
@@ -800,6 +803,8 @@ def validate(run: Run) -> list[Path]:
         except ValidationStopped as err:
             stopped, items, held = err, err.items, None
         run.events.emit("validation", step=run.step, items=items, heldout_loss=held,
+                        peak_mem_gib=_peak_memory_gib(run.precision.device),
+                        peak_reserved_gib=_peak_memory_gib(run.precision.device, reserved=True),
                         **({"stopped": str(stopped)} if stopped else {}))
         if stopped:
             raise stopped
@@ -889,6 +894,28 @@ def _validation_failure(run: Run, err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def out_of_memory_error(run: Run, err: BaseException) -> GPUMemoryError:
+    """What a user reads when a training step runs out of GPU memory: the settings, what held the memory,
+    and the keys that make room (the run resumes from its last checkpoint)."""
+    from longcat_tuner.runtime.settings import MemorySettings
+
+    device = run.precision.device
+    held = ""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        mine = torch.cuda.memory_reserved(device)
+        held = (f" This process held {mine / 2**30:.1f} GiB, other processes about "
+                f"{max(0.0, (total - free - mine) / 2**30):.1f} GiB of the {total / 2**30:.0f} GiB card.")
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return GPUMemoryError(
+        f"step {run.step + 1} ran out of GPU memory ({first_line}) with {MemorySettings.from_config(run.config).describe()}."
+        f"{held} Free the card of other work, or set max_gpu_memory_gib a few GiB below what is free so the memory "
+        "plan leaves room, or set musubi_blocks_to_swap higher or gradient_checkpointing_mode offload_inputs "
+        "(`longcat-tuner plan` lists settings that fit); then rerun with --resume_from_checkpoint latest "
+        f"(last checkpoint: {ckpt.last_finite_checkpoint(run.checkpoints_dir, before=run.step + 1) or 'none yet'})."
+    )
+
+
 def end_run(run: Run, result: TrainResult) -> TrainResult:
     """The `end` event. Stopped before the last step: a checkpoint at this step (unless saved), status
     interrupted. Otherwise completed (the final outputs are written; a signal during the final validation
@@ -914,7 +941,8 @@ def _progress_bar(enabled: bool, start: int, total: int) -> Any:
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _peak_memory_gib(device: torch.device) -> Optional[float]:
+def _peak_memory_gib(device: torch.device, *, reserved: bool = False) -> Optional[float]:
+    """The run's peak GPU memory so far: allocated by tensors, or `reserved` by the caching allocator."""
     if device.type != "cuda":
         return None
-    return torch.cuda.max_memory_allocated(device) / 2**30
+    return (torch.cuda.max_memory_reserved(device) if reserved else torch.cuda.max_memory_allocated(device)) / 2**30

@@ -71,7 +71,7 @@ function showTab() {
   const name = (location.hash || "#config").slice(1);
   for (const section of document.querySelectorAll(".tab")) section.hidden = section.id !== `tab-${name}`;
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.tab === name);
-  if (name === "runs") refreshRuns();
+  if (name === "runs") { refreshRuns(); pollGpu(); }
   if (name === "gallery") refreshGallery();
   if (name === "preview") { refreshLoras(); refreshPreviews(); }
 }
@@ -220,14 +220,23 @@ function buildConfigForm(config) {
   }
 }
 
+// Keys a start-frame (conditioning) dataset does not use: its images are resized to the bucket of the
+// clip they start (that dataset's resolution and crop), they have no captions and no frames of their own.
+const UNUSED_BY_START_FRAMES = new Set([
+  "is_i2v", "caption_strategy", "instance_prompt", "resolution", "crop", "crop_style", "cache_dir_text",
+  "conditioning_data", "repeats", "video",
+]);
+
 function datasetCard(entry) {
   const root = state.schema.dataset;
   const required = new Set(root.required || []);
   const body = el("div", { class: "form-grid" });
   for (const [key, prop] of Object.entries(root.properties)) {
-    body.append(buildField(key, prop, root, entry[key], {
+    const field = buildField(key, prop, root, entry[key], {
       required: required.has(key), path: state.pathFields.dataset.includes(key),
-    }));
+    });
+    if (UNUSED_BY_START_FRAMES.has(key)) field.classList.add("unused-for-start-frames");
+    body.append(field);
   }
   const card = el("div", { class: "card dataset" },
     el("div", { class: "toolbar" },
@@ -235,8 +244,17 @@ function datasetCard(entry) {
       el("span", { class: "grow" }),
       el("button", { type: "button", onclick: () => { card.remove(); scheduleValidate(); } }, "Remove")),
     el("div", { class: "errors card-errors" }),
+    el("p", { class: "muted start-frames-note", text: "Start frames: each image is resized and cropped to the bucket of the clip it starts, "
+      + "by that clip dataset's resolution and crop, so only the folder and its cache are set here." }),
     body);
-  body.addEventListener("input", () => { $("h3", card).textContent = readForm(body).id || "new dataset"; });
+  const update = () => {
+    const values = readForm(body);
+    $("h3", card).textContent = values.id || "new dataset";
+    card.classList.toggle("conditioning", values.dataset_type === "conditioning");
+  };
+  body.addEventListener("input", update);
+  body.addEventListener("change", update);
+  update();
   return card;
 }
 
@@ -274,7 +292,9 @@ function showErrors(errors) {
       const card = cards[Number(rest[0])];
       container = card && $(".form-grid", card);
       key = rest[rest.length - 1];
-      if (card && !container.querySelector(`[data-error-for="${CSS.escape(key)}"]`)) {
+      const field = card && container.querySelector(`[data-error-for="${CSS.escape(key)}"]`);
+      const hidden = field && card.classList.contains("conditioning") && field.closest(".unused-for-start-frames");
+      if (card && (!field || hidden)) {
         $(".card-errors", card).textContent += `${rest.slice(1).join(".")}: ${error.msg} `;
         continue;
       }
@@ -354,6 +374,10 @@ async function loadConfigPage() {
   state.info = info;
   state.pathFields = schema.path_fields;
   state.plannedFields = schema.planned_fields || [];
+  // The preview form starts from the schema's sampling defaults (the same as `longcat-tuner sample`).
+  for (const key of ["frames", "steps", "guidance", "resolution", "seed"]) {
+    $(`#preview-${key}`).value = schema.sampling.properties[key].default;
+  }
   $("#config-path").textContent = saved.config_path;
   $("#datasets-path").textContent = saved.datasets_path;
   buildConfigForm(saved.config || {});
@@ -432,7 +456,7 @@ function stat(label, value) {
 // ---------------------------------------------------------------------------------------------
 // Runs: list, start/stop/resume, live progress over server-sent events
 // ---------------------------------------------------------------------------------------------
-const live = { id: null, source: null, history: [], losses: [], validations: [], log: [], partial: null };
+const live = { id: null, source: null, history: [], losses: [], validations: [], log: [], partial: null, status: null, alive: false };
 
 async function refreshRuns() {
   let runs;
@@ -471,9 +495,12 @@ async function resumeRun() {
 
 function selectRun(id) {
   if (live.source) live.source.close();
-  Object.assign(live, { id, source: null, history: [], losses: [], validations: [], log: [], partial: null });
+  Object.assign(live, { id, source: null, history: [], losses: [], validations: [], log: [], partial: null, status: null, alive: false });
   $("#run-detail").hidden = false;
   $("#run-id").textContent = id;
+  // Until the stream reports the status, neither button may act on a run that may have ended.
+  $("#run-stop").disabled = true;
+  $("#run-resume").disabled = true;
   const gallery = $("#gallery-run");
   if ([...gallery.options].some((o) => o.value === id)) gallery.value = id;
   $("#run-log").textContent = "";
@@ -507,10 +534,38 @@ function showRunStatus(run) {
   node.textContent = run.status;
   node.className = `status ${run.status}`;
   $("#run-message").textContent = run.message || "";
-  $("#run-stop").disabled = !run.alive || run.status === "stopping";
+  // Stop only while the trainer runs: not once it wrote its end event (it may still be saving), not after.
+  $("#run-stop").disabled = !run.alive || !["starting", "running"].includes(run.status);
+  live.status = run.status;
+  live.alive = run.alive;
+  pollGpu();
   // Resuming needs the process gone (it still writes its checkpoint after the `end` event).
   $("#run-resume").disabled = run.alive || run.status === "completed";
   if (run.peak_mem_gib !== null && run.peak_mem_gib !== undefined) $("#stat-mem").textContent = `${fmt.num(run.peak_mem_gib, 3)} GiB`;
+}
+
+// GPU memory and utilisation (GET /api/system/gpu reads nvidia-smi) while the selected run trains.
+let gpuTimer = null, gpuWasTraining = false;
+async function pollGpu() {
+  clearTimeout(gpuTimer);
+  const training = live.alive && ["starting", "running", "stopping"].includes(live.status);
+  // Read once, then every 3 s while a run trains, and once more when it stops (the memory it gave back).
+  if (!training && !gpuWasTraining && $("#stat-gpu").dataset.state) return;
+  gpuWasTraining = training;
+  let data;
+  try { data = (await api("GET", "/api/system/gpu")).data; } catch (err) { data = { available: false, gpus: [], message: `no GPU: ${err.message}` }; }
+  showGpu(data);
+  if (training && !$("#tab-runs").hidden) gpuTimer = setTimeout(pollGpu, 3000);
+}
+
+function showGpu(data) {
+  const node = $("#stat-gpu");
+  node.dataset.state = data.available ? "gpu" : "none";
+  node.title = data.message || data.gpus.map((g) => `GPU ${g.index}: ${g.name}`).join("\n");
+  if (!data.available) { node.textContent = "no GPU"; return; }
+  const gib = (mib) => (mib === null || mib === undefined ? "?" : (mib / 1024).toFixed(1));
+  node.textContent = data.gpus.map((g) => `${gib(g.memory_used_mib)} / ${gib(g.memory_total_mib)} GiB` +
+    (g.utilization_pct === null || g.utilization_pct === undefined ? "" : ` · ${Math.round(g.utilization_pct)}%`)).join("; ");
 }
 
 function onTrainEvent(event) {
@@ -533,9 +588,25 @@ function onTrainEvent(event) {
     if (galleryRun() === live.id) renderGallery(live.id, live.validations);
   } else if (event.event === "error") {
     $("#run-message").textContent = event.message;
+  } else if (event.event === "end") {
+    $("#run-stop").disabled = true; // the run is over; the process may still be writing its files
   } else if (event.event === "start") {
     $("#stat-step").textContent = `0 / ${event.total_steps ?? "?"}`;
   }
+}
+
+// Labels of `count + 1` evenly spaced ticks from y0 to y1, all with the same number of decimals: as many
+// as the tick spacing needs, and more until neighbours differ (a loss that moves in its 4th digit must
+// not label every tick "0.123").
+function yTickLabels(y0, y1, count = 4) {
+  const values = Array.from({ length: count + 1 }, (_, i) => y0 + ((y1 - y0) * i) / count);
+  const spacing = Math.abs(y1 - y0) / count || Math.abs(y0) || 1;
+  let labels = [];
+  for (let digits = Math.max(0, -Math.floor(Math.log10(spacing))); digits <= 15; digits++) {
+    labels = values.map((v) => v.toFixed(digits));
+    if (new Set(labels).size === labels.length) break;
+  }
+  return labels;
 }
 
 function drawLoss() {
@@ -566,10 +637,9 @@ function drawLoss() {
   if (y1 - y0 < 1e-9) { y0 -= 0.5 * Math.abs(y0 || 1); y1 += 0.5 * Math.abs(y1 || 1); }
   const px = (s) => pad.left + ((s - x0) / (x1 - x0)) * (width - pad.left - pad.right);
   const py = (l) => pad.top + (1 - (l - y0) / (y1 - y0)) * (height - pad.top - pad.bottom);
-  for (let i = 0; i <= 4; i++) {
-    const value = y0 + ((y1 - y0) * i) / 4;
-    ctx.fillText(fmt.num(value, 3), 6, py(value) + 4);
-  }
+  const labels = yTickLabels(y0, y1, 4);
+  canvas.dataset.yLabels = labels.join("|");
+  labels.forEach((text, i) => ctx.fillText(text, 6, py(y0 + ((y1 - y0) * i) / 4) + 4));
   ctx.fillText(`step ${x0}`, pad.left, height - 10);
   ctx.fillText(`step ${x1}`, width - pad.right - 60, height - 10);
   ctx.strokeStyle = "#9bb7e0";
@@ -626,6 +696,19 @@ async function refreshGallery() {
   renderGallery(id, data.events);
 }
 
+// The start frame a validation video began from: named by the event, or found by the server in the
+// run's eval split (GET /api/runs/{id}/start-frame); text-to-video samples have none.
+function startFrameImage(runId, item) {
+  const src = item.start_frame
+    ? `/api/image?size=320&path=${encodeURIComponent(item.start_frame)}`
+    : `/api/runs/${encodeURIComponent(runId)}/start-frame?size=320&video=${encodeURIComponent(item.video)}`;
+  const box = el("div", { class: "start-frame" }, el("span", { class: "label", text: "start frame" }));
+  box.append(el("img", { src, alt: "start frame", loading: "lazy",
+    onload: (event) => { event.target.dataset.loaded = "1"; },
+    onerror: () => box.replaceChildren(el("span", { class: "label", text: "start frame" }), el("div", { class: "noimg", text: "no start frame" })) }));
+  return box;
+}
+
 function renderGallery(runId, validations) {
   const out = [];
   for (const validation of [...validations].reverse()) {
@@ -633,7 +716,10 @@ function renderGallery(runId, validations) {
     out.push(el("div", { class: "card validation" },
       el("h3", { text: `step ${validation.step}` + (validation.heldout_loss !== undefined && validation.heldout_loss !== null ? ` · held-out loss ${fmt.num(validation.heldout_loss)}` : "") }),
       el("div", { class: "videos" }, items.map((item) => el("figure", {},
-        el("video", { src: `/api/runs/${encodeURIComponent(runId)}/files/${item.video.split("/").map(encodeURIComponent).join("/")}`, controls: true, loop: true, muted: true, preload: "metadata", playsinline: true, onloadedmetadata: markLoaded }),
+        el("div", { class: "pair" },
+          startFrameImage(runId, item),
+          el("div", {}, el("span", { class: "label", text: "generated" }),
+            el("video", { src: `/api/runs/${encodeURIComponent(runId)}/files/${item.video.split("/").map(encodeURIComponent).join("/")}`, controls: true, loop: true, muted: true, preload: "metadata", playsinline: true, onloadedmetadata: markLoaded }))),
         el("figcaption", {},
           el("div", { text: item.prompt || "(empty prompt)" }),
           el("div", { class: "muted", text: `first-frame PSNR ${item.psnr_first_frame === null || item.psnr_first_frame === undefined ? "-" : `${fmt.num(item.psnr_first_frame, 3)} dB`}` })))))));
@@ -668,7 +754,8 @@ async function refreshLoras() {
     const select = $("#preview-lora");
     const current = select.value;
     select.replaceChildren(el("option", { value: "", text: "base model (no LoRA)" }),
-      ...data.map((lora) => el("option", { value: lora.path, text: `${lora.run} / ${lora.name}` })));
+      ...data.map((lora) => el("option", { value: lora.path, title: lora.path,
+        text: lora.run ? `run ${lora.run} / ${lora.name}` : `${lora.run_dir.split("/").slice(-2).join("/")} / ${lora.name}` })));
     select.value = [...select.options].some((o) => o.value === current) ? current : "";
   } catch (err) { banner(err.message); }
 }
@@ -698,7 +785,7 @@ async function runPreview(event) {
     upload: preview.upload,
     prompt: $("#preview-prompt").value,
     model: $("#preview-model").value.trim() || null,
-    lora: $("#preview-lora").value || null,
+    lora: $("#preview-lora-path").value.trim() || $("#preview-lora").value || null, // a typed path wins
     frames: Number($("#preview-frames").value),
     steps: Number($("#preview-steps").value),
     guidance: Number($("#preview-guidance").value),
@@ -724,7 +811,7 @@ async function pollPreview(id) {
   try { data = (await api("GET", `/api/previews/${id}`)).data; } catch (err) { banner(err.message); return; }
   const bar = $("#preview-progress");
   $("#preview-state").textContent = `preview ${data.id}: ${data.status}` + (data.progress ? ` (step ${data.progress.done}/${data.progress.total})` : "");
-  $("#preview-log").textContent = data.log.filter((line) => !line.startsWith('{"event": "sample_step"')).slice(-12).join("\n");
+  $("#preview-log").textContent = (data.messages || data.log).slice(-12).join("\n");
   bar.hidden = data.status !== "running";
   $("#preview-cancel").hidden = data.status !== "running";
   preview.current = data.id;

@@ -1,0 +1,51 @@
+"""The full-size product benchmark's reading of a run (bench/bench_product.py): what it reports per cap
+comes from the run's own events.jsonl, a killed run's losses are compared with its resumed run's."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_product  # noqa: E402
+
+
+def _events(start_time: float, steps: dict[int, float], *, checkpoint_at=(), validation=False) -> list[dict]:
+    events = [{"event": "start", "time": start_time},
+              {"event": "memory_plan", "time": start_time + 1, "source": "auto", "describe": "keep_attention",
+               "predicted_step_s": 12.0, "predicted_peak_gib": 60.0}]
+    t = start_time + 2
+    for step, loss in steps.items():
+        t += 40.0 if step == min(steps) else 12.0
+        events.append({"event": "step", "time": t, "step": step, "loss": loss, "s_per_step": 40.0 if step == min(steps) else 12.0 + step / 100,
+                       "peak_mem_gib": 50.0 + step, "peak_reserved_gib": 60.0 + step})
+        if step in checkpoint_at:
+            t += 1.5
+            events.append({"event": "checkpoint", "time": t, "step": step})
+    if validation:
+        t += 30.0
+        events.append({"event": "validation", "time": t, "step": max(steps), "items": [{"video": "a.mp4"}]})
+        events.append({"event": "end", "time": t + 0.1, "status": "completed"})
+    return events
+
+
+def test_a_killed_and_resumed_run_is_read_from_its_events():
+    killed = _events(0.0, {1: 2.5, 2: 2.4, 3: 2.3, 4: 2.2}, checkpoint_at=(2,))
+    first = bench_product.summarize_run(killed)
+    assert first["steps"] == [1, 2, 3, 4] and first["first_step_s"] == 40.0
+    assert first["s_per_step_median"] == 12.03  # steps 2-4: the first (compile) step is left out
+    assert first["peak_allocated_gib"] == 54.0 and first["peak_reserved_gib"] == 64.0
+    assert first["checkpoint_s"] == [1.5] and first["end"] is None and first["plan"]["predicted_step_s"] == 12.0
+    # The resumed process appends to the same file: only the part after its own `start` counts.
+    both = killed + _events(1000.0, {3: 2.3, 4: 2.2000001}, checkpoint_at=(4,), validation=True)
+    resumed = bench_product.summarize_run(both)
+    assert resumed["steps"] == [3, 4] and resumed["validation_s_per_video"] == 30.0
+    assert resumed["end"]["status"] == "completed"
+    comparison = bench_product.compare_losses(first["losses"], resumed["losses"])
+    assert comparison["steps_compared"] == ["3", "4"] and not comparison["equal"] and comparison["within_1e-3"]
+    assert bench_product.compare_losses(first["losses"], {"3": 2.3, "4": 2.2})["equal"]
+
+
+def test_caps_parse_with_the_whole_card():
+    assert bench_product.parse_caps("24, 48,whole") == [("24", 24.0), ("48", 48.0), ("whole", None)]

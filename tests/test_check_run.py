@@ -1,0 +1,170 @@
+"""`check` catches what `train` would refuse seconds later, and names the fix; `plan` and `demo` say what a user needs."""
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+from longcat_tuner.cli import main as cli_main
+from tests.conftest import write_paired_workspace
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return write_paired_workspace(tmp_path_factory.mktemp("check"), train_clips=2, eval_clips=1, frames=5, size=32)
+
+
+def write_config(folder: Path, workspace: Path, **keys) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "config.json"
+    config.write_text(json.dumps({
+        "pretrained_model_name_or_path": str(folder / "model"), "output_dir": str(folder / "out"),
+        "data_backend_config": str(workspace / "multidatabackend.json"), "eval_dataset_id": "val", **keys,
+    }))
+    return config
+
+
+def check(config: Path, capsys, *extra: str) -> tuple[int, str, str]:
+    code = cli_main(["check", "--config", str(config), "--data-only", *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_good_config_passes_and_prints_the_validation_cost(tmp_path, workspace, capsys):
+    config = write_config(tmp_path, workspace, validation_resolution="480x832", validation_num_video_frames=93,
+                          validation_num_inference_steps=40, validation_guidance=4.0, max_train_steps=1000,
+                          validation_step_interval=100)
+    code, out, err = check(config, capsys)
+    assert code == 0, err
+    # One CFG step at 480x832x93 measured 9.537 s on an H100: 40 steps, 1 eval video, validations at 100..1000.
+    assert "[validation] 1 video(s) of 480x832x93 at 40 steps with CFG: ~382 s per video on an H100" in out
+    assert "10 validation(s) -> ~64 min of the run" in out
+    code, out, _ = check(config, capsys, "--json")
+    estimate = json.loads(out)["validation_estimate"]
+    assert estimate["seconds_per_video"] == pytest.approx(381.5, abs=0.1)
+    # The distilled-size pass (guidance 1: one forward per step) measured 4.766 s: the FLOP scaling predicts it.
+    from longcat_tuner.commands.check import sampling_step_seconds
+
+    assert sampling_step_seconds(480, 832, 93, guidance=1.0) == pytest.approx(4.766, rel=0.01)
+
+
+@pytest.mark.parametrize("where,message", [
+    ("file", "is a file, not a folder; set output_dir to a folder path"),
+    ("under_file", "cannot be created: {blocker} is a file, not a folder"),
+])
+def test_output_dir_that_train_could_not_create(tmp_path, workspace, capsys, where, message):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    output_dir = blocker if where == "file" else blocker / "runs" / "x"
+    config = write_config(tmp_path, workspace, output_dir=str(output_dir))
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert message.format(blocker=blocker) in err
+
+
+def test_unwritable_output_dir(tmp_path, workspace, capsys):
+    if not Path("/proc").is_dir():
+        pytest.skip("needs /proc (a file system nobody can write, root included)")
+    config = write_config(tmp_path, workspace, output_dir="/proc/longcat-tuner-check/run")
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert "output_dir /proc/longcat-tuner-check/run is not writable" in err and "choose a folder you can write to" in err
+
+
+def test_block_swap_without_cuda_is_refused(tmp_path, workspace, capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the child process that asks torch sees no GPU
+    config = write_config(tmp_path, workspace, musubi_blocks_to_swap=4)
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert "musubi_blocks_to_swap 4 streams weights to a CUDA device and this machine has none" in err
+    assert "set it to 0 here" in err
+
+
+def test_missing_optional_packages_are_named(tmp_path, workspace, capsys):
+    keys, expected = {}, []
+    if find_spec("xformers") is None:
+        keys["attention_implementation"] = "xformers"
+        expected.append("xformers is not installed: `pip install xformers`, or set attention_implementation to auto")
+    if find_spec("bitsandbytes") is None:
+        keys["optimizer"] = "adamw8bit"
+        expected.append("needs bitsandbytes, which is not installed: `pip install bitsandbytes`")
+    if not keys:
+        pytest.skip("xformers and bitsandbytes are both installed here")
+    code, _, err = check(write_config(tmp_path, workspace, **keys), capsys)
+    assert code == 1
+    for message in expected:
+        assert message in err
+
+
+def test_missing_model_folder_does_not_exist(tmp_path, workspace, capsys):
+    config = write_config(tmp_path, workspace)
+    code = cli_main(["check", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"model folder {tmp_path / 'model'} (pretrained_model_name_or_path) does not exist" in err
+    assert "lacks" not in err
+
+
+def test_start_frame_in_the_wrong_subfolder_names_its_clip(tmp_path, workspace, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    datasets = json.loads((workspace / "multidatabackend.json").read_text())
+    for entry in datasets:
+        entry["instance_data_dir"] = entry["instance_data_dir"].replace(str(workspace / "data"), str(data))
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(datasets))
+    starts = data / "train" / "start-frames"
+    (starts / "moved").mkdir()
+    (starts / "clip_000.png").rename(starts / "moved" / "clip_000.png")
+    config = write_config(tmp_path, tmp_path)
+    code, _, err = check(config, capsys)
+    assert code == 1
+    clip = data / "train" / "clips" / "clip_000.mp4"
+    assert f"{starts / 'moved' / 'clip_000.png'}: start frame in the wrong folder: clip {clip} has this name" in err
+    assert f"move this file to {starts / 'clip_000.png'}" in err
+
+
+def test_plan_for_a_24_gb_card_names_the_allocator_setting(tmp_path, workspace, capsys):
+    config = write_config(tmp_path, workspace)
+    assert cli_main(["plan", "--config", str(config), "--gpu-memory", "24", "--resolution", "480x832", "--frames", "93"]) == 0
+    out = capsys.readouterr().out
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in out
+    assert cli_main(["plan", "--config", str(config), "--gpu-memory", "80", "--resolution", "480x832", "--frames", "93"]) == 0
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in capsys.readouterr().out  # an 80 GB card does not need it
+
+
+def test_help_does_not_claim_quanto_or_torchao_are_needed():
+    import subprocess
+    import sys
+
+    for command in ("train", "sample"):
+        text = subprocess.run([sys.executable, "-m", "longcat_tuner.cli", command, "--help"], capture_output=True,
+                              text=True, timeout=120).stdout
+        flat = " ".join(text.split())
+        assert "need optimum-quanto" not in flat and "needs torchao" not in flat and "need torchao" not in flat
+        assert "neither optimum-quanto nor torchao is needed" in flat or "no torchao or optimum-quanto needed" in flat
+
+
+def test_demo_says_the_videos_are_noise_by_design(tmp_path):
+    from PIL import Image
+
+    from longcat_tuner.commands.demo import demo_guide, read_losses, write_loss_chart
+
+    run = tmp_path / "output"
+    run.mkdir()
+    events = [{"event": "step", "step": s, "loss": 1.0 / s} for s in range(1, 11)]
+    events += [{"event": "validation", "step": 5, "heldout_loss": 0.5}, {"event": "validation", "step": 10, "heldout_loss": 0.25}]
+    (run / "events.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    losses, heldout = read_losses(run / "events.jsonl")
+    assert len(losses) == 10 and heldout == {5: 0.5, 10: 0.25}
+    chart = write_loss_chart(losses, heldout, run / "loss.png")
+    assert Image.open(chart).size == (640, 320)
+    text = demo_guide(run, loss_chart=chart, losses=losses, heldout=heldout)
+    assert "random weights" in text and "coloured noise by design" in text and "proves the pipeline" in text
+    assert "training loss: 0.7" in text and "step 5: 0.5000, step 10: 0.2500" in text
+    for where in ("events.jsonl", "held-out loss", str(chart), "longcat_lora.safetensors", str(run / "validation")):
+        assert where in text
+    script = (Path(__file__).parent.parent / "scripts" / "demo.sh").read_text()
+    assert "noise by design" in script
