@@ -244,7 +244,8 @@ def test_configure_train_watch_and_preview_in_chromium(server: str, tmp_path: Pa
             page.click("nav a[data-tab='gallery']")
             video = page.locator("#gallery video").first
             expect(video).to_be_visible(timeout=20_000)
-            expect(page.locator("#gallery")).to_contain_text("first-frame PSNR")
+            expect(page.locator("#gallery")).to_contain_text("early-frame drift (frames 1-")
+            expect(page.locator("#gallery")).to_contain_text(" dB")  # the run's own value, not "-"
             expect(page.locator("#gallery")).to_contain_text("a grey square")
             expect(video).to_have_attribute("data-loaded", "1", timeout=20_000)  # decodable by Chromium
             # Beside it, the start frame it began from (the eval split's frame, found by the server).

@@ -722,7 +722,8 @@ function renderGallery(runId, validations) {
             el("video", { src: `/api/runs/${encodeURIComponent(runId)}/files/${item.video.split("/").map(encodeURIComponent).join("/")}`, controls: true, loop: true, muted: true, preload: "metadata", playsinline: true, onloadedmetadata: markLoaded }))),
         el("figcaption", {},
           el("div", { text: item.prompt || "(empty prompt)" }),
-          el("div", { class: "muted", text: `first-frame PSNR ${item.psnr_first_frame === null || item.psnr_first_frame === undefined ? "-" : `${fmt.num(item.psnr_first_frame, 3)} dB`}` })))))));
+          el("div", { class: "muted", title: "PSNR of the first generated frames after the start frame against it: a drop means the opening drifts away from the start frame",
+            text: `early-frame drift (frames 1-${item.early_frames || 4} vs start frame) ${item.early_frame_drift_psnr === null || item.early_frame_drift_psnr === undefined ? "-" : `${fmt.num(item.early_frame_drift_psnr, 3)} dB`}` })))))));
   }
   if (!out.length) out.push(el("p", { class: "muted", text: "No validation yet for this run." }));
   $("#gallery").replaceChildren(...out);
