@@ -305,5 +305,39 @@ def test_cuda_float8_numerics_against_bf16(tiny_checkpoint, dit_cases):
             return _backward(dit, cases)
 
     (out, grad_x, grads), (ref_out, ref_grad_x, ref_grads) = run(FP8), run(MemorySettings())
-    assert rel(out, ref_out) < DIT_BOUND and rel(grad_x, ref_grad_x) < DIT_BOUND
+    # Against the bf16 DiT (CPU, bf16 autocast: output 0.013-0.016, input gradient 0.021-0.023 vs float32).
+    assert rel(out, ref_out) < DIT_BOUND and rel(grad_x, ref_grad_x) < 0.05
     assert all(torch.isfinite(g).all() and float(g.abs().sum()) > 0 for g in grads.values())
+    assert max(rel(grads[n], ref_grads[n]) for n in grads) < 0.3
+
+
+@pytest.mark.gpu
+def test_cuda_inductor_compiles_the_float8_layer():
+    """torch.compile with Inductor (Triton quantization kernels, its own _scaled_mm lowering) on CUDA gives
+    the eager float8 results."""
+    from longcat_tuner.runtime.checkpointing import checkpointed_forward
+
+    torch.manual_seed(0)
+    fp8 = nn.Linear(1024, 3072, device="cuda").requires_grad_(False)
+    convert_to_fp8_compute(nn.Sequential(fp8), targets=("0",))
+    adapter = inject_lora(nn.Sequential(fp8), rank=8, targets=("0",))["0"]
+    with torch.no_grad():
+        adapter.up.normal_(0, 0.05)
+    x = torch.randn(2, 333, 1024, device="cuda")
+
+    def layer(t):
+        return fp8(t)
+
+    def grads(forward):
+        adapter.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = forward(xg)
+        out.float().square().mean().backward()
+        return out.float(), xg.grad, adapter.down.grad.clone(), adapter.up.grad.clone()
+
+    eager = grads(checkpointed_forward(layer, "full"))
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(checkpointed_forward(layer, "full")))
+    for a, b in zip(compiled, eager):
+        assert rel(a, b) < 0.01  # fused quantization may round a few elements differently
