@@ -70,12 +70,14 @@ class TrainConfig(BaseModel):
         ...,
         description="Local folder in the official hub layout (dit/ text_encoder/ tokenizer/ vae/ scheduler/).",
     )
-    base_model_precision: Literal["no_change", "bf16", "fp32", "int8-quanto", "fp8-torchao"] = Field(
+    base_model_precision: Literal["no_change", "bf16", "fp32", "int8-quanto", "fp8-torchao", "fp8-compute"] = Field(
         "no_change",
         description="Storage precision of the frozen base weights. `no_change` means bf16 on CUDA and "
         "fp32 on CPU; `int8-quanto` / `fp8-torchao` store the block linears in 8 bits with per-row scales "
         "(our own layers: neither optimum-quanto nor torchao is needed). Left unset on CUDA, the memory plan "
-        "picks `fp8-torchao` only when nothing in bf16 fits.",
+        "picks `fp8-torchao` only when nothing in bf16 fits. `fp8-compute` (LoRA only, opt-in: never picked "
+        "by the plan) stores them as `fp8-torchao` does and also runs their forward, recompute and input "
+        "gradient as float8 matmuls (rowwise scales); adapters stay bf16/fp32.",
     )
     attention_implementation: Literal["auto", "sdpa", "xformers", "block_sparse"] = Field(
         "auto",
@@ -340,7 +342,7 @@ class TrainConfig(BaseModel):
                 "gradient_checkpointing_mode: keep_attention; otherwise use compile_scope 'block'"
             )
         if self.distributed_strategy == "fsdp" and (
-            self.musubi_blocks_to_swap or self.base_model_precision in ("int8-quanto", "fp8-torchao")
+            self.musubi_blocks_to_swap or self.base_model_precision in ("int8-quanto", "fp8-torchao", "fp8-compute")
         ):
             raise ValueError(
                 "distributed_strategy 'fsdp' shards the weights over the GPUs; it does not combine with "

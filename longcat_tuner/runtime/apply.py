@@ -4,8 +4,9 @@ A model goes through three calls, in this order:
 
 1. `load_device(settings, device)`: where to load it (the host first when block swap or 8-bit weights
    mean the whole bf16 model may not fit the GPU);
-2. `prepare_base_weights(dit, settings)`: 8-bit storage of the frozen linear weights, before adapters are
-   attached (so only base weights are quantized);
+2. `prepare_base_weights(dit, settings)`: 8-bit storage of the frozen linear weights (and, for
+   `fp8-compute`, float8 matmuls: `runtime/fp8_compute.py`), before adapters are attached (so only base
+   weights are quantized);
 3. (the caller attaches LoRA adapters or unfreezes the model) `apply_runtime(dit, settings, device)`:
    placement on the device (all but the swapped blocks' frozen tensors), then one forward per block,
    composed once from the original: torch.compile (scope `block`) inside, the checkpointing mode around
@@ -24,7 +25,7 @@ import torch.nn as nn
 
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.runtime.checkpointing import CHECKPOINT_ATTR, checkpointed_forward
-from longcat_tuner.runtime.settings import MemorySettings
+from longcat_tuner.runtime.settings import FP8_COMPUTE, MemorySettings
 
 Device = Union[str, torch.device]
 
@@ -82,8 +83,9 @@ def refuse_trained_base(settings: MemorySettings) -> None:
     whose base weights are trainable."""
     if settings.quantized:
         raise ConfigError(
-            f"base_model_precision '{settings.base_precision}' stores frozen weights in 8 bits; "
-            "a full fine-tune trains them: use model_type 'lora' or base_model_precision 'no_change'"
+            f"base_model_precision '{settings.base_precision}' stores frozen weights in 8 bits"
+            + (" and gives them no gradient (float8 matmuls)" if settings.base_precision == FP8_COMPUTE else "")
+            + "; a full fine-tune trains them: use model_type 'lora' or base_model_precision 'no_change'"
         )
     if settings.blocks_to_swap:
         raise ConfigError("musubi_blocks_to_swap streams frozen weights; a full fine-tune trains them: use model_type 'lora'")
@@ -125,6 +127,10 @@ def prepare_base_weights(dit: nn.Module, settings: MemorySettings) -> int:
 
     if trains_base_weights(dit):
         refuse_trained_base(settings)
+    if settings.base_precision == FP8_COMPUTE:
+        from longcat_tuner.runtime.fp8_compute import convert_to_fp8_compute
+
+        return convert_to_fp8_compute(dit)
     return quantize_base_weights(dit, settings.base_precision)
 
 

@@ -9,6 +9,7 @@ and returns the fastest combination whose predicted peak fits the budget. Policy
   with the pinned fields, `ConfigError` names them, the predicted peak, and the settings that would fit;
 * bf16 base weights first; 8-bit storage (`fp8-torchao`) is chosen only when nothing in bf16 fits
   (it changes the numerics of the frozen weights, so it is never picked for speed alone);
+* float8 compute (`fp8-compute`) is never chosen here, only run when the user sets it (opt-in);
 * on the CPU, for full fine-tunes, FSDP, or a DiT of another size than the calibrated 13.6B, the plan
   is the config's own settings (reported as such); the cap is still enforced on CUDA.
 """

@@ -80,6 +80,12 @@ CALIBRATION = {
     "uncheckpointed_bytes_per_token_eager": 336_000.0,
     "uncheckpointed_bytes_per_token_compiled": 293_000.0,
     "headroom_gib": 1.5,
+    # base_model_precision fp8-compute (runtime/fp8_compute.py): the frozen linears' forward, recompute and
+    # input gradient as rowwise-scaled float8 matmuls. UNCALIBRATED, NOT MEASURED on a GPU yet: the linear
+    # and element-wise work is taken to run 1.6x faster than in bf16 (Hopper's dense float8 peak is 2x
+    # bf16's; the activation/gradient quantization passes take part of it), and no dequantize cost.
+    # Memory is fp8-torchao's (same stored weights). Replace with a measurement.
+    "fp8_compute_linear_speedup": 1.6,
 }
 
 # LongCat-Video 13.6B shapes (DiTConfig defaults).
@@ -99,7 +105,8 @@ LINEAR_TARGETS = {  # (in, out, parts) of the default LoRA targets
     "ffn.w2": (FFN, HIDDEN, 1),
     "ffn.w3": (HIDDEN, FFN, 1),
 }
-QUANTIZED = ("int8-quanto", "fp8-torchao")
+FP8_COMPUTE = "fp8-compute"  # 8-bit storage as fp8-torchao, float8 matmuls (opt-in; never chosen by auto.py)
+QUANTIZED = ("int8-quanto", "fp8-torchao", FP8_COMPUTE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +119,7 @@ class Setting:
     batch: int = 1
     lora_rank: int = DEFAULT_LORA_RANK  # the schema's default (the calibration runs used 32)
     blocks_to_swap: int = 0
-    precision: str = "bf16"  # bf16 | fp8-torchao | int8-quanto (no_change = bf16 on CUDA)
+    precision: str = "bf16"  # bf16 | fp8-torchao | int8-quanto | fp8-compute (no_change = bf16 on CUDA)
     gradient_checkpointing: bool = True
     keep_attention: bool = False  # selective checkpointing: attention outputs kept, not recomputed
     keep_attention_blocks: Optional[int] = None  # with keep_attention: the first k blocks keep it (None: all)
@@ -268,7 +275,9 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
     }
     if setting.compile_checkpointed_block:
         parts = {k: v * cal["checkpointed_block_time_factor"] for k, v in parts.items()}
-    if precision in QUANTIZED:
+    if precision == FP8_COMPUTE:
+        parts["linear_and_elementwise"] /= cal["fp8_compute_linear_speedup"]  # uncalibrated (see CALIBRATION)
+    elif precision in QUANTIZED:
         parts["dequantize"] = cal["fp8_dequant_s"] * (linear_passes / 3.0)
     if setting.blocks_to_swap:
         # Each swapped block is copied in twice (forward, backward), overlapping the previous block's compute.

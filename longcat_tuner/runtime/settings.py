@@ -11,7 +11,10 @@ import dataclasses
 from typing import Any, Optional
 
 CHECKPOINTING_MODES = ("none", "full", "keep_attention", "offload_inputs")
-QUANTIZED_PRECISIONS = ("int8-quanto", "fp8-torchao")
+# 8-bit storage of the frozen block linears; `fp8-compute` also runs their matmuls in float8
+# (runtime/fp8_compute.py). Opt-in only: the automatic plan never picks it (runtime/auto.py).
+FP8_COMPUTE = "fp8-compute"
+QUANTIZED_PRECISIONS = ("int8-quanto", "fp8-torchao", FP8_COMPUTE)
 
 # MemorySettings field -> the TrainConfig key(s) it comes from.
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
@@ -38,7 +41,7 @@ class MemorySettings:
     compile_scope: str = "block"  # block | checkpointed_block (keep_attention only)
     blocks_to_swap: int = 0  # the last N blocks' frozen weights live in pinned host memory
     swap_device: str = "cpu"
-    base_precision: str = "no_change"  # no_change | bf16 | fp32 | int8-quanto | fp8-torchao
+    base_precision: str = "no_change"  # no_change | bf16 | fp32 | int8-quanto | fp8-torchao | fp8-compute
 
     def __post_init__(self) -> None:
         if self.checkpointing not in CHECKPOINTING_MODES:
