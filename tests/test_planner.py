@@ -117,6 +117,13 @@ def test_plan_command_reads_a_config(tmp_path, capsys):
     assert "settings that fit" in out
     assert main(["plan", "--config", str(config), "--resolution", "320x576", "--frames", "49"]) == 0
     assert "13x20x36" in capsys.readouterr().out
+    # The memory keys are the command's flags (from the schema): they override the file and pin the plan.
+    assert main(["plan", "--config", str(config), "--gpu-memory", "80", "--gradient_checkpointing_mode", "keep_attention",
+                 "--compile_blocks", "--musubi_blocks_to_swap", "4"]) == 0
+    out = capsys.readouterr().out
+    plan, own = out.split("the config's own settings:")
+    assert "gradient_checkpointing_mode keep_attention" in plan and "musubi_blocks_to_swap 4" in plan
+    assert "set by you:" in plan and "keep attention (selective checkpointing)" in own and "torch.compile" in own
 
 
 def test_plan_command_sizes_from_the_training_datasets_and_shows_the_train_plan(tmp_path, capsys):

@@ -14,7 +14,9 @@ import argparse
 from pathlib import Path
 
 from longcat_tuner.config.sampling import add_sampling_arguments
+from longcat_tuner.config.training import add_config_arguments
 from longcat_tuner.errors import ConfigError
+from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
 
 
 def register(subparsers) -> None:
@@ -32,11 +34,9 @@ def register(subparsers) -> None:
         "frames": "Frames per training clip; (frames - 1) must be divisible by 4. Default: the largest training "
         "dataset's video.num_frames, else validation_num_video_frames.",
     })
-    parser.add_argument("--keep-attention", action="store_true",
-                        help="plan for gradient_checkpointing_mode keep_attention (default: as in the config)")
-    parser.add_argument("--offload-activations", action="store_true",
-                        help="plan for gradient_checkpointing_mode offload_inputs (default: as in the config)")
-    parser.add_argument("--compile", action="store_true", help="plan for compile_blocks (default: as in the config)")
+    # The memory keys themselves, from the schema (`--gradient_checkpointing_mode keep_attention`,
+    # `--compile_blocks`, ...): they override the file as `train`'s flags do, and pin the plan the same way.
+    add_config_arguments(parser, names=MEMORY_CONFIG_KEYS, title="memory keys (override config.json)")
     parser.set_defaults(func=run)
 
 
@@ -48,32 +48,17 @@ def clip_size(spec, aspect: tuple[int, int] | None = None) -> tuple[int, int]:
     return resolution_size(spec, aspect)
 
 
-def setting_from_config(
-    config, *, resolution: str | None, frames: int | None, keep_attention: bool = False,
-    offload_activations: bool = False, compiled: bool = False,
-):
+def setting_from_config(config, *, resolution: str | None, frames: int | None):
+    """The planner's view of the config's memory keys (`MemorySettings.from_config`, as `train` reads them)."""
     from longcat_tuner.runtime.planner import Setting
+    from longcat_tuner.runtime.settings import MemorySettings
 
     height, width = clip_size(resolution or config.validation_resolution)
     if config.model_type != "lora":
         raise ConfigError("plan estimates LoRA training (model_type 'lora'); full fine-tuning needs several GPUs")
-    precision = config.base_model_precision
-    if precision == "no_change":
-        precision = "bf16"
-    return Setting(
-        height=height,
-        width=width,
-        frames=frames or config.validation_num_video_frames,
-        batch=config.train_batch_size,
-        lora_rank=config.lora_rank,
-        blocks_to_swap=config.musubi_blocks_to_swap,
-        precision=precision,
-        gradient_checkpointing=config.gradient_checkpointing,
-        # The config's own choices count too; the flags add to them.
-        keep_attention=keep_attention or config.gradient_checkpointing_mode == "keep_attention",
-        offload_activations=offload_activations or config.gradient_checkpointing_mode == "offload_inputs",
-        compiled=compiled or config.compile_blocks,
-        compile_checkpointed_block=config.compile_scope == "checkpointed_block",
+    return Setting.from_memory(
+        MemorySettings.from_config(config), height=height, width=width,
+        frames=frames or config.validation_num_video_frames, batch=config.train_batch_size, lora_rank=config.lora_rank,
     )
 
 
@@ -114,19 +99,16 @@ def auto_plan_text(config, setting, card_gib: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from longcat_tuner.config.training import TrainConfig
+    from longcat_tuner.config.training import TrainConfig, config_overrides
     from longcat_tuner.runtime.planner import format_plan
 
-    config = TrainConfig.from_file(args.config)
+    config = TrainConfig.from_file(args.config, overrides=config_overrides(args))
     resolution, frames = args.resolution, args.frames
     if resolution is None and frames is None:
         shape = training_shape(config)
         if shape is not None:
             resolution, frames = shape
-    setting = setting_from_config(
-        config, resolution=resolution, frames=frames, keep_attention=args.keep_attention,
-        offload_activations=args.offload_activations, compiled=args.compile,
-    )
+    setting = setting_from_config(config, resolution=resolution, frames=frames)
     print(auto_plan_text(config, setting, args.gpu_memory))
     print()
     print("the config's own settings:")
