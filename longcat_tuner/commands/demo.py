@@ -138,7 +138,7 @@ def demo_guide(run_dir: Path, *, loss_chart: Path | None = None, losses: dict[in
         f"videos under {run_dir / 'validation'}, checkpoints under {run_dir / 'checkpoints'}, every step in "
         f"{run_dir / 'events.jsonl'}",
         "Real videos need the real model: set pretrained_model_name_or_path to the LongCat-Video checkpoint "
-        "(README, \"Quick start\").",
+        "(README, \"Using it on the real model\").",
     ]
     return "\n".join(lines)
 
