@@ -65,14 +65,24 @@ def write_checkpoint(root: Path, size: str) -> float:
     return time.perf_counter() - started
 
 
-def gpu_name_and_memory() -> tuple[str, Optional[float]]:
-    """The GPU's name and GiB from nvidia-smi (this process never creates a CUDA context)."""
+def nvidia_smi(fields: str) -> Optional[list[str]]:
+    """GPU 0's `--query-gpu` values (e.g. "name,memory.total"), or None without a working nvidia-smi. The
+    benchmark asks nvidia-smi, never torch, so this process creates no CUDA context."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", "0"],
                              capture_output=True, text=True, timeout=10)
-        name, mib = out.stdout.strip().splitlines()[0].rsplit(",", 1)
-        return name.strip(), round(float(mib) / 1024, 1)
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return [value.strip() for value in lines[0].split(",")] if out.returncode == 0 and lines else None
+
+
+def gpu_name_and_memory() -> tuple[str, Optional[float]]:
+    """The GPU's name and GiB ("cpu", None without one)."""
+    values = nvidia_smi("name,memory.total")
+    try:
+        return values[0], round(float(values[1]) / 1024, 1)
+    except (TypeError, ValueError, IndexError):
         return "cpu", None
 
 
@@ -119,11 +129,10 @@ class GpuMemoryPoll:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _read(self) -> Optional[float]:
+        values = nvidia_smi("memory.used")
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                                 capture_output=True, text=True, timeout=10)
-            return float(out.stdout.strip().splitlines()[0]) if out.returncode == 0 else None
-        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            return float(values[0])
+        except (TypeError, ValueError, IndexError):
             return None
 
     def _run(self) -> None:

@@ -127,11 +127,11 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
         return args.blocks_to_swap
     from longcat_tuner.model.config import DiTConfig
     from longcat_tuner.model.loading import find_component
-    from longcat_tuner.runtime.auto import ClipShape, choose_sampling_swap, is_calibrated
+    from longcat_tuner.runtime.auto import ClipShape, budget_gib, choose_sampling_swap, is_calibrated
 
     if not is_calibrated(DiTConfig.from_file(find_component(args.model, "dit") / "config.json")):
         return 0
-    budget = min(card_gib - others_gib, args.max_gpu_memory_gib or card_gib)
+    budget = budget_gib(card_gib, others_gib, args.max_gpu_memory_gib)
     shape = ClipShape(frames=args.frames, height=height, width=width, batch=2 if args.guidance > 1 else 1,
                       has_start_frame=bool(args.image))
     swap, peak = choose_sampling_swap(shape, budget, base_precision=args.base_precision)

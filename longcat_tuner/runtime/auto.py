@@ -76,6 +76,14 @@ class Plan:
         return "\n".join(lines)
 
 
+def budget_gib(card_gib: Optional[float], others_gib: float, cap_gib: Optional[float]) -> Optional[float]:
+    """What a run may plan for: the card less what other processes hold, within `max_gpu_memory_gib`."""
+    if card_gib is None:
+        return None
+    available = card_gib - others_gib
+    return min(available, cap_gib) if cap_gib else available
+
+
 def is_calibrated(dit_config: Any) -> bool:
     """Whether the planner's numbers describe this DiT (the 13.6B release: hidden 4096, FFN 11008, 48 blocks)."""
     return (dit_config.hidden_size, dit_config.ffn_hidden_size, dit_config.depth) == (planner.HIDDEN, planner.FFN, planner.DEPTH)
@@ -184,8 +192,7 @@ def choose_plan(
     memory other processes hold on the card (the plan fits in what is left)."""
     given = MemorySettings.from_config(config)
     cap = getattr(config, "max_gpu_memory_gib", None)
-    available = None if card_gib is None else card_gib - others_gib
-    budget = None if available is None else (min(available, cap) if cap else available)
+    budget = budget_gib(card_gib, others_gib, cap)
     as_given = dict(card_gib=card_gib, cap_gib=cap, budget_gib=budget, shape=shape,
                     chosen_by={field: "config" for field in CONFIG_KEYS})
     if not cuda:
