@@ -208,6 +208,7 @@ def summarize_run(events: list[dict[str, Any]]) -> dict[str, Any]:
     steps = [e for e in events if e["event"] == "step"]
     plan = next((e for e in events if e["event"] == "memory_plan"), None)
     steady = [e["s_per_step"] for e in steps[1:]]
+    validations = [e for e in events if e["event"] == "validation"]
     summary: dict[str, Any] = {
         "steps": [e["step"] for e in steps],
         "losses": {str(e["step"]): e["loss"] for e in steps},
@@ -216,9 +217,13 @@ def summarize_run(events: list[dict[str, Any]]) -> dict[str, Any]:
         "s_per_step_all": [round(e["s_per_step"], 3) for e in steps],
         "peak_allocated_gib": _max(steps, "peak_mem_gib"),
         "peak_reserved_gib": _max(steps, "peak_reserved_gib"),
-        "validation_peak_reserved_gib": _max([e for e in events if e["event"] == "validation"], "peak_reserved_gib"),
+        # The validation's own peaks (the trainer measures it from a clean allocator), else the run's so far.
+        "validation_peak_allocated_gib": _max(validations, "validation_peak_mem_gib"),
+        "validation_peak_reserved_gib": _max(validations, "validation_peak_reserved_gib")
+        or _max(validations, "peak_reserved_gib"),
         "plan": None if plan is None else {k: plan.get(k) for k in (
-            "source", "describe", "settings", "predicted_step_s", "predicted_peak_gib", "budget_gib", "card_gib", "cap_gib")},
+            "source", "describe", "settings", "predicted_step_s", "predicted_peak_gib", "predicted_validation_peak_gib",
+            "expandable_segments", "budget_gib", "card_gib", "cap_gib")},
         "checkpoint_s": [],
         "validation_s_per_video": None,
         "end": next((e for e in reversed(events) if e["event"] == "end"), None),
@@ -268,13 +273,15 @@ def train_args(config: Path, run_dir: Path, args: argparse.Namespace, cap: Optio
         flags += ["--validation_resolution", f"{args.height}x{args.width}", "--validation_num_video_frames", str(args.frames)]
     if cap is not None:
         flags += ["--max_gpu_memory_gib", f"{cap:g}"]
+    flags += [item for key, value in args.set for item in (f"--{key}", value)]
     return cli(*flags, *extra)
 
 
 def run_cap(name: str, cap: Optional[float], config: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    kill = name in args.kill_resume
+    name = f"{name}-{args.tag}" if args.tag else name
     run_dir = work / "runs" / f"cap-{name}"
     logs = work / "logs"
-    kill = name in args.kill_resume
     first = run_cli(train_args(config, run_dir, args, cap, "--overwrite_output_dir"), logs / f"train-{name}.log",
                     kill_at_step=args.steps if kill else None, events_dir=run_dir)
     record: dict[str, Any] = {"stage": "train", "cap": name, "cap_gib": cap, "run": first}
@@ -329,6 +336,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, help="append the JSON lines here too")
     parser.add_argument("--fallback", action="append", default=[], type=lambda text: tuple(text.split("=", 1)),
                         metavar="KEY=VALUE", help="config keys for one retry of a train run that failed")
+    parser.add_argument("--set", action="append", default=[], type=lambda text: tuple(text.split("=", 1)),
+                        metavar="KEY=VALUE", help="config keys set in every train run (pinned: the plan varies the others)")
+    parser.add_argument("--tag", default="", help="suffix of the run names (runs/cap-<cap>-<tag>), e.g. for --set variants")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock budget: a command still running when it is spent is killed (its partial record is kept)")
     args = parser.parse_args(argv)

@@ -126,13 +126,21 @@ def test_start_frame_in_the_wrong_subfolder_names_its_clip(tmp_path, workspace, 
     assert f"move this file to {starts / 'clip_000.png'}" in err
 
 
-def test_plan_for_a_24_gb_card_names_the_allocator_setting(tmp_path, workspace, capsys):
+def test_plan_for_a_24_gb_card_names_the_allocator_setting_only_when_the_shell_turns_it_off(
+        tmp_path, workspace, capsys, monkeypatch):
     config = write_config(tmp_path, workspace)
-    assert cli_main(["plan", "--config", str(config), "--gpu-memory", "24", "--resolution", "480x832", "--frames", "93"]) == 0
+    args = ["plan", "--config", str(config), "--resolution", "480x832", "--frames", "93", "--gpu-memory"]
+    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(key, raising=False)
+    assert cli_main(args + ["24"]) == 0  # train turns expandable segments on itself: nothing to advise
     out = capsys.readouterr().out
-    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in out
-    assert cli_main(["plan", "--config", str(config), "--gpu-memory", "80", "--resolution", "480x832", "--frames", "93"]) == 0
-    assert "PYTORCH_CUDA_ALLOC_CONF" not in capsys.readouterr().out  # an 80 GB card does not need it
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in out and "allocator: expandable segments" in out
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:256")
+    assert cli_main(args + ["24"]) == 0
+    out = capsys.readouterr().out
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in out and "'max_split_size_mb:256'" in out
+    assert cli_main(args + ["80"]) == 0
+    assert "PYTORCH_CUDA_ALLOC_CONF=" not in capsys.readouterr().out  # an 80 GB card does not need it
 
 
 def test_help_does_not_claim_quanto_or_torchao_are_needed():

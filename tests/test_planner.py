@@ -69,13 +69,29 @@ def test_memory_terms_add_up_and_respond_to_the_knobs():
         (Setting(lora_rank=32, precision="fp8-torchao", blocks_to_swap=32), 19.43, 33.28),
         (Setting(lora_rank=32, precision="fp8-torchao", blocks_to_swap=47, offload_activations=True), 20.65, 20.12),
         (Setting(lora_rank=32, compiled=True, keep_attention=True, blocks_to_swap=12), 12.49, 59.57),
-        (Setting(lora_rank=32, compiled=True, blocks_to_swap=47, offload_activations=True), 15.04, 19.84),
     ],
 )
 def test_calibration_reproduces_the_measurements(setting, step_s, peak_gib):
     est = estimate(setting)
     assert est.step_s == pytest.approx(step_s, rel=0.04)
     assert est.peak_gib == pytest.approx(peak_gib, rel=0.04)
+
+
+@pytest.mark.parametrize(
+    "setting,step_s,peak_gib",
+    [  # `longcat-tuner train` itself (bench/bench_product.py), one H100, 2026-12-06, LoRA rank 8: the issue's
+       # bar is 10% of s/step and 2 GiB of peak allocated. (The harness's compiled offload run of 2026-11-25,
+       # 19.84 GiB at 47 swapped blocks and rank 32, was not the code train runs; this supersedes it.)
+        (Setting(lora_rank=8, compiled=True, blocks_to_swap=41, offload_activations=True), 14.35, 15.04),
+        (Setting(lora_rank=8, compiled=True, keep_attention=True, blocks_to_swap=40), 12.33, 41.37),
+        (Setting(lora_rank=8, compiled=True, keep_attention=True, compile_checkpointed_block=True, blocks_to_swap=9),
+         12.35, 60.34),
+    ],
+)
+def test_calibration_predicts_the_product_runs(setting, step_s, peak_gib):
+    est = estimate(setting)
+    assert est.step_s == pytest.approx(step_s, rel=0.10)
+    assert est.peak_gib == pytest.approx(peak_gib, abs=2.0)
 
 
 def test_swap_cost_grows_only_when_copies_outrun_compute():
@@ -145,7 +161,7 @@ def test_plan_command_sizes_from_the_training_datasets_and_shows_the_train_plan(
     out = capsys.readouterr().out
     # The largest training bucket (480 area at 16:9, 93 frames), not the validation size; the plan of `train`
     # within the config's 24 GiB cap comes first.
-    assert out.startswith("memory plan (auto):") and "at 480x832x93 (batch 1), budget 24.0 GiB" in out
+    assert out.startswith("memory plan (auto):") and "at 480x832x93 (batch 1), budget 23.2 GiB" in out
     assert "37,440 tokens" in out
 
 

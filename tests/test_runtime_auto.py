@@ -52,7 +52,7 @@ def test_plan_fits_each_cap_and_is_the_fastest_that_does(tmp_path, cap):
     config = _config(tmp_path, **({"max_gpu_memory_gib": cap} if cap else {}))
     plan = _plan(config)
     assert plan.source == "auto" and _fits(plan)
-    assert plan.budget_gib == (cap or 139.8)
+    assert plan.budget_gib == pytest.approx((cap or 139.8) - planner.CONTEXT_GIB)  # the cap is the process's
     assert set(plan.chosen_by.values()) == {"auto"}
     # No other setting the plan could choose is predicted faster within the same budget.
     for mode in ("none", "full", "keep_attention", "offload_inputs"):
@@ -77,12 +77,12 @@ def test_smaller_caps_trade_speed_for_memory(tmp_path):
 def test_eight_bit_weights_only_when_nothing_in_bf16_fits(tmp_path):
     for cap in (24, 48, 80):  # swapping blocks always beats 8-bit weights on the whole range
         assert not _plan(_config(tmp_path, max_gpu_memory_gib=cap)).settings.quantized
-    # With the swap count pinned, 8-bit weights are what lets 16 swapped blocks fit 36 GiB, and not 48.
+    # With the swap count pinned, 8-bit weights are what lets 16 swapped blocks fit 32 GiB, and not 48.
     assert not _plan(_config(tmp_path, max_gpu_memory_gib=48, musubi_blocks_to_swap=16)).settings.quantized
-    pinned = _plan(_config(tmp_path, max_gpu_memory_gib=36, musubi_blocks_to_swap=16))
+    pinned = _plan(_config(tmp_path, max_gpu_memory_gib=32, musubi_blocks_to_swap=16))
     assert pinned.settings.base_precision == "fp8-torchao" and "nothing in bf16 fits" in pinned.reason
     with pytest.raises(ConfigError, match="musubi_blocks_to_swap=16"):
-        _plan(_config(tmp_path, max_gpu_memory_gib=36, musubi_blocks_to_swap=16), fp8_ok=False)
+        _plan(_config(tmp_path, max_gpu_memory_gib=32, musubi_blocks_to_swap=16), fp8_ok=False)
     with pytest.raises(ConfigError, match="no memory setting fits"):
         _plan(_config(tmp_path, max_gpu_memory_gib=12))
 
@@ -104,7 +104,7 @@ def test_a_pinned_setting_that_cannot_fit_names_the_keys_and_what_would(tmp_path
         _plan(config)
     message = str(err.value)
     assert "gradient_checkpointing=False" in message and "musubi_blocks_to_swap=0" in message
-    assert "within 24.0 GiB" in message and "settings that would fit:" in message
+    assert "within 23.2 GiB" in message and "settings that would fit:" in message  # 24 less the CUDA context
     assert "musubi_blocks_to_swap" in message.split("would fit:")[1]
 
 
@@ -163,17 +163,24 @@ def test_trainer_plans_from_the_largest_bucket_and_enforces_the_cap(tmp_path, mo
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     monkeypatch.setattr(auto, "is_calibrated", lambda dit_config: True)  # the tiny DiT stands in for the 13.6B one
     keys = [(33, 320, 320, True), (93, 480, 832, True), (93, 480, 832, False), (61, 480, 480, True)]
-    data = types.SimpleNamespace(dataset=types.SimpleNamespace(group_keys=lambda: keys))
+    start = torch.zeros(3, 480, 832)
+    items = [types.SimpleNamespace(start_frame=torch.zeros(3, 320, 320), size=None),
+             types.SimpleNamespace(start_frame=start, size=None)]
+    data = types.SimpleNamespace(dataset=types.SimpleNamespace(group_keys=lambda: keys), validation_items=items)
     precision = trainer.Precision(device=torch.device("cuda"), base_dtype=torch.bfloat16, autocast_dtype=torch.bfloat16)
     plan = trainer.plan_memory(config, data, precision, SingleProcess())
-    assert fractions == [pytest.approx(48 / 144)]
+    assert fractions == [pytest.approx((48 - planner.CONTEXT_GIB) / 144)]  # the context lives outside the allocator
     assert plan.shape == ClipShape(frames=93, height=480, width=832, batch=1, has_start_frame=True)
-    assert plan.source == "auto" and plan.budget_gib == 48
-    assert plan.settings == _plan(config, card_gib=144).settings
+    assert plan.source == "auto" and plan.budget_gib == pytest.approx(48 - planner.CONTEXT_GIB)
+    # The eval clip's start frame sets the validation shape, which must fit too (batch 2: CFG).
+    assert plan.predicted_validation_peak_gib is not None
+    assert plan.settings == _plan(config, card_gib=144, validation=ClipShape(frames=config.validation_num_video_frames,
+                                  height=480, width=832, batch=2), expandable_segments=plan.expandable_segments).settings
     # With the cap lifted, the plan fits what the other process left (144 - 44 + the context allowance).
     uncapped = trainer.plan_memory(config.model_copy(update={"max_gpu_memory_gib": None}), data, precision,
                                    SingleProcess())
-    assert uncapped.budget_gib == pytest.approx(100 + 0.6) and "held by other processes" in uncapped.reason
+    # (144 - 100 - 0 reserved - context = 44 - 0.8 held by others; budget 144 - 43.2 - context = 100)
+    assert uncapped.budget_gib == pytest.approx(100) and "held by other processes" in uncapped.reason
 
 
 def test_cpu_training_records_its_plan(tmp_path):
@@ -324,5 +331,43 @@ def test_room_left_on_the_card_goes_to_uncheckpointed_blocks(tmp_path):
 def test_memory_held_by_other_processes_shrinks_the_budget(tmp_path):
     alone = _plan(_config(tmp_path), card_gib=79.2)
     shared = _plan(_config(tmp_path), card_gib=79.2, others_gib=7.0)
-    assert shared.budget_gib == pytest.approx(72.2) and "7.0 GiB of it held by other processes" in shared.reason
+    assert shared.budget_gib == pytest.approx(72.2 - planner.CONTEXT_GIB) and "7.0 GiB of it held by other processes" in shared.reason
     assert shared.predicted_peak_gib < alone.predicted_peak_gib
+
+
+def test_validation_must_fit_beside_training_or_the_plan_says_it_may_not(tmp_path):
+    """Validation runs with the training state resident: a plan that fits training alone but not a batch-2
+    validation video swaps more blocks; when no plan fits both, training still runs and the reason warns."""
+    from longcat_tuner.runtime.auto import Workload, validation_peak_gib
+
+    config = _config(tmp_path, max_gpu_memory_gib=24)
+    alone = _plan(config)
+    big = ClipShape(frames=93, height=576, width=1024, batch=2)
+    with_validation = _plan(config, validation=big)
+    assert with_validation.settings.blocks_to_swap > alone.settings.blocks_to_swap
+    assert with_validation.predicted_validation_peak_gib == validation_peak_gib(
+        with_validation.settings, Workload(GUIDE_SHAPE, lora_rank=32, validation=big))
+    assert planner.fits_gib(with_validation.predicted_validation_peak_gib, with_validation.budget_gib)
+    assert not planner.fits_gib(validation_peak_gib(alone.settings, Workload(GUIDE_SHAPE, lora_rank=32, validation=big)),
+                                alone.budget_gib)
+    assert "may run out of memory" not in with_validation.reason
+    huge = _plan(config, validation=ClipShape(frames=93, height=720, width=1280, batch=2))
+    assert huge.settings == alone.settings  # training is not given up for the validation
+    assert "validation at 720x1280x93 (batch 2) does not fit beside training" in huge.reason
+    assert "validation_resolution" in huge.reason
+    assert huge.to_event()["predicted_validation_peak_gib"] > huge.budget_gib
+
+
+def test_expandable_segments_let_the_plan_use_the_reserve_the_default_allocator_wastes(tmp_path):
+    """The default allocator reserves up to 1.25x the allocation with the compiled checkpointed block; with
+    expandable segments (what train uses unless told otherwise) that slack goes to fewer swapped blocks."""
+    config = _config(tmp_path)
+    default = _plan(config, card_gib=79.2)
+    expandable = _plan(config, card_gib=79.2, expandable_segments=True)
+    assert expandable.settings.blocks_to_swap < default.settings.blocks_to_swap
+    assert expandable.predicted_step_s <= default.predicted_step_s
+    estimate = planner.estimate(planner.Setting.from_memory(expandable.settings, height=480, width=832, frames=93,
+                                                            lora_rank=32, expandable_segments=True))
+    assert estimate.reserved_factor == planner.CALIBRATION["reserved_factor_expandable"]
+    assert planner.fits(estimate, expandable.budget_gib)
+    assert expandable.to_event()["expandable_segments"] is True and "expandable segments" in expandable.summary()

@@ -13,6 +13,9 @@ from longcat_tuner.errors import ConfigError
 
 
 def run(args: argparse.Namespace) -> int:
+    from longcat_tuner.runtime.allocator import use_default_allocator
+
+    use_default_allocator()  # before CUDA starts (runtime/allocator.py)
     import torch
 
     from longcat_tuner.data.backends import plan_summary

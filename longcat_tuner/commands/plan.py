@@ -89,10 +89,16 @@ def auto_plan_text(config, setting, card_gib: float) -> str:
     from longcat_tuner.runtime.auto import ClipShape, choose_plan
     from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
 
+    from longcat_tuner.runtime.allocator import would_use_expandable
+
     shape = ClipShape(frames=setting.frames, height=setting.height, width=setting.width, batch=setting.batch)
+    # Validation taken at the training size (its start frames are the eval clips', usually the same bucket).
+    validation = ClipShape(frames=config.validation_num_video_frames, height=setting.height, width=setting.width,
+                           batch=2 if config.validation_guidance > 1 else 1)
     try:
         plan = choose_plan(config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS), shape=shape,
-                           cuda=True, card_gib=card_gib)
+                           cuda=True, card_gib=card_gib, validation=validation,
+                           expandable_segments=would_use_expandable())
     except ConfigError as err:
         return f"memory plan: {err}"
     return plan.summary()
@@ -134,14 +140,14 @@ ALLOCATOR_SETTING = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
 
 
 def allocator_advice(card_gib: float) -> str | None:
-    """The allocator setting a small card needs (README), or None for a card with room to spare."""
-    import os
+    """Advice when this shell's allocator setting turns off the expandable segments a small card needs
+    (`train` and `sample` use them unless PYTORCH_CUDA_ALLOC_CONF says otherwise), else None."""
+    from longcat_tuner.runtime.allocator import user_setting, would_use_expandable
 
-    if card_gib > EXPANDABLE_SEGMENTS_UP_TO_GIB:
+    if card_gib > EXPANDABLE_SEGMENTS_UP_TO_GIB or would_use_expandable():
         return None
-    set_here = "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     return (
-        f"a {card_gib:g} GiB card also needs the allocator setting {ALLOCATOR_SETTING} (README \"Memory ladder\": "
-        "at the lowest-memory settings the allocator's reserve comes within a GiB or so of a 24 GB card): "
-        + ("it is set in this shell." if set_here else f"run `export {ALLOCATOR_SETTING}` before `longcat-tuner train`.")
+        f"a {card_gib:g} GiB card needs the allocator's expandable segments (README \"Memory ladder\": at the "
+        "lowest-memory settings the default allocator's reserve comes within a GiB or so of a 24 GB card), but this "
+        f"shell sets {user_setting()!r}: unset it (train then uses them) or `export {ALLOCATOR_SETTING}`."
     )

@@ -42,6 +42,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from longcat_tuner.runtime.allocator import use_default_allocator
+
+    use_default_allocator()  # before CUDA starts (runtime/allocator.py)
     from longcat_tuner.train.distributed import init_distributed
 
     # Under torchrun every process shares the one clip (sequence parallelism over all of them), rank 0 writes.
@@ -134,7 +137,10 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
     budget = budget_gib(card_gib, others_gib, args.max_gpu_memory_gib)
     shape = ClipShape(frames=args.frames, height=height, width=width, batch=2 if args.guidance > 1 else 1,
                       has_start_frame=bool(args.image))
-    swap, peak = choose_sampling_swap(shape, budget, base_precision=args.base_precision)
+    from longcat_tuner.runtime.allocator import expandable_in_use
+
+    swap, peak = choose_sampling_swap(shape, budget, base_precision=args.base_precision,
+                                      expandable_segments=expandable_in_use())
     print(f"memory plan: --blocks-to-swap {swap} (predicted {peak:.1f} GiB at {shape.text}, budget {budget:.1f} GiB)",
           file=sys.stderr)
     return swap

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.runtime.checkpointing import CHECKPOINT_ATTR, checkpointed_forward
+from longcat_tuner.runtime.planner import CONTEXT_GIB
 from longcat_tuner.runtime.settings import FP8_COMPUTE, MemorySettings
 
 Device = Union[str, torch.device]
@@ -91,19 +92,16 @@ def refuse_trained_base(settings: MemorySettings) -> None:
         raise ConfigError("musubi_blocks_to_swap streams frozen weights; a full fine-tune trains them: use model_type 'lora'")
 
 
-# What a CUDA context and the kernels loaded with it take on the card, outside PyTorch's allocator.
-CONTEXT_GIB = 0.6
-
-
 def gpu_budget(device: Device, cap_gib: Optional[float]) -> tuple[float, float]:
-    """(the card's GiB, GiB other processes hold on it now), with `cap_gib` enforced on this process
-    (PyTorch's per-process memory fraction). `train` and `sample` plan within min(card - others, cap)."""
+    """(the card's GiB, GiB other processes hold on it now), with `cap_gib` enforced on this process: the cap
+    is the whole process's, so PyTorch's per-process memory fraction is the cap less the CUDA context
+    (`CONTEXT_GIB`, outside the allocator). `train` and `sample` plan within `runtime.auto.budget_gib`."""
     device = torch.device(device)
     if device.index is None:  # "cuda": the current device (the memory-fraction call wants an index)
         device = torch.device("cuda", torch.cuda.current_device())
     card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     if cap_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / card_gib), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, cap_gib - CONTEXT_GIB) / card_gib), device)
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = (total - free - torch.cuda.memory_reserved(device)) / 2**30 - CONTEXT_GIB
     return card_gib, (used_by_others if used_by_others >= 1.0 else 0.0)

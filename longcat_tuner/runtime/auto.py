@@ -10,6 +10,11 @@ and returns the fastest combination whose predicted peak fits the budget. Policy
 * bf16 base weights first; 8-bit storage (`fp8-torchao`) is chosen only when nothing in bf16 fits
   (it changes the numerics of the frozen weights, so it is never picked for speed alone);
 * float8 compute (`fp8-compute`) is never chosen here, only run when the user sets it (opt-in);
+* the budget is the card less other processes' memory, within the cap, less this process's CUDA context;
+  the validation video (batch 2 with CFG) must fit beside the training state as well (if only training
+  fits, the plan says validation may run out of memory; that is a warning of the run, not its end);
+* the allocator's reserve above the allocation is the calibrated factor of the allocator in use (train
+  and sample turn on expandable segments unless the user set the allocator: runtime/allocator.py);
 * on the CPU, for full fine-tunes, FSDP, or a DiT of another size than the calibrated 13.6B, the plan
   is the config's own settings (reported as such); the cap is still enforced on CUDA.
 """
@@ -54,6 +59,8 @@ class Plan:
     predicted_step_s: Optional[float] = None
     predicted_peak_gib: Optional[float] = None
     chosen_by: dict[str, str] = dataclasses.field(default_factory=dict)  # field -> "auto" | "config"
+    predicted_validation_peak_gib: Optional[float] = None
+    expandable_segments: Optional[bool] = None  # the allocator's (None: not known, e.g. on the CPU)
 
     def to_event(self) -> dict[str, Any]:
         return {
@@ -61,7 +68,8 @@ class Plan:
             "describe": self.settings.describe(), "budget_gib": self.budget_gib, "card_gib": self.card_gib,
             "cap_gib": self.cap_gib, "shape": dataclasses.asdict(self.shape) if self.shape else None,
             "predicted_step_s": self.predicted_step_s, "predicted_peak_gib": self.predicted_peak_gib,
-            "chosen_by": dict(self.chosen_by),
+            "chosen_by": dict(self.chosen_by), "predicted_validation_peak_gib": self.predicted_validation_peak_gib,
+            "expandable_segments": self.expandable_segments,
         }
 
     def summary(self) -> str:
@@ -71,17 +79,20 @@ class Plan:
             lines.append(
                 f"  predicted {self.predicted_step_s:.1f} s/step, peak {self.predicted_peak_gib:.1f} GiB allocated "
                 f"at {self.shape.text}, budget {self.budget_gib:.1f} GiB"
+                + (f"; validation {self.predicted_validation_peak_gib:.1f} GiB" if self.predicted_validation_peak_gib else "")
+                + ("; allocator: expandable segments" if self.expandable_segments else "")
             )
         lines.append(f"  why: {self.reason}")
         return "\n".join(lines)
 
 
 def budget_gib(card_gib: Optional[float], others_gib: float, cap_gib: Optional[float]) -> Optional[float]:
-    """What a run may plan for: the card less what other processes hold, within `max_gpu_memory_gib`."""
+    """What PyTorch's allocator may hold in a run: the card less what other processes hold, within
+    `max_gpu_memory_gib` (the whole process's cap), less this process's CUDA context."""
     if card_gib is None:
         return None
     available = card_gib - others_gib
-    return min(available, cap_gib) if cap_gib else available
+    return round((min(available, cap_gib) if cap_gib else available) - planner.CONTEXT_GIB, 3)
 
 
 def is_calibrated(dit_config: Any) -> bool:
@@ -129,29 +140,67 @@ def _candidates(pinned: dict[str, Any], *, allow_none: bool, compile_ok: bool, p
                     )
 
 
-def _estimate(settings: MemorySettings, shape: ClipShape, lora_rank: int) -> planner.Estimate:
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What a plan is sized for: the largest training clip, the validation video (None: no validation),
+    the LoRA rank and whether the allocator runs expandable segments (runtime/allocator.py)."""
+
+    shape: ClipShape
+    lora_rank: int = planner.DEFAULT_LORA_RANK
+    validation: Optional[ClipShape] = None  # batch 2 when CFG batches the two passes
+    expandable_segments: bool = False
+
+
+def _estimate(settings: MemorySettings, work: Workload) -> planner.Estimate:
+    shape = work.shape
     return planner.estimate(planner.Setting.from_memory(
         settings, height=shape.height, width=shape.width, frames=shape.frames, batch=shape.batch,
-        lora_rank=lora_rank, num_cond_latents=1 if shape.has_start_frame else 0,
+        lora_rank=work.lora_rank, num_cond_latents=1 if shape.has_start_frame else 0,
+        expandable_segments=work.expandable_segments,
     ))
 
 
-def _most_uncheckpointed(settings: MemorySettings, estimate: planner.Estimate, shape: ClipShape, budget_gib: float,
-                         lora_rank: int) -> tuple[MemorySettings, planner.Estimate]:
+def validation_peak_gib(settings: MemorySettings, work: Workload) -> Optional[float]:
+    """Predicted peak allocated GiB of a validation video during training: the resident base weights and the
+    LoRA training state (optimizer included) plus one denoising forward's working set at the validation
+    shape (`SAMPLING_WORKING_SHARE`, as for `sample`); None without validation."""
+    shape = work.validation
+    if shape is None:
+        return None
+    setting = planner.Setting.from_memory(
+        settings, height=shape.height, width=shape.width, frames=shape.frames, batch=shape.batch,
+        lora_rank=work.lora_rank, num_cond_latents=1 if shape.has_start_frame else 0,
+        expandable_segments=work.expandable_segments,
+    )
+    memory = planner.estimate(setting).memory_gib
+    return round(memory["base_weights"] + memory["lora_training_state"]
+                 + SAMPLING_WORKING_SHARE * memory["block_working_set"], 2)
+
+
+def _fits(settings: MemorySettings, estimate: planner.Estimate, work: Workload, budget_gib: float) -> bool:
+    """Training and (when the run validates) validation both fit `budget_gib`."""
+    if not planner.fits(estimate, budget_gib):
+        return False
+    validation = validation_peak_gib(settings, work)
+    return validation is None or planner.fits_gib(validation, budget_gib, estimate.reserved_factor)
+
+
+def _most_uncheckpointed(settings: MemorySettings, estimate: planner.Estimate, work: Workload,
+                         budget_gib: float) -> tuple[MemorySettings, planner.Estimate]:
     """`settings` with the most blocks left out of checkpointing that still fit (each one skips its recompute)."""
     low, high, found = 0, planner.DEPTH, (settings, estimate)
     while low < high:  # the peak grows with every block left out: the largest count that fits
         middle = (low + high + 1) // 2
         candidate = dataclasses.replace(settings, uncheckpointed_blocks=middle)
-        candidate_estimate = _estimate(candidate, shape, lora_rank)
-        if planner.fits(candidate_estimate, budget_gib):
+        candidate_estimate = _estimate(candidate, work)
+        if _fits(candidate, candidate_estimate, work, budget_gib):
             low, found = middle, (candidate, candidate_estimate)
         else:
             high = middle - 1
     return found
 
 
-def _fastest(pinned: dict[str, Any], shape: ClipShape, budget_gib: float, *, lora_rank: int, compile_ok: bool,
+def _fastest(pinned: dict[str, Any], work: Workload, budget_gib: float, *, compile_ok: bool,
              precisions: tuple[str, ...]) -> Optional[tuple[MemorySettings, planner.Estimate]]:
     """The fastest settings that fit `budget_gib` (fewest swapped blocks per combination), or None.
 
@@ -163,10 +212,10 @@ def _fastest(pinned: dict[str, Any], shape: ClipShape, budget_gib: float, *, lor
             swaps = [pinned["blocks_to_swap"]] if "blocks_to_swap" in pinned else range(0, planner.DEPTH + 1)
             for swap in swaps:
                 settings = dataclasses.replace(base, blocks_to_swap=swap)
-                estimate = _estimate(settings, shape, lora_rank)
-                if planner.fits(estimate, budget_gib):
+                estimate = _estimate(settings, work)
+                if _fits(settings, estimate, work, budget_gib):
                     if base.checkpointing != "none" and "uncheckpointed_blocks" not in pinned:
-                        settings, estimate = _most_uncheckpointed(settings, estimate, shape, budget_gib, lora_rank)
+                        settings, estimate = _most_uncheckpointed(settings, estimate, work, budget_gib)
                     if best is None or (estimate.step_s, estimate.peak_gib) < (best[1].step_s, best[1].peak_gib):
                         best = (settings, estimate)
                     break  # more swapped blocks are only slower
@@ -187,9 +236,13 @@ def choose_plan(
     fp8_ok: bool = True,
     calibrated_model: bool = True,
     distributed_strategy: Optional[str] = None,
+    validation: Optional[ClipShape] = None,
+    expandable_segments: bool = False,
 ) -> Plan:
     """The run's `Plan` (see the module docstring). `explicit`: the config keys the user set; `others_gib`:
-    memory other processes hold on the card (the plan fits in what is left)."""
+    memory other processes hold on the card (the plan fits in what is left); `validation`: the largest
+    validation video (batch 2 with CFG), which must fit beside the training state too; `expandable_segments`:
+    the allocator the run uses (it sets how much the reserve exceeds the allocation)."""
     given = MemorySettings.from_config(config)
     cap = getattr(config, "max_gpu_memory_gib", None)
     budget = budget_gib(card_gib, others_gib, cap)
@@ -208,9 +261,23 @@ def choose_plan(
     pinned = pinned_fields(config, explicit)
     precisions = (given.base_precision,) if "base_precision" in pinned else (
         ("no_change", "fp8-torchao") if fp8_ok else ("no_change",))
-    found = _fastest(pinned, shape, budget, lora_rank=config.lora_rank, compile_ok=compile_ok, precisions=precisions)
+    work = Workload(shape, lora_rank=config.lora_rank, validation=validation, expandable_segments=expandable_segments)
+    found = _fastest(pinned, work, budget, compile_ok=compile_ok, precisions=precisions)
+    validation_warning = ""
+    if found is None and validation is not None:
+        # Training fits but validation beside it does not: train anyway (a validation that runs out of memory
+        # is a warning of the run, not its end) and say so now.
+        work = dataclasses.replace(work, validation=None)
+        found = _fastest(pinned, work, budget, compile_ok=compile_ok, precisions=precisions)
+        if found is not None:
+            validation_warning = (
+                f"; validation at {validation.text} does not fit beside training (predicted "
+                f"{validation_peak_gib(found[0], dataclasses.replace(work, validation=validation)):.1f} GiB): "
+                "it may run out of memory (training goes on); lower validation_resolution or "
+                "validation_num_video_frames, or set validation_guidance 1"
+            )
     if found is None:
-        free = _fastest({}, shape, budget, lora_rank=config.lora_rank, compile_ok=compile_ok,
+        free = _fastest({}, work, budget, compile_ok=compile_ok,
                         precisions=("no_change", "fp8-torchao") if fp8_ok else ("no_change",))
         where = f"{shape.text} within {budget:.1f} GiB"
         if pinned and free is not None:
@@ -234,9 +301,12 @@ def choose_plan(
         + f" at the largest training clip {shape.text}"
         + (f"; set by you: {', '.join(sorted(set(CONFIG_KEYS) - set(auto_fields)))}" if pinned else "")
         + ("; 8-bit base weights because nothing in bf16 fits" if settings.quantized and "base_precision" not in pinned else "")
+        + validation_warning
     )
     return Plan(settings, "auto", reason, budget_gib=budget, card_gib=card_gib, cap_gib=cap, shape=shape,
-                predicted_step_s=estimate.step_s, predicted_peak_gib=estimate.peak_gib, chosen_by=chosen_by)
+                predicted_step_s=estimate.step_s, predicted_peak_gib=estimate.peak_gib, chosen_by=chosen_by,
+                predicted_validation_peak_gib=validation_peak_gib(settings, dataclasses.replace(work, validation=validation)),
+                expandable_segments=expandable_segments)
 
 
 def _pinned_keys(given: MemorySettings, pinned: dict[str, Any]) -> dict[str, Any]:
@@ -265,11 +335,13 @@ def sampling_peak_gib(shape: ClipShape, blocks_to_swap: int, base_precision: str
     return memory["base_weights"] + SAMPLING_WORKING_SHARE * memory["block_working_set"]
 
 
-def choose_sampling_swap(shape: ClipShape, budget_gib: float, *, base_precision: str = "no_change") -> tuple[int, float]:
+def choose_sampling_swap(shape: ClipShape, budget_gib: float, *, base_precision: str = "no_change",
+                         expandable_segments: bool = False) -> tuple[int, float]:
     """(fewest swapped blocks whose sampling peak fits `budget_gib`, that peak); `ConfigError` when none does."""
+    factor = planner.reserved_factor(planner.Setting(expandable_segments=expandable_segments))
     for swap in range(planner.DEPTH + 1):
         peak = sampling_peak_gib(shape, swap, base_precision)
-        if planner.fits_gib(peak, budget_gib):
+        if planner.fits_gib(peak, budget_gib, factor):
             return swap, peak
     raise ConfigError(
         f"sampling {shape.text} does not fit {budget_gib:.1f} GiB even with every block swapped "

@@ -58,7 +58,11 @@ CALIBRATION = {
     "working_bytes_per_token_compiled": 293_000.0,
     # Offloaded checkpointing holds a larger backward working set (the block's output gradient, its input
     # and the recomputed graph at once): 20.12 GiB measured vs 15.17 GiB counted -> 4.95 GiB -> 142 KB.
-    "offload_extra_bytes_per_token": 142_000.0,
+    "offload_extra_bytes_per_token_eager": 142_000.0,
+    # Compiled blocks hold no such extra: the product benchmark's 24 GiB plan (offload_inputs, compiled, 41
+    # swapped, rank 8) peaked at 15.04 GiB allocated against 15.65 counted without it (one H100, 2026-12-06,
+    # bench/results/product-2026-12-06-h100-cap24.jsonl; 20.60 with the eager extra).
+    "offload_extra_bytes_per_token_compiled": 0.0,
     # Reserved (what nvidia-smi shows) over allocated, seen up to 1.25x with offload; used for "fits".
     "reserved_factor": 1.08,
     # compile_scope checkpointed_block (keep_attention, compiled, 12 swapped blocks), one H200, 2026-12-02
@@ -73,6 +77,11 @@ CALIBRATION = {
     # swapped blocks it ran out of memory with 8.6 GiB reserved but unallocated. 1.25 keeps it off
     # budgets where that slack does not fit.
     "reserved_factor_checkpointed_block": 1.25,
+    # With expandable segments (runtime/allocator.py, what train and sample use unless the user sets the
+    # allocator) freed pages serve any size, so the reserve stays near the allocation whatever the scope.
+    # UNCALIBRATED: a guess between the default allocator's eager 1.08 and 1.0, to be replaced by the
+    # product benchmark's reserved/allocated.
+    "reserved_factor_expandable": 1.04,
     # A block left out of checkpointing (gradient_checkpointing_uncheckpointed_blocks) stores its activations
     # for backward instead of its input. Not measured on its own yet: taken as the whole working set of a
     # block's recompute + backward above (an upper bound of what autograd keeps), so a plan errs on the
@@ -87,6 +96,12 @@ CALIBRATION = {
     # Memory is fp8-torchao's (same stored weights). Replace with a measurement.
     "fp8_compute_linear_speedup": 1.6,
 }
+
+# What a CUDA context and the kernels loaded with it take on the card outside PyTorch's allocator: 0.8 GiB
+# on an H100 with torch 2.11+cu130 (an out-of-memory report of 2026-12-06: 71.71 GiB in use by the process,
+# 70.91 reserved by PyTorch). A memory cap is the whole process's, so plans and the allocator get the cap
+# less this.
+CONTEXT_GIB = 0.8
 
 # LongCat-Video 13.6B shapes (DiTConfig defaults).
 HIDDEN = 4096
@@ -128,11 +143,12 @@ class Setting:
     compiled: bool = False  # torch.compile of the blocks
     compile_checkpointed_block: bool = False  # compile_scope checkpointed_block (compiled + keep_attention)
     num_cond_latents: int = 1
+    expandable_segments: bool = False  # the CUDA allocator's expandable segments (runtime/allocator.py)
 
     @classmethod
     def from_memory(cls, memory, *, height: int, width: int, frames: int, batch: int = 1,
-                    lora_rank: int = DEFAULT_LORA_RANK,
-                    num_cond_latents: int = 1) -> "Setting":
+                    lora_rank: int = DEFAULT_LORA_RANK, num_cond_latents: int = 1,
+                    expandable_segments: bool = False) -> "Setting":
         """The planner's view of `memory` (a `runtime.settings.MemorySettings`) at one clip shape."""
         precision = "bf16" if memory.base_precision == "no_change" else memory.base_precision
         return cls(
@@ -144,7 +160,7 @@ class Setting:
             uncheckpointed_blocks=memory.uncheckpointed_blocks if memory.checkpointing != "none" else 0,
             offload_activations=memory.checkpointing == "offload_inputs",
             compiled=memory.compile_blocks, compile_checkpointed_block=memory.compiles_checkpointed_block,
-            num_cond_latents=num_cond_latents,
+            num_cond_latents=num_cond_latents, expandable_segments=expandable_segments,
         )
 
     @property
@@ -247,7 +263,7 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
     checkpointed = DEPTH - setting.uncheckpointed
     if setting.gradient_checkpointing:
         if setting.offload_activations:
-            memory["offload_working_set"] = n * cal["offload_extra_bytes_per_token"]
+            memory["offload_working_set"] = n * cal[f"offload_extra_bytes_per_token_{mode}"]
         else:
             memory["checkpointed_inputs"] = checkpointed * hidden_state
         if setting.keep_attention:
@@ -294,8 +310,16 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
         peak_gib=round(peak / GIB, 2),
         step_s=round(step, 2),
         step_parts_s={k: round(v, 2) for k, v in parts.items()},
-        reserved_factor=cal["reserved_factor_checkpointed_block"] if setting.compile_checkpointed_block else cal["reserved_factor"],
+        reserved_factor=reserved_factor(setting, cal),
     )
+
+
+def reserved_factor(setting: Setting, calibration: Optional[dict] = None) -> float:
+    """Reserved over allocated expected for `setting` under its allocator (see CALIBRATION)."""
+    cal = CALIBRATION if calibration is None else calibration
+    if setting.expandable_segments:
+        return cal["reserved_factor_expandable"]
+    return cal["reserved_factor_checkpointed_block"] if setting.compile_checkpointed_block else cal["reserved_factor"]
 
 
 def fits(est: Estimate, gpu_memory_gib: float) -> bool:

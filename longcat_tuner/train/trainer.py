@@ -39,6 +39,7 @@ from longcat_tuner.devices import default_dtype
 from longcat_tuner.errors import CheckpointError, ConfigError, GPUMemoryError, LongcatError
 from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
 from longcat_tuner.model.inspect import WEIGHTS_NAME
+from longcat_tuner.runtime.allocator import expandable_in_use, use_default_allocator
 from longcat_tuner.generate import SamplingProgress
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
@@ -191,6 +192,23 @@ def largest_clip(data: TrainingData, batch_size: int) -> Optional[Any]:
     return ClipShape(frames=frames, height=height, width=width, batch=batch_size, has_start_frame=has_start)
 
 
+def largest_validation(data: TrainingData, config: TrainConfig) -> Optional[Any]:
+    """The validation video with the most pixels, batch 2 when CFG batches its two passes (None: no videos)."""
+    from longcat_tuner.runtime.auto import ClipShape
+
+    sizes = []
+    for item in data.validation_items:
+        if item.start_frame is not None:
+            sizes.append((tuple(item.start_frame.shape[-2:]), True))
+        elif item.size is not None:
+            sizes.append((tuple(item.size), False))
+    if not sizes:
+        return None
+    (height, width), has_start = max(sizes, key=lambda s: (s[0][0] * s[0][1], s[1]))
+    return ClipShape(frames=config.validation_num_video_frames, height=height, width=width,
+                     batch=2 if config.validation_guidance > 1 else 1, has_start_frame=has_start)
+
+
 def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, parallel: SingleProcess) -> Any:
     """The run's memory settings (`runtime.auto.choose_plan`) for this card, cap and largest bucket; on
     CUDA the cap is enforced with PyTorch's per-process memory fraction."""
@@ -210,7 +228,8 @@ def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, p
         config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS),
         shape=largest_clip(data, config.train_batch_size), cuda=cuda, card_gib=card_gib, others_gib=others_gib,
         compile_ok=find_spec("triton") is not None, calibrated_model=is_calibrated(dit_config),
-        distributed_strategy=parallel.distributed_strategy,
+        distributed_strategy=parallel.distributed_strategy, validation=largest_validation(data, config),
+        expandable_segments=cuda and expandable_in_use(),
     )
 
 
@@ -315,6 +334,7 @@ def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metad
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train as `config` says; returns where the outputs are. Raises `LongcatError` on user errors."""
+    use_default_allocator()  # expandable segments unless the user set the allocator, before CUDA starts
     parallel = parallel_strategy(config)  # single-process unless launched by torchrun
     with claimed_output_dir(config, parallel) as events, reported_end(events):
         run = start_run(config, Path(config.output_dir), events, progress and parallel.is_writer, parallel)
@@ -439,9 +459,11 @@ class Run:
     saved_at: Optional[int] = None  # the newest step with a checkpoint
     nonfinite_in_a_row: int = 0
     seconds_avg: Optional[float] = None  # smoothed s/step for the ETA
+    memory: Optional["MemoryPeaks"] = None  # the run's peak GPU memory (set from the device)
 
     def __post_init__(self) -> None:
         self.model = self.model or self.dit
+        self.memory = self.memory or MemoryPeaks(self.precision.device)
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -638,8 +660,7 @@ def log_step(run: Run, result: TrainResult, bar: Any, loss: float, grad_norm: fl
     run.events.emit(
         "step", step=run.step, total_steps=run.total_steps, loss=loss, lr=run.scheduler.get_last_lr()[0],
         s_per_step=seconds, eta_s=run.seconds_avg * (run.total_steps - run.step),
-        peak_mem_gib=_peak_memory_gib(run.precision.device),
-        peak_reserved_gib=_peak_memory_gib(run.precision.device, reserved=True), grad_norm=grad_norm, skipped=skipped,
+        **run.memory.read(), grad_norm=grad_norm, skipped=skipped,
     )
     if bar is not None:
         bar.update(1)
@@ -798,13 +819,13 @@ def validate(run: Run) -> list[Path]:
 
     def validation(out_root: Path) -> list[Path]:
         stopped = None
-        try:
-            items, held = _validation_results(run, out_root)
-        except ValidationStopped as err:
-            stopped, items, held = err, err.items, None
-        run.events.emit("validation", step=run.step, items=items, heldout_loss=held,
-                        peak_mem_gib=_peak_memory_gib(run.precision.device),
-                        peak_reserved_gib=_peak_memory_gib(run.precision.device, reserved=True),
+        with run.memory.phase() as phase:  # the allocator's cache is handed back before and after
+            try:
+                items, held = _validation_results(run, out_root)
+            except ValidationStopped as err:
+                stopped, items, held = err, err.items, None
+        run.events.emit("validation", step=run.step, items=items, heldout_loss=held, **run.memory.read(),
+                        **{f"validation_{key}": value for key, value in phase.items()},
                         **({"stopped": str(stopped)} if stopped else {}))
         if stopped:
             raise stopped
@@ -941,8 +962,38 @@ def _progress_bar(enabled: bool, start: int, total: int) -> Any:
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _peak_memory_gib(device: torch.device, *, reserved: bool = False) -> Optional[float]:
-    """The run's peak GPU memory so far: allocated by tensors, or `reserved` by the caching allocator."""
-    if device.type != "cuda":
-        return None
-    return (torch.cuda.max_memory_reserved(device) if reserved else torch.cuda.max_memory_allocated(device)) / 2**30
+class MemoryPeaks:
+    """The run's peak GPU memory (`peak_mem_gib`: tensors, `peak_reserved_gib`: the caching allocator), and
+    the peaks of one phase on its own (`phase()`, used for validation). None off CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.earlier = {"peak_mem_gib": 0.0, "peak_reserved_gib": 0.0}  # peaks before the last phase reset
+
+    def _current(self) -> dict[str, float]:
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30}
+
+    def read(self) -> dict[str, Optional[float]]:
+        """The run's peaks so far."""
+        if self.device.type != "cuda":
+            return {key: None for key in self.earlier}
+        return {key: max(value, self.earlier[key]) for key, value in self._current().items()}
+
+    @contextlib.contextmanager
+    def phase(self) -> Iterator[dict[str, Optional[float]]]:
+        """Measure a phase from a clean allocator: cached blocks of the training step (activations of other
+        sizes) are handed back first, so the phase's peak is its own and fits the cap; the yielded dict
+        holds the phase's peaks afterwards. The cache is handed back again at the end, for the next step."""
+        peaks: dict[str, Optional[float]] = {key: None for key in self.earlier}
+        if self.device.type != "cuda":
+            yield peaks
+            return
+        self.earlier = self.read()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield peaks
+        finally:
+            peaks.update(self._current())
+            torch.cuda.empty_cache()
