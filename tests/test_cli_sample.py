@@ -53,10 +53,11 @@ def test_bad_sizes_are_clear_errors(tiny_checkpoint, tmp_path, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_sample_with_8bit_weights_and_a_lora(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("precision", ["int8-quanto", "fp8-compute"])
+def test_sample_with_8bit_weights_and_a_lora(tiny_checkpoint, tmp_path, precision):
     out = tmp_path / "q.mp4"
     result = _run("--model", str(tiny_checkpoint), "--lora", str(tiny_checkpoint / "lora" / "tiny_lora.safetensors"),
-                  "--base-precision", "int8-quanto", "--prompt", "a cat", "--frames", "5", "--steps", "2",
+                  "--base-precision", precision, "--prompt", "a cat", "--frames", "5", "--steps", "2",
                   "--resolution", "64x64", "--output", str(out))
     assert result.returncode == 0, result.stderr
     with av.open(str(out)) as container:

@@ -33,8 +33,9 @@ def register(subparsers) -> None:
                    "for GPUs smaller than the model). Default: the fewest that fit the card (or --max-gpu-memory-gib)")
     p.add_argument("--max-gpu-memory-gib", type=positive_float, default=None,
                    help="most GPU memory the sampler may use (enforced); block swap is chosen to fit it")
-    p.add_argument("--base-precision", choices=["no_change", "fp8-torchao", "int8-quanto"], default="no_change",
-                   help="store the DiT block weights in 8 bits (about half the memory; small quality cost; our own layers: no torchao or optimum-quanto needed)")
+    p.add_argument("--base-precision", choices=["no_change", "fp8-torchao", "int8-quanto", "fp8-compute"], default="no_change",
+                   help="store the DiT block weights in 8 bits (about half the memory; small quality cost; our own layers: no torchao or "
+                   "optimum-quanto needed); fp8-compute also runs their matmuls in float8 (rowwise scales; README \"Memory\")")
     p.add_argument("--output", required=True, help="output .mp4")
     p.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per denoising step and phase (decoding, done) instead of a bar (for the web UI)")
