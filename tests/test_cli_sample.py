@@ -92,3 +92,49 @@ def test_cli_silences_dependency_warnings_users_cannot_act_on(capsys):
     assert main([]) == 0
     for name in QUIET_LOGGERS:
         assert logging.getLogger(name).getEffectiveLevel() >= logging.ERROR
+
+
+def test_compile_flag_parses_with_auto_as_default():
+    from longcat_tuner.cli import build_parser
+
+    parser = build_parser("sample")
+    base = ["sample", "--model", "m", "--prompt", "x", "--output", "o.mp4"]
+    assert parser.parse_args(base).compile == "auto"  # the web preview passes no --compile: it gets auto
+    assert parser.parse_args(base + ["--compile", "off"]).compile == "off"
+    assert parser.parse_args(base + ["--compile", "on"]).compile == "on"
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--compile", "yes"])
+
+
+@pytest.mark.parametrize("triton", [True, False])
+def test_sampling_settings_compile_by_the_auto_rule(monkeypatch, triton):
+    from longcat_tuner.commands import sample as sample_command
+    from longcat_tuner.commands.sample import AUTO_COMPILE_MIN_FORWARDS, sampling_settings
+    from longcat_tuner.errors import ConfigError
+
+    monkeypatch.setattr(sample_command, "triton_installed", lambda: triton)
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+
+    def compiles(device=cuda, **kwargs) -> bool:
+        return sampling_settings(device=device, **kwargs).compile_blocks
+
+    assert AUTO_COMPILE_MIN_FORWARDS == 28
+    # auto on CUDA: compile when the run makes >= 28 forwards (a CFG step is two), and only with Triton.
+    assert compiles(steps=50, guidance=4.0) is triton  # sample's default video: 100 forwards
+    assert compiles(steps=14, guidance=4.0) is triton  # 28 forwards
+    assert compiles(steps=13, guidance=4.0) is False  # 26
+    assert compiles(steps=28, guidance=1.0) is triton
+    assert compiles(steps=16, guidance=1.0) is False  # the distilled preview
+    assert compiles(steps=50, guidance=4.0, compile="off") is False
+    if triton:
+        assert compiles(steps=1, guidance=1.0, compile="on") is True
+    else:
+        with pytest.raises(ConfigError, match="--compile on needs Triton.*--compile off"):
+            compiles(steps=1, guidance=1.0, compile="on")
+    # The CPU: auto stays eager; on compiles, as train's compile_blocks does there (Triton not needed).
+    assert compiles(device=torch.device("cpu"), steps=50, guidance=4.0) is False
+    assert compiles(device="cpu", steps=1, guidance=1.0, compile="on") is True
+    settings = sampling_settings(device=cuda, steps=50, guidance=4.0, blocks_to_swap=3, base_precision="fp8-compute")
+    assert (settings.checkpointing, settings.blocks_to_swap, settings.base_precision) == ("none", 3, "fp8-compute")
+    with pytest.raises(ConfigError, match="--blocks-to-swap"):
+        sampling_settings(device="cpu", steps=50, guidance=4.0, blocks_to_swap=1)

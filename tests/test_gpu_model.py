@@ -78,7 +78,7 @@ def test_host_first_assembly_for_sampling_on_cuda(tiny_checkpoint, dit_cases, sw
     from longcat_tuner.commands.sample import load_dit_for_sampling
 
     args = argparse.Namespace(model=str(tiny_checkpoint), attention="sdpa", lora=[str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")], lora_multiplier=[],
-                              blocks_to_swap=0, base_precision="no_change")
+                              blocks_to_swap=0, base_precision="no_change", compile="off", steps=50, guidance=4.0)
     device = torch.device("cuda")
     plain = load_dit_for_sampling(args, dtype=torch.bfloat16, device=device)
     args.blocks_to_swap, args.base_precision = swap, precision

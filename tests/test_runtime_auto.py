@@ -232,9 +232,9 @@ def test_trainer_and_sample_and_benchmark_apply_the_same_runtime(tiny_checkpoint
     assert runtime_calls[-1] == MemorySettings.from_config(config)
 
     args = argparse.Namespace(model=str(tiny_checkpoint), lora=[], lora_multiplier=[], attention=None, blocks_to_swap=0,
-                              base_precision="no_change")
+                              base_precision="no_change", compile="auto", steps=50, guidance=4.0)
     load_dit_for_sampling(args, dtype=torch.float32, device=torch.device("cpu"))
-    assert runtime_calls[-1] == MemorySettings(checkpointing="none")
+    assert runtime_calls[-1] == MemorySettings(checkpointing="none")  # --compile auto: eager on the CPU
 
     spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "bench" / "bench_train_step.py")
     bench = importlib.util.module_from_spec(spec)

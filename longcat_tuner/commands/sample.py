@@ -4,9 +4,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.util import find_spec
+from typing import Any, Callable, Optional
 
 from longcat_tuner.commands.argtypes import bounded_int, positive_float
 from longcat_tuner.config.sampling import add_sampling_arguments
+
+COMPILE_MODES = ("auto", "on", "off")
+# `--compile auto` compiles the DiT blocks on CUDA when the run makes at least this many DiT forwards (a
+# denoising step is one forward, two with guidance > 1: CFG batches both passes, twice the tokens). Why 28:
+# a first compile costs about 30-60 s at 480x832x93 (training's first step); the training calibration
+# (runtime/planner.py CALIBRATION: linear and element-wise work at 268 TFLOP/s eager, 551 compiled; 845 TFLOP
+# of linears per forward, bench/common.py forward_flops) puts the saving at up to 3.15 - 1.53 = 1.6 s per
+# forward, so a ~45 s compile pays back after ~28 forwards: the default 50-step CFG video (100) compiles, a
+# 16-step distilled preview (16) runs eager. Not yet measured for sampling, and the saving may be smaller
+# (the eager sampling forward, 4.77 s in bench/results/sampling.json, is faster than the training rate
+# implies); bench/bench_sampling.py reports the measured break-even (`compile_break_even_forwards`).
+AUTO_COMPILE_MIN_FORWARDS = 28
 
 
 def register(subparsers) -> None:
@@ -36,6 +50,11 @@ def register(subparsers) -> None:
     p.add_argument("--base-precision", choices=["no_change", "fp8-torchao", "int8-quanto", "fp8-compute"], default="no_change",
                    help="store the DiT block weights in 8 bits (about half the memory; small quality cost; our own layers: no torchao or "
                    "optimum-quanto needed); fp8-compute also runs their matmuls in float8 (rowwise scales; README \"Memory\")")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
+                   help="torch.compile each DiT block, as train's compile_blocks does (the first step pays the compile, "
+                   f"about 30-60 s at 480x832x93). auto: on CUDA with Triton when the run makes at least "
+                   f"{AUTO_COMPILE_MIN_FORWARDS} DiT forwards (steps, twice that with --guidance > 1), else eager; "
+                   "on: always (CUDA needs Triton; on the CPU torch.compile's C++ backend); off: eager")
     p.add_argument("--output", required=True, help="output .mp4")
     p.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per denoising step and phase (decoding, done) instead of a bar (for the web UI)")
@@ -72,6 +91,13 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
     args.blocks_to_swap = sampling_swap(args, height=height, width=width, device=device)
+
+    def say_compile(why: str) -> None:
+        if ctx.is_main:
+            print(f"compile: {why}", file=sys.stderr)
+
+    # Decided (and `--compile on` without Triton refused) before minutes of loading.
+    settings = sampling_settings_for(args, device, report=say_compile)
     # The text encoder (umT5-XXL, ~11 GB) runs and leaves the GPU before the DiT loads: never both resident.
     text_encoder = TextEncoder.from_pretrained(args.model, dtype=dtype, device=device)
     embeds, mask = text_encoder.encode([args.prompt])
@@ -81,7 +107,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     del text_encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    dit = load_dit_for_sampling(args, dtype=dtype, device=device)
+    dit = load_dit_for_sampling(args, dtype=dtype, device=device, settings=settings)
     if ctx.enabled:
         from longcat_tuner.model.sequence_parallel import apply_sequence_parallel
         from longcat_tuner.train.distributed import build_mesh
@@ -147,19 +173,16 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
     return swap
 
 
-def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device):
-    """The DiT with its LoRAs, through the runtime `train` uses (`longcat_tuner.runtime.apply`): with block
-    swap or 8-bit weights it is assembled on the host first, so a model larger than the GPU never lands on
-    it whole."""
+def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=None):
+    """The DiT with its LoRAs, through the runtime `train` uses (`longcat_tuner.runtime.apply`) under
+    `settings` (default: `sampling_settings_for(args, device)`): with block swap or 8-bit weights it is
+    assembled on the host first, so a model larger than the GPU never lands on it whole."""
     from longcat_tuner import runtime
-    from longcat_tuner.errors import ConfigError
     from longcat_tuner.model.loading import load_dit
     from longcat_tuner.model.lora import load_lora
 
-    settings = runtime.MemorySettings(checkpointing="none", blocks_to_swap=args.blocks_to_swap or 0,
-                                      base_precision=args.base_precision)
-    if settings.blocks_to_swap and device.type != "cuda":
-        raise ConfigError("--blocks-to-swap streams weights to a CUDA device; drop it on the CPU")
+    if settings is None:
+        settings = sampling_settings_for(args, device)
     attention = args.attention or trained_attention(args.lora) or "auto"
     dit = load_dit(args.model, dtype=dtype, device=runtime.load_device(settings, device), attention_backend=attention)
     runtime.prepare_base_weights(dit, settings)
@@ -168,6 +191,70 @@ def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device):
         load_lora(dit, lora, multiplier=multiplier, name=f"lora{i}")
     runtime.apply_runtime(dit, settings, device)
     return dit
+
+
+def sampling_forwards(steps: int, guidance: float) -> int:
+    """DiT forwards of a sampling run in batch-1 units: one per step, two with CFG (guidance > 1)."""
+    return steps * (2 if guidance > 1 else 1)
+
+
+def triton_installed() -> bool:
+    """Whether torch.compile's GPU backend (Triton) is importable: the check `train`'s plan makes too."""
+    return find_spec("triton") is not None
+
+
+def choose_compile(mode: str, *, device_type: str, steps: int, guidance: float) -> tuple[bool, str]:
+    """(compile the DiT blocks?, why) for `--compile` `mode` (see `AUTO_COMPILE_MIN_FORWARDS`).
+
+    On the CPU `on` compiles as `train` does with `compile_blocks: true` there (torch.compile's C++ backend);
+    `auto` stays eager. On CUDA compiling needs Triton: `on` without it is refused, `auto` stays eager.
+    """
+    from longcat_tuner.errors import ConfigError
+
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    if mode == "off":
+        return False, "--compile off"
+    if device_type != "cuda":
+        if mode == "on":
+            return True, "--compile on (CPU: torch.compile's C++ backend, slow to compile)"
+        return False, "--compile auto: eager on the CPU (--compile on compiles there too)"
+    if not triton_installed():
+        if mode == "on":
+            raise ConfigError("--compile on needs Triton on CUDA (torch.compile's GPU backend): "
+                              "pip install 'longcat-tuner[triton]', or use --compile off")
+        return False, "--compile auto: Triton is not installed, eager (pip install 'longcat-tuner[triton]' to compile)"
+    if mode == "on":
+        return True, "--compile on"
+    forwards = sampling_forwards(steps, guidance)
+    if forwards >= AUTO_COMPILE_MIN_FORWARDS:
+        return True, f"--compile auto: {forwards} DiT forwards >= {AUTO_COMPILE_MIN_FORWARDS}, the first step compiles"
+    return False, (f"--compile auto: {forwards} DiT forwards < {AUTO_COMPILE_MIN_FORWARDS}, eager (compiling would cost "
+                   "more than it saves; --compile on to compile anyway)")
+
+
+def sampling_settings(*, device: Any, steps: int, guidance: float, compile: str = "auto", blocks_to_swap: int = 0,
+                      base_precision: str = "no_change", report: Optional[Callable[[str], Any]] = None):
+    """The `MemorySettings` sampling runs the DiT under (`sample`, the web preview through it, and
+    bench/bench_sampling.py): no checkpointing, compile per `choose_compile` (`report` gets its reason),
+    block swap, base precision."""
+    from longcat_tuner import runtime
+    from longcat_tuner.errors import ConfigError
+
+    device_type = getattr(device, "type", None) or str(device).split(":")[0]
+    if blocks_to_swap and device_type != "cuda":
+        raise ConfigError("--blocks-to-swap streams weights to a CUDA device; drop it on the CPU")
+    compiled, why = choose_compile(compile, device_type=device_type, steps=steps, guidance=guidance)
+    if report is not None:
+        report(why)
+    return runtime.MemorySettings(checkpointing="none", compile_blocks=compiled, blocks_to_swap=blocks_to_swap,
+                                  base_precision=base_precision)
+
+
+def sampling_settings_for(args: argparse.Namespace, device: Any, *, report: Optional[Callable[[str], Any]] = None):
+    """`sampling_settings` from `sample`'s flags."""
+    return sampling_settings(device=device, steps=args.steps, guidance=args.guidance, compile=args.compile,
+                             blocks_to_swap=args.blocks_to_swap or 0, base_precision=args.base_precision, report=report)
 
 
 def trained_attention(lora_paths: list[str]) -> str | None:
