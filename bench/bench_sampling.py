@@ -1,21 +1,65 @@
-"""Benchmark: sampling speed of the full 13.6B DiT at 480x832x93 I2V on one GPU, printed as JSON.
+"""Benchmark: sampling speed through `longcat-tuner sample`'s own runtime, printed as JSON.
 
-Runs the project's sampler (`longcat_tuner.diffusion.sampler.sample`, conditional and unconditional passes
-batched) with random bf16 weights, times its first steps with CUDA syncs in the step callback, and
-extrapolates to the full grid (every step costs the same: one DiT forward at a fixed shape):
+What `sample` runs, without a checkpoint on disk: the full 13.6B DiT with random weights (bench/common.py
+`random_dit`; `--tiny`: the tiny test DiT on the CPU), its settings from `sample`'s own
+`commands.sample.sampling_settings` (the function `sample` calls: compile, base precision, block swap),
+applied through `runtime.prepare_base_weights` and `runtime.apply_runtime` as `load_dit_for_sampling`
+does, then the sampler `generate` calls (`diffusion.sampler.sample`, CFG passes batched) on I2V latents
+of 480x832x93 (37,440 tokens). Each run times its first step (compile included) and `--timed-steps`
+steady steps with device syncs in the step callback and extrapolates to its whole grid (every step is
+one DiT forward at a fixed shape).
 
-* `cfg50`: 50 steps, guidance 4 (a batch-2 forward per step);
-* `cfg50_kv`: the same with the condition-latent KV cache (`use_kv_cache`: 23 noisy latents per forward);
-* `distilled16`: the 16-step distilled grid, guidance 1 (a batch-1 forward per step).
+Runtimes (`--runtimes`), each what `sample` runs with these flags:
 
-Usage: `python bench/bench_sampling.py [--timed-steps 3] [--sdpa cudnn]`.
+* `eager`: `--compile off` (bf16 on CUDA, the product's default dtype; fp32 on the CPU);
+* `compiled`: `--compile on` (torch.compile per block, as `train`'s `compile_blocks`);
+* `compiled_fp8_compute`: `--compile on --base-precision fp8-compute` (float8 matmuls of the frozen block
+  linears, runtime/fp8_compute.py).
+
+Grids (`--grids`), the old modes' meaning:
+
+* `cfg50`: 50 steps, guidance 4 (a batch-2 forward per step): `sample`'s default video;
+* `distilled16`: the 16-step distilled grid, guidance 1 (a batch-1 forward per step), with a random LoRA
+  shaped like the official `cfg_step_lora` (rank 128 on its targets, MODEL.md 4.4) as the web's fast
+  preview loads it;
+* `cfg50_kv`: cfg50 with the condition-latent KV cache (23 noisy latents per forward). Not what `sample`
+  runs today (`generate` does not use the cache); not in the default grids.
+
+Per run: `first_step_s`, `step_s` (median of the timed steps), `video_s_estimate` (first step + the other
+steps at `step_s`), `ratio_to_official` (against the official code's time for the same forwards: 4.58 s a
+forward, `OFFICIAL_FORWARD_S`; 458 s for cfg50), the issue's target for the grid and whether it is met,
+peak allocated/reserved GiB (weights included), MFU. Each run starts from the same seed; after its steps the
+latents are compared with the reference runtime's (eager when it ran): `latents_psnr_db` (peak: the
+reference's value range; null when identical) and `update_rel_error` (relative error of the change the steps made to the
+latents; after a few of 50 steps the latents are still mostly the shared noise, so the PSNR is high for
+any runtime, and this is the sensitive figure). `--timed-steps 15` runs distilled16 to its end: the
+PSNR is then that of the final video latents. Per grid, with eager and compiled both run, `compile` gives
+the measured break-even of compiling (`compile_break_even_forwards`, the unit of `sample`'s
+`AUTO_COMPILE_MIN_FORWARDS`) and what `--compile auto` picks for that grid.
+
+Each run is what one `sample` process does: a freshly drawn model, `torch._dynamo.reset()`, and (default
+`--inductor-cache fresh`) an empty inductor cache made for this process, so `first_step_s` includes a cold
+compile; later compiled runs of the same process may reuse some generated kernels. `--inductor-cache keep`
+uses the machine's cache (run twice to see a warm compile). The weights are drawn and converted on the
+compute device (without block swap): `sample` assembles 8-bit models on the host so that a model larger than
+the card never lands on it whole; the model `apply_runtime` then places is the same.
+
+Usage (GPU): `python bench/bench_sampling.py [--runtimes eager compiled compiled_fp8_compute] [--grids cfg50
+distilled16] [--timed-steps 3] [--out DIR]`; CPU smoke run: `python bench/bench_sampling.py --tiny --out /tmp/x`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import math
+import os
+import statistics
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -25,76 +69,268 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     H100_BF16_PEAK_TFLOPS,
     LATENT_SHAPE,
+    TEXT_TOKENS,
+    VALID_TEXT_TOKENS,
     forward_flops,
+    gib,
     i2v_inputs,
     random_dit,
-    select_sdpa_backend,
     sync_time,
     write_result,
 )
+from longcat_tuner import runtime  # noqa: E402
+from longcat_tuner.commands import sample as sample_command  # noqa: E402
+from longcat_tuner.devices import default_dtype  # noqa: E402
 from longcat_tuner.diffusion.sampler import sample  # noqa: E402
 from longcat_tuner.model.config import DiTConfig  # noqa: E402
+from longcat_tuner.model.lora import inject_lora  # noqa: E402
+from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS  # noqa: E402
 
-MODES = {
+# The official code's DiT forward at 480x832x93 (batch 1, bf16) on one H200: 4.58 s, so a 50-step CFG video
+# (100 forwards) takes about 458 s. Source: issue 14 ("its 100 forwards at 4.58 s: about 458 s").
+OFFICIAL_FORWARD_S = 4.58
+OFFICIAL_VIDEO_S = 100 * OFFICIAL_FORWARD_S
+# Issue 14's targets: a 50-step CFG video in <= 0.6x the official time, a 16-step distilled preview <= 40 s.
+TARGET_S = {"cfg50": 0.6 * OFFICIAL_VIDEO_S, "cfg50_kv": 0.6 * OFFICIAL_VIDEO_S, "distilled16": 40.0}
+
+# The official cfg_step_lora (MODEL.md 4.4): rank 128, alpha 64, every block linear but cross_attn.proj.
+CFG_STEP_LORA_RANK, CFG_STEP_LORA_ALPHA = 128, 64.0
+CFG_STEP_LORA_TARGETS = tuple(t for t in DEFAULT_LORA_TARGETS if t != "cross_attn.proj")
+
+GRIDS = {
     "cfg50": dict(steps=50, guidance=4.0, distilled=False, use_kv_cache=False),
     "cfg50_kv": dict(steps=50, guidance=4.0, distilled=False, use_kv_cache=True),
     "distilled16": dict(steps=16, guidance=1.0, distilled=True, use_kv_cache=False),
 }
+DEFAULT_GRIDS = ("cfg50", "distilled16")
+# Runtime -> `sample`'s flags.
+RUNTIMES = {
+    "eager": dict(compile="off", base_precision="no_change"),
+    "compiled": dict(compile="on", base_precision="no_change"),
+    "compiled_fp8_compute": dict(compile="on", base_precision="fp8-compute"),
+}
+REFERENCE_ORDER = ("eager", "compiled")  # the runtime the others' latents are compared with: the first that ran
+
+# `--tiny`: the tiny test DiT (model/random_checkpoint.py SIZES["tiny"]) on a small I2V clip, on the CPU.
+TINY_CONFIG = dict(hidden_size=128, depth=2, num_heads=2, caption_channels=32, adaln_tembed_dim=32)
+TINY_LATENT_SHAPE = (1, 16, 3, 8, 8)
+TINY_TEXT_TOKENS, TINY_VALID_TEXT_TOKENS = 16, 8
+TINY_LORA_RANK = 4
 
 
 class _Stop(Exception):
     pass
 
 
-def time_mode(dit, mode: dict, timed_steps: int, inputs) -> dict:
+@contextlib.contextmanager
+def compile_backend(backend: str):
+    """Run `torch.compile` (as `runtime.apply_runtime` calls it) with `backend`; `inductor` changes nothing.
+    The smoke run uses dynamo's `eager` backend: the blocks are traced as under compile, without inductor's
+    code generation (about 25 s a graph on a CPU)."""
+    if backend == "inductor":
+        yield
+        return
+    original = torch.compile
+    torch.compile = functools.partial(original, backend=backend)
+    try:
+        yield
+    finally:
+        torch.compile = original
+
+
+def build_model(config: DiTConfig, settings, device: torch.device, dtype: torch.dtype, *, attention: str,
+                lora_rank: int) -> Any:
+    """The DiT as `load_dit_for_sampling` builds it under `settings`: random weights (seed 0) instead of a
+    checkpoint, 8-bit base weights, then the adapters (a random `cfg_step_lora`-shaped LoRA), then the runtime."""
+    weights_device = runtime.load_device(settings, device) if settings.blocks_to_swap else device
+    dit = random_dit(config, device=str(weights_device), dtype=dtype, seed=0)
+    dit.set_attention_backend(attention)
+    runtime.prepare_base_weights(dit, settings)
+    if lora_rank:
+        # As load_lora attaches a file's adapters: in the layers' compute dtype, scaled alpha / rank.
+        adapters = inject_lora(dit, rank=lora_rank, alpha=CFG_STEP_LORA_ALPHA * lora_rank / CFG_STEP_LORA_RANK,
+                               targets=CFG_STEP_LORA_TARGETS, dtype=dtype,
+                               name="cfg_step_lora")
+        generator = torch.Generator(device=weights_device).manual_seed(1)  # the same adapters in every run
+        with torch.no_grad():
+            for adapter in adapters.values():
+                adapter.down.normal_(0.0, adapter.down.shape[1] ** -0.5, generator=generator)
+                adapter.up.normal_(0.0, 0.01, generator=generator)
+        dit.requires_grad_(False)
+    runtime.apply_runtime(dit, settings, device)
+    return dit
+
+
+def time_run(dit, grid: dict, timed_steps: int, inputs, *, num_cond_latents: int = 1) -> tuple[dict, torch.Tensor]:
+    """(timings, the latents after the last step run) of `grid` on `dit`, stopped after 1 + `timed_steps` steps."""
     latents, text, mask = inputs
     negative = torch.zeros_like(text)
     negative_mask = torch.zeros_like(mask)
     negative_mask[:, 0] = 1
     marks = [sync_time()]
+    last: list[torch.Tensor] = []
 
-    def callback(step, total, _latents):
+    def callback(step, total, current):
         marks.append(sync_time())
-        if step > timed_steps:  # the first step warms up (kernels, RoPE tables, KV cache build)
-            raise _Stop
+        if step > timed_steps or step == total:
+            last.append(current.detach().float().cpu())
+            if step < total:
+                raise _Stop
 
     try:
         sample(dit, latents, text_embeds=text, text_mask=mask, negative_embeds=negative, negative_mask=negative_mask,
-               num_cond_latents=1, shift=12.0, callback=callback, **mode)
+               num_cond_latents=num_cond_latents, shift=12.0, callback=callback, **grid)
     except _Stop:
         pass
-    per_step = sorted(b - a for a, b in zip(marks[1:], marks[2:]))
-    step_s = per_step[len(per_step) // 2]
-    return {"first_step_s": round(marks[1] - marks[0], 3), "step_s": round(step_s, 3),
-            "video_s_estimate": round(step_s * mode["steps"] + (marks[1] - marks[0] - step_s), 1)}
+    first = marks[1] - marks[0]
+    steady = [b - a for a, b in zip(marks[1:], marks[2:])]
+    step_s = statistics.median(steady) if steady else first
+    video_s = first + step_s * (grid["steps"] - 1)
+    return {"steps_run": len(marks) - 1, "first_step_s": round(first, 3), "step_s": round(step_s, 3),
+            "step_times_s": [round(s, 3) for s in steady], "video_s_estimate": round(video_s, 1)}, last[0]
 
 
-def main() -> int:
+def compare_latents(got: torch.Tensor, want: torch.Tensor, start: torch.Tensor) -> dict:
+    """PSNR of `got` against `want` (peak: `want`'s value range) and the relative error of the change from
+    `start` (the common initial latents)."""
+    mse = (got - want).pow(2).mean().item()
+    peak = (want.max() - want.min()).item()
+    update = (want - start).norm().item()
+    return {"latents_psnr_db": round(10 * math.log10(peak**2 / mse), 2) if mse > 0 else None,  # None: identical
+            "update_rel_error": round((got - want).norm().item() / update, 5) if update > 0 else None}
+
+
+def break_even(eager: dict, compiled: dict, forwards_per_step: int) -> dict:
+    """What compiling cost and saved for one grid, and after how many DiT forwards it paid back."""
+    extra = (compiled["first_step_s"] - compiled["step_s"]) - (eager["first_step_s"] - eager["step_s"])
+    saving = eager["step_s"] - compiled["step_s"]
+    steps = extra / saving if saving > 0 else None
+    return {"extra_first_step_s": round(extra, 2), "saving_per_step_s": round(saving, 3),
+            "break_even_steps": round(steps, 1) if steps is not None else None,
+            "compile_break_even_forwards": round(steps * forwards_per_step, 1) if steps is not None else None}
+
+
+def fresh_inductor_cache() -> str:
+    """An empty inductor (and Triton) cache for this process: compiles are cold, as a first `sample` run's."""
+    folder = tempfile.mkdtemp(prefix="lct-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(folder, "triton")
+    return folder
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timed-steps", type=int, default=3)
-    parser.add_argument("--sdpa", default="cudnn", choices=("cudnn", "flash"))
-    parser.add_argument("--modes", nargs="*", default=list(MODES))
-    args = parser.parse_args()
-    select_sdpa_backend(args.sdpa)
-    config = DiTConfig()
-    dit = random_dit(config)
-    inputs = i2v_inputs()
-    fwd = forward_flops(config)
-    results = {}
-    with torch.inference_mode():
-        for name in args.modes:
-            torch.cuda.reset_peak_memory_stats()
-            r = time_mode(dit, MODES[name], args.timed_steps, inputs)
-            batch = 2 if MODES[name]["guidance"] > 1 else 1
-            r["forward_pair_s" if batch == 2 else "forward_s"] = r["step_s"]
-            r["mfu"] = round(batch * (fwd["linear"] + fwd["attention"]) / r["step_s"] / 1e12 / H100_BF16_PEAK_TFLOPS, 3)
-            r["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            results[name] = {"mode": MODES[name], **r}
-            print(name, json.dumps(results[name]), flush=True)
-    payload = {"benchmark": "sampling", "setting": {"latents": list(LATENT_SHAPE), "num_cond_latents": 1,
-               "sdpa": args.sdpa, "weights": "bf16"}, "results": results}
-    path = write_result("sampling", payload)
-    print(f"wrote {path}")
+    parser.add_argument("--runtimes", nargs="+", choices=list(RUNTIMES), default=list(RUNTIMES))
+    parser.add_argument("--grids", nargs="+", choices=list(GRIDS), default=list(DEFAULT_GRIDS))
+    parser.add_argument("--timed-steps", type=int, default=None, help="steady steps timed after the first (default 3; --tiny 2)")
+    parser.add_argument("--blocks-to-swap", type=int, default=0, help="as `sample --blocks-to-swap`")
+    parser.add_argument("--attention", default="auto", help="as `sample --attention` (default auto, as sample without a LoRA)")
+    parser.add_argument("--distilled-lora-rank", type=int, default=None,
+                        help=f"rank of the random cfg_step_lora-shaped LoRA of distilled16 (default {CFG_STEP_LORA_RANK}; "
+                        f"--tiny {TINY_LORA_RANK}; 0: none)")
+    parser.add_argument("--inductor-cache", choices=("fresh", "keep"), default="fresh")
+    parser.add_argument("--compile-backend", choices=("inductor", "eager"), default=None,
+                        help="torch.compile's backend (default inductor; --tiny: eager, see `compile_backend`)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny DiT on a small clip, seconds")
+    parser.add_argument("--out", default=None, help="result folder (default $OUT or bench/results)")
+    parser.add_argument("--name", default=None, help="result file name (default sampling; --tiny: sampling-tiny)")
+    args = parser.parse_args(argv)
+    if args.timed_steps is None:
+        args.timed_steps = 2 if args.tiny else 3
+    if args.timed_steps < 1:
+        parser.error("--timed-steps must be >= 1")
+    if args.distilled_lora_rank is None:
+        args.distilled_lora_rank = TINY_LORA_RANK if args.tiny else CFG_STEP_LORA_RANK
+    args.compile_backend = args.compile_backend or ("eager" if args.tiny else "inductor")
+    args.name = args.name or ("sampling-tiny" if args.tiny else "sampling")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.tiny:
+        device = torch.device("cpu")
+        config, latent_shape = DiTConfig(**TINY_CONFIG), TINY_LATENT_SHAPE
+        text_tokens, valid_text_tokens = TINY_TEXT_TOKENS, TINY_VALID_TEXT_TOKENS
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_sampling.py measures a CUDA GPU; use --tiny for the CPU smoke run")
+        device = torch.device("cuda")
+        config, latent_shape, text_tokens, valid_text_tokens = DiTConfig(), LATENT_SHAPE, TEXT_TOKENS, VALID_TEXT_TOKENS
+    dtype = default_dtype(device)  # what `sample` loads the DiT in
+    cache = fresh_inductor_cache() if args.inductor_cache == "fresh" else None
+    inputs = i2v_inputs(device=str(device), latent_shape=latent_shape, text_tokens=text_tokens,
+                        caption_channels=config.caption_channels, text_dtype=dtype, valid_text_tokens=valid_text_tokens)
+    fwd = forward_flops(config, latent_shape, text_tokens=text_tokens)
+    results: dict[str, dict[str, Any]] = {}
+    latents_after: dict[tuple[str, str], torch.Tensor] = {}
+    for grid_name in args.grids:
+        grid = GRIDS[grid_name]
+        batch = 2 if grid["guidance"] > 1 else 1
+        forwards = sample_command.sampling_forwards(grid["steps"], grid["guidance"])
+        for runtime_name in args.runtimes:
+            # The settings `sample` would run this grid with under this runtime's flags.
+            settings = sample_command.sampling_settings(
+                device=device, steps=grid["steps"], guidance=grid["guidance"], blocks_to_swap=args.blocks_to_swap,
+                **RUNTIMES[runtime_name])
+            torch._dynamo.reset()
+            with compile_backend(args.compile_backend):
+                dit = build_model(config, settings, device, dtype, attention=args.attention,
+                                  lora_rank=args.distilled_lora_rank if grid["distilled"] else 0)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                r, final = time_run(dit, grid, args.timed_steps, inputs)
+            official = forwards * OFFICIAL_FORWARD_S
+            r.update(settings=settings.describe(), forwards=forwards, official_s=round(official, 1),
+                     ratio_to_official=round(r["video_s_estimate"] / official, 3), target_s=round(TARGET_S[grid_name], 1),
+                     meets_target=r["video_s_estimate"] <= TARGET_S[grid_name])
+            if device.type == "cuda":
+                r["mfu"] = round(batch * (fwd["linear"] + fwd["attention"]) / r["step_s"] / 1e12 / H100_BF16_PEAK_TFLOPS, 3)
+                r["peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated())
+                r["peak_reserved_gib"] = gib(torch.cuda.max_memory_reserved())
+            latents_after[grid_name, runtime_name] = final
+            results.setdefault(grid_name, {})[runtime_name] = r
+            del dit
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(json.dumps({"grid": grid_name, "runtime": runtime_name, **r}), flush=True)
+        by_runtime = results[grid_name]
+        reference = next((name for name in REFERENCE_ORDER if name in by_runtime), None)
+        start = inputs[0].float().cpu()
+        for runtime_name in by_runtime:
+            if reference is not None and runtime_name != reference:
+                same_steps = by_runtime[runtime_name]["steps_run"] == by_runtime[reference]["steps_run"]
+                if same_steps:
+                    by_runtime[runtime_name]["vs_" + reference] = compare_latents(
+                        latents_after[grid_name, runtime_name], latents_after[grid_name, reference], start)
+        summary: dict[str, Any] = {
+            "auto_compiles": sample_command.sampling_settings(
+                device=device, steps=grid["steps"], guidance=grid["guidance"], compile="auto").compile_blocks,
+            "auto_min_forwards": sample_command.AUTO_COMPILE_MIN_FORWARDS,
+        }
+        if "eager" in by_runtime and "compiled" in by_runtime:
+            summary.update(break_even(by_runtime["eager"], by_runtime["compiled"], batch))
+        by_runtime["compile"] = summary
+    payload = {
+        "benchmark": "sampling",
+        "setting": {"latents": list(latent_shape), "num_cond_latents": 1, "text_tokens": text_tokens,
+                    "dtype": str(dtype).removeprefix("torch."), "weights": "random", "tiny": args.tiny,
+                    "attention": args.attention, "blocks_to_swap": args.blocks_to_swap,
+                    "timed_steps": args.timed_steps, "distilled_lora_rank": args.distilled_lora_rank,
+                    "compile_backend": args.compile_backend, "inductor_cache": args.inductor_cache,
+                    "official_forward_s": OFFICIAL_FORWARD_S, "official_video_s": OFFICIAL_VIDEO_S,
+                    "forward_tflop": round((fwd["linear"] + fwd["attention"]) / 1e12, 6),
+                    "mfu_peak_tflops": H100_BF16_PEAK_TFLOPS},
+        "results": results,
+    }
+    path = write_result(args.name, payload, args.out)
+    print(json.dumps(payload), flush=True)
+    print(f"wrote {path}", file=sys.stderr)
+    if cache is not None:
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
     return 0
 
 

@@ -49,13 +49,14 @@ def random_dit(config: DiTConfig = DiTConfig(), *, device: str = "cuda", dtype=t
 
 
 def i2v_inputs(device: str = "cuda", batch: int = 1, latent_shape=LATENT_SHAPE, text_tokens: int = TEXT_TOKENS,
-               caption_channels: int = 4096, seed: int = 0):
+               caption_channels: int = 4096, seed: int = 0, text_dtype=torch.bfloat16,
+               valid_text_tokens: int = VALID_TEXT_TOKENS):
     gen = torch.Generator(device=device).manual_seed(seed)
     shape = (batch, *latent_shape[1:])
     latents = torch.randn(shape, generator=gen, device=device)
-    text = torch.randn(batch, text_tokens, caption_channels, generator=gen, device=device, dtype=torch.bfloat16)
+    text = torch.randn(batch, text_tokens, caption_channels, generator=gen, device=device, dtype=text_dtype)
     mask = torch.zeros(batch, text_tokens, dtype=torch.long, device=device)
-    mask[:, :VALID_TEXT_TOKENS] = 1
+    mask[:, :valid_text_tokens] = 1
     return latents, text, mask
 
 
@@ -95,14 +96,19 @@ def lora_train_flops(config: DiTConfig, latent_shape=LATENT_SHAPE, *, recompute:
 
 
 def sync_time() -> float:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
 def environment() -> dict:
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if not torch.cuda.is_available():  # CPU smoke runs (e.g. bench_sampling.py --tiny)
+        return {"date": date, "device": f"cpu ({platform.processor() or platform.machine()})",
+                "torch": torch.__version__, "python": platform.python_version()}
     props = torch.cuda.get_device_properties(0)
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": date,
         "device": torch.cuda.get_device_name(0),
         "device_memory_gib": round(props.total_memory / 2**30, 1),
         "torch": torch.__version__,
