@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -292,6 +293,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             latents_after[grid_name, runtime_name] = final
             results.setdefault(grid_name, {})[runtime_name] = r
             del dit
+            torch._dynamo.reset()  # compiled code holds the model's tensors until then
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(json.dumps({"grid": grid_name, "runtime": runtime_name, **r}), flush=True)
