@@ -86,12 +86,30 @@ def test_calibration_reproduces_the_measurements(setting, step_s, peak_gib):
         (Setting(lora_rank=8, compiled=True, keep_attention=True, blocks_to_swap=40), 12.33, 41.37),
         (Setting(lora_rank=8, compiled=True, keep_attention=True, compile_checkpointed_block=True, blocks_to_swap=9),
          12.35, 60.34),
+        # The same command with expandable segments (bench/results/product-2026-12-06b-h100-*.jsonl).
+        (Setting(lora_rank=8, compiled=True, keep_attention=True, compile_checkpointed_block=True), 12.22, 64.01),
+        (Setting(lora_rank=8, compiled=True, keep_attention=True, compile_checkpointed_block=True, blocks_to_swap=44),
+         12.19, 41.94),
+        (Setting(lora_rank=8, compiled=True, blocks_to_swap=32, offload_activations=True), 14.39, 19.74),
     ],
 )
 def test_calibration_predicts_the_product_runs(setting, step_s, peak_gib):
     est = estimate(setting)
     assert est.step_s == pytest.approx(step_s, rel=0.10)
     assert est.peak_gib == pytest.approx(peak_gib, abs=2.0)
+
+
+@pytest.mark.parametrize("memory,peak_gib", [  # validation peaks of those three runs (batch 2 CFG, 480x832x93)
+    (dict(checkpointing="keep_attention", compile_blocks=True, compile_scope="checkpointed_block"), 32.14),
+    (dict(checkpointing="keep_attention", compile_blocks=True, compile_scope="checkpointed_block", blocks_to_swap=44), 10.07),
+    (dict(checkpointing="offload_inputs", compile_blocks=True, blocks_to_swap=32), 16.37),
+])
+def test_validation_peak_predicts_the_product_runs(memory, peak_gib):
+    from longcat_tuner.runtime import MemorySettings
+    from longcat_tuner.runtime.auto import ClipShape, Workload, validation_peak_gib
+
+    work = Workload(ClipShape(93, 480, 832), lora_rank=8, validation=ClipShape(93, 480, 832, batch=2))
+    assert validation_peak_gib(MemorySettings(**memory), work) == pytest.approx(peak_gib, abs=0.5)
 
 
 def test_swap_cost_grows_only_when_copies_outrun_compute():

@@ -342,7 +342,7 @@ def test_validation_must_fit_beside_training_or_the_plan_says_it_may_not(tmp_pat
 
     config = _config(tmp_path, max_gpu_memory_gib=24)
     alone = _plan(config)
-    big = ClipShape(frames=93, height=576, width=1024, batch=2)
+    big = ClipShape(frames=93, height=704, width=1280, batch=2)
     with_validation = _plan(config, validation=big)
     assert with_validation.settings.blocks_to_swap > alone.settings.blocks_to_swap
     assert with_validation.predicted_validation_peak_gib == validation_peak_gib(
@@ -351,9 +351,9 @@ def test_validation_must_fit_beside_training_or_the_plan_says_it_may_not(tmp_pat
     assert not planner.fits_gib(validation_peak_gib(alone.settings, Workload(GUIDE_SHAPE, lora_rank=32, validation=big)),
                                 alone.budget_gib)
     assert "may run out of memory" not in with_validation.reason
-    huge = _plan(config, validation=ClipShape(frames=93, height=720, width=1280, batch=2))
+    huge = _plan(config, validation=ClipShape(frames=93, height=960, width=1600, batch=2))
     assert huge.settings == alone.settings  # training is not given up for the validation
-    assert "validation at 720x1280x93 (batch 2) does not fit beside training" in huge.reason
+    assert "validation at 960x1600x93 (batch 2) does not fit beside training" in huge.reason
     assert "validation_resolution" in huge.reason
     assert huge.to_event()["predicted_validation_peak_gib"] > huge.budget_gib
 

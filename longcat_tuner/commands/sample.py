@@ -166,8 +166,9 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
                       has_start_frame=bool(args.image))
     from longcat_tuner.runtime.allocator import expandable_in_use
 
+    compiled, _ = choose_compile(args.compile, device_type="cuda", steps=args.steps, guidance=args.guidance)
     swap, peak = choose_sampling_swap(shape, budget, base_precision=args.base_precision,
-                                      expandable_segments=expandable_in_use())
+                                      expandable_segments=expandable_in_use(), compiled=compiled)
     print(f"memory plan: --blocks-to-swap {swap} (predicted {peak:.1f} GiB at {shape.text}, budget {budget:.1f} GiB)",
           file=sys.stderr)
     return swap

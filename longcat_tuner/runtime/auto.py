@@ -174,7 +174,7 @@ def validation_peak_gib(settings: MemorySettings, work: Workload) -> Optional[fl
     )
     memory = planner.estimate(setting).memory_gib
     return round(memory["base_weights"] + memory["lora_training_state"]
-                 + SAMPLING_WORKING_SHARE * memory["block_working_set"], 2)
+                 + _working_share(settings.compile_blocks) * memory["block_working_set"], 2)
 
 
 def _fits(settings: MemorySettings, estimate: planner.Estimate, work: Workload, budget_gib: float) -> bool:
@@ -319,28 +319,36 @@ def _pinned_keys(given: MemorySettings, pinned: dict[str, Any]) -> dict[str, Any
 
 
 # --- sampling -------------------------------------------------------------------------------------------
-# A denoising forward keeps no activations for backward: its working set is taken as half the training
-# block working set per clip in the batch (CFG batches the conditional and unconditional passes: 2). Not
-# calibrated on a GPU yet; deliberately on the generous side.
-SAMPLING_WORKING_SHARE = 0.5
+# A denoising forward keeps no activations for backward: its working set is a share of the training block
+# working set per clip in the batch (CFG batches the conditional and unconditional passes: 2).
+# Compiled blocks: measured in validation during `train` (batch 2, 480x832x93, one H100, 2026-12-06,
+# bench/results/product-2026-12-06b-h100.json): the validation peak was 32.14 / 10.07 / 16.37 GiB allocated
+# under three plans whose weights and LoRA state come to 25.92 / 3.85 / 10.16 GiB, so 6.21 GiB of working set
+# each time, 0.304 of the 20.44 GiB two-clip training working set; 0.31 is used. Eager blocks: not measured,
+# kept at the generous 0.5.
+SAMPLING_WORKING_SHARE = {"compiled": 0.31, "eager": 0.5}
 
 
-def sampling_peak_gib(shape: ClipShape, blocks_to_swap: int, base_precision: str) -> float:
+def sampling_peak_gib(shape: ClipShape, blocks_to_swap: int, base_precision: str, *, compiled: bool = False) -> float:
     """Predicted peak allocated GiB of one denoising step at `shape` (its `batch`: 2 with CFG)."""
     precision = "bf16" if base_precision == "no_change" else base_precision
     setting = planner.Setting(height=shape.height, width=shape.width, frames=shape.frames, batch=shape.batch,
-                              blocks_to_swap=blocks_to_swap, precision=precision,
+                              blocks_to_swap=blocks_to_swap, precision=precision, compiled=compiled,
                               num_cond_latents=1 if shape.has_start_frame else 0)
     memory = planner.estimate(setting).memory_gib
-    return memory["base_weights"] + SAMPLING_WORKING_SHARE * memory["block_working_set"]
+    return memory["base_weights"] + _working_share(compiled) * memory["block_working_set"]
+
+
+def _working_share(compiled: bool) -> float:
+    return SAMPLING_WORKING_SHARE["compiled" if compiled else "eager"]
 
 
 def choose_sampling_swap(shape: ClipShape, budget_gib: float, *, base_precision: str = "no_change",
-                         expandable_segments: bool = False) -> tuple[int, float]:
+                         expandable_segments: bool = False, compiled: bool = False) -> tuple[int, float]:
     """(fewest swapped blocks whose sampling peak fits `budget_gib`, that peak); `ConfigError` when none does."""
     factor = planner.reserved_factor(planner.Setting(expandable_segments=expandable_segments))
     for swap in range(planner.DEPTH + 1):
-        peak = sampling_peak_gib(shape, swap, base_precision)
+        peak = sampling_peak_gib(shape, swap, base_precision, compiled=compiled)
         if planner.fits_gib(peak, budget_gib, factor):
             return swap, peak
     raise ConfigError(

@@ -79,8 +79,10 @@ CALIBRATION = {
     "reserved_factor_checkpointed_block": 1.25,
     # With expandable segments (runtime/allocator.py, what train and sample use unless the user sets the
     # allocator) freed pages serve any size, so the reserve stays near the allocation whatever the scope.
-    # UNCALIBRATED: a guess between the default allocator's eager 1.08 and 1.0, to be replaced by the
-    # product benchmark's reserved/allocated.
+    # `longcat-tuner train` on one H100, 2026-12-06 (bench/results/product-2026-12-06b-h100.json): reserved /
+    # allocated 65.42 / 64.01 = 1.022 (whole card, compiled checkpointed block, no swap), 43.17 / 41.94 =
+    # 1.029 (48 GiB cap, 44 swapped), 21.31 / 19.74 = 1.080 (24 GiB cap, offloaded inputs). 1.04 with the
+    # 1.5 GiB headroom covers all three (the predicted allocation is also 0.6 to 1.6 GiB high).
     "reserved_factor_expandable": 1.04,
     # A block left out of checkpointing (gradient_checkpointing_uncheckpointed_blocks) stores its activations
     # for backward instead of its input. Not measured on its own yet: taken as the whole working set of a
