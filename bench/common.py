@@ -144,4 +144,12 @@ def select_sdpa_backend(name: str) -> None:
         "flash": [SDPBackend.FLASH_ATTENTION],
         "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     }[name]
-    attention._sdpa_kernels = lambda: order
+    # The model picks its kernel per call in `_cuda_sdpa_kernel` (cuDNN unless a mask bias or another dtype
+    # rules it out); calls it would send elsewhere keep its choice.
+    default = getattr(attention._cuda_sdpa_kernel, "model_default", attention._cuda_sdpa_kernel)
+
+    def chosen(q, bias):
+        return order if bias is None else default(q, bias)
+
+    chosen.model_default = default
+    attention._cuda_sdpa_kernel = chosen

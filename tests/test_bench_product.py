@@ -49,3 +49,23 @@ def test_a_killed_and_resumed_run_is_read_from_its_events():
 
 def test_caps_parse_with_the_whole_card():
     assert bench_product.parse_caps("24, 48,whole") == [("24", 24.0), ("48", 48.0), ("whole", None)]
+
+
+def test_select_sdpa_backend_reaches_the_model_kernel_choice(monkeypatch):
+    """The benchmarks' `--sdpa` choice replaces the model's per-call kernel choice (it once set an attribute
+    the model no longer read, so it did nothing); masked calls keep the model's own choice."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    import common
+    from longcat_tuner.model import attention
+
+    monkeypatch.setattr(attention, "_cuda_sdpa_kernel", attention._cuda_sdpa_kernel)  # restored afterwards
+    q = torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16)
+    assert attention._cuda_sdpa_kernel(q, None) == [SDPBackend.CUDNN_ATTENTION]
+    common.select_sdpa_backend("flash")
+    assert attention._cuda_sdpa_kernel(q, None) == [SDPBackend.FLASH_ATTENTION]
+    assert attention._cuda_sdpa_kernel(q, torch.zeros(1)) == [SDPBackend.EFFICIENT_ATTENTION]
+    common.select_sdpa_backend("cudnn")  # a second choice replaces the first, not wraps it
+    assert attention._cuda_sdpa_kernel(q, None) == [SDPBackend.CUDNN_ATTENTION]
+    assert attention._cuda_sdpa_kernel.model_default.__name__ == "_cuda_sdpa_kernel"
