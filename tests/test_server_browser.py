@@ -214,6 +214,9 @@ def test_configure_train_watch_and_preview_in_chromium(server: str, tmp_path: Pa
             # The page's CSP forbids eval, so poll from Python instead of page.wait_for_function.
             first = wait_until(points, 150)
             first_run = page.locator("#run-id").inner_text()
+            # The run's memory plan (on the CPU the config's own settings), its settings and reason on hover.
+            expect(page.locator("#stat-plan")).to_have_text("as configured")
+            assert "no CUDA device" in page.locator("#stat-plan").get_attribute("title")
             # While it trains, the GPU indicator shows nvidia-smi's memory and use.
             expect(page.locator("#stat-gpu")).to_have_text("40.0 / 79.6 GiB · 97%", timeout=10_000)
             page.click("#run-stop")  # at once: on a fast machine the tiny model runs ~20 steps/s

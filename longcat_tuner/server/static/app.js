@@ -505,7 +505,7 @@ function selectRun(id) {
   if ([...gallery.options].some((o) => o.value === id)) gallery.value = id;
   $("#run-log").textContent = "";
   $("#run-message").textContent = "";
-  for (const key of ["step", "loss", "speed", "eta", "mem"]) $(`#stat-${key}`).textContent = "-";
+  for (const key of ["step", "loss", "speed", "eta", "mem", "plan"]) $(`#stat-${key}`).textContent = "-";
   $("#stat-validations").textContent = "0";
   drawLoss();
   const source = new EventSource(`/api/runs/${encodeURIComponent(id)}/events`);
@@ -568,6 +568,17 @@ function showGpu(data) {
     (g.utilization_pct === null || g.utilization_pct === undefined ? "" : ` · ${Math.round(g.utilization_pct)}%`)).join("; ");
 }
 
+// The run's memory plan (`memory_plan` event): predicted speed and peak when the planner chose, the settings
+// and the reason on hover.
+function showPlan(plan) {
+  const node = $("#stat-plan");
+  const who = plan.source === "auto" ? "auto" : "as configured";
+  node.textContent = plan.predicted_step_s !== null && plan.predicted_step_s !== undefined
+    ? `${fmt.num(plan.predicted_step_s, 3)} s/step, ${fmt.num(plan.predicted_peak_gib, 3)} GiB (${who})`
+    : who;
+  node.title = [plan.describe, plan.reason].filter(Boolean).join("\n");
+}
+
 function onTrainEvent(event) {
   if (event.event === "step") {
     if (event.loss !== null && event.loss !== undefined) live.losses.push([event.step, event.loss]);
@@ -592,6 +603,8 @@ function onTrainEvent(event) {
     $("#run-stop").disabled = true; // the run is over; the process may still be writing its files
   } else if (event.event === "start") {
     $("#stat-step").textContent = `0 / ${event.total_steps ?? "?"}`;
+  } else if (event.event === "memory_plan") {
+    showPlan(event);
   }
 }
 
