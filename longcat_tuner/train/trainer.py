@@ -39,8 +39,8 @@ from longcat_tuner.devices import default_dtype
 from longcat_tuner.errors import CheckpointError, ConfigError, GPUMemoryError, LongcatError
 from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
 from longcat_tuner.model.inspect import WEIGHTS_NAME
-from longcat_tuner.runtime.allocator import expandable_in_use, use_default_allocator
 from longcat_tuner.generate import SamplingProgress
+from longcat_tuner.runtime.allocator import expandable_in_use, use_default_allocator
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
 from longcat_tuner.train.distributed import (
