@@ -371,3 +371,19 @@ def test_expandable_segments_let_the_plan_use_the_reserve_the_default_allocator_
     assert estimate.reserved_factor == planner.CALIBRATION["reserved_factor_expandable"]
     assert planner.fits(estimate, expandable.budget_gib)
     assert expandable.to_event()["expandable_segments"] is True and "expandable segments" in expandable.summary()
+
+
+def test_validation_shape_comes_from_the_largest_eval_video(tmp_path):
+    """`trainer.largest_validation`: the eval start frames' size (or a text-to-video size), CFG's batch of 2,
+    sized on the token grid; no videos, no validation term."""
+    from longcat_tuner.train import trainer
+
+    config = _config(tmp_path, validation_num_video_frames=49)
+    items = [types.SimpleNamespace(start_frame=torch.zeros(3, 320, 320), size=None),
+             types.SimpleNamespace(start_frame=None, size=(470, 830))]
+    shape = trainer.largest_validation(types.SimpleNamespace(validation_items=items), config)
+    assert shape == ClipShape(frames=49, height=480, width=832, batch=2, has_start_frame=False)
+    one_pass = config.model_copy(update={"validation_guidance": 1.0})
+    assert trainer.largest_validation(types.SimpleNamespace(validation_items=items[:1]), one_pass) == \
+        ClipShape(frames=49, height=320, width=320, batch=1, has_start_frame=True)
+    assert trainer.largest_validation(types.SimpleNamespace(validation_items=[]), config) is None

@@ -205,6 +205,7 @@ def largest_validation(data: TrainingData, config: TrainConfig) -> Optional[Any]
     if not sizes:
         return None
     (height, width), has_start = max(sizes, key=lambda s: (s[0][0] * s[0][1], s[1]))
+    height, width = (-(-side // 16) * 16 for side in (height, width))  # the token grid's size (sampling checks it)
     return ClipShape(frames=config.validation_num_video_frames, height=height, width=width,
                      batch=2 if config.validation_guidance > 1 else 1, has_start_frame=has_start)
 
