@@ -131,3 +131,24 @@ def test_expandable_segments_respect_the_memory_fraction():
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "ENFORCED" in out.stdout and "NOT-ENFORCED" not in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_validation_phase_on_a_real_gpu():
+    """`MemoryPeaks.phase` on CUDA: the phase's peak is its own allocation, the run's peak keeps the earlier
+    one, and the cache is handed back afterwards."""
+    from longcat_tuner.train.trainer import MemoryPeaks
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    peaks = MemoryPeaks(device)
+    big = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
+    del big  # freed but cached: the training step's activations
+    before = peaks.read()
+    with peaks.phase() as phase:
+        assert torch.cuda.memory_reserved(device) < 512 * 2**20  # the cache was handed back first
+        small = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)
+        del small
+    assert 64 / 1024 <= phase["peak_mem_gib"] < 512 / 1024
+    assert peaks.read()["peak_mem_gib"] >= before["peak_mem_gib"] >= 512 / 1024
+    assert torch.cuda.memory_reserved(device) < 64 * 2**20 + 2**21  # and handed back again afterwards
