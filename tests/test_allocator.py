@@ -144,11 +144,13 @@ def test_validation_phase_on_a_real_gpu():
     peaks = MemoryPeaks(device)
     big = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
     del big  # freed but cached: the training step's activations
-    before = peaks.read()
+    before, cached = peaks.read(), torch.cuda.memory_reserved(device)
     with peaks.phase() as phase:
-        assert torch.cuda.memory_reserved(device) < 512 * 2**20  # the cache was handed back first
+        assert torch.cuda.memory_reserved(device) <= cached - 512 * 2**20  # the cache was handed back first
+        inside = torch.cuda.memory_reserved(device)
         small = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)
         del small
-    assert 64 / 1024 <= phase["peak_mem_gib"] < 512 / 1024
+    allocated_before = torch.cuda.memory_allocated(device) / 2**30  # tensors other tests may still hold
+    assert allocated_before + 64 / 1024 <= phase["peak_mem_gib"] + 1e-6 < allocated_before + 512 / 1024
     assert peaks.read()["peak_mem_gib"] >= before["peak_mem_gib"] >= 512 / 1024
-    assert torch.cuda.memory_reserved(device) < 64 * 2**20 + 2**21  # and handed back again afterwards
+    assert torch.cuda.memory_reserved(device) <= inside  # and handed back again afterwards
