@@ -163,18 +163,12 @@ def _estimate(settings: MemorySettings, work: Workload) -> planner.Estimate:
 def validation_peak_gib(settings: MemorySettings, work: Workload) -> Optional[float]:
     """Predicted peak allocated GiB of a validation video during training: the resident base weights and the
     LoRA training state (optimizer included) plus one denoising forward's working set at the validation
-    shape (`SAMPLING_WORKING_SHARE`, as for `sample`); None without validation."""
-    shape = work.validation
-    if shape is None:
+    shape: `sampling_peak_gib`, what `sample` plans for, plus that state; None without validation."""
+    if work.validation is None:
         return None
-    setting = planner.Setting.from_memory(
-        settings, height=shape.height, width=shape.width, frames=shape.frames, batch=shape.batch,
-        lora_rank=work.lora_rank, num_cond_latents=1 if shape.has_start_frame else 0,
-        expandable_segments=work.expandable_segments,
-    )
-    memory = planner.estimate(setting).memory_gib
-    return round(memory["base_weights"] + memory["lora_training_state"]
-                 + _working_share(settings.compile_blocks) * memory["block_working_set"], 2)
+    lora_state_gib = round(16.0 * planner.lora_params(work.lora_rank) / planner.GIB, 2)  # as the estimate's part
+    return round(sampling_peak_gib(work.validation, settings.blocks_to_swap, settings.base_precision,
+                                   compiled=settings.compile_blocks) + lora_state_gib, 2)
 
 
 def _fits(settings: MemorySettings, estimate: planner.Estimate, work: Workload, budget_gib: float) -> bool:
