@@ -238,3 +238,17 @@ def test_uncheckpointed_blocks_trade_memory_for_recompute():
     # All 48 left out: the recompute is gone, as with checkpointing off.
     plain = planner.estimate(planner.Setting(gradient_checkpointing=False, compiled=True))
     assert steps[-1] == pytest.approx(plain.step_s, abs=0.02)
+
+
+def test_format_plan_reports_the_reserve_of_the_settings_own_allocator():
+    """The 'needs ~X GiB reserved' figure is allocated x the setting's own reserved factor (expandable segments
+    reserve less than the default allocator under the compiled checkpointed block)."""
+    import re
+
+    for setting in (Setting(compiled=True, keep_attention=True, compile_checkpointed_block=True),
+                    Setting(compiled=True, keep_attention=True, compile_checkpointed_block=True,
+                            expandable_segments=True)):
+        est = estimate(setting)
+        text = planner.format_plan(setting, 80)
+        needed = float(re.search(r"needs ~([\d.]+) GiB reserved", text).group(1))
+        assert needed == pytest.approx(est.peak_gib * planner.reserved_factor(setting), abs=0.06)

@@ -389,7 +389,8 @@ def format_plan(setting: Setting, gpu_memory_gib: float) -> str:
         f"expected step time: {est.step_s:.1f} s  ("
         + ", ".join(f"{k} {v:.1f}" for k, v in est.step_parts_s.items()) + ")",
         f"GPU memory: {gpu_memory_gib:g} GiB -> " + ("fits" if fits(est, gpu_memory_gib) else "does NOT fit")
-        + f" (allocator reserve ~{est.peak_gib * CALIBRATION['reserved_factor']:.1f} GiB + {CALIBRATION['headroom_gib']} GiB headroom)",
+        + f" (needs ~{est.peak_gib * est.reserved_factor:.1f} GiB reserved by the allocator"
+        f" + {CALIBRATION['headroom_gib']} GiB headroom)",
     ]
     options = suggest(setting, gpu_memory_gib)
     if options:
