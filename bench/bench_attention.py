@@ -33,7 +33,9 @@ from longcat_tuner.model.block_sparse import (  # noqa: E402
     select_key_blocks,
 )
 
-TARGETS = {"bsa_fwd_s": 0.12, "bsa_fwd_bwd_s": 0.41}
+# Issue 14's targets at 168,960 tokens: 1.5x the official Triton kernel (0.111 s / 0.378 s on an H200), which
+# were 0.12 / 0.41 s (parity with it) before.
+TARGETS = {"bsa_fwd_s": 0.065, "bsa_fwd_bwd_s": 0.25}
 
 
 def time_cuda(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5) -> float:
@@ -159,11 +161,12 @@ def bench_case(
 
 
 def sweep_configs(q_grid, heads: int, head_dim: int, sparsity: float) -> list[dict]:
-    """Time each kernel's candidate launch settings, the others held at their defaults."""
+    """Time each kernel's candidate launch settings (num_warps, num_stages, group), the others held at their
+    defaults; the fastest of each is kept for the rest of the run."""
     candidates = {
-        "fwd": [(4, 2), (4, 3), (4, 4), (8, 3)],
-        "bwd_dkdv": [(4, 1), (4, 2), (4, 3), (8, 2)],
-        "bwd_dq": [(4, 1), (4, 2), (4, 3), (8, 2)],
+        "fwd": [(4, 3, 1), (4, 2, 1), (8, 3, 1), (4, 2, 2), (4, 3, 2), (8, 2, 2), (8, 3, 2), (8, 2, 4)],
+        "bwd_dkdv": [(4, 2, 1), (4, 1, 1), (8, 2, 1), (4, 2, 2), (8, 1, 2), (8, 2, 2), (8, 1, 4)],
+        "bwd_dq": [(4, 3, 1), (4, 2, 1), (8, 2, 1), (4, 2, 2), (4, 3, 2), (8, 2, 2), (8, 3, 2)],
     }
     q, k, v = make_qkv(q_grid, q_grid, heads, head_dim, torch.bfloat16)
     forward, forward_backward, _ = bsa_calls(q, k, v, q_grid, q_grid, sparsity)
@@ -171,20 +174,21 @@ def sweep_configs(q_grid, heads: int, head_dim: int, sparsity: float) -> list[di
     for kernel, settings in candidates.items():
         default = dict(kernels.KERNEL_CONFIG[kernel])
         timings = []
-        for warps, stages in settings:
-            kernels.KERNEL_CONFIG[kernel] = {"num_warps": warps, "num_stages": stages}
+        for warps, stages, group in settings:
+            config = {"num_warps": warps, "num_stages": stages, "group": group}
+            kernels.KERNEL_CONFIG[kernel] = config
             try:
                 seconds = time_cuda(forward if kernel == "fwd" else forward_backward, repeat=3)
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this setting
-                rows.append({"kernel": kernel, "num_warps": warps, "num_stages": stages, "error": str(exc)[:200]})
+                rows.append({"kernel": kernel, **config, "error": str(exc)[:200]})
                 continue
-            rows.append({"kernel": kernel, "num_warps": warps, "num_stages": stages, "seconds": seconds})
-            timings.append((seconds, warps, stages))
+            rows.append({"kernel": kernel, **config, "seconds": seconds})
+            timings.append((seconds, warps, stages, group))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         kernels.KERNEL_CONFIG[kernel] = default
         if timings:
-            _, warps, stages = min(timings)
-            best[kernel] = {"num_warps": warps, "num_stages": stages}
+            _, warps, stages, group = min(timings)
+            best[kernel] = {"num_warps": warps, "num_stages": stages, "group": group}
     kernels.KERNEL_CONFIG.update(best)
     return rows
 
@@ -199,7 +203,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dense-repeat", type=int, default=2, help="dense SDPA at 168,960 tokens takes seconds")
     parser.add_argument("--no-dense", action="store_true", help="skip dense SDPA")
-    parser.add_argument("--sweep", action="store_true", help="tune num_warps/num_stages per kernel first")
+    parser.add_argument("--sweep", action="store_true", help="tune num_warps/num_stages/group per kernel first")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA device", file=sys.stderr)
