@@ -161,12 +161,11 @@ def bench_case(
 
 
 def sweep_configs(q_grid, heads: int, head_dim: int, sparsity: float) -> list[dict]:
-    """Time each kernel's candidate launch settings (num_warps, num_stages, group), the others held at their
-    defaults; the fastest of each is kept for the rest of the run."""
+    """Time each kernel's candidate launch settings, the others held at their defaults."""
     candidates = {
-        "fwd": [(4, 3, 1), (4, 2, 1), (8, 3, 1), (4, 2, 2), (4, 3, 2), (8, 2, 2), (8, 3, 2), (8, 2, 4)],
-        "bwd_dkdv": [(4, 2, 1), (4, 1, 1), (8, 2, 1), (4, 2, 2), (8, 1, 2), (8, 2, 2), (8, 1, 4)],
-        "bwd_dq": [(4, 3, 1), (4, 2, 1), (8, 2, 1), (4, 2, 2), (4, 3, 2), (8, 2, 2), (8, 3, 2)],
+        "fwd": [(4, 2), (4, 3), (4, 4), (8, 3)],
+        "bwd_dkdv": [(4, 1), (4, 2), (4, 3), (8, 2)],
+        "bwd_dq": [(4, 1), (4, 2), (4, 3), (8, 2)],
     }
     q, k, v = make_qkv(q_grid, q_grid, heads, head_dim, torch.bfloat16)
     forward, forward_backward, _ = bsa_calls(q, k, v, q_grid, q_grid, sparsity)
@@ -174,21 +173,20 @@ def sweep_configs(q_grid, heads: int, head_dim: int, sparsity: float) -> list[di
     for kernel, settings in candidates.items():
         default = dict(kernels.KERNEL_CONFIG[kernel])
         timings = []
-        for warps, stages, group in settings:
-            config = {"num_warps": warps, "num_stages": stages, "group": group}
-            kernels.KERNEL_CONFIG[kernel] = config
+        for warps, stages in settings:
+            kernels.KERNEL_CONFIG[kernel] = {"num_warps": warps, "num_stages": stages}
             try:
                 seconds = time_cuda(forward if kernel == "fwd" else forward_backward, repeat=3)
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this setting
-                rows.append({"kernel": kernel, **config, "error": str(exc)[:200]})
+                rows.append({"kernel": kernel, "num_warps": warps, "num_stages": stages, "error": str(exc)[:200]})
                 continue
-            rows.append({"kernel": kernel, **config, "seconds": seconds})
-            timings.append((seconds, warps, stages, group))
+            rows.append({"kernel": kernel, "num_warps": warps, "num_stages": stages, "seconds": seconds})
+            timings.append((seconds, warps, stages))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         kernels.KERNEL_CONFIG[kernel] = default
         if timings:
-            _, warps, stages, group = min(timings)
-            best[kernel] = {"num_warps": warps, "num_stages": stages, "group": group}
+            _, warps, stages = min(timings)
+            best[kernel] = {"num_warps": warps, "num_stages": stages}
     kernels.KERNEL_CONFIG.update(best)
     return rows
 
@@ -203,7 +201,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dense-repeat", type=int, default=2, help="dense SDPA at 168,960 tokens takes seconds")
     parser.add_argument("--no-dense", action="store_true", help="skip dense SDPA")
-    parser.add_argument("--sweep", action="store_true", help="tune num_warps/num_stages/group per kernel first")
+    parser.add_argument("--sweep", action="store_true", help="tune num_warps/num_stages per kernel first")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA device", file=sys.stderr)

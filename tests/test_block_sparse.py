@@ -239,40 +239,6 @@ def test_triton_interpreter_matches_reference(q_grid, k_grid, sparsity, chunk, d
 
 
 @needs_interpreter
-@pytest.mark.parametrize("group", [2, 4])
-@pytest.mark.parametrize(
-    "q_grid,k_grid,sparsity,chunk",
-    [
-        ((4, 4, 8), (8, 4, 8), 0.5, (4, 4, 4)),  # whole blocks, 2 of 4 key blocks listed
-        ((4, 4, 8), (12, 4, 8), 0.5, (4, 4, 4)),  # whole blocks, 3 listed: the last tile runs past the list
-        ((3, 6, 10), (4, 6, 10), 0.4, (4, 4, 4)),  # ragged grids
-    ],
-)
-def test_triton_interpreter_grouped_tiles_match_reference(monkeypatch, group, q_grid, k_grid, sparsity, chunk):
-    """Several blocks stacked per loop tile (KERNEL_CONFIG 'group') give the same attention and gradients,
-    including lists whose length the group does not divide and dK/dV lists of any length."""
-    from longcat_tuner.model import block_sparse_triton as kernels
-
-    for name in ("fwd", "bwd_dkdv", "bwd_dq"):
-        monkeypatch.setitem(kernels.KERNEL_CONFIG, name, {**kernels.KERNEL_CONFIG[name], "group": group})
-    _check_triton_against_reference(q_grid, k_grid, sparsity, chunk, torch.float32, 16, 1e-5)
-
-
-def test_triton_group_must_be_a_power_of_two(monkeypatch):
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    from longcat_tuner.model import block_sparse_triton as kernels
-
-    monkeypatch.setitem(kernels.KERNEL_CONFIG, "fwd", {"num_warps": 4, "num_stages": 2, "group": 3})
-    with pytest.raises(ValueError, match="power of two"):
-        kernels._launch("fwd", False, 8)
-    monkeypatch.setitem(kernels.KERNEL_CONFIG, "fwd", {"num_warps": 4, "num_stages": 2, "group": 2})
-    assert kernels._launch("fwd", False, 8)["MASKED"] is False  # 8 ids in tiles of 2: no tile runs past the list
-    assert kernels._launch("fwd", False, 7)["MASKED"] is True
-    assert kernels._launch("fwd", False, None)["MASKED"] is True  # per-program lists (dK/dV)
-
-
-@needs_interpreter
 def test_triton_interpreter_reads_token_major_strides():
     _check_triton_against_reference((3, 4, 5), (4, 4, 5), 0.5, (2, 2, 4), torch.float32, 16, 1e-5, token_major=True)
 
@@ -304,21 +270,6 @@ def test_triton_cuda_bf16_matches_reference(q_grid, k_grid, sparsity, head_dim):
     _check_triton_against_reference(
         q_grid, k_grid, sparsity, (4, 4, 4), torch.bfloat16, head_dim, 2e-2, device="cuda", heads=4, token_major=True
     )
-
-
-@pytest.mark.gpu
-@needs_cuda
-@needs_triton
-@pytest.mark.parametrize("warps,stages,group", [(4, 2, 2), (8, 2, 2), (8, 1, 4)])
-def test_triton_cuda_bf16_grouped_tiles_match_reference(monkeypatch, warps, stages, group):
-    """The compiled kernels with several blocks per tile (the launch settings bench_attention --sweep tries)."""
-    from longcat_tuner.model import block_sparse_triton as kernels
-
-    for name in ("fwd", "bwd_dkdv", "bwd_dq"):
-        monkeypatch.setitem(kernels.KERNEL_CONFIG, name, {"num_warps": warps, "num_stages": stages, "group": group})
-    for q_grid, k_grid, sparsity in (((8, 16, 16), (8, 16, 16), 0.9375), ((5, 10, 14), (6, 10, 14), 0.75)):
-        _check_triton_against_reference(q_grid, k_grid, sparsity, (4, 4, 4), torch.bfloat16, 128, 2e-2,
-                                        device="cuda", heads=4, token_major=True)
 
 
 @pytest.mark.gpu

@@ -31,24 +31,11 @@ from longcat_tuner.model.block_sparse import MAX_KERNEL_BLOCK_TOKENS, MAX_KERNEL
 LOG2E = 1.4426950408889634
 
 # Launch settings per kernel (tuned on an H100 at 168,960 tokens, 32 heads of 128; bench/bench_attention.py --sweep).
-# `group`: blocks stacked into one tile per loop iteration (key blocks in fwd and bwd_dq, query blocks in
-# bwd_dkdv), so a 64-token block runs as 64 x (64 * group) products with one softmax rescale per tile.
 KERNEL_CONFIG: dict[str, dict[str, int]] = {
-    "fwd": {"num_warps": 4, "num_stages": 3, "group": 1},
-    "bwd_dkdv": {"num_warps": 4, "num_stages": 2, "group": 1},
-    "bwd_dq": {"num_warps": 4, "num_stages": 3, "group": 1},
+    "fwd": {"num_warps": 4, "num_stages": 3},
+    "bwd_dkdv": {"num_warps": 4, "num_stages": 2},
+    "bwd_dq": {"num_warps": 4, "num_stages": 3},
 }
-
-
-def _launch(kernel: str, masked: bool, n_listed: "int | None") -> dict:
-    """Launch keywords of `kernel` (KERNEL_CONFIG): num_warps, num_stages, GROUP, and MASKED, which a group
-    needs when it can run past the end of its block list (a per-program list length, or n_listed % group)."""
-    config = dict(KERNEL_CONFIG[kernel])
-    group = int(config.pop("group", 1))
-    if group < 1 or group & (group - 1):
-        raise ValueError(f"block_sparse_triton.KERNEL_CONFIG[{kernel!r}]['group'] must be a power of two, got {group}")
-    ragged_list = group > 1 and (n_listed is None or n_listed % group != 0)
-    return {**config, "GROUP": group, "MASKED": masked or ragged_list}
 
 
 def check_kernel_shapes(head_dim: int, block_tokens: int) -> None:
@@ -103,24 +90,6 @@ def _block_rows(block, rows, grid_t, grid_h, grid_w, nb_h, nb_w,
 
 
 @triton.jit
-def _selected_rows(idx_ptr, j, n_listed, rows, grid_t, grid_h, grid_w, nb_h, nb_w,
-                   CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
-    """Token index and validity of the rows of one loop tile: the GROUP blocks listed at idx_ptr[j:j + GROUP],
-    stacked BLOCK rows each (`rows` = tl.arange(0, BLOCK) when GROUP is 1, which reads one scalar id); list
-    entries from n_listed on give invalid rows."""
-    if GROUP == 1:
-        token, valid = _block_rows(tl.load(idx_ptr + j), rows, grid_t, grid_h, grid_w, nb_h, nb_w, CT, CH, CW)
-    else:
-        tile_rows = tl.arange(0, BLOCK * GROUP)
-        entry = j + tile_rows // BLOCK
-        listed = entry < n_listed
-        block = tl.load(idx_ptr + entry, mask=listed, other=0)
-        token, valid = _block_rows(block, tile_rows % BLOCK, grid_t, grid_h, grid_w, nb_h, nb_w, CT, CH, CW)
-        valid = valid & listed
-    return token, valid
-
-
-@triton.jit
 def _bsa_fwd_kernel(
     Q, K, V, O, LSE, KV_IDX,
     stride_qz, stride_qh, stride_qn,
@@ -132,7 +101,6 @@ def _bsa_fwd_kernel(
     num_heads, n_q_blocks, n_selected, n_q_tokens, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-    GROUP: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     zh = tl.program_id(1)
@@ -154,9 +122,9 @@ def _bsa_fwd_kernel(
     l_i = tl.full([BLOCK], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK, BLOCK_D], 0.0, dtype=tl.float32)
     idx_ptr = KV_IDX + (zh.to(tl.int64) * n_q_blocks + q_block) * n_selected
-    for j in range(0, n_selected, GROUP):
-        k_tok, k_valid = _selected_rows(idx_ptr, j, n_selected, rows, k_t, k_h, k_w, k_nbh, k_nbw,
-                                        CT, CH, CW, BLOCK, GROUP)
+    for j in range(n_selected):
+        k_block = tl.load(idx_ptr + j)
+        k_tok, k_valid = _block_rows(k_block, rows, k_t, k_h, k_w, k_nbh, k_nbw, CT, CH, CW)
         if MASKED:
             kv_mask = k_valid[:, None] & d_valid[None, :]
             k = tl.load(k_base + k_tok[:, None] * stride_kn, mask=kv_mask, other=0.0)
@@ -230,7 +198,6 @@ def _bsa_bwd_dkdv_kernel(
     num_heads, n_k_blocks, n_q_tokens, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-    GROUP: tl.constexpr,
 ):
     k_block = tl.program_id(0)
     zh = tl.program_id(1)
@@ -259,8 +226,9 @@ def _bsa_bwd_dkdv_kernel(
     list_id = zh.to(tl.int64) * n_k_blocks + k_block
     start = tl.load(T_OFFSETS + list_id)
     end = tl.load(T_OFFSETS + list_id + 1)
-    for t in range(start, end, GROUP):
-        q_tok, q_valid = _selected_rows(T_Q_IDX, t, end, rows, q_t, q_h, q_w, q_nbh, q_nbw, CT, CH, CW, BLOCK, GROUP)
+    for t in range(start, end):
+        q_block = tl.load(T_Q_IDX + t)
+        q_tok, q_valid = _block_rows(q_block, rows, q_t, q_h, q_w, q_nbh, q_nbw, CT, CH, CW)
         if MASKED:
             q_mask = q_valid[:, None] & d_valid[None, :]
             q = tl.load(q_base + q_tok[:, None] * stride_qn, mask=q_mask, other=0.0)
@@ -316,7 +284,6 @@ def _bsa_bwd_dq_kernel(
     num_heads, n_q_blocks, n_selected, n_q_tokens, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-    GROUP: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     zh = tl.program_id(1)
@@ -346,9 +313,9 @@ def _bsa_bwd_dq_kernel(
 
     dq = tl.full([BLOCK, BLOCK_D], 0.0, dtype=tl.float32)
     idx_ptr = KV_IDX + (zh.to(tl.int64) * n_q_blocks + q_block) * n_selected
-    for j in range(0, n_selected, GROUP):
-        k_tok, k_valid = _selected_rows(idx_ptr, j, n_selected, rows, k_t, k_h, k_w, k_nbh, k_nbw,
-                                        CT, CH, CW, BLOCK, GROUP)
+    for j in range(n_selected):
+        k_block = tl.load(idx_ptr + j)
+        k_tok, k_valid = _block_rows(k_block, rows, k_t, k_h, k_w, k_nbh, k_nbw, CT, CH, CW)
         if MASKED:
             kv_mask = k_valid[:, None] & d_valid[None, :]
             k = tl.load(k_base + k_tok[:, None] * stride_kn, mask=kv_mask, other=0.0)
@@ -380,7 +347,7 @@ def _bsa_bwd_dq_kernel(
 
 
 # Jit'd helpers that kernels call; the interpreter path swaps in their plain Python functions.
-_JIT_HELPERS = ("_block_rows", "_selected_rows")
+_JIT_HELPERS = ("_block_rows",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -391,14 +358,10 @@ def _interpreted(kernel):
 
     fn = kernel.fn
     scope = dict(fn.__globals__)
-
-    def plain(function):  # the Python function, resolving names (helpers calling helpers) in `scope`
-        return types.FunctionType(function.__code__, scope, function.__name__, function.__defaults__,
-                                  function.__closure__)
-
     for name in _JIT_HELPERS:
-        scope[name] = plain(getattr(scope[name], "fn", scope[name]))
-    return InterpretedFunction(plain(fn))
+        scope[name] = getattr(scope[name], "fn", scope[name])
+    plain = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    return InterpretedFunction(plain)
 
 
 def _launcher(kernel, device: torch.device):
@@ -451,7 +414,7 @@ class _BlockSparseAttention(torch.autograd.Function):
             *_geometry(q_grid, chunk), *_geometry(k_grid, chunk),
             heads, n_q_blocks, n_selected, n_q_tokens, sm_scale * LOG2E,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block, CT=chunk[0], CH=chunk[1], CW=chunk[2],
-            IEEE=q.dtype == torch.float32, **_launch("fwd", masked, n_selected),
+            MASKED=masked, IEEE=q.dtype == torch.float32, **KERNEL_CONFIG["fwd"],
         )
         ctx.save_for_backward(q, k, v, o, lse, kv_idx)
         ctx.meta = (q_grid, k_grid, chunk, block, block_d, masked, sm_scale)
@@ -467,7 +430,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         do = _last_dim_contiguous(grad_out)
         geometry = (*_geometry(q_grid, chunk), *_geometry(k_grid, chunk))
         tiles = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block, CT=chunk[0], CH=chunk[1], CW=chunk[2],
-                     IEEE=q.dtype == torch.float32)
+                     MASKED=masked, IEEE=q.dtype == torch.float32)
 
         delta = torch.empty_like(lse)
         delta_rows = 64
@@ -482,13 +445,13 @@ class _BlockSparseAttention(torch.autograd.Function):
             q, k, v, do, dk, dv, lse, delta, offsets, q_ids,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
             *geometry, heads, n_k_blocks, n_q_tokens, sm_scale * LOG2E, sm_scale,
-            **tiles, **_launch("bwd_dkdv", masked, None),
+            **tiles, **KERNEL_CONFIG["bwd_dkdv"],
         )
         _launcher(_bsa_bwd_dq_kernel, q.device)[(n_q_blocks, zh)](
             q, k, v, do, dq, lse, delta, kv_idx,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             *geometry, heads, n_q_blocks, n_selected, n_q_tokens, sm_scale * LOG2E, sm_scale,
-            **tiles, **_launch("bwd_dq", masked, n_selected),
+            **tiles, **KERNEL_CONFIG["bwd_dq"],
         )
         return dq, dk, dv, None, None, None, None
 
