@@ -91,6 +91,9 @@ def test_calibration_reproduces_the_measurements(setting, step_s, peak_gib):
         (Setting(lora_rank=8, compiled=True, keep_attention=True, compile_checkpointed_block=True, blocks_to_swap=44),
          12.19, 41.94),
         (Setting(lora_rank=8, compiled=True, blocks_to_swap=32, offload_activations=True), 14.39, 19.74),
+        # fp8-compute with 2 uncheckpointed blocks, whole card (bench/results/product-2026-12-06c-h100-fp8c.jsonl).
+        (Setting(lora_rank=8, compiled=True, keep_attention=True, compile_checkpointed_block=True,
+                 precision="fp8-compute", uncheckpointed_blocks=2, expandable_segments=True), 11.47, 65.14),
     ],
 )
 def test_calibration_predicts_the_product_runs(setting, step_s, peak_gib):
@@ -103,6 +106,8 @@ def test_calibration_predicts_the_product_runs(setting, step_s, peak_gib):
     (dict(checkpointing="keep_attention", compile_blocks=True, compile_scope="checkpointed_block"), 32.14),
     (dict(checkpointing="keep_attention", compile_blocks=True, compile_scope="checkpointed_block", blocks_to_swap=44), 10.07),
     (dict(checkpointing="offload_inputs", compile_blocks=True, blocks_to_swap=32), 16.37),
+    (dict(checkpointing="keep_attention", compile_blocks=True, compile_scope="checkpointed_block",
+          base_precision="fp8-compute"), 20.86),
 ])
 def test_validation_peak_predicts_the_product_runs(memory, peak_gib):
     from longcat_tuner.runtime import MemorySettings

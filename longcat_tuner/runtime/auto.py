@@ -329,8 +329,15 @@ def sampling_peak_gib(shape: ClipShape, blocks_to_swap: int, base_precision: str
     setting = planner.Setting(height=shape.height, width=shape.width, frames=shape.frames, batch=shape.batch,
                               blocks_to_swap=blocks_to_swap, precision=precision, compiled=compiled,
                               num_cond_latents=1 if shape.has_start_frame else 0)
-    memory = planner.estimate(setting).memory_gib
-    return memory["base_weights"] + _working_share(compiled) * memory["block_working_set"]
+    estimate = planner.estimate(setting)
+    memory = estimate.memory_gib
+    peak = memory["base_weights"] + _working_share(compiled) * memory["block_working_set"]
+    if precision == planner.FP8_COMPUTE:
+        # Its matmuls read float8 copies of their inputs, made beside the bf16 working set; the widest is the
+        # FFN output layer's (one byte a channel): 0.77 GiB at 480x832x93 with CFG, where the measured peak
+        # was 0.64 GiB above the bf16 share (one H100, 2026-12-06, bench/results/product-2026-12-06c-h100-fp8c.jsonl).
+        peak += estimate.tokens * shape.batch * planner.FFN / planner.GIB
+    return round(peak, 2)
 
 
 def _working_share(compiled: bool) -> float:

@@ -85,18 +85,24 @@ CALIBRATION = {
     # 1.5 GiB headroom covers all three (the predicted allocation is also 0.6 to 1.6 GiB high).
     "reserved_factor_expandable": 1.04,
     # A block left out of checkpointing (gradient_checkpointing_uncheckpointed_blocks) stores its activations
-    # for backward instead of its input. Not measured on its own yet: taken as the whole working set of a
-    # block's recompute + backward above (an upper bound of what autograd keeps), so a plan errs on the
-    # side of fitting.
+    # for backward instead of its input. Compiled: `longcat-tuner train` on one H100, 2026-12-06
+    # (bench/results/product-2026-12-06c-h100-fp8c.jsonl): the whole-card plan with fp8-compute and 2
+    # uncheckpointed blocks peaked at 65.14 GiB allocated against 64.01 for bf16 with none. The fp8 weights
+    # save 11.3 GiB (the two runs' validation peaks, 32.14 vs 20.86, less fp8's float8 activation copy) to
+    # 12.0 (this model's count), so the two blocks hold 12.4 to 13.4 GiB more than the two block inputs they
+    # no longer keep: 186 to 197 KB a token; 192 KB is taken (the earlier bound, one block's whole recompute
+    # + backward working set, was 293 KB). Eager: not measured, still that bound.
     "uncheckpointed_bytes_per_token_eager": 336_000.0,
-    "uncheckpointed_bytes_per_token_compiled": 293_000.0,
+    "uncheckpointed_bytes_per_token_compiled": 192_000.0,
     "headroom_gib": 1.5,
     # base_model_precision fp8-compute (runtime/fp8_compute.py): the frozen linears' forward, recompute and
-    # input gradient as rowwise-scaled float8 matmuls. UNCALIBRATED, NOT MEASURED on a GPU yet: the linear
-    # and element-wise work is taken to run 1.6x faster than in bf16 (Hopper's dense float8 peak is 2x
-    # bf16's; the activation/gradient quantization passes take part of it), and no dequantize cost.
-    # Memory is fp8-torchao's (same stored weights). Replace with a measurement.
-    "fp8_compute_linear_speedup": 1.6,
+    # input gradient as rowwise-scaled float8 matmuls; memory is fp8-torchao's (same stored weights). The
+    # linear and element-wise share runs 1.2x faster than in bf16: `longcat-tuner train` on one H100,
+    # 2026-12-06, whole card, compiled checkpointed block, 2 uncheckpointed blocks: 11.47 s/step (predicted
+    # 11.49) against 12.22 for bf16 (predicted 12.34); bench/results/product-2026-12-06c-h100-fp8c.jsonl.
+    # Hopper's float8 peak is 2x bf16's; the quantization passes of activations and gradients and the
+    # LoRA and element-wise work, which stay bf16, take most of it.
+    "fp8_compute_linear_speedup": 1.2,
 }
 
 # What a CUDA context and the kernels loaded with it take on the card outside PyTorch's allocator: 0.8 GiB
