@@ -67,6 +67,8 @@ def write_failure(err: BaseException, folder: Union[str, Path]) -> str:
         return f"{folder} is not writable ({err})"
     if isinstance(err, OSError) and err.errno == errno.EROFS:
         return f"{folder} is on a read-only file system ({err})"
+    if isinstance(err, (FileExistsError, NotADirectoryError)):  # mkdir met a file where a folder belongs
+        return f"a file is in the way: {err.filename or folder} must be a folder ({err.strerror or err})"
     text = str(err).lower()
     if any(part in text for part in _SHORT_WRITE_TEXT):
         return f"the write was cut short (is the disk full or failing? {err})"

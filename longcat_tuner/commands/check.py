@@ -201,26 +201,48 @@ def format_validation_estimate(estimate: dict) -> str:
     return line
 
 
-def output_dir_problem(output_dir: Path) -> Optional[str]:
-    """Why `train` could not create or write `output_dir`, or None. Probes with a temporary file in the nearest
-    existing folder (permission bits alone say nothing for root or read-only file systems); creates nothing."""
+def folder_problem(folder: Path, name: str, where: str) -> Optional[str]:
+    """Why `folder` (the setting `name` of file `where`) could not be created or written, or None. Probes with
+    a temporary file in the nearest existing folder (permission bits alone say nothing for root or read-only
+    file systems); creates nothing."""
     import tempfile
 
-    if output_dir.exists() and not output_dir.is_dir():
-        return f"output_dir {output_dir} is a file, not a folder; set output_dir to a folder path (fix config.json)"
-    existing = output_dir
+    if folder.exists() and not folder.is_dir():
+        return f"{name} {folder} is a file, not a folder; set {name} to a folder path (fix {where})"
+    existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        return (f"output_dir {output_dir} cannot be created: {existing} is a file, not a folder; set output_dir to a "
-                "path under a folder (fix config.json)")
+        return (f"{name} {folder} cannot be created: {existing} is a file, not a folder; set {name} to a "
+                f"path under a folder (fix {where})")
     try:
         with tempfile.TemporaryFile(dir=existing, prefix=".longcat-check-"):
             pass
     except OSError as err:
-        return (f"output_dir {output_dir} is not writable ({existing}: {err.strerror or err}); choose a folder you can "
-                "write to, or fix its permissions")
+        return (f"{name} {folder} is not writable ({existing}: {err.strerror or err}); choose a folder you can "
+                f"write to, or fix its permissions (fix {where})")
     return None
+
+
+def output_dir_problem(output_dir: Path) -> Optional[str]:
+    """Why `train` could not create or write `output_dir`, or None (`folder_problem`)."""
+    return folder_problem(output_dir, "output_dir", "config.json")
+
+
+def cache_dir_problems(datasets: Any) -> list[str]:
+    """Cache folders of the enabled datasets that the cache stage could not create or write (`folder_problem`)."""
+    problems, seen = [], set()
+    for dataset in datasets.enabled:
+        for key, folder in (("cache_dir_vae", dataset.cache_dir_vae), ("cache_dir_text", dataset.text_cache_dir)):
+            if dataset.dataset_type == "conditioning" and key == "cache_dir_text":
+                continue  # start frames have no captions: their text folder is never written
+            if folder in seen:
+                continue
+            seen.add(folder)
+            problem = folder_problem(Path(folder), f"dataset '{dataset.id}' {key}", datasets.source)
+            if problem:
+                problems.append(problem)
+    return problems
 
 
 def cuda_available() -> bool:
@@ -277,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     summary = plan_summary(plan)
     if not args.data_only:
         summary["model"] = model_summary(settings)
-    problems = blocking_problems(summary, settings, data_only=args.data_only)
+    problems = blocking_problems(summary, settings, data_only=args.data_only) + cache_dir_problems(datasets)
     if settings.config is not None:
         problems += run_problems(settings.config)
         summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])

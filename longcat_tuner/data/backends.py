@@ -124,7 +124,8 @@ class DataPlan:
 
 # --- scanning --------------------------------------------------------------------------------------
 def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tuple[dict[str, Path], list[Problem]]:
-    """Files under `root` (recursive, hidden entries ignored) keyed by relative path without suffix.
+    """Files under `root` (recursive, hidden entries ignored) keyed by relative path without suffix, in
+    Unicode NFC form (so `café` pairs whether its accent was stored composed or decomposed).
 
     Symbolic links are followed, but each real folder is entered once (tracked by device and inode), so a
     link loop cannot hang the scan, and a file reached through several names counts once (the real path
@@ -138,7 +139,13 @@ def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tupl
     problems: list[Problem] = []
     candidates: list[tuple[str, Path, bool]] = []  # (key, path, reached through a link)
     for path, through_link in _walk_media(root, extensions, dataset_id, problems):
-        candidates.append((path.relative_to(root).with_suffix("").as_posix(), path, through_link))
+        if not _is_unicode(str(path)):
+            problems.append(Problem(dataset_id, printable_path(path), "file name is not valid UTF-8 (written by a system "
+                                    "with another encoding); rename the file (and its caption and start frame)"))
+            continue
+        # NFC: a name typed on macOS (decomposed "e" + accent) pairs with the same name typed elsewhere.
+        key = unicodedata.normalize("NFC", path.relative_to(root).with_suffix("").as_posix())
+        candidates.append((key, path, through_link))
     # One entry per real file: the first real (not linked) name wins, else the first name.
     identity: dict[tuple[int, int], int] = {}
     chosen: dict[int, tuple[str, Path, bool]] = {}
@@ -170,6 +177,21 @@ def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tupl
             continue
         found[key] = path
     return found, problems
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (Python keeps them as lone surrogates, which no file
+    format, log or terminal can write)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_path(path: Path) -> str:
+    """`path` as text that can be printed and saved: undecodable bytes become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", errors="replace")
 
 
 def _walk_media(root: Path, extensions: tuple[str, ...], dataset_id: str, problems: list[Problem]):
@@ -343,7 +365,7 @@ def plan_sample(source: SampleSource, dataset: DatasetConfig, *, alignment: int,
     if source.media_type == "video":
         info = probe_video(source.media_path)
         settings = dataset.video
-        have = available_frames(info.frame_times, settings.fps)
+        have = available_frames(info.frame_times, settings.fps, slack=info.time_slack)
         frames = clip_frame_count(have, settings.num_frames, settings.min_frames, settings.max_frames)
         if frames is None:
             need = settings.min_frames or settings.num_frames
@@ -351,7 +373,7 @@ def plan_sample(source: SampleSource, dataset: DatasetConfig, *, alignment: int,
                 f"too short: {have} frames at {settings.fps:g} fps ({info.frame_times[-1]:.2f} s), {need} needed; "
                 "lower video.num_frames, set video.min_frames, or remove the clip"
             )
-        indices = tuple(select_frame_indices(info.frame_times, settings.fps, frames))
+        indices = tuple(select_frame_indices(info.frame_times, settings.fps, frames, slack=info.time_slack))
         src_height, src_width, fps = info.height, info.width, settings.fps
     else:
         info = None
