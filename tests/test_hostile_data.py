@@ -95,6 +95,34 @@ def test_an_odd_sized_mkv_clip_of_exactly_num_frames_is_usable_in_check(tmp_path
     assert code == 0 and "1 usable of 1 files, 0 skipped" in out and "bucket 9x32x32" in out
 
 
+def test_a_still_image_named_like_a_video_is_called_a_still_image(tmp_path, capsys):
+    add_pair(tmp_path, "a")
+    write_image(tmp_path / "clips" / "photo.png", height=32, width=32)
+    (tmp_path / "clips" / "photo.png").rename(tmp_path / "clips" / "photo.mp4")  # FFmpeg opens it as 1 frame
+    write_image(tmp_path / "starts" / "photo.png", height=32, width=32)
+    (tmp_path / "clips" / "photo.txt").write_text("a photo")
+    code, out, _ = check(capsys, write_backend(tmp_path))
+    assert code == 0 and "photo.mp4: a single frame (a still image, not a video), 5 frames needed" in out
+
+
+def test_a_raw_h264_stream_is_named_as_one_not_as_an_empty_file(tmp_path):
+    import av
+
+    from longcat_tuner.errors import DataError
+
+    path = tmp_path / "camera.mp4"
+    with av.open(str(path), "w", format="h264") as container:  # an elementary stream: no container, no timestamps
+        stream = container.add_stream("libx264", rate=15)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for k in range(6):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * k, np.uint8), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with pytest.raises(DataError, match="carry no timestamps.*raw H.264.*ffmpeg -framerate 30"):
+        probe_video(path)
+
+
 # --- file names ------------------------------------------------------------------------------------
 def test_a_decomposed_unicode_name_pairs_with_its_composed_start_frame(tmp_path, capsys):
     # macOS writes "café" as "cafe" + combining accent; the same name typed on Linux or Windows is composed.

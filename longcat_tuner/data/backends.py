@@ -369,6 +369,11 @@ def plan_sample(source: SampleSource, dataset: DatasetConfig, *, alignment: int,
         frames = clip_frame_count(have, settings.num_frames, settings.min_frames, settings.max_frames)
         if frames is None:
             need = settings.min_frames or settings.num_frames
+            if len(info.frame_pts) == 1:
+                raise DataError(
+                    f"a single frame (a still image, not a video), {need} frames needed; remove it, or put it in a "
+                    "dataset with dataset_type 'image'"
+                )
             raise DataError(
                 f"too short: {have} frames at {settings.fps:g} fps ({info.frame_times[-1]:.2f} s), {need} needed; "
                 "lower video.num_frames, set video.min_frames, or remove the clip"

@@ -131,10 +131,12 @@ def probe_video(path: str | Path) -> VideoInfo:
         if stream.time_base is None:
             raise DataError(f"{path}: video stream has no time base; re-encode it (e.g. ffmpeg -i in -c:v libx264 out.mp4)")
         pts: list[int] = []
+        untimed = 0  # packets with data but no presentation time (a raw elementary stream)
         rotation: Optional[int] = None
         try:
             for packet in container.demux(stream):
                 if packet.pts is None or packet.size == 0:
+                    untimed += packet.pts is None and packet.size > 0
                     continue
                 pts.append(packet.pts)
                 if rotation is None:
@@ -156,6 +158,11 @@ def probe_video(path: str | Path) -> VideoInfo:
     if pts and rotation is None:
         raise DataError(f"{path}: no frame of the video stream decodes; the file is corrupt, re-encode or remove it")
     rotation = rotation or 0
+    if not pts and untimed:
+        raise DataError(
+            f"{path}: the video frames carry no timestamps (a raw H.264/HEVC stream rather than a video file?); "
+            "put it in a container at its frame rate, e.g. `ffmpeg -framerate 30 -i in.h264 -c copy out.mp4`"
+        )
     if not pts:
         raise DataError(f"{path}: no video frames found; the file is empty or truncated")
     if width <= 0 or height <= 0:
