@@ -230,14 +230,30 @@ def test_an_entry_whose_header_matches_but_whose_tensors_do_not_is_rebuilt(tmp_p
     assert tuple(item["latents_mean"].shape[1:]) == (2, 4, 4)
 
 
-def test_a_cache_folder_blocked_by_a_file_stops_with_the_folder_and_the_fix(tmp_path, encoders):
+def test_a_cache_folder_blocked_by_a_file_stops_before_any_encoder_runs(tmp_path):
+    # Before: the text encoder was loaded and run, then the first VAE entry failed with "free space on that disk".
     from longcat_tuner.data.cache import CacheWriteError, build_caches
+
+    class Untouchable:  # any use (encode, identity, device) fails the test with an AttributeError
+        pass
 
     add_pair(tmp_path, "a")
     (tmp_path / "taken").write_text("x")
     backend = write_backend(tmp_path, cache_dir_vae="taken/vae")
     with pytest.raises(CacheWriteError) as caught:
-        build_caches(backend, vae=encoders[0], text_encoder=encoders[1], alignment=16, progress=False, decode_workers=1)
+        build_caches(backend, vae=Untouchable(), text_encoder=Untouchable(), alignment=16, progress=False)
     message = str(caught.value)
-    assert "a file is in the way" in message and "at a folder you can write" in message and "free space" not in message
+    assert "dataset 'train' cache_dir_vae" in message and "taken is a file, not a folder" in message
+    assert "multidatabackend.json" in message and "free space" not in message
     assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_a_write_blocked_by_a_file_names_it_and_not_the_disk(tmp_path):
+    from longcat_tuner.fsutil import write_failure
+
+    (tmp_path / "taken").write_text("x")
+    try:
+        (tmp_path / "taken" / "vae").mkdir(parents=True)
+    except OSError as err:
+        message = write_failure(err, tmp_path / "taken" / "vae")
+    assert message.startswith("a file is in the way") and "must be a folder" in message

@@ -201,48 +201,11 @@ def format_validation_estimate(estimate: dict) -> str:
     return line
 
 
-def folder_problem(folder: Path, name: str, where: str) -> Optional[str]:
-    """Why `folder` (the setting `name` of file `where`) could not be created or written, or None. Probes with
-    a temporary file in the nearest existing folder (permission bits alone say nothing for root or read-only
-    file systems); creates nothing."""
-    import tempfile
-
-    if folder.exists() and not folder.is_dir():
-        return f"{name} {folder} is a file, not a folder; set {name} to a folder path (fix {where})"
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return (f"{name} {folder} cannot be created: {existing} is a file, not a folder; set {name} to a "
-                f"path under a folder (fix {where})")
-    try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".longcat-check-"):
-            pass
-    except OSError as err:
-        return (f"{name} {folder} is not writable ({existing}: {err.strerror or err}); choose a folder you can "
-                f"write to, or fix its permissions (fix {where})")
-    return None
-
-
 def output_dir_problem(output_dir: Path) -> Optional[str]:
-    """Why `train` could not create or write `output_dir`, or None (`folder_problem`)."""
+    """Why `train` could not create or write `output_dir`, or None (`fsutil.folder_problem`)."""
+    from longcat_tuner.fsutil import folder_problem
+
     return folder_problem(output_dir, "output_dir", "config.json")
-
-
-def cache_dir_problems(datasets: Any) -> list[str]:
-    """Cache folders of the enabled datasets that the cache stage could not create or write (`folder_problem`)."""
-    problems, seen = [], set()
-    for dataset in datasets.enabled:
-        for key, folder in (("cache_dir_vae", dataset.cache_dir_vae), ("cache_dir_text", dataset.text_cache_dir)):
-            if dataset.dataset_type == "conditioning" and key == "cache_dir_text":
-                continue  # start frames have no captions: their text folder is never written
-            if folder in seen:
-                continue
-            seen.add(folder)
-            problem = folder_problem(Path(folder), f"dataset '{dataset.id}' {key}", datasets.source)
-            if problem:
-                problems.append(problem)
-    return problems
 
 
 def cuda_available() -> bool:
@@ -291,7 +254,7 @@ def model_summary(settings: DataSettings) -> Optional[dict]:
 
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.datasets import load_datasets
-    from longcat_tuner.data.backends import plan_data, plan_summary
+    from longcat_tuner.data.backends import cache_folder_problems, plan_data, plan_summary
 
     settings = data_settings(args)
     datasets = load_datasets(settings.data_backend_config)
@@ -299,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     summary = plan_summary(plan)
     if not args.data_only:
         summary["model"] = model_summary(settings)
-    problems = blocking_problems(summary, settings, data_only=args.data_only) + cache_dir_problems(datasets)
+    problems = blocking_problems(summary, settings, data_only=args.data_only) + cache_folder_problems(datasets)
     if settings.config is not None:
         problems += run_problems(settings.config)
         summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])

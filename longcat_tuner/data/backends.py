@@ -30,6 +30,7 @@ from longcat_tuner.data.buckets import Bucket, bucket_size
 from longcat_tuner.data.images import probe_image
 from longcat_tuner.data.video import ResizePlan, VideoInfo, available_frames, clip_frame_count, plan_resize, probe_video, select_frame_indices
 from longcat_tuner.errors import DataError, LongcatError
+from longcat_tuner.fsutil import folder_problem
 
 MediaType = Literal["video", "image"]
 NO_START_FRAME = "no start frame"  # the reason's opening words for an I2V clip whose start frame is missing
@@ -527,6 +528,23 @@ def refuse_shared_files(train_plans: list[DatasetPlan], eval_plan: DatasetPlan) 
             f"(e.g. {eval_path} is {train_path}), so the held-out loss would be measured on training data; "
             "remove them from one of the two datasets"
         )
+
+
+def cache_folder_problems(datasets: DatasetList) -> list[str]:
+    """The enabled datasets' cache folders that could not be created or written (`fsutil.folder_problem`):
+    `check` lists them, the cache stage stops on them before loading an encoder."""
+    problems, seen = [], set()
+    for dataset in datasets.enabled:
+        for key, folder in (("cache_dir_vae", dataset.cache_dir_vae), ("cache_dir_text", dataset.text_cache_dir)):
+            if dataset.dataset_type == "conditioning" and key == "cache_dir_text":
+                continue  # start frames have no captions: their text folder is never written
+            if folder in seen:
+                continue
+            seen.add(folder)
+            problem = folder_problem(Path(folder), f"dataset '{dataset.id}' {key}", datasets.source)
+            if problem:
+                problems.append(problem)
+    return problems
 
 
 def require_usable(plan: DataPlan, *, eval_dataset_id: Optional[str]) -> None:

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from longcat_tuner.config.datasets import DatasetConfig, DatasetList, load_datasets
-from longcat_tuner.data.backends import DataPlan, DatasetPlan, PlannedSample, Problem, plan_data, require_usable
+from longcat_tuner.data.backends import (
+    DataPlan, DatasetPlan, PlannedSample, Problem, cache_folder_problems, plan_data, require_usable,
+)
 from longcat_tuner.data.images import load_image
 from longcat_tuner.data.video import decode_frames, frames_to_pixels
 from longcat_tuner.devices import default_dtype
@@ -696,6 +698,9 @@ def build_caches(
     for problem in plan.conditioning_problems:
         log.warning("skipped %s", problem)
     require_usable(plan, eval_dataset_id=eval_dataset_id)
+    unwritable = cache_folder_problems(datasets)
+    if unwritable:  # before an encoder is loaded, not after the first entry is encoded
+        raise CacheWriteError("; ".join(unwritable))
     if vae is None or text_encoder is None:
         if model_root is None:
             raise DataError("build_caches needs model_root (pretrained_model_name_or_path) or both encoders")
