@@ -167,6 +167,17 @@ def test_a_backend_file_with_a_byte_order_mark_is_read(tmp_path, capsys):
     assert code == 0 and "1 usable of 1 files" in out
 
 
+@pytest.mark.parametrize("change, said, not_said", [
+    # A rule across keys: its own words, not a dump of the whole entry.
+    ({"conditioning_data": []}, "'train' (entry 0): is_i2v is true but conditioning_data is empty", "'instance_data_dir'"),
+    # `resolution` is a number or a string: one line, not pydantic's one per member type.
+    ({"resolution": 480.5}, "key 'resolution': should be a whole number (480) or a string", "resolution.int"),
+])
+def test_dataset_errors_read_as_one_sentence_per_key(tmp_path, capsys, change, said, not_said):
+    code, _, err = check(capsys, write_backend(tmp_path, **change))
+    assert code == 2 and said in err and not_said not in err
+
+
 def test_a_backend_path_that_is_a_folder_says_so(tmp_path, capsys):
     (tmp_path / "multidatabackend.json").mkdir()
     code, _, err = check(capsys, tmp_path / "multidatabackend.json")

@@ -290,12 +290,23 @@ def _check_cross_references(datasets: list[DatasetConfig], source: str) -> None:
                 )
 
 
+_UNION_MEMBERS = ("int", "str")
+
+
 def _format_dataset_error(err: ValidationError, dataset_id: str, index: int, source: str) -> str:
-    lines = []
+    lines, seen_unions = [], set()
     for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "entry"
+        loc = tuple(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "missing":
+        if len(loc) > 1 and loc[-1] in _UNION_MEMBERS:  # `resolution: int | str`: one line, not one per member
+            if loc[:-1] in seen_unions:
+                continue
+            seen_unions.add(loc[:-1])
+            loc, message = loc[:-1], "should be a whole number (480) or a string (\"480x832\")"
+        key = ".".join(str(part) for part in loc) or "entry"
+        if not loc:  # a rule across keys: its message names them; the whole entry is not worth echoing
+            lines.append(message)
+        elif problem["type"] == "missing":
             lines.append(f"key '{key}' is required; add it")
         elif problem["type"] == "extra_forbidden":
             known = list(DatasetConfig.model_fields) + [f"video.{k}" for k in VideoSettings.model_fields]
