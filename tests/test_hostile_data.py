@@ -268,3 +268,33 @@ def test_a_write_blocked_by_a_file_names_it_and_not_the_disk(tmp_path):
     except OSError as err:
         message = write_failure(err, tmp_path / "taken" / "vae")
     assert message.startswith("a file is in the way") and "must be a folder" in message
+
+
+def test_files_of_the_user_in_a_cache_folder_are_never_overwritten(tmp_path, encoders):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from longcat_tuner.data.cache import CacheWriteError, build_caches
+
+    add_pair(tmp_path, "a")
+    backend = write_backend(tmp_path)
+
+    def build():
+        return build_caches(backend, vae=encoders[0], text_encoder=encoders[1], alignment=16, progress=False, decode_workers=1)
+
+    build()
+    manifest = tmp_path / "cache/clips/manifest.json"
+    ours = manifest.read_text()
+    manifest.write_text('{"my": "list of shots"}')  # a file of the user's with the manifest's name
+    with pytest.raises(CacheWriteError, match="not a cache manifest.*not overwritten"):
+        build()
+    assert manifest.read_text() == '{"my": "list of shots"}'
+    manifest.write_text(ours)
+
+    entry = tmp_path / "cache/clips/a.safetensors"  # a LoRA of the user's with a clip's name
+    save_file({"lora_down": torch.ones(2)}, str(entry), metadata={"ss_network_module": "networks.lora"})
+    with pytest.raises(CacheWriteError, match="not a cache entry.*not overwritten"):
+        build()
+    assert torch.equal(load_file(str(entry))["lora_down"], torch.ones(2))
+    entry.write_bytes(entry.read_bytes()[:20])  # a damaged file is a stale entry: rebuilt
+    assert build().report.built["clip"] == 1

@@ -119,6 +119,13 @@ def _write_failed(path: Path, err: BaseException, what: str = "cache entry") -> 
     )
 
 
+def _not_ours(path: Path, what: str) -> CacheWriteError:
+    return CacheWriteError(
+        f"{path} is {what}; it is not overwritten: move it, or give the dataset's cache_dir_vae / cache_dir_text "
+        "(multidatabackend.json) a folder of its own"
+    )
+
+
 def write_entry(path: Path, tensors: dict[str, torch.Tensor], fingerprint: dict[str, str]) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see a partial entry, and a
     failed write (disk full) leaves no file behind and raises `CacheWriteError` naming the entry."""
@@ -128,6 +135,9 @@ def write_entry(path: Path, tensors: dict[str, torch.Tensor], fingerprint: dict[
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise DataError(f"{fingerprint.get('source', path)}: the encoder produced NaN/inf in '{name}'; not cached")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    stored = read_fingerprint(path)
+    if stored is not None and "format_version" not in stored:
+        raise _not_ours(path, "a safetensors file that is not a cache entry (a LoRA or model file of yours?)")
     try:
         with atomic_file(path) as temporary:  # `<name>.tmp<pid>`, what remove_stale_temporaries looks for
             save_file(tensors, str(temporary), metadata=fingerprint)
@@ -354,6 +364,13 @@ def write_manifest(path: Path, dataset_id: str, samples: Sequence[CachedSample],
         "empty_text_path": empty_text_path,
         "samples": [asdict(s) for s in samples],
     }
+    if path.is_file() and path.stat().st_size:
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "dataset_id" in earlier and "samples" in earlier):
+            raise _not_ours(path, "a file that is not a cache manifest (we write manifests atomically, so this one is yours)")
     try:
         with atomic_file(path) as temporary:
             temporary.write_text(json.dumps(payload, indent=1), encoding="utf-8")
