@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import unicodedata
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -226,10 +227,8 @@ def test_an_entry_whose_header_matches_but_whose_tensors_do_not_is_rebuilt(tmp_p
 
     add_pair(tmp_path, "a")
     backend = write_backend(tmp_path)
-
-    def build():
-        return build_caches(backend, vae=encoders[0], text_encoder=encoders[1], alignment=16, progress=False, decode_workers=1)
-
+    build = partial(build_caches, backend, vae=encoders[0], text_encoder=encoders[1], alignment=16, progress=False,
+                    decode_workers=1)
     build()
     entry = tmp_path / "cache/clips/a.safetensors"
     with safe_open(str(entry), framework="pt") as handle:
@@ -278,10 +277,8 @@ def test_files_of_the_user_in_a_cache_folder_are_never_overwritten(tmp_path, enc
 
     add_pair(tmp_path, "a")
     backend = write_backend(tmp_path)
-
-    def build():
-        return build_caches(backend, vae=encoders[0], text_encoder=encoders[1], alignment=16, progress=False, decode_workers=1)
-
+    build = partial(build_caches, backend, vae=encoders[0], text_encoder=encoders[1], alignment=16, progress=False,
+                    decode_workers=1)
     build()
     manifest = tmp_path / "cache/clips/manifest.json"
     ours = manifest.read_text()
