@@ -124,6 +124,20 @@ def test_a_raw_h264_stream_is_named_as_one_not_as_an_empty_file(tmp_path):
         probe_video(path)
 
 
+def test_a_clip_of_absurd_aspect_is_refused_in_check_not_failed_in_the_scaler(tmp_path, capsys):
+    # A 4000x2 strip would be scaled to 640000 pixels wide to cover a 480p bucket: the scaler refused it
+    # ("Invalid argument") only in the cache stage. A 16:1 panorama still trains.
+    write_mkv(tmp_path / "clips" / "strip.mkv", frames=6, height=2, width=4000)
+    write_image(tmp_path / "starts" / "strip.png", height=2, width=4000)
+    write_mkv(tmp_path / "clips" / "pano.mkv", frames=6, height=16, width=256)
+    write_image(tmp_path / "starts" / "pano.png", height=16, width=256)
+    for key in ("strip", "pano"):
+        (tmp_path / "clips" / f"{key}.txt").write_text("wide")
+    code, out, _ = check(capsys, write_backend(tmp_path, resolution=480))
+    assert code == 0 and "1 usable of 2 files, 1 skipped" in out
+    assert "strip.mkv: 4000 wide and 2 high, too far from any bucket's aspect" in out and "keep 0.2% of the picture" in out
+
+
 # --- file names ------------------------------------------------------------------------------------
 def test_a_decomposed_unicode_name_pairs_with_its_composed_start_frame(tmp_path, capsys):
     # macOS writes "café" as "cafe" + combining accent; the same name typed on Linux or Windows is composed.

@@ -387,12 +387,32 @@ def plan_sample(source: SampleSource, dataset: DatasetConfig, *, alignment: int,
         frames, indices, fps = 1, (0,), 0.0
     height, width = bucket_size(resolution, src_height, src_width, alignment)
     plan = plan_resize(src_height, src_width, height, width, crop=dataset.crop, crop_fraction=crop_fraction)
+    refuse_extreme_crop(plan, src_height, src_width, None)
     cond_plan = None
     if source.cond_path is not None:
         cond_height, cond_width = probe_image(source.cond_path)
         cond_plan = plan_resize(cond_height, cond_width, height, width, crop=dataset.crop, crop_fraction=crop_fraction)
+        refuse_extreme_crop(cond_plan, cond_height, cond_width, source.cond_path)
     return PlannedSample(
         source, Bucket(frames, height, width), indices, fps, plan, cond_plan, dataset.crop_style, crop_fraction, info
+    )
+
+
+# The crop may cut away at most this share of the scaled picture's area (1 - 1/16). The bucket grid reaches
+# about 4:1, so only sources beyond ~60:1 (a 2x4000 strip) are refused: scaled to cover a bucket they would be
+# hundreds of thousands of pixels long, past what the scaler takes (it failed as "Invalid argument").
+MAX_CROP_FACTOR = 16
+
+
+def refuse_extreme_crop(plan: ResizePlan, src_height: int, src_width: int, path: Optional[Path]) -> None:
+    """`DataError` when covering the bucket would scale the source to over `MAX_CROP_FACTOR` x its area."""
+    if plan.scaled_height * plan.scaled_width <= MAX_CROP_FACTOR * plan.height * plan.width:
+        return
+    kept = 100 * plan.height * plan.width / (plan.scaled_height * plan.scaled_width)
+    raise DataError(
+        (f"{path}: " if path is not None else "") + f"{src_width} wide and {src_height} high, too far from any "
+        f"bucket's aspect: cropped to the {plan.height}x{plan.width} (height x width) bucket it would keep "
+        f"{kept:.2g}% of the picture; crop it to an aspect between 1:4 and 4:1, or remove it"
     )
 
 
