@@ -150,6 +150,17 @@ def test_a_decomposed_unicode_name_pairs_with_its_composed_start_frame(tmp_path,
     assert not plan.conditioning_problems
 
 
+def test_a_name_too_long_for_its_cache_entry_is_skipped_by_name_in_check(tmp_path, capsys):
+    # 245 bytes + ".mp4" is a valid name; "<name>.safetensors.tmp<pid>" is not (255 bytes at most): the cache
+    # stage stopped with an OSError traceback ("File name too long").
+    add_pair(tmp_path, "a")
+    add_pair(tmp_path, "x" * 245)
+    code, out, _ = check(capsys, write_backend(tmp_path))
+    assert code == 0 and "1 usable of 2 files, 1 skipped" in out
+    assert "file name is 245 bytes long without its extension" in out and "at most 232 bytes" in out
+    assert "orphan" not in out  # its start frame is paired, not reported a second time
+
+
 @pytest.mark.skipif(os.uname().sysname == "Darwin", reason="macOS refuses file names that are not UTF-8")
 def test_a_file_name_that_is_not_utf8_is_skipped_by_name_and_the_rest_trains(tmp_path, capsys):
     add_pair(tmp_path, "good")

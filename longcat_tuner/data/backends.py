@@ -313,6 +313,13 @@ def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Op
     return caption, None
 
 
+# A cache entry is `<stem>.safetensors`, written first as `<stem>.safetensors.tmp<pid>` (pid up to 7 digits);
+# most file systems allow 255 bytes per name, so a longer clip stem cannot be cached.
+NAME_MAX = 255
+CACHE_ENTRY_SUFFIX = ".safetensors.tmp1234567"
+MAX_STEM_BYTES = NAME_MAX - len(CACHE_ENTRY_SUFFIX)
+
+
 def pair_dataset(dataset: DatasetConfig, datasets: DatasetList) -> tuple[list[SampleSource], list[Problem], int, set[tuple[str, str]]]:
     """Scan a clip dataset, read captions, attach start frames. Returns (sources, problems, scanned, used cond keys)."""
     media_type: MediaType = "image" if dataset.dataset_type == "image" else "video"
@@ -327,6 +334,13 @@ def pair_dataset(dataset: DatasetConfig, datasets: DatasetList) -> tuple[list[Sa
         cond_path = cond_media.get(key) if cond_dataset is not None else None
         if cond_path is not None:
             used.add((cond_dataset.id, key))  # paired, even if the clip is skipped for another reason
+        stem_bytes = len(Path(key).name.encode("utf-8"))
+        if stem_bytes > MAX_STEM_BYTES:
+            problems.append(Problem(dataset.id, str(path), (
+                f"file name is {stem_bytes} bytes long without its extension; its cache entry (<name>.safetensors, "
+                f"written under a longer temporary name) would pass the file system's limit of {NAME_MAX} bytes: shorten the "
+                f"name (and its caption's and start frame's) to at most {MAX_STEM_BYTES} bytes")))
+            continue
         caption, caption_problem = read_caption(dataset, path, key)
         if caption is None:
             problems.append(Problem(dataset.id, str(path), caption_problem or "no caption"))
