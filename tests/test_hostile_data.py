@@ -80,6 +80,14 @@ def test_a_clip_in_a_millisecond_time_base_keeps_its_last_frame(tmp_path):
     assert available_frames(info.frame_times, 15) == 8  # without the slack: the old count
 
 
+def test_a_30fps_mkv_clip_gives_every_second_frame_not_an_uneven_pick(tmp_path):
+    # Frame 2 of 30 fps is due at 66.67 ms and stored at 67 ms: without the slack t = 1/15 picked frame 1, so
+    # a 30 fps .mkv / .webm source trained on frames 0, 1, 4, 6, 7, 10, ... (jerky motion).
+    info = probe_video(write_mkv(tmp_path / "thirty.mkv", frames=30, fps=30, height=16, width=16))
+    assert select_frame_indices(info.frame_times, 15, 9, slack=info.time_slack) == list(range(0, 18, 2))
+    assert select_frame_indices(info.frame_times, 15, 9) != list(range(0, 18, 2))  # the old pick
+
+
 def test_the_slack_is_one_tick_capped_so_a_coarse_time_base_picks_no_later_frame(tmp_path):
     # A 24 fps .avi has time base 1/24: its timestamps are exact. Frame 2 (83.3 ms) must not stand in for
     # t = 66.7 ms at 15 fps: the slack is capped at 2 ms.
