@@ -61,7 +61,7 @@ def write_mkv(path: Path, *, frames: int, fps: int = 15, height: int = 53, width
         stream = container.add_stream("ffv1", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
         for k in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 10 * k, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 8 * k % 256, np.uint8), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode(None):
