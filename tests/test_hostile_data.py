@@ -183,6 +183,13 @@ def test_a_file_name_that_is_not_utf8_is_skipped_by_name_and_the_rest_trains(tmp
     # The cache stage (what crashed with a UnicodeEncodeError in the safetensors header) never sees it.
     plan = plan_data(load_datasets(tmp_path / "multidatabackend.json"), eval_dataset_id=None, alignment=16)
     assert [s.source.key for s in plan.train_samples] == ["good"]
+    # Every report line can be encoded, also a broken link whose name and target are not UTF-8.
+    os.symlink(b"/nowhere\xfe", clips + b"/gone\xff.mp4")
+    plan = plan_data(load_datasets(tmp_path / "multidatabackend.json"), eval_dataset_id=None, alignment=16)
+    problems = [str(p) for p in plan.train[0].problems]
+    assert any("gone\ufffd.mp4: broken symbolic link to /nowhere\ufffd" in p for p in problems)
+    for problem in problems:
+        problem.encode("utf-8")
 
 
 # --- multidatabackend.json ----------------------------------------------------------------------------

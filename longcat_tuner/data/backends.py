@@ -46,6 +46,13 @@ class Problem:
     skipped: bool = True
     clip: Optional[str] = None  # a start frame in the wrong folder: the clip it belongs to (check refuses these)
 
+    def __post_init__(self) -> None:
+        # A name that is not UTF-8 must not make printing or saving the report fail (`printable`).
+        for name in ("path", "reason", "clip"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, printable(value))
+
     def __str__(self) -> str:
         return f"[{self.dataset_id}] {self.path}: {self.reason}"
 
@@ -141,7 +148,7 @@ def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tupl
     candidates: list[tuple[str, Path, bool]] = []  # (key, path, reached through a link)
     for path, through_link in _walk_media(root, extensions, dataset_id, problems):
         if not _is_unicode(str(path)):
-            problems.append(Problem(dataset_id, printable_path(path), "file name is not valid UTF-8 (written by a system "
+            problems.append(Problem(dataset_id, str(path), "file name is not valid UTF-8 (written by a system "
                                     "with another encoding); rename the file (and its caption and start frame)"))
             continue
         # NFC: a name typed on macOS (decomposed "e" + accent) pairs with the same name typed elsewhere.
@@ -190,9 +197,15 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def printable_path(path: Path) -> str:
-    """`path` as text that can be printed and saved: undecodable bytes become U+FFFD."""
-    return os.fsencode(path).decode("utf-8", errors="replace")
+def printable(text: str) -> str:
+    """`text` (a path, or a message naming one) as text that can be printed and saved: bytes of a file name
+    that were not UTF-8 become U+FFFD."""
+    if _is_unicode(text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _walk_media(root: Path, extensions: tuple[str, ...], dataset_id: str, problems: list[Problem]):
