@@ -219,6 +219,13 @@ def test_dataset_errors_read_as_one_sentence_per_key(tmp_path, capsys, change, s
     assert code == 2 and said in err and not_said not in err
 
 
+def test_a_backend_file_nested_absurdly_deep_is_named_without_a_traceback(tmp_path, capsys):
+    backend = tmp_path / "multidatabackend.json"
+    backend.write_text("[" * 200_000 + "]" * 200_000)
+    code, _, err = check(capsys, backend)
+    assert code == 2 and str(backend) in err and "nested too deeply" in err
+
+
 def test_a_backend_path_that_is_a_folder_says_so(tmp_path, capsys):
     (tmp_path / "multidatabackend.json").mkdir()
     code, _, err = check(capsys, tmp_path / "multidatabackend.json")

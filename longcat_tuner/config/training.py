@@ -427,13 +427,15 @@ def read_json(path: Path) -> Any:
         raise ConfigError(f"{path}: cannot be read ({err.strerror or err}); fix the path or its permissions") from None
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         pass
     stripped = _strip_json_comments(text)
     try:
         return json.loads(stripped)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: lists or objects nested too deeply to be a settings file; check its contents") from None
 
 
 def _strip_json_comments(text: str) -> str:
