@@ -192,6 +192,19 @@ def test_a_file_name_that_is_not_utf8_is_skipped_by_name_and_the_rest_trains(tmp
         problem.encode("utf-8")
 
 
+# --- captions --------------------------------------------------------------------------------------
+def test_captions_in_utf16_are_read_and_latin1_is_named_with_the_byte(tmp_path, capsys):
+    add_pair(tmp_path, "notepad")
+    (tmp_path / "clips" / "notepad.txt").write_bytes("a caf\u00e9 at dusk".encode("utf-16"))  # BOM + UTF-16 LE
+    add_pair(tmp_path, "latin")
+    (tmp_path / "clips" / "latin.txt").write_bytes("a caf\u00e9 at dawn".encode("latin-1"))
+    plan = plan_data(load_datasets(write_backend(tmp_path)), eval_dataset_id=None, alignment=16)
+    assert [(s.source.key, s.source.caption) for s in plan.train_samples] == [("notepad", "a caf\u00e9 at dusk")]
+    [problem] = plan.train[0].problems
+    assert problem.path.endswith("latin.mp4")
+    assert "latin.txt is not UTF-8 text (byte 0xe9 at offset 5, e.g. Latin-1" in problem.reason and "save it as UTF-8" in problem.reason
+
+
 # --- multidatabackend.json ----------------------------------------------------------------------------
 def test_a_backend_file_in_latin1_is_named_without_a_traceback(tmp_path, capsys):
     backend = write_backend(tmp_path, caption_strategy="instanceprompt", instance_prompt="café")

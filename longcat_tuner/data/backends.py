@@ -10,6 +10,7 @@ Pairing rule (SPEC 4): a clip and its start frame share the relative path and fi
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import random
@@ -298,6 +299,14 @@ def _control_note(removed: int) -> str:
     return f"{removed} control character{'s' if removed != 1 else ''} (NUL, ESC, ...) removed"
 
 
+def decode_caption(data: bytes) -> str:
+    """A sidecar caption's text: UTF-8 (a byte-order mark dropped), or UTF-16 when it starts with its
+    byte-order mark (Notepad's "Unicode"). Other encodings raise `UnicodeDecodeError`."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    return data.decode("utf-8-sig")
+
+
 def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Optional[str], Optional[str]]:
     """(caption, problem). caption None: the item cannot be used; a problem with a caption is a warning."""
     strategy = dataset.caption_strategy
@@ -315,9 +324,12 @@ def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Op
     if not sidecar.is_file():
         return None, f"caption file {sidecar.name} is missing; add it or use caption_strategy 'filename'"
     try:
-        caption, removed = clean_caption(sidecar.read_text(encoding="utf-8-sig"))  # -sig: drop a Notepad BOM
-    except (OSError, UnicodeDecodeError) as err:
-        return None, f"caption file {sidecar.name} is unreadable ({err}); save it as UTF-8 text"
+        caption, removed = clean_caption(decode_caption(sidecar.read_bytes()))
+    except OSError as err:
+        return None, f"caption file {sidecar.name} is unreadable ({err.strerror or err}); fix or remove it"
+    except UnicodeDecodeError as err:
+        return None, (f"caption file {sidecar.name} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                      f"{err.start}, e.g. Latin-1 or Windows-1252); save it as UTF-8")
     if not caption:
         note = f" (it holds only control characters, {removed} removed)" if removed else ""
         return "", f"caption file {sidecar.name} is empty{note}; the item trains unconditioned (empty prompt)"
