@@ -346,7 +346,10 @@ def test_files_of_the_user_in_a_cache_folder_are_never_overwritten(tmp_path, enc
     with pytest.raises(CacheWriteError, match="not a cache manifest.*not overwritten"):
         build()
     assert manifest.read_text() == '{"my": "list of shots"}'
-    manifest.write_text(ours)
+    manifest.write_text(ours[: len(ours) // 2])  # damaged: kept aside, the build goes on
+    build()
+    [kept] = manifest.parent.glob("manifest.json.damaged-*")
+    assert kept.read_text() == ours[: len(ours) // 2] and json.loads(manifest.read_text())["dataset_id"] == "train"
 
     entry = tmp_path / "cache/clips/a.safetensors"  # a LoRA of the user's with a clip's name
     save_file({"lora_down": torch.ones(2)}, str(entry), metadata={"ss_network_module": "networks.lora"})

@@ -368,9 +368,16 @@ def write_manifest(path: Path, dataset_id: str, samples: Sequence[CachedSample],
         try:
             earlier = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            earlier = None
-        if not (isinstance(earlier, dict) and "dataset_id" in earlier and "samples" in earlier):
-            raise _not_ours(path, "a file that is not a cache manifest (we write manifests atomically, so this one is yours)")
+            # Damaged (a disk error, a partial copy of the cache): kept beside ours, not overwritten.
+            kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                path.replace(kept)
+            except OSError as err:
+                raise _write_failed(path, err, "cache manifest") from None
+            log.warning("cache manifest %s was not readable JSON; kept as %s and written anew", path, kept.name)
+        else:
+            if not (isinstance(earlier, dict) and "dataset_id" in earlier and "samples" in earlier):
+                raise _not_ours(path, "a JSON file that is not a cache manifest (yours?)")
     try:
         with atomic_file(path) as temporary:
             temporary.write_text(json.dumps(payload, indent=1), encoding="utf-8")
