@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -67,10 +68,33 @@ def write_failure(err: BaseException, folder: Union[str, Path]) -> str:
         return f"{folder} is not writable ({err})"
     if isinstance(err, OSError) and err.errno == errno.EROFS:
         return f"{folder} is on a read-only file system ({err})"
+    if isinstance(err, (FileExistsError, NotADirectoryError)):  # mkdir met a file where a folder belongs
+        return f"a file is in the way: {err.filename or folder} must be a folder ({err.strerror or err})"
     text = str(err).lower()
     if any(part in text for part in _SHORT_WRITE_TEXT):
         return f"the write was cut short (is the disk full or failing? {err})"
     return f"cannot write in {folder} ({type(err).__name__}: {err})"
+
+
+def folder_problem(folder: Path, name: str, where: str) -> Optional[str]:
+    """Why `folder` (the setting `name` of file `where`) could not be created or written, or None. Probes with
+    a temporary file in the nearest existing folder (permission bits alone say nothing for root or read-only
+    file systems); creates nothing."""
+    if folder.exists() and not folder.is_dir():
+        return f"{name} {folder} is a file, not a folder; set {name} to a folder path (fix {where})"
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return (f"{name} {folder} cannot be created: {existing} is a file, not a folder; set {name} to a "
+                f"path under a folder (fix {where})")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".longcat-check-"):
+            pass
+    except OSError as err:
+        return (f"{name} {folder} is not writable ({existing}: {err.strerror or err}); choose a folder you can "
+                f"write to, or fix its permissions (fix {where})")
+    return None
 
 
 @contextlib.contextmanager

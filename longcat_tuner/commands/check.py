@@ -2,8 +2,8 @@
 
 Prints, per dataset, the usable items, their buckets, and every skipped file with its reason, and what the
 validation settings will cost; exits non-zero when `train` would stop (bad config, no usable training item,
-empty or missing eval split, a missing or broken model folder, an output_dir that cannot be created or
-written, a start frame in another folder than its clip, settings this machine cannot run: block swap
+empty or missing eval split, a missing or broken model folder, an output_dir or a dataset's cache folder that
+cannot be created or written, a start frame in another folder than its clip, settings this machine cannot run: block swap
 without CUDA, xformers or bitsandbytes not installed). Start frames are decoded in full, so `check` and
 `train` agree on which are usable; the model folder is checked from its configs and safetensors headers
 alone. Nothing here imports torch (CUDA is asked about in a child process, only when a setting needs it).
@@ -202,25 +202,10 @@ def format_validation_estimate(estimate: dict) -> str:
 
 
 def output_dir_problem(output_dir: Path) -> Optional[str]:
-    """Why `train` could not create or write `output_dir`, or None. Probes with a temporary file in the nearest
-    existing folder (permission bits alone say nothing for root or read-only file systems); creates nothing."""
-    import tempfile
+    """Why `train` could not create or write `output_dir`, or None (`fsutil.folder_problem`)."""
+    from longcat_tuner.fsutil import folder_problem
 
-    if output_dir.exists() and not output_dir.is_dir():
-        return f"output_dir {output_dir} is a file, not a folder; set output_dir to a folder path (fix config.json)"
-    existing = output_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return (f"output_dir {output_dir} cannot be created: {existing} is a file, not a folder; set output_dir to a "
-                "path under a folder (fix config.json)")
-    try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".longcat-check-"):
-            pass
-    except OSError as err:
-        return (f"output_dir {output_dir} is not writable ({existing}: {err.strerror or err}); choose a folder you can "
-                "write to, or fix its permissions")
-    return None
+    return folder_problem(output_dir, "output_dir", "config.json")
 
 
 def cuda_available() -> bool:
@@ -269,7 +254,7 @@ def model_summary(settings: DataSettings) -> Optional[dict]:
 
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.datasets import load_datasets
-    from longcat_tuner.data.backends import plan_data, plan_summary
+    from longcat_tuner.data.backends import cache_folder_problems, plan_data, plan_summary
 
     settings = data_settings(args)
     datasets = load_datasets(settings.data_backend_config)
@@ -277,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     summary = plan_summary(plan)
     if not args.data_only:
         summary["model"] = model_summary(settings)
-    problems = blocking_problems(summary, settings, data_only=args.data_only)
+    problems = blocking_problems(summary, settings, data_only=args.data_only) + cache_folder_problems(datasets)
     if settings.config is not None:
         problems += run_problems(settings.config)
         summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])

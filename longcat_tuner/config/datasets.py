@@ -276,14 +276,37 @@ def _check_cross_references(datasets: list[DatasetConfig], source: str) -> None:
                 "give each its own folder (clips and start frames use separate VAE caches)"
             )
         vae_dirs[key] = dataset.id
+    media_dirs = {Path(d.instance_data_dir).expanduser().resolve(): d.id for d in datasets}
+    for dataset in datasets:
+        for name, folder in (("cache_dir_vae", dataset.cache_dir_vae), ("cache_dir_text", dataset.text_cache_dir)):
+            if name == "cache_dir_text" and dataset.dataset_type == "conditioning":
+                continue  # start frames have no captions: never written
+            owner = media_dirs.get(Path(folder).expanduser().resolve())
+            if owner is not None:
+                raise ConfigError(
+                    f"{source}: dataset '{dataset.id}' key '{name}' is {folder}, the media folder (instance_data_dir) "
+                    f"of dataset '{owner}'; cache files and manifest.json would be written among your files: give "
+                    "the cache its own folder (e.g. /cache/vae/<dataset id>)"
+                )
+
+
+_UNION_MEMBERS = ("int", "str")
 
 
 def _format_dataset_error(err: ValidationError, dataset_id: str, index: int, source: str) -> str:
-    lines = []
+    lines, seen_unions = [], set()
     for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "entry"
+        loc = tuple(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "missing":
+        if len(loc) > 1 and loc[-1] in _UNION_MEMBERS:  # `resolution: int | str`: one line, not one per member
+            if loc[:-1] in seen_unions:
+                continue
+            seen_unions.add(loc[:-1])
+            loc, message = loc[:-1], "should be a whole number (480) or a string (\"480x832\")"
+        key = ".".join(str(part) for part in loc) or "entry"
+        if not loc:  # a rule across keys: its message names them; the whole entry is not worth echoing
+            lines.append(message)
+        elif problem["type"] == "missing":
             lines.append(f"key '{key}' is required; add it")
         elif problem["type"] == "extra_forbidden":
             known = list(DatasetConfig.model_fields) + [f"video.{k}" for k in VideoSettings.model_fields]
@@ -330,6 +353,8 @@ def load_datasets(path: str | Path) -> DatasetList:
     from longcat_tuner.config.training import read_json  # one JSON(C) reader for both config files
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"dataset config {path} is a folder; point data_backend_config at the multidatabackend.json file")
     if not path.is_file():
         raise ConfigError(
             f"dataset config {path} does not exist; create it with "

@@ -412,17 +412,30 @@ def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_F
 
 
 def read_json(path: Path) -> Any:
-    """Parse JSON, allowing `//` and `/* */` comments as in the guide's jsonc examples."""
-    text = path.read_text(encoding="utf-8")
+    """Parse JSON, allowing `//` and `/* */` comments as in the guide's jsonc examples.
+
+    UTF-8 with or without a byte-order mark (Windows Notepad writes one); other encodings and unreadable
+    files are a `ConfigError` naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save the file as "
+            "UTF-8 (e.g. in your editor's 'Save with encoding' menu)"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err}); fix the path or its permissions") from None
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         pass
     stripped = _strip_json_comments(text)
     try:
         return json.loads(stripped)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: lists or objects nested too deeply to be a settings file; check its contents") from None
 
 
 def _strip_json_comments(text: str) -> str:

@@ -10,6 +10,7 @@ Pairing rule (SPEC 4): a clip and its start frame share the relative path and fi
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import random
@@ -30,6 +31,7 @@ from longcat_tuner.data.buckets import Bucket, bucket_size
 from longcat_tuner.data.images import probe_image
 from longcat_tuner.data.video import ResizePlan, VideoInfo, available_frames, clip_frame_count, plan_resize, probe_video, select_frame_indices
 from longcat_tuner.errors import DataError, LongcatError
+from longcat_tuner.fsutil import folder_problem
 
 MediaType = Literal["video", "image"]
 NO_START_FRAME = "no start frame"  # the reason's opening words for an I2V clip whose start frame is missing
@@ -44,6 +46,13 @@ class Problem:
     reason: str
     skipped: bool = True
     clip: Optional[str] = None  # a start frame in the wrong folder: the clip it belongs to (check refuses these)
+
+    def __post_init__(self) -> None:
+        # A name that is not UTF-8 must not make printing or saving the report fail (`printable`).
+        for name in ("path", "reason", "clip"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, printable(value))
 
     def __str__(self) -> str:
         return f"[{self.dataset_id}] {self.path}: {self.reason}"
@@ -124,7 +133,8 @@ class DataPlan:
 
 # --- scanning --------------------------------------------------------------------------------------
 def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tuple[dict[str, Path], list[Problem]]:
-    """Files under `root` (recursive, hidden entries ignored) keyed by relative path without suffix.
+    """Files under `root` (recursive, hidden entries ignored) keyed by relative path without suffix, in
+    Unicode NFC form (so `café` pairs whether its accent was stored composed or decomposed).
 
     Symbolic links are followed, but each real folder is entered once (tracked by device and inode), so a
     link loop cannot hang the scan, and a file reached through several names counts once (the real path
@@ -138,7 +148,13 @@ def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tupl
     problems: list[Problem] = []
     candidates: list[tuple[str, Path, bool]] = []  # (key, path, reached through a link)
     for path, through_link in _walk_media(root, extensions, dataset_id, problems):
-        candidates.append((path.relative_to(root).with_suffix("").as_posix(), path, through_link))
+        if not _is_unicode(str(path)):
+            problems.append(Problem(dataset_id, str(path), "file name is not valid UTF-8 (written by a system "
+                                    "with another encoding); rename the file (and its caption and start frame)"))
+            continue
+        # NFC: a name typed on macOS (decomposed "e" + accent) pairs with the same name typed elsewhere.
+        key = unicodedata.normalize("NFC", path.relative_to(root).with_suffix("").as_posix())
+        candidates.append((key, path, through_link))
     # One entry per real file: the first real (not linked) name wins, else the first name.
     identity: dict[tuple[int, int], int] = {}
     chosen: dict[int, tuple[str, Path, bool]] = {}
@@ -170,6 +186,27 @@ def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tupl
             continue
         found[key] = path
     return found, problems
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (Python keeps them as lone surrogates, which no file
+    format, log or terminal can write)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """`text` (a path, or a message naming one) as text that can be printed and saved: bytes of a file name
+    that were not UTF-8 become U+FFFD."""
+    if _is_unicode(text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _walk_media(root: Path, extensions: tuple[str, ...], dataset_id: str, problems: list[Problem]):
@@ -262,6 +299,14 @@ def _control_note(removed: int) -> str:
     return f"{removed} control character{'s' if removed != 1 else ''} (NUL, ESC, ...) removed"
 
 
+def decode_caption(data: bytes) -> str:
+    """A sidecar caption's text: UTF-8 (a byte-order mark dropped), or UTF-16 when it starts with its
+    byte-order mark (Notepad's "Unicode"). Other encodings raise `UnicodeDecodeError`."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    return data.decode("utf-8-sig")
+
+
 def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Optional[str], Optional[str]]:
     """(caption, problem). caption None: the item cannot be used; a problem with a caption is a warning."""
     strategy = dataset.caption_strategy
@@ -279,15 +324,25 @@ def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Op
     if not sidecar.is_file():
         return None, f"caption file {sidecar.name} is missing; add it or use caption_strategy 'filename'"
     try:
-        caption, removed = clean_caption(sidecar.read_text(encoding="utf-8-sig"))  # -sig: drop a Notepad BOM
-    except (OSError, UnicodeDecodeError) as err:
-        return None, f"caption file {sidecar.name} is unreadable ({err}); save it as UTF-8 text"
+        caption, removed = clean_caption(decode_caption(sidecar.read_bytes()))
+    except OSError as err:
+        return None, f"caption file {sidecar.name} is unreadable ({err.strerror or err}); fix or remove it"
+    except UnicodeDecodeError as err:
+        return None, (f"caption file {sidecar.name} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                      f"{err.start}, e.g. Latin-1 or Windows-1252); save it as UTF-8")
     if not caption:
         note = f" (it holds only control characters, {removed} removed)" if removed else ""
         return "", f"caption file {sidecar.name} is empty{note}; the item trains unconditioned (empty prompt)"
     if removed:
         return caption, f"caption file {sidecar.name}: {_control_note(removed)}; check that it is a text file"
     return caption, None
+
+
+# A cache entry is `<stem>.safetensors`, written first as `<stem>.safetensors.tmp<pid>` (pid up to 7 digits);
+# most file systems allow 255 bytes per name, so a longer clip stem cannot be cached.
+NAME_MAX = 255
+CACHE_ENTRY_SUFFIX = ".safetensors.tmp1234567"
+MAX_STEM_BYTES = NAME_MAX - len(CACHE_ENTRY_SUFFIX)
 
 
 def pair_dataset(dataset: DatasetConfig, datasets: DatasetList) -> tuple[list[SampleSource], list[Problem], int, set[tuple[str, str]]]:
@@ -304,6 +359,13 @@ def pair_dataset(dataset: DatasetConfig, datasets: DatasetList) -> tuple[list[Sa
         cond_path = cond_media.get(key) if cond_dataset is not None else None
         if cond_path is not None:
             used.add((cond_dataset.id, key))  # paired, even if the clip is skipped for another reason
+        stem_bytes = len(Path(key).name.encode("utf-8"))
+        if stem_bytes > MAX_STEM_BYTES:
+            problems.append(Problem(dataset.id, str(path), (
+                f"file name is {stem_bytes} bytes long without its extension; its cache entry (<name>.safetensors, "
+                f"written under a longer temporary name) would pass the file system's limit of {NAME_MAX} bytes: shorten the "
+                f"name (and its caption's and start frame's) to at most {MAX_STEM_BYTES} bytes")))
+            continue
         caption, caption_problem = read_caption(dataset, path, key)
         if caption is None:
             problems.append(Problem(dataset.id, str(path), caption_problem or "no caption"))
@@ -343,15 +405,20 @@ def plan_sample(source: SampleSource, dataset: DatasetConfig, *, alignment: int,
     if source.media_type == "video":
         info = probe_video(source.media_path)
         settings = dataset.video
-        have = available_frames(info.frame_times, settings.fps)
+        have = available_frames(info.frame_times, settings.fps, slack=info.time_slack)
         frames = clip_frame_count(have, settings.num_frames, settings.min_frames, settings.max_frames)
         if frames is None:
             need = settings.min_frames or settings.num_frames
+            if len(info.frame_pts) == 1:
+                raise DataError(
+                    f"a single frame (a still image, not a video), {need} frames needed; remove it, or put it in a "
+                    "dataset with dataset_type 'image'"
+                )
             raise DataError(
                 f"too short: {have} frames at {settings.fps:g} fps ({info.frame_times[-1]:.2f} s), {need} needed; "
                 "lower video.num_frames, set video.min_frames, or remove the clip"
             )
-        indices = tuple(select_frame_indices(info.frame_times, settings.fps, frames))
+        indices = tuple(select_frame_indices(info.frame_times, settings.fps, frames, slack=info.time_slack))
         src_height, src_width, fps = info.height, info.width, settings.fps
     else:
         info = None
@@ -359,12 +426,32 @@ def plan_sample(source: SampleSource, dataset: DatasetConfig, *, alignment: int,
         frames, indices, fps = 1, (0,), 0.0
     height, width = bucket_size(resolution, src_height, src_width, alignment)
     plan = plan_resize(src_height, src_width, height, width, crop=dataset.crop, crop_fraction=crop_fraction)
+    refuse_extreme_crop(plan, src_height, src_width, None)
     cond_plan = None
     if source.cond_path is not None:
         cond_height, cond_width = probe_image(source.cond_path)
         cond_plan = plan_resize(cond_height, cond_width, height, width, crop=dataset.crop, crop_fraction=crop_fraction)
+        refuse_extreme_crop(cond_plan, cond_height, cond_width, source.cond_path)
     return PlannedSample(
         source, Bucket(frames, height, width), indices, fps, plan, cond_plan, dataset.crop_style, crop_fraction, info
+    )
+
+
+# The crop may cut away at most this share of the scaled picture's area (1 - 1/16). The bucket grid reaches
+# about 4:1, so only sources beyond ~60:1 (a 2x4000 strip) are refused: scaled to cover a bucket they would be
+# hundreds of thousands of pixels long, past what the scaler takes (it failed as "Invalid argument").
+MAX_CROP_FACTOR = 16
+
+
+def refuse_extreme_crop(plan: ResizePlan, src_height: int, src_width: int, path: Optional[Path]) -> None:
+    """`DataError` when covering the bucket would scale the source to over `MAX_CROP_FACTOR` x its area."""
+    if plan.scaled_height * plan.scaled_width <= MAX_CROP_FACTOR * plan.height * plan.width:
+        return
+    kept = 100 * plan.height * plan.width / (plan.scaled_height * plan.scaled_width)
+    raise DataError(
+        (f"{path}: " if path is not None else "") + f"{src_width} wide and {src_height} high, too far from any "
+        f"bucket's aspect: cropped to the {plan.height}x{plan.width} (height x width) bucket it would keep "
+        f"{kept:.2g}% of the picture; crop it to an aspect between 1:4 and 4:1, or remove it"
     )
 
 
@@ -500,6 +587,23 @@ def refuse_shared_files(train_plans: list[DatasetPlan], eval_plan: DatasetPlan) 
             f"(e.g. {eval_path} is {train_path}), so the held-out loss would be measured on training data; "
             "remove them from one of the two datasets"
         )
+
+
+def cache_folder_problems(datasets: DatasetList) -> list[str]:
+    """The enabled datasets' cache folders that could not be created or written (`fsutil.folder_problem`):
+    `check` lists them, the cache stage stops on them before loading an encoder."""
+    problems, seen = [], set()
+    for dataset in datasets.enabled:
+        for key, folder in (("cache_dir_vae", dataset.cache_dir_vae), ("cache_dir_text", dataset.text_cache_dir)):
+            if dataset.dataset_type == "conditioning" and key == "cache_dir_text":
+                continue  # start frames have no captions: their text folder is never written
+            if folder in seen:
+                continue
+            seen.add(folder)
+            problem = folder_problem(Path(folder), f"dataset '{dataset.id}' {key}", datasets.source)
+            if problem:
+                problems.append(problem)
+    return problems
 
 
 def require_usable(plan: DataPlan, *, eval_dataset_id: Optional[str]) -> None:

@@ -32,12 +32,14 @@ import numpy as np
 import torch
 
 from longcat_tuner.config.datasets import DatasetConfig, DatasetList, load_datasets
-from longcat_tuner.data.backends import DataPlan, DatasetPlan, PlannedSample, Problem, plan_data, require_usable
+from longcat_tuner.data.backends import (
+    DataPlan, DatasetPlan, PlannedSample, Problem, cache_folder_problems, plan_data, require_usable,
+)
 from longcat_tuner.data.images import load_image
 from longcat_tuner.data.video import decode_frames, frames_to_pixels
 from longcat_tuner.devices import default_dtype
 from longcat_tuner.errors import DataError, LongcatError
-from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
+from longcat_tuner.fsutil import atomic_file, is_out_of_space, is_write_error, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +58,51 @@ def source_stat(path: Path) -> dict[str, str]:
     return {"source": str(path.resolve()), "source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
 
 
-def read_fingerprint(path: Path) -> Optional[dict[str, str]]:
-    """The header metadata of a cache file, or None when it is missing or unreadable (rebuild it)."""
+def _read_header(path: Path) -> Optional[tuple[dict[str, str], dict[str, tuple[int, ...]]]]:
+    """(header metadata, tensor shapes) of a cache file, or None when it is missing or unreadable."""
     from safetensors import safe_open
 
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+            return dict(handle.metadata() or {}), {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception:  # a truncated or foreign file is just a stale entry
         return None
 
 
-def is_current(path: Path, fingerprint: dict[str, str]) -> bool:
-    return read_fingerprint(path) == fingerprint
+def read_fingerprint(path: Path) -> Optional[dict[str, str]]:
+    """The header metadata of a cache file, or None when it is missing or unreadable (rebuild it)."""
+    header = _read_header(path)
+    return header[0] if header is not None else None
+
+
+Shapes = dict[str, tuple[Optional[int], ...]]  # tensor name -> expected shape, None where any size is fine
+
+
+def is_current(path: Path, fingerprint: dict[str, str], shapes: Optional[Shapes] = None) -> bool:
+    """The entry was made from these inputs and settings (its fingerprint) and, with `shapes`, holds those
+    tensors with those shapes: a file whose header matches but whose tensors do not (edited, or written by a
+    bug) is rebuilt here rather than stopping training when a batch reaches it."""
+    header = _read_header(path)
+    if header is None or header[0] != fingerprint:
+        return False
+    found = header[1]
+    for name, shape in (shapes or {}).items():
+        have = found.get(name)
+        if have is None or len(have) != len(shape) or any(w is not None and w != h for w, h in zip(shape, have)):
+            return False
+    return True
+
+
+def latent_shapes(frames: int, height: int, width: int) -> Shapes:
+    """What a clip or start-frame entry holds: `mean` and `std` [channels, 1 + (frames - 1) // 4, height / 8,
+    width / 8] (the VAE's factors, as `CachedVideoDataset` checks them)."""
+    shape = (None, 1 + (frames - 1) // 4, height // 8, width // 8)
+    return {"mean": shape, "std": shape}
+
+
+TEXT_SHAPES: Shapes = {"embeds": (None, None), "mask": (None,)}
 
 
 class CacheWriteError(DataError):
@@ -79,9 +111,18 @@ class CacheWriteError(DataError):
 
 
 def _write_failed(path: Path, err: BaseException, what: str = "cache entry") -> CacheWriteError:
+    fix = ("free space on that disk or point the dataset's cache_dir_vae / cache_dir_text at a disk with room"
+           if is_out_of_space(err, path.parent) else
+           "point the dataset's cache_dir_vae / cache_dir_text (multidatabackend.json) at a folder you can write")
     return CacheWriteError(
-        f"cannot write {what} {path}: {write_failure(err, path.parent)}; free space on that disk or point the "
-        "dataset's cache_dir_vae / cache_dir_text at a disk with room, then rerun (finished entries are kept)"
+        f"cannot write {what} {path}: {write_failure(err, path.parent)}; {fix}, then rerun (finished entries are kept)"
+    )
+
+
+def _not_ours(path: Path, what: str) -> CacheWriteError:
+    return CacheWriteError(
+        f"{path} is {what}; it is not overwritten: move it, or give the dataset's cache_dir_vae / cache_dir_text "
+        "(multidatabackend.json) a folder of its own"
     )
 
 
@@ -94,6 +135,9 @@ def write_entry(path: Path, tensors: dict[str, torch.Tensor], fingerprint: dict[
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise DataError(f"{fingerprint.get('source', path)}: the encoder produced NaN/inf in '{name}'; not cached")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    stored = read_fingerprint(path)
+    if stored is not None and "format_version" not in stored:
+        raise _not_ours(path, "a safetensors file that is not a cache entry (a LoRA or model file of yours?)")
     try:
         with atomic_file(path) as temporary:  # `<name>.tmp<pid>`, what remove_stale_temporaries looks for
             save_file(tensors, str(temporary), metadata=fingerprint)
@@ -320,6 +364,20 @@ def write_manifest(path: Path, dataset_id: str, samples: Sequence[CachedSample],
         "empty_text_path": empty_text_path,
         "samples": [asdict(s) for s in samples],
     }
+    if path.is_file() and path.stat().st_size:
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            # Damaged (a disk error, a partial copy of the cache): kept beside ours, not overwritten.
+            kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                path.replace(kept)
+            except OSError as err:
+                raise _write_failed(path, err, "cache manifest") from None
+            log.warning("cache manifest %s was not readable JSON; kept as %s and written anew", path, kept.name)
+        else:
+            if not (isinstance(earlier, dict) and "dataset_id" in earlier and "samples" in earlier):
+                raise _not_ours(path, "a JSON file that is not a cache manifest (yours?)")
     try:
         with atomic_file(path) as temporary:
             temporary.write_text(json.dumps(payload, indent=1), encoding="utf-8")
@@ -428,7 +486,7 @@ def _build_text(jobs: list[_Job], text_dirs: set[Path], encoder: LazyEncoder, dt
         wanted[job.text_path] = job.sample.source.caption
 
     def stale() -> list[tuple[Path, str]]:
-        return [(p, c) for p, c in wanted.items() if not is_current(p, text_fingerprint(c, encoder.model_key, dtype))]
+        return [(p, c) for p, c in wanted.items() if not is_current(p, text_fingerprint(c, encoder.model_key, dtype), TEXT_SHAPES)]
 
     todo = stale()
     if todo and not encoder.loaded:
@@ -475,8 +533,11 @@ def _build_latents(jobs: list[_Job], vae: LazyEncoder, dtype: torch.dtype, repor
 
     def refresh() -> None:
         for job in jobs:
-            job.clip_current = is_current(job.latent_path, clip_fingerprint(job.sample, vae.model_key, dtype))
-            job.cond_current = job.cond_path is None or is_current(job.cond_path, cond_fingerprint(job.sample, vae.model_key, dtype))
+            bucket = job.sample.bucket
+            job.clip_current = is_current(job.latent_path, clip_fingerprint(job.sample, vae.model_key, dtype),
+                                          latent_shapes(bucket.frames, bucket.height, bucket.width))
+            job.cond_current = job.cond_path is None or is_current(
+                job.cond_path, cond_fingerprint(job.sample, vae.model_key, dtype), latent_shapes(1, bucket.height, bucket.width))
 
     refresh()
     if any(not (j.clip_current and j.cond_current) for j in jobs) and not vae.loaded:
@@ -661,6 +722,9 @@ def build_caches(
     for problem in plan.conditioning_problems:
         log.warning("skipped %s", problem)
     require_usable(plan, eval_dataset_id=eval_dataset_id)
+    unwritable = cache_folder_problems(datasets)
+    if unwritable:  # before an encoder is loaded, not after the first entry is encoded
+        raise CacheWriteError("; ".join(unwritable))
     if vae is None or text_encoder is None:
         if model_root is None:
             raise DataError("build_caches needs model_root (pretrained_model_name_or_path) or both encoders")

@@ -24,6 +24,10 @@ from longcat_tuner.errors import DataError
 
 # Presentation times are rationals rounded to float; this slack keeps t_i == pts from missing the frame.
 TIME_EPSILON = 1e-6
+# Containers with a coarse time base store each timestamp rounded to a tick (Matroska / WebM: 1 ms, so a
+# 15 fps frame due at 533.33 ms is stored at 533 ms). Up to one tick (at most this many seconds) of slack
+# counts such a frame as on time; without it a 9-frame 15 fps .mkv clip counted only 8 frames.
+MAX_TICK_SLACK = 0.002
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,11 @@ class VideoInfo:
     def source_fps(self) -> float:
         times = self.frame_times
         return (len(times) - 1) / times[-1] if len(times) > 1 and times[-1] > 0 else 0.0
+
+    @property
+    def time_slack(self) -> float:
+        """How early a stored timestamp may be against the true one: one tick of the time base (capped)."""
+        return max(TIME_EPSILON, min(self.time_base, MAX_TICK_SLACK))
 
 
 @dataclass(frozen=True)
@@ -122,10 +131,12 @@ def probe_video(path: str | Path) -> VideoInfo:
         if stream.time_base is None:
             raise DataError(f"{path}: video stream has no time base; re-encode it (e.g. ffmpeg -i in -c:v libx264 out.mp4)")
         pts: list[int] = []
+        untimed = 0  # packets with data but no presentation time (a raw elementary stream)
         rotation: Optional[int] = None
         try:
             for packet in container.demux(stream):
                 if packet.pts is None or packet.size == 0:
+                    untimed += packet.pts is None and packet.size > 0
                     continue
                 pts.append(packet.pts)
                 if rotation is None:
@@ -147,6 +158,11 @@ def probe_video(path: str | Path) -> VideoInfo:
     if pts and rotation is None:
         raise DataError(f"{path}: no frame of the video stream decodes; the file is corrupt, re-encode or remove it")
     rotation = rotation or 0
+    if not pts and untimed:
+        raise DataError(
+            f"{path}: the video frames carry no timestamps (a raw H.264/HEVC stream rather than a video file?); "
+            "put it in a container at its frame rate, e.g. `ffmpeg -framerate 30 -i in.h264 -c copy out.mp4`"
+        )
     if not pts:
         raise DataError(f"{path}: no video frames found; the file is empty or truncated")
     if width <= 0 or height <= 0:
@@ -156,19 +172,23 @@ def probe_video(path: str | Path) -> VideoInfo:
     return VideoInfo(path, width, height, rotation, tuple(pts), time_base)
 
 
-def available_frames(frame_times: Sequence[float], fps: float, *, start: float = 0.0) -> int:
-    """How many output frames at `fps` fit: those with start + i/fps <= the last frame's time."""
-    if not frame_times or start > frame_times[-1] + TIME_EPSILON:
+def available_frames(frame_times: Sequence[float], fps: float, *, start: float = 0.0, slack: float = TIME_EPSILON) -> int:
+    """How many output frames at `fps` fit: those with start + i/fps <= the last frame's time (+ `slack`,
+    the timestamps' rounding: `VideoInfo.time_slack`)."""
+    if not frame_times or start > frame_times[-1] + slack:
         return 0
-    return int(math.floor((frame_times[-1] - start) * fps + TIME_EPSILON)) + 1
+    return int(math.floor((frame_times[-1] + slack - start) * fps)) + 1
 
 
-def select_frame_indices(frame_times: Sequence[float], fps: float, num_frames: int, *, start: float = 0.0) -> list[int]:
-    """Indices (presentation order) of the source frames shown at t_i = start + i/fps, i < num_frames.
+def select_frame_indices(
+    frame_times: Sequence[float], fps: float, num_frames: int, *, start: float = 0.0, slack: float = TIME_EPSILON
+) -> list[int]:
+    """Indices (presentation order) of the source frames shown at t_i = start + i/fps, i < num_frames
+    (a frame stored up to `slack` seconds late counts as on screen at t_i).
 
     Raises `DataError` when the clip is too short for `num_frames` frames.
     """
-    have = available_frames(frame_times, fps, start=start)
+    have = available_frames(frame_times, fps, start=start, slack=slack)
     if have < num_frames:
         raise DataError(
             f"clip has {have} frames at {fps:g} fps but {num_frames} are needed; lower video.num_frames, "
@@ -177,7 +197,7 @@ def select_frame_indices(frame_times: Sequence[float], fps: float, num_frames: i
     indices = []
     for i in range(num_frames):
         t = start + i / fps
-        indices.append(max(0, bisect.bisect_right(frame_times, t + TIME_EPSILON) - 1))
+        indices.append(max(0, bisect.bisect_right(frame_times, t + slack) - 1))
     return indices
 
 
