@@ -7,7 +7,7 @@ import sys
 from importlib.util import find_spec
 from typing import Any, Callable, Optional
 
-from longcat_tuner.commands.argtypes import bounded_int, positive_float
+from longcat_tuner.commands.argtypes import bounded_int, finite_float, positive_float
 from longcat_tuner.config.sampling import add_sampling_arguments
 
 COMPILE_MODES = ("auto", "on", "off")
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="checkpoint root in the official layout (dit/ text_encoder/ vae/ ...)")
     p.add_argument("--lora", action="append", default=[], help="LoRA file (official LongCat, ComfyUI or ours); repeatable")
-    p.add_argument("--lora-multiplier", type=float, action="append", default=[], help="strength per --lora (default 1.0)")
+    p.add_argument("--lora-multiplier", type=finite_float, action="append", default=[], help="strength per --lora (default 1.0)")
     p.add_argument("--image", help="start frame (PNG/JPEG); omit for text-to-video")
     p.add_argument("--prompt", required=True)
     # --resolution --frames --steps --guidance --shift --seed --negative-prompt --fps --distilled: the schema's
@@ -85,6 +85,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     from longcat_tuner.devices import default_dtype
     from longcat_tuner.media import image_to_tensor, video_to_uint8, write_mp4
 
+    loras = read_sampling_loras(args)  # a bad LoRA file is named before minutes of model loading
     image = read_image(args.image) if args.image else None
     height, width = resolution_size(args.resolution, source_hw=(image.height, image.width) if image else None)
     device = ctx.device if ctx.enabled else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -107,7 +108,9 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     del text_encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    dit = load_dit_for_sampling(args, dtype=dtype, device=device, settings=settings)
+    dit = load_dit_for_sampling(args, dtype=dtype, device=device, settings=settings, loras=loras)
+    for lora, adapters, multiplier in loras if ctx.is_main else ():
+        print(f"LoRA {lora}: {len(adapters)} layer{'' if len(adapters) == 1 else 's'} adapted, multiplier {multiplier:g}", file=sys.stderr)
     if ctx.enabled:
         from longcat_tuner.model.sequence_parallel import apply_sequence_parallel
         from longcat_tuner.train.distributed import build_mesh
@@ -174,22 +177,36 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
     return swap
 
 
-def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=None):
-    """The DiT with its LoRAs, through the runtime `train` uses (`longcat_tuner.runtime.apply`) under
-    `settings` (default: `sampling_settings_for(args, device)`): with block swap or 8-bit weights it is
-    assembled on the host first, so a model larger than the GPU never lands on it whole."""
+def read_sampling_loras(args: argparse.Namespace) -> list[tuple[str, dict, float]]:
+    """(path, adapters, multiplier) of each --lora, read and checked (files, multipliers) without the model."""
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.model.lora_formats import read_lora_file
+
+    if len(args.lora_multiplier) > len(args.lora):
+        raise ConfigError(f"{len(args.lora_multiplier)} --lora-multiplier values for {len(args.lora)} --lora files; "
+                          "give one multiplier per --lora, in the same order")
+    return [(lora, read_lora_file(lora)[0], args.lora_multiplier[i] if i < len(args.lora_multiplier) else 1.0)
+            for i, lora in enumerate(args.lora)]
+
+
+def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=None, loras=None):
+    """The DiT with its LoRAs (`loras`: `read_sampling_loras(args)`, read here when None), through the runtime
+    `train` uses (`longcat_tuner.runtime.apply`) under `settings` (default: `sampling_settings_for(args,
+    device)`): with block swap or 8-bit weights it is assembled on the host first, so a model larger than the
+    GPU never lands on it whole."""
     from longcat_tuner import runtime
     from longcat_tuner.model.loading import load_dit
-    from longcat_tuner.model.lora import load_lora
+    from longcat_tuner.model.lora import attach_lora_adapters
 
     if settings is None:
         settings = sampling_settings_for(args, device)
+    if loras is None:
+        loras = read_sampling_loras(args)
     attention = args.attention or trained_attention(args.lora) or "auto"
     dit = load_dit(args.model, dtype=dtype, device=runtime.load_device(settings, device), attention_backend=attention)
     runtime.prepare_base_weights(dit, settings)
-    for i, lora in enumerate(args.lora):
-        multiplier = args.lora_multiplier[i] if i < len(args.lora_multiplier) else 1.0
-        load_lora(dit, lora, multiplier=multiplier, name=f"lora{i}")
+    for i, (lora, adapters, multiplier) in enumerate(loras):
+        attach_lora_adapters(dit, adapters, lora, multiplier=multiplier, name=f"lora{i}")
     runtime.apply_runtime(dit, settings, device)
     return dit
 

@@ -330,7 +330,7 @@ def load_datasets(path: str | Path) -> DatasetList:
     from longcat_tuner.config.training import read_json  # one JSON(C) reader for both config files
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # (a folder is named by read_json)
         raise ConfigError(
             f"dataset config {path} does not exist; create it with "
             "`cp config/multidatabackend.json.example config/multidatabackend.json` and set the folders"

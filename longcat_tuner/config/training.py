@@ -386,7 +386,7 @@ class TrainConfig(BaseModel):
     def from_file(cls, path: str | Path, *, overrides: Optional[dict[str, Any]] = None) -> "TrainConfig":
         """Read config.json (comments allowed); relative paths resolve against the file's folder."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(
                 f"config file {path} does not exist; create it with "
                 "`cp config/config.json.example config/config.json` and fill the paths"
@@ -412,17 +412,43 @@ def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_F
 
 
 def read_json(path: Path) -> Any:
-    """Parse JSON, allowing `//` and `/* */` comments as in the guide's jsonc examples."""
-    text = path.read_text(encoding="utf-8")
+    """Parse JSON, allowing `//` and `/* */` comments as in the guide's jsonc examples and a UTF-8 byte-order
+    mark (Windows editors write one); a key given twice is an error (JSON would keep the last silently)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a JSON file; give the path of the .json file")
     try:
-        return json.loads(text)
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read ({err.strerror or err})") from None
+    if not text.strip():
+        raise ConfigError(f"{path} is empty; fill it with JSON (config/*.json.example show the layout)")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys(path))
     except json.JSONDecodeError:
         pass
     stripped = _strip_json_comments(text)
     try:
-        return json.loads(stripped)
+        return json.loads(stripped, object_pairs_hook=_unique_keys(path))
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        hint = ""
+        if err.msg.startswith(("Expecting property name", "Expecting value")) and stripped[: err.pos].rstrip().endswith(","):
+            hint = " (a trailing comma before '}' or ']'? JSON allows none: remove it)"
+        raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}{hint}") from None
+
+
+def _unique_keys(path: Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ConfigError(f"{path}: key '{key}' is given twice ({out[key]!r} and {value!r}); keep one")
+            out[key] = value
+        return out
+
+    return build
 
 
 def _strip_json_comments(text: str) -> str:

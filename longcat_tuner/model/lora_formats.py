@@ -372,6 +372,26 @@ def _unmatched_error(source: str, keys: list[str]) -> CheckpointError:
     )
 
 
+def _check_values(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse integer (quantized) weights and NaN/Inf values: either would run and give a broken video."""
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
+
+    integer = [k for k, v in tensors.items() if not v.dtype.is_floating_point and k.endswith(".weight")]  # not alpha
+    if integer:
+        dtypes = sorted({str(tensors[k].dtype).removeprefix("torch.") for k in integer})
+        raise CheckpointError(
+            f"{source}: {len(integer)} tensors hold {'/'.join(dtypes)} values, not floats ({listed(integer)}); "
+            "quantized LoRA files are not supported: use a float16, bfloat16 or float32 export of the LoRA"
+        )
+    broken = [k for k, v in tensors.items() if not bool(torch.isfinite(v.float()).all())]
+    if broken:
+        raise CheckpointError(
+            f"{source}: {len(broken)} tensors hold NaN or Inf values ({listed(broken)}); the LoRA is broken (a "
+            "diverged training run?): use an earlier checkpoint of it"
+        )
+
+
 def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None,
                source: str = "LoRA") -> dict[str, Adapter]:
     """Any supported layout -> `{official module path: Adapter}` (tensors in float32)."""
@@ -408,6 +428,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
         raise _unmatched_error(source, unmatched)
     if not groups:
         raise CheckpointError(f"{source}: the file holds no tensors, so it is not a LoRA")
+    _check_values(tensors, source)
     peft = _peft_config(metadata or {})
     pieces: dict[str, dict[Optional[int], Adapter]] = {}
     slices: dict[str, int] = {}
@@ -424,6 +445,9 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
         up_list = [ups[-1]] if -1 in ups else [ups[k] for k in range(len(ups))]
         down = group["down"].float()
         total_rank = down.shape[0]
+        if total_rank == 0 or any(u.ndim == 2 and u.shape[1] == 0 for u in up_list):
+            raise CheckpointError(f"{where} has rank 0 (down {tuple(down.shape)}): an empty adapter; "
+                                  "the file is damaged or was exported wrongly")
         if group["alpha_scale"] is not None:
             scale = group["alpha_scale"]
         elif group["alpha"] is not None:
@@ -432,6 +456,9 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
             scale = peft_scale
         else:
             scale = 1.0  # no alpha anywhere: alpha = rank, as ComfyUI and PEFT assume
+        if scale == 0:
+            raise CheckpointError(f"{where} has alpha 0, so the LoRA would change nothing; the file is damaged or "
+                                  "was exported wrongly (alpha is usually the rank)")
         adapter = Adapter(down, [u.float() for u in up_list], float(scale))
         adapter.check(where)
         by_slice = pieces.setdefault(path, {})
@@ -451,9 +478,18 @@ def read_lora_file(path: Union[str, Path]) -> tuple[dict[str, Adapter], dict[str
     """(adapters, header metadata) of a LoRA safetensors file in any supported layout."""
     from safetensors import safe_open
 
+    from longcat_tuner.model.inspect import read_safetensors_header
+
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        raise CheckpointError(
+            f"LoRA path {path} is a folder, not a file; give the LoRA .safetensors file itself"
+            + (f" (in it: {', '.join(inside[:5])})" if inside else " (it holds no .safetensors file)")
+        )
     if not path.is_file():
-        raise CheckpointError(f"LoRA file {path} does not exist")
+        raise CheckpointError(f"LoRA file {path} does not exist; check the path (a LoRA is one .safetensors file)")
+    read_safetensors_header(path)  # names an empty, truncated or pickled file before safetensors reads it
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}

@@ -259,6 +259,7 @@ def resolve_resume_path(value: Optional[str], checkpoints_dir: Path) -> Optional
         raise CheckpointError(
             f"resume_from_checkpoint: {path} is not a folder; give a checkpoint folder "
             f"(e.g. {Path(checkpoints_dir) / checkpoint_name(100)}) or 'latest'"
+            + ("; to start training from a LoRA file, set init_lora to it instead" if path.is_file() else "")
         )
     return path
 
