@@ -279,3 +279,33 @@ def test_dataset_config_that_is_a_folder_is_named(tmp_path):
     (tmp_path / "multidatabackend.json").mkdir()
     with pytest.raises(ConfigError, match="multidatabackend.json is a folder, not a JSON file"):
         load_datasets(tmp_path / "multidatabackend.json")
+
+
+@pytest.mark.parametrize("header,message", [
+    ('{"transformer.lora_alpha": "abc"}', "the alpha 'abc', not a number"),
+    ('{"transformer.lora_alpha": [8]}', r"the alpha \[8\], not a number"),
+    ('{"transformer.lora_alpha": NaN}', "has alpha nan"),
+    ('{"transformer.lora_alpha": 1e400}', "has alpha inf"),
+    ('{"transformer.lora_alpha": 8, "transformer.alpha_pattern": [1, 2]}', "alpha_pattern is not an object"),
+])
+def test_bad_peft_header_alpha_is_refused(dit, tmp_path, header, message):
+    """Before: a string or list alpha was a ValueError/TypeError traceback, NaN or 1e400 loaded a NaN/inf LoRA."""
+    path = tmp_path / "peft.safetensors"
+    tensors = {k.replace("diffusion_model.", "transformer.").replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v
+               for k, v in _comfy(dit, paths=("blocks.0.ffn.w1",)).items()}
+    save_file(tensors, str(path), metadata={lf.PEFT_METADATA_KEY: header})
+    with pytest.raises(CheckpointError, match=message):
+        lf.read_lora_file(path)
+
+
+def test_a_model_file_given_as_lora_is_refused_from_its_header(tiny_checkpoint, monkeypatch):
+    """The DiT weights passed as a LoRA are refused by their key names before a tensor is read (a 27 GB file)."""
+    import safetensors
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("tensors were read")
+
+    monkeypatch.setattr(safetensors, "safe_open", no_reading)
+    weights = tiny_checkpoint / "dit" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(CheckpointError, match=r"keys match no known LongCat LoRA layout: blocks.0.adaLN_modulation.1.bias"):
+        lf.read_lora_file(weights)

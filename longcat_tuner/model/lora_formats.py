@@ -344,9 +344,13 @@ def _peft_config(metadata: dict[str, str]) -> Optional[dict[str, Any]]:
     return prefixed or config
 
 
-def _peft_scale(config: dict[str, Any], module: str, rank: int) -> Optional[float]:
+def _peft_scale(config: dict[str, Any], module: str, rank: int, source: str) -> Optional[float]:
     alpha = config.get("lora_alpha")
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{source}: the header's {PEFT_METADATA_KEY} alpha_pattern is not an object "
+                              f"({patterns!r}); the file is damaged or was exported wrongly")
+    for pattern, value in patterns.items():
         try:
             hit = pattern == module or re.match(rf"(.*\.)?({pattern})$", module) is not None
         except re.error:
@@ -356,6 +360,9 @@ def _peft_scale(config: dict[str, Any], module: str, rank: int) -> Optional[floa
             break
     if alpha is None:
         return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{source}: the header's {PEFT_METADATA_KEY} gives '{module}' the alpha {alpha!r}, not a "
+                              "number; the file is damaged or was exported wrongly")
     return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
@@ -392,24 +399,29 @@ def _check_values(tensors: dict[str, torch.Tensor], source: str) -> None:
         )
 
 
+def _classify(key: str) -> tuple[Optional[str], Optional[str], Optional[int], Optional[tuple[str, Optional[int], int]]]:
+    """(role, module name in the file, up block index, `_normalise_module` target or None) of one tensor key."""
+    role, module, j = None, None, None
+    if (match := _UP_BLOCK.match(key)):
+        role, module, j = "up_block", match["m"], int(match["j"])
+    elif (match := _DOWN.match(key)):
+        role, module = "down", match["m"]
+    elif (match := _UP.match(key)):
+        role, module = "up", match["m"]
+    elif key.endswith(".alpha_scale"):
+        role, module = "alpha_scale", key[: -len(".alpha_scale")]
+    elif key.endswith(".alpha"):
+        role, module = "alpha", key[: -len(".alpha")]
+    return role, module, j, _normalise_module(module) if module is not None else None
+
+
 def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None,
                source: str = "LoRA") -> dict[str, Adapter]:
     """Any supported layout -> `{official module path: Adapter}` (tensors in float32)."""
     groups: dict[str, dict[str, Any]] = {}
     unmatched: list[str] = []
     for key, value in tensors.items():
-        role, module, j = None, None, None
-        if (match := _UP_BLOCK.match(key)):
-            role, module, j = "up_block", match["m"], int(match["j"])
-        elif (match := _DOWN.match(key)):
-            role, module = "down", match["m"]
-        elif (match := _UP.match(key)):
-            role, module = "up", match["m"]
-        elif key.endswith(".alpha_scale"):
-            role, module = "alpha_scale", key[: -len(".alpha_scale")]
-        elif key.endswith(".alpha"):
-            role, module = "alpha", key[: -len(".alpha")]
-        target = _normalise_module(module) if module is not None else None
+        role, module, j, target = _classify(key)
         if target is None:
             unmatched.append(key)
             continue
@@ -452,13 +464,13 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
             scale = group["alpha_scale"]
         elif group["alpha"] is not None:
             scale = group["alpha"] / total_rank
-        elif peft is not None and (peft_scale := _peft_scale(peft, _strip_prefix(module), total_rank)) is not None:
+        elif peft is not None and (peft_scale := _peft_scale(peft, _strip_prefix(module), total_rank, source)) is not None:
             scale = peft_scale
         else:
             scale = 1.0  # no alpha anywhere: alpha = rank, as ComfyUI and PEFT assume
-        if scale == 0:
-            raise CheckpointError(f"{where} has alpha 0, so the LoRA would change nothing; the file is damaged or "
-                                  "was exported wrongly (alpha is usually the rank)")
+        if scale == 0 or not math.isfinite(scale):
+            raise CheckpointError(f"{where} has alpha {'0, so the LoRA would change nothing' if scale == 0 else scale}; "
+                                  "the file is damaged or was exported wrongly (alpha is usually the rank)")
         adapter = Adapter(down, [u.float() for u in up_list], float(scale))
         adapter.check(where)
         by_slice = pieces.setdefault(path, {})
@@ -489,7 +501,11 @@ def read_lora_file(path: Union[str, Path]) -> tuple[dict[str, Adapter], dict[str
         )
     if not path.is_file():
         raise CheckpointError(f"LoRA file {path} does not exist; check the path (a LoRA is one .safetensors file)")
-    read_safetensors_header(path)  # names an empty, truncated or pickled file before safetensors reads it
+    # The header names an empty, truncated or pickled file, and a file of other keys (a whole model passed as a
+    # LoRA), before any tensor is read.
+    unmatched = [key for key in read_safetensors_header(path) if _classify(key)[3] is None]
+    if unmatched:
+        raise _unmatched_error(str(path), unmatched)
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
