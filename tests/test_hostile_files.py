@@ -309,3 +309,19 @@ def test_a_model_file_given_as_lora_is_refused_from_its_header(tiny_checkpoint, 
     weights = tiny_checkpoint / "dit" / "diffusion_pytorch_model.safetensors"
     with pytest.raises(CheckpointError, match=r"keys match no known LongCat LoRA layout: blocks.0.adaLN_modulation.1.bias"):
         lf.read_lora_file(weights)
+
+
+def test_an_unusable_attention_recorded_in_a_lora_falls_back_with_a_warning(tiny_checkpoint, tmp_path, capsys):
+    """Before: a header naming an unknown backend (or xformers where it is not installed) stopped `sample`."""
+    from safetensors.torch import load_file
+
+    from longcat_tuner.commands.sample import trained_attention
+
+    path = tmp_path / "lora.safetensors"
+    save_file(load_file(str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")), str(path),
+              metadata={"attention_implementation": "bogus"})
+    assert trained_attention([str(path)]) is None
+    assert "trained with attention 'bogus'" in capsys.readouterr().err
+    save_file(load_file(str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")), str(path),
+              metadata={"attention_implementation": "sdpa"})
+    assert trained_attention([str(path)]) == "sdpa"

@@ -284,6 +284,17 @@ def trained_attention(lora_paths: list[str]) -> str | None:
 
     try:
         with safe_open(lora_paths[0], framework="pt") as handle:
-            return (handle.metadata() or {}).get("attention_implementation")
+            name = (handle.metadata() or {}).get("attention_implementation")
     except Exception:  # unreadable files get their clear error from load_lora
+        return None
+    if name is None:
+        return None
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.model.attention import validate_backend_name
+
+    try:
+        return validate_backend_name(name)
+    except ConfigError as err:  # a header from elsewhere (another machine, another tool) does not stop sampling
+        print(f"warning: {lora_paths[0]} was trained with attention '{name}', which cannot be used here ({err}); "
+              "sampling with auto (pass --attention to choose)", file=sys.stderr)
         return None
