@@ -325,3 +325,21 @@ def test_an_unusable_attention_recorded_in_a_lora_falls_back_with_a_warning(tiny
     save_file(load_file(str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")), str(path),
               metadata={"attention_implementation": "sdpa"})
     assert trained_attention([str(path)]) == "sdpa"
+
+
+def test_lora_targets_typos_are_refused_by_the_schema_as_the_model_would(dit, tmp_path):
+    """Before: a target naming no layer was refused only after caching and loading the model."""
+    from longcat_tuner.model.lora import match_targets
+    from longcat_tuner.model.lora_names import unknown_targets
+
+    candidates = ["attn.qkv", "qkv", "blocks.1.ffn.w1", "1.ffn.w1", "final_layer.linear", "linear", "mlp.2",
+                  "adaLN_modulation.1", "attn.qkvv", "attn", "cross_attn", "blocks.1", "ffn", "y_proj.0", "proj"]
+    for target in candidates:
+        try:
+            match_targets(dit, [target])
+            model_ok = True
+        except ConfigError:
+            model_ok = False
+        assert (target not in unknown_targets([target])) == model_ok, target
+    with pytest.raises(ConfigError, match=r"lora_targets: \['attn.qkvv'\] match no linear layer"):
+        TrainConfig.from_dict(_config(tmp_path, lora_targets=["attn.qkv", "attn.qkvv"]))

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from longcat_tuner.config.resolution import parse_resolution  # noqa: F401  (re-exported: the one parser)
 from longcat_tuner.config.sampling import MAX_SEED, sampling_field
 from longcat_tuner.errors import ConfigError
-from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS
+from longcat_tuner.model.lora_names import BLOCK_LINEARS, DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS, TOP_LINEARS, unknown_targets
 
 # Upper bounds of the schema's counts: far above any real run, low enough that a typo (`1e10`, `2**70`)
 # is refused up front instead of overflowing a tensor or running "forever".
@@ -314,6 +314,12 @@ class TrainConfig(BaseModel):
     def _targets_non_empty(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("empty list; leave the key out to adapt every linear layer of every block")
+        unknown = unknown_targets(value)
+        if unknown:
+            raise ValueError(
+                f"{unknown} match no linear layer of the LongCat DiT; valid: {', '.join(BLOCK_LINEARS)} (each block), "
+                f"{', '.join(TOP_LINEARS)}, or one block's layer such as blocks.7.attn.qkv"
+            )
         return value
 
     @field_validator("validation_loss_sigmas")

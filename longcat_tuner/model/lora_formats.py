@@ -52,22 +52,13 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS
+from longcat_tuner.model.lora_names import BLOCK_LINEARS, LORA_FILE_FORMATS, TOP_LINEARS
 from longcat_tuner.errors import CheckpointError, ConfigError
 
 # --- the official module tree ------------------------------------------------------------------------------
 
-# Linear layers of one official block and outside the blocks (the official LongCatVideoTransformer3DModel).
-# (The default LoRA targets are every linear layer of a block but the modulation.)
-BLOCK_LINEARS: tuple[str, ...] = ("adaLN_modulation.1",) + DEFAULT_LORA_TARGETS
-TOP_LINEARS: tuple[str, ...] = (
-    "t_embedder.mlp.0",
-    "t_embedder.mlp.2",
-    "y_embedder.y_proj.0",
-    "y_embedder.y_proj.2",
-    "final_layer.adaLN_modulation.1",
-    "final_layer.linear",
-)
+# BLOCK_LINEARS / TOP_LINEARS (torch-free, in `lora_names`): the linear layers of one official block and
+# outside the blocks.
 # Suffix -> number of block-diagonal parts of the official adapter ("n_seperate"); first match wins.
 FUSED_SPLITS: tuple[tuple[str, int], ...] = (
     ("final_layer.adaLN_modulation.1", 2),
