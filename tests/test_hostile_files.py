@@ -343,3 +343,13 @@ def test_lora_targets_typos_are_refused_by_the_schema_as_the_model_would(dit, tm
         assert (target not in unknown_targets([target])) == model_ok, target
     with pytest.raises(ConfigError, match=r"lora_targets: \['attn.qkvv'\] match no linear layer"):
         TrainConfig.from_dict(_config(tmp_path, lora_targets=["attn.qkv", "attn.qkvv"]))
+
+
+def test_sample_output_that_cannot_take_a_video_is_refused_first(tiny_checkpoint, tmp_path, capsys):
+    """Before: a folder or a .txt name as --output was a ValueError traceback after sampling."""
+    (tmp_path / "file").write_text("x")
+    for output, message in ((tmp_path, "is a folder"), (tmp_path / "video.txt", "must end in .mp4"),
+                            (tmp_path / "file" / "v.mp4", "is a file, not a folder")):
+        argv = ["sample", "--model", str(tmp_path / "no-model"), "--prompt", "x", "--output", str(output)]
+        assert main(argv) == 2  # the model folder does not exist: the output was checked first
+        assert message in capsys.readouterr().err

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from longcat_tuner.commands.argtypes import bounded_int, finite_float, positive_float
@@ -85,6 +86,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     from longcat_tuner.devices import default_dtype
     from longcat_tuner.media import image_to_tensor, video_to_uint8, write_mp4
 
+    check_video_output(args.output)  # before minutes of work, not when the video is written
     loras = read_sampling_loras(args)  # a bad LoRA file is named before minutes of model loading
     image = read_image(args.image) if args.image else None
     height, width = resolution_size(args.resolution, source_hw=(image.height, image.width) if image else None)
@@ -175,6 +177,24 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
     print(f"memory plan: --blocks-to-swap {swap} (predicted {peak:.1f} GiB at {shape.text}, budget {budget:.1f} GiB)",
           file=sys.stderr)
     return swap
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")  # containers that take the H.264 stream `write_mp4` encodes
+
+
+def check_video_output(output: str) -> None:
+    """Refuse an --output that cannot take the video: a folder, a path under a file, another file type."""
+    from longcat_tuner.errors import ConfigError
+
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a folder; give a file name such as {path / 'video.mp4'}")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"--output {path} cannot be written: {blocker} is a file, not a folder")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ConfigError(f"--output {path} must end in {', '.join(VIDEO_SUFFIXES)} (the video container), "
+                          f"e.g. {path.with_suffix('.mp4')}")
 
 
 def read_sampling_loras(args: argparse.Namespace) -> list[tuple[str, dict, float]]:
