@@ -106,6 +106,7 @@ def test_unreadable_lora_files_are_named_with_the_cause(dit, tiny_checkpoint, tm
     ("zero_alpha", "alpha 0, so the LoRA would change nothing"),
     ("int8", "hold int8 values, not floats"),
     ("rank0", "has rank 0"),
+    ("scalar_down", r"LoRA weights are not matrices \(down \(\), "),
 ])
 def test_broken_lora_values_are_refused(dit, tmp_path, case, message):
     tensors = _comfy(dit, alpha=torch.tensor(float(RANK)))
@@ -122,6 +123,8 @@ def test_broken_lora_values_are_refused(dit, tmp_path, case, message):
     elif case == "rank0":
         tensors["diffusion_model.blocks.0.attn.proj.lora_down.weight"] = torch.zeros(0, 256)
         tensors["diffusion_model.blocks.0.attn.proj.lora_up.weight"] = torch.zeros(256, 0)
+    elif case == "scalar_down":  # before: an IndexError traceback
+        tensors["diffusion_model.blocks.0.attn.proj.lora_down.weight"] = torch.tensor(1.0)
     path = tmp_path / f"{case}.safetensors"
     save_file(tensors, str(path))
     with pytest.raises(CheckpointError, match=message):

@@ -446,9 +446,10 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
         if -1 not in ups and sorted(ups) != list(range(len(ups))):
             raise CheckpointError(f"{where}: up blocks {sorted(ups)} are not numbered 0..{len(ups) - 1}")
         up_list = [ups[-1]] if -1 in ups else [ups[k] for k in range(len(ups))]
-        down = group["down"].float()
+        down, ups_float = group["down"].float(), [u.float() for u in up_list]
+        Adapter(down, ups_float, 1.0).check(where)  # matrices that fit together, before their sizes are used
         total_rank = down.shape[0]
-        if total_rank == 0 or any(u.ndim == 2 and u.shape[1] == 0 for u in up_list):
+        if total_rank == 0:
             raise CheckpointError(f"{where} has rank 0 (down {tuple(down.shape)}): an empty adapter; "
                                   "the file is damaged or was exported wrongly")
         if group["alpha_scale"] is not None:
@@ -462,8 +463,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
         if scale == 0 or not math.isfinite(scale):
             raise CheckpointError(f"{where} has alpha {'0, so the LoRA would change nothing' if scale == 0 else scale}; "
                                   "the file is damaged or was exported wrongly (alpha is usually the rank)")
-        adapter = Adapter(down, [u.float() for u in up_list], float(scale))
-        adapter.check(where)
+        adapter = Adapter(down, ups_float, float(scale))
         by_slice = pieces.setdefault(path, {})
         if j in by_slice:
             raise CheckpointError(f"{source}: '{path}' (or the same part of it) has two adapters in the file; "
