@@ -356,3 +356,14 @@ def test_sample_output_that_cannot_take_a_video_is_refused_first(tiny_checkpoint
         argv = ["sample", "--model", str(tmp_path / "no-model"), "--prompt", "x", "--output", str(output)]
         assert main(argv) == 2  # the model folder does not exist: the output was checked first
         assert message in capsys.readouterr().err
+
+
+def test_blank_paths_are_refused_or_unset_not_the_config_folder(tmp_path):
+    """Before: `output_dir: ""` became the config file's own folder (the run wrote beside config.json)."""
+    for key in ("output_dir", "pretrained_model_name_or_path", "data_backend_config"):
+        (tmp_path / "config.json").write_text(json.dumps(_config(tmp_path, **{key: ""})))
+        with pytest.raises(ConfigError, match=f"{key}: empty; give a folder or file path"):
+            TrainConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(_config(tmp_path, init_lora="", resume_from_checkpoint=" ")))
+    config = TrainConfig.from_file(tmp_path / "config.json")
+    assert config.init_lora is None and config.resume_from_checkpoint is None

@@ -302,6 +302,19 @@ class TrainConfig(BaseModel):
         # JSON `true` would otherwise pass as 1 for every int key (`max_train_steps: true` ran 1 step).
         return refuse_bool_number(cls, info.field_name, value)
 
+    @field_validator("pretrained_model_name_or_path", "data_backend_config", "output_dir", mode="before")
+    @classmethod
+    def _path_not_blank(cls, value: Any) -> Any:
+        # "" would resolve to the config file's own folder (output_dir: the run would write there).
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; give a folder or file path")
+        return value
+
+    @field_validator("init_lora", "resume_from_checkpoint", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value  # as the web UI's empty field
+
     @field_validator("aspect_bucket_alignment")
     @classmethod
     def _alignment_multiple_of_16(cls, value: int) -> int:
@@ -410,8 +423,8 @@ def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_F
     """Make the path-valued keys of `data` (`keys`: config.json's by default) absolute, relative to `base`."""
     for key in keys:
         value = data.get(key)
-        if value is None or (key == "resume_from_checkpoint" and value == "latest"):
-            continue
+        if value is None or (isinstance(value, str) and not value.strip()) or (key == "resume_from_checkpoint" and value == "latest"):
+            continue  # (a blank path is refused or unset by the schema, not made the config's folder)
         candidate = Path(str(value)).expanduser()
         data[key] = str(candidate if candidate.is_absolute() else (base / candidate))
     return data
