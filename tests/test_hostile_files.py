@@ -367,3 +367,16 @@ def test_blank_paths_are_refused_or_unset_not_the_config_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_config(tmp_path, init_lora="", resume_from_checkpoint=" ")))
     config = TrainConfig.from_file(tmp_path / "config.json")
     assert config.init_lora is None and config.resume_from_checkpoint is None
+
+
+def test_a_name_clash_attaches_nothing(dit, tmp_path):
+    """Before: a clash found on a later layer left the earlier layers of the new file attached."""
+    save_file(_comfy(dit, paths=("blocks.0.ffn.w1",)), str(tmp_path / "one.safetensors"))
+    save_file(_comfy(dit, paths=("blocks.0.attn.proj", "blocks.0.ffn.w1")), str(tmp_path / "two.safetensors"))
+    load_lora(dit, tmp_path / "one.safetensors", name="x")
+    try:
+        with pytest.raises(ConfigError, match="already attached"):
+            load_lora(dit, tmp_path / "two.safetensors", name="x")
+        assert set(lora_modules(dit, "x")) == {"blocks.0.ffn.w1"}
+    finally:
+        remove_lora(dit)

@@ -247,6 +247,8 @@ def attach_lora_adapters(
     if not math.isfinite(multiplier):
         raise ConfigError(f"LoRA multiplier for {path} is {multiplier}; give a finite number such as 1.0")
     existing = _check_fits(model, adapters, Path(path))
+    if any(name in getattr(linear, "lora_adapters", {}) for linear in existing.values()):  # before attaching any
+        raise ConfigError(f"a LoRA named '{name}' is already attached; remove it first or choose another name")
     for module_path, item in adapters.items():
         linear = existing[module_path]
         adapter = LoRAAdapter(
