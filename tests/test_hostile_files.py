@@ -380,3 +380,22 @@ def test_a_name_clash_attaches_nothing(dit, tmp_path):
         assert set(lora_modules(dit, "x")) == {"blocks.0.ffn.w1"}
     finally:
         remove_lora(dit)
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path):
+    """Before: optimizer.pt / scheduler.pt / rng_state.pt were loaded with weights_only=False (code ran)."""
+    from longcat_tuner.train import checkpoint as ckpt
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    path = ckpt.save_checkpoint(tmp_path, step=2, weights={"w": torch.zeros(2)}, optimizer_state=optimizer.state_dict(),
+                                scheduler_state={"last_epoch": 2}, trainer_state={},
+                                rng_state=ckpt.capture_rng_state({"g": torch.Generator().manual_seed(0)}))
+    loaded = ckpt.load_checkpoint(path)  # our own files load (numpy RNG state included)
+    assert loaded["scheduler"] == {"last_epoch": 2} and "numpy" in loaded["rng"]
+    torch.save({"state": _RunsCode(tmp_path / "unpickled")}, str(path / ckpt.OPTIMIZER_FILE))
+    with pytest.raises(CheckpointError, match="not written by longcat-tuner and is not loaded"):
+        ckpt.load_checkpoint(path)
+    assert not (tmp_path / "unpickled").exists()
