@@ -399,3 +399,17 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not written by longcat-tuner and is not loaded"):
         ckpt.load_checkpoint(path)
     assert not (tmp_path / "unpickled").exists()
+
+
+def test_check_names_a_missing_or_broken_init_lora(tmp_path, tiny_checkpoint, capsys):
+    from tests.conftest import write_paired_workspace
+
+    workspace = write_paired_workspace(tmp_path / "data", train_clips=1, eval_clips=1, frames=5, size=32)
+    pickled = _unreadable(tmp_path, tiny_checkpoint, "torch_save")
+    for init_lora, message in ((tmp_path / "none.safetensors", "does not exist"), (pickled, "PyTorch pickle")):
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps(_config(tmp_path, data_backend_config=str(workspace / "multidatabackend.json"),
+                                             eval_dataset_id="val", init_lora=str(init_lora))))
+        assert main(["check", "--config", str(config), "--data-only"]) == 1
+        err = capsys.readouterr().err
+        assert "init_lora" in err and message in err
