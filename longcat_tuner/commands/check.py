@@ -220,6 +220,21 @@ def cuda_available() -> bool:
     return result.stdout.strip().endswith("1")
 
 
+def init_lora_problem(path: Path) -> Optional[str]:
+    """Why `train` would refuse the `init_lora` file, from its header alone (no torch), or None."""
+    from longcat_tuner.errors import CheckpointError
+    from longcat_tuner.model.inspect import read_safetensors_header
+
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        return f"init_lora {path} {what}; give the LoRA .safetensors file to start from, or remove the key"
+    try:
+        read_safetensors_header(path)
+    except CheckpointError as err:
+        return f"init_lora: {err}"
+    return None
+
+
 def run_problems(config: Any) -> list[str]:
     """What `train` would refuse about this config on this machine, before touching data or weights."""
     from importlib.util import find_spec
@@ -228,6 +243,10 @@ def run_problems(config: Any) -> list[str]:
     problem = output_dir_problem(Path(config.output_dir))
     if problem:
         problems.append(problem)
+    if config.init_lora:
+        problem = init_lora_problem(Path(config.init_lora))
+        if problem:
+            problems.append(problem)
     if config.attention_implementation == "xformers" and find_spec("xformers") is None:
         problems.append("attention_implementation 'xformers' but xformers is not installed: `pip install xformers`, "
                         "or set attention_implementation to auto or sdpa")

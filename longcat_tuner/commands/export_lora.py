@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from longcat_tuner.errors import ConfigError
 from longcat_tuner.model.lora_names import LORA_FILE_FORMATS
 
 CLIENTS = {
@@ -35,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--format", choices=LORA_FILE_FORMATS + ("comfyui",), default="comfyui-wanvideowrapper",
         help="output layout (default: comfyui-wanvideowrapper)",
     )
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT if it exists (without it an existing file is never replaced)")
     parser.set_defaults(func=run)
 
 
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from longcat_tuner.model.lora_formats import resolve_format
 
     name = resolve_format(args.format)
+    check_output(args.input, args.output, overwrite=args.overwrite)
     path = convert_lora_file(args.input, args.output, format=name)
     print(f"wrote {path} ({name} format, for {CLIENTS[name]})")
     return 0
@@ -52,3 +56,15 @@ def convert_lora_file(source: Path, target: Path, *, format: str) -> Path:
     from longcat_tuner.model.lora_formats import convert_lora_file as convert
 
     return convert(source, target, format)
+
+
+def check_output(source: Path, target: Path, *, overwrite: bool) -> None:
+    """Refuse an OUTPUT that is a folder, or an existing file (the input itself included) without --overwrite."""
+    if target.is_dir():
+        raise ConfigError(f"output {target} is a folder; give a file name, e.g. {target / (Path(source).stem + '_converted.safetensors')}")
+    if target.exists() and not overwrite:
+        same = source.exists() and target.resolve() == Path(source).resolve()
+        raise ConfigError(
+            f"output {target} already exists{' (it is the input file)' if same else ''}; choose another name, or "
+            "pass --overwrite to replace it"
+        )

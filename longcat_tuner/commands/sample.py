@@ -5,9 +5,10 @@ import argparse
 import json
 import sys
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Any, Callable, Optional
 
-from longcat_tuner.commands.argtypes import bounded_int, positive_float
+from longcat_tuner.commands.argtypes import bounded_int, finite_float, positive_float
 from longcat_tuner.config.sampling import add_sampling_arguments
 
 COMPILE_MODES = ("auto", "on", "off")
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="checkpoint root in the official layout (dit/ text_encoder/ vae/ ...)")
     p.add_argument("--lora", action="append", default=[], help="LoRA file (official LongCat, ComfyUI or ours); repeatable")
-    p.add_argument("--lora-multiplier", type=float, action="append", default=[], help="strength per --lora (default 1.0)")
+    p.add_argument("--lora-multiplier", type=finite_float, action="append", default=[], help="strength per --lora (default 1.0)")
     p.add_argument("--image", help="start frame (PNG/JPEG); omit for text-to-video")
     p.add_argument("--prompt", required=True)
     # --resolution --frames --steps --guidance --shift --seed --negative-prompt --fps --distilled: the schema's
@@ -85,6 +86,8 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     from longcat_tuner.devices import default_dtype
     from longcat_tuner.media import image_to_tensor, video_to_uint8, write_mp4
 
+    check_video_output(args.output)  # before minutes of work, not when the video is written
+    loras = read_sampling_loras(args)  # a bad LoRA file is named before minutes of model loading
     image = read_image(args.image) if args.image else None
     height, width = resolution_size(args.resolution, source_hw=(image.height, image.width) if image else None)
     device = ctx.device if ctx.enabled else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -107,7 +110,9 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     del text_encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    dit = load_dit_for_sampling(args, dtype=dtype, device=device, settings=settings)
+    dit = load_dit_for_sampling(args, dtype=dtype, device=device, settings=settings, loras=loras)
+    for lora, adapters, multiplier in loras if ctx.is_main else ():
+        print(f"LoRA {lora}: {len(adapters)} layer{'' if len(adapters) == 1 else 's'} adapted, multiplier {multiplier:g}", file=sys.stderr)
     if ctx.enabled:
         from longcat_tuner.model.sequence_parallel import apply_sequence_parallel
         from longcat_tuner.train.distributed import build_mesh
@@ -174,22 +179,54 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
     return swap
 
 
-def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=None):
-    """The DiT with its LoRAs, through the runtime `train` uses (`longcat_tuner.runtime.apply`) under
-    `settings` (default: `sampling_settings_for(args, device)`): with block swap or 8-bit weights it is
-    assembled on the host first, so a model larger than the GPU never lands on it whole."""
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")  # containers that take the H.264 stream `write_mp4` encodes
+
+
+def check_video_output(output: str) -> None:
+    """Refuse an --output that cannot take the video: a folder, a path under a file, another file type."""
+    from longcat_tuner.errors import ConfigError
+
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a folder; give a file name such as {path / 'video.mp4'}")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"--output {path} cannot be written: {blocker} is a file, not a folder")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ConfigError(f"--output {path} must end in {', '.join(VIDEO_SUFFIXES)} (the video container), "
+                          f"e.g. {path.with_suffix('.mp4')}")
+
+
+def read_sampling_loras(args: argparse.Namespace) -> list[tuple[str, dict, float]]:
+    """(path, adapters, multiplier) of each --lora, read and checked (files, multipliers) without the model."""
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.model.lora_formats import read_lora_file
+
+    if len(args.lora_multiplier) > len(args.lora):
+        raise ConfigError(f"{len(args.lora_multiplier)} --lora-multiplier values for {len(args.lora)} --lora files; "
+                          "give one multiplier per --lora, in the same order")
+    return [(lora, read_lora_file(lora)[0], args.lora_multiplier[i] if i < len(args.lora_multiplier) else 1.0)
+            for i, lora in enumerate(args.lora)]
+
+
+def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=None, loras=None):
+    """The DiT with its LoRAs (`loras`: `read_sampling_loras(args)`, read here when None), through the runtime
+    `train` uses (`longcat_tuner.runtime.apply`) under `settings` (default: `sampling_settings_for(args,
+    device)`): with block swap or 8-bit weights it is assembled on the host first, so a model larger than the
+    GPU never lands on it whole."""
     from longcat_tuner import runtime
     from longcat_tuner.model.loading import load_dit
-    from longcat_tuner.model.lora import load_lora
+    from longcat_tuner.model.lora import attach_lora_adapters
 
     if settings is None:
         settings = sampling_settings_for(args, device)
+    if loras is None:
+        loras = read_sampling_loras(args)
     attention = args.attention or trained_attention(args.lora) or "auto"
     dit = load_dit(args.model, dtype=dtype, device=runtime.load_device(settings, device), attention_backend=attention)
     runtime.prepare_base_weights(dit, settings)
-    for i, lora in enumerate(args.lora):
-        multiplier = args.lora_multiplier[i] if i < len(args.lora_multiplier) else 1.0
-        load_lora(dit, lora, multiplier=multiplier, name=f"lora{i}")
+    for i, (lora, adapters, multiplier) in enumerate(loras):
+        attach_lora_adapters(dit, adapters, lora, multiplier=multiplier, name=f"lora{i}")
     runtime.apply_runtime(dit, settings, device)
     return dit
 
@@ -267,6 +304,17 @@ def trained_attention(lora_paths: list[str]) -> str | None:
 
     try:
         with safe_open(lora_paths[0], framework="pt") as handle:
-            return (handle.metadata() or {}).get("attention_implementation")
+            name = (handle.metadata() or {}).get("attention_implementation")
     except Exception:  # unreadable files get their clear error from load_lora
+        return None
+    if name is None:
+        return None
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.model.attention import validate_backend_name
+
+    try:
+        return validate_backend_name(name)
+    except ConfigError as err:  # a header from elsewhere (another machine, another tool) does not stop sampling
+        print(f"warning: {lora_paths[0]} was trained with attention '{name}', which cannot be used here ({err}); "
+              "sampling with auto (pass --attention to choose)", file=sys.stderr)
         return None

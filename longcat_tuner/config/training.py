@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from longcat_tuner.config.resolution import parse_resolution  # noqa: F401  (re-exported: the one parser)
 from longcat_tuner.config.sampling import MAX_SEED, sampling_field
 from longcat_tuner.errors import ConfigError
-from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS
+from longcat_tuner.model.lora_names import BLOCK_LINEARS, DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS, TOP_LINEARS, unknown_targets
 
 # Upper bounds of the schema's counts: far above any real run, low enough that a typo (`1e10`, `2**70`)
 # is refused up front instead of overflowing a tensor or running "forever".
@@ -302,6 +302,19 @@ class TrainConfig(BaseModel):
         # JSON `true` would otherwise pass as 1 for every int key (`max_train_steps: true` ran 1 step).
         return refuse_bool_number(cls, info.field_name, value)
 
+    @field_validator("pretrained_model_name_or_path", "data_backend_config", "output_dir", mode="before")
+    @classmethod
+    def _path_not_blank(cls, value: Any) -> Any:
+        # "" would resolve to the config file's own folder (output_dir: the run would write there).
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; give a folder or file path")
+        return value
+
+    @field_validator("init_lora", "resume_from_checkpoint", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value  # as the web UI's empty field
+
     @field_validator("aspect_bucket_alignment")
     @classmethod
     def _alignment_multiple_of_16(cls, value: int) -> int:
@@ -314,6 +327,12 @@ class TrainConfig(BaseModel):
     def _targets_non_empty(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("empty list; leave the key out to adapt every linear layer of every block")
+        unknown = unknown_targets(value)
+        if unknown:
+            raise ValueError(
+                f"{unknown} match no linear layer of the LongCat DiT; valid: {', '.join(BLOCK_LINEARS)} (each block), "
+                f"{', '.join(TOP_LINEARS)}, or one block's layer such as blocks.7.attn.qkv"
+            )
         return value
 
     @field_validator("validation_loss_sigmas")
@@ -386,7 +405,7 @@ class TrainConfig(BaseModel):
     def from_file(cls, path: str | Path, *, overrides: Optional[dict[str, Any]] = None) -> "TrainConfig":
         """Read config.json (comments allowed); relative paths resolve against the file's folder."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(
                 f"config file {path} does not exist; create it with "
                 "`cp config/config.json.example config/config.json` and fill the paths"
@@ -404,8 +423,8 @@ def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_F
     """Make the path-valued keys of `data` (`keys`: config.json's by default) absolute, relative to `base`."""
     for key in keys:
         value = data.get(key)
-        if value is None or (key == "resume_from_checkpoint" and value == "latest"):
-            continue
+        if value is None or (isinstance(value, str) and not value.strip()) or (key == "resume_from_checkpoint" and value == "latest"):
+            continue  # (a blank path is refused or unset by the schema, not made the config's folder)
         candidate = Path(str(value)).expanduser()
         data[key] = str(candidate if candidate.is_absolute() else (base / candidate))
     return data
@@ -414,8 +433,12 @@ def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_F
 def read_json(path: Path) -> Any:
     """Parse JSON, allowing `//` and `/* */` comments as in the guide's jsonc examples.
 
-    UTF-8 with or without a byte-order mark (Windows Notepad writes one); other encodings and unreadable
-    files are a `ConfigError` naming the file."""
+    UTF-8 with or without a byte-order mark (Windows Notepad writes one); a key given twice is an error (JSON
+    would keep the last silently); other encodings, folders, empty and unreadable files are a `ConfigError`
+    naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a JSON file; give the path of the .json file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
@@ -425,17 +448,34 @@ def read_json(path: Path) -> Any:
         ) from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot be read ({err.strerror or err}); fix the path or its permissions") from None
+    if not text.strip():
+        raise ConfigError(f"{path} is empty; fill it with JSON (config/*.json.example show the layout)")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys(path))
     except (json.JSONDecodeError, RecursionError):
         pass
     stripped = _strip_json_comments(text)
     try:
-        return json.loads(stripped)
+        return json.loads(stripped, object_pairs_hook=_unique_keys(path))
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        hint = ""
+        if err.msg.startswith(("Expecting property name", "Expecting value")) and stripped[: err.pos].rstrip().endswith(","):
+            hint = " (a trailing comma before '}' or ']'? JSON allows none: remove it)"
+        raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}{hint}") from None
     except RecursionError:
         raise ConfigError(f"{path}: lists or objects nested too deeply to be a settings file; check its contents") from None
+
+
+def _unique_keys(path: Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ConfigError(f"{path}: key '{key}' is given twice ({out[key]!r} and {value!r}); keep one")
+            out[key] = value
+        return out
+
+    return build
 
 
 def _strip_json_comments(text: str) -> str:

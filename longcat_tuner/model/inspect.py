@@ -27,6 +27,8 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # dit/ and vae/
 TEXT_WEIGHTS_NAME = "model.safetensors"  # text_encoder/ (transformers' name)
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library refuses larger headers too
 _REDOWNLOAD = "the download or copy was interrupted or damaged: download it again"
+# How a pickle starts: torch.save's zip archive, or a raw pickle (protocol 2+ opcode PROTO).
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 # Bytes per element of each safetensors dtype (sub-byte types are checked by offsets only).
 DTYPE_BYTES: dict[str, int] = {
@@ -118,6 +120,12 @@ def read_safetensors_header(path: PathLike) -> dict[str, TensorInfo]:
                 )
             (length,) = struct.unpack("<Q", prefix)
             if length < 2 or length > MAX_HEADER_BYTES or 8 + length > size:
+                if prefix.startswith(_PICKLE_MAGIC):  # (a valid header length may start with these bytes too)
+                    raise CheckpointError(
+                        f"{path} is a PyTorch pickle (torch.save: .pt/.ckpt/.bin), not a safetensors file, whatever "
+                        "its name; longcat-tuner never unpickles files (unpickling can run code). Use the "
+                        ".safetensors release of it, or convert it yourself with a tool you trust"
+                    )
                 raise CheckpointError(
                     f"{path} is truncated or not a safetensors file: its header length is {length} bytes but the "
                     f"file has {size} bytes; {_REDOWNLOAD}"

@@ -214,7 +214,12 @@ def load_lora(
     """
     path = Path(path)
     adapters, _ = lora_formats.read_lora_file(path)
-    name = name or path.stem.replace(".", "_")
+    return attach_lora_adapters(model, adapters, path, multiplier=multiplier,
+                                name=name or path.stem.replace(".", "_"), dtype=dtype)
+
+
+def _check_fits(model: nn.Module, adapters: dict[str, lora_formats.Adapter], path: Path) -> dict[str, nn.Linear]:
+    """`{module path: linear}` for `adapters` (read from `path`); a module or shape the DiT lacks is an error."""
     existing = dict(model.named_modules())
     unknown = [p for p in adapters if not isinstance(existing.get(p), nn.Linear)]
     if unknown:
@@ -227,8 +232,23 @@ def load_lora(
         if item.in_features != linear.in_features or item.out_features != linear.out_features:
             raise CheckpointError(
                 f"{path}: LoRA shapes for '{module_path}' (down {tuple(item.down.shape)}, up "
-                f"{[tuple(u.shape) for u in item.ups]}) do not fit the layer [{linear.out_features}, {linear.in_features}]"
+                f"{[tuple(u.shape) for u in item.ups]}) do not fit the layer [{linear.out_features}, {linear.in_features}]; "
+                "is this a LoRA for another model or another size of it?"
             )
+    return {module_path: existing[module_path] for module_path in adapters}
+
+
+def attach_lora_adapters(
+    model: nn.Module, adapters: dict[str, lora_formats.Adapter], path: Union[str, Path], *, multiplier: float = 1.0,
+    name: str, dtype: Optional[torch.dtype] = None,
+) -> str:
+    """`load_lora` for adapters already read from `path` (`lora_formats.read_lora_file`): `sample` reads its
+    files before minutes of model loading, so a bad file is named at once."""
+    if not math.isfinite(multiplier):
+        raise ConfigError(f"LoRA multiplier for {path} is {multiplier}; give a finite number such as 1.0")
+    existing = _check_fits(model, adapters, Path(path))
+    if any(name in getattr(linear, "lora_adapters", {}) for linear in existing.values()):  # before attaching any
+        raise ConfigError(f"a LoRA named '{name}' is already attached; remove it first or choose another name")
     for module_path, item in adapters.items():
         linear = existing[module_path]
         adapter = LoRAAdapter(
@@ -261,6 +281,7 @@ def init_lora_from_file(model: nn.Module, path: Union[str, Path], *, name: str =
             f"{path}: {len(missing)} LoRA modules have no trainable adapter here ({', '.join(missing[:5])}); "
             "add their layers to lora_targets, or use a LoRA trained for this model"
         )
+    _check_fits(model, items, path)
     for module_path, item in items.items():
         adapter = trainable[module_path]
         if item.parts != adapter.parts:

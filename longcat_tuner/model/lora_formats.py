@@ -52,22 +52,13 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS
+from longcat_tuner.model.lora_names import BLOCK_LINEARS, LORA_FILE_FORMATS, TOP_LINEARS
 from longcat_tuner.errors import CheckpointError, ConfigError
 
 # --- the official module tree ------------------------------------------------------------------------------
 
-# Linear layers of one official block and outside the blocks (the official LongCatVideoTransformer3DModel).
-# (The default LoRA targets are every linear layer of a block but the modulation.)
-BLOCK_LINEARS: tuple[str, ...] = ("adaLN_modulation.1",) + DEFAULT_LORA_TARGETS
-TOP_LINEARS: tuple[str, ...] = (
-    "t_embedder.mlp.0",
-    "t_embedder.mlp.2",
-    "y_embedder.y_proj.0",
-    "y_embedder.y_proj.2",
-    "final_layer.adaLN_modulation.1",
-    "final_layer.linear",
-)
+# BLOCK_LINEARS / TOP_LINEARS (torch-free, in `lora_names`): the linear layers of one official block and
+# outside the blocks.
 # Suffix -> number of block-diagonal parts of the official adapter ("n_seperate"); first match wins.
 FUSED_SPLITS: tuple[tuple[str, int], ...] = (
     ("final_layer.adaLN_modulation.1", 2),
@@ -344,9 +335,13 @@ def _peft_config(metadata: dict[str, str]) -> Optional[dict[str, Any]]:
     return prefixed or config
 
 
-def _peft_scale(config: dict[str, Any], module: str, rank: int) -> Optional[float]:
+def _peft_scale(config: dict[str, Any], module: str, rank: int, source: str) -> Optional[float]:
     alpha = config.get("lora_alpha")
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{source}: the header's {PEFT_METADATA_KEY} alpha_pattern is not an object "
+                              f"({patterns!r}); the file is damaged or was exported wrongly")
+    for pattern, value in patterns.items():
         try:
             hit = pattern == module or re.match(rf"(.*\.)?({pattern})$", module) is not None
         except re.error:
@@ -356,6 +351,9 @@ def _peft_scale(config: dict[str, Any], module: str, rank: int) -> Optional[floa
             break
     if alpha is None:
         return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{source}: the header's {PEFT_METADATA_KEY} gives '{module}' the alpha {alpha!r}, not a "
+                              "number; the file is damaged or was exported wrongly")
     return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
@@ -372,24 +370,49 @@ def _unmatched_error(source: str, keys: list[str]) -> CheckpointError:
     )
 
 
+def _check_values(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse integer (quantized) weights and NaN/Inf values: either would run and give a broken video."""
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
+
+    integer = [k for k, v in tensors.items() if not v.dtype.is_floating_point and k.endswith(".weight")]  # not alpha
+    if integer:
+        dtypes = sorted({str(tensors[k].dtype).removeprefix("torch.") for k in integer})
+        raise CheckpointError(
+            f"{source}: {len(integer)} tensors hold {'/'.join(dtypes)} values, not floats ({listed(integer)}); "
+            "quantized LoRA files are not supported: use a float16, bfloat16 or float32 export of the LoRA"
+        )
+    broken = [k for k, v in tensors.items() if not bool(torch.isfinite(v.float()).all())]
+    if broken:
+        raise CheckpointError(
+            f"{source}: {len(broken)} tensors hold NaN or Inf values ({listed(broken)}); the LoRA is broken (a "
+            "diverged training run?): use an earlier checkpoint of it"
+        )
+
+
+def _classify(key: str) -> tuple[Optional[str], Optional[str], Optional[int], Optional[tuple[str, Optional[int], int]]]:
+    """(role, module name in the file, up block index, `_normalise_module` target or None) of one tensor key."""
+    role, module, j = None, None, None
+    if (match := _UP_BLOCK.match(key)):
+        role, module, j = "up_block", match["m"], int(match["j"])
+    elif (match := _DOWN.match(key)):
+        role, module = "down", match["m"]
+    elif (match := _UP.match(key)):
+        role, module = "up", match["m"]
+    elif key.endswith(".alpha_scale"):
+        role, module = "alpha_scale", key[: -len(".alpha_scale")]
+    elif key.endswith(".alpha"):
+        role, module = "alpha", key[: -len(".alpha")]
+    return role, module, j, _normalise_module(module) if module is not None else None
+
+
 def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None,
                source: str = "LoRA") -> dict[str, Adapter]:
     """Any supported layout -> `{official module path: Adapter}` (tensors in float32)."""
     groups: dict[str, dict[str, Any]] = {}
     unmatched: list[str] = []
     for key, value in tensors.items():
-        role, module, j = None, None, None
-        if (match := _UP_BLOCK.match(key)):
-            role, module, j = "up_block", match["m"], int(match["j"])
-        elif (match := _DOWN.match(key)):
-            role, module = "down", match["m"]
-        elif (match := _UP.match(key)):
-            role, module = "up", match["m"]
-        elif key.endswith(".alpha_scale"):
-            role, module = "alpha_scale", key[: -len(".alpha_scale")]
-        elif key.endswith(".alpha"):
-            role, module = "alpha", key[: -len(".alpha")]
-        target = _normalise_module(module) if module is not None else None
+        role, module, j, target = _classify(key)
         if target is None:
             unmatched.append(key)
             continue
@@ -408,6 +431,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
         raise _unmatched_error(source, unmatched)
     if not groups:
         raise CheckpointError(f"{source}: the file holds no tensors, so it is not a LoRA")
+    _check_values(tensors, source)
     peft = _peft_config(metadata or {})
     pieces: dict[str, dict[Optional[int], Adapter]] = {}
     slices: dict[str, int] = {}
@@ -422,18 +446,24 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
         if -1 not in ups and sorted(ups) != list(range(len(ups))):
             raise CheckpointError(f"{where}: up blocks {sorted(ups)} are not numbered 0..{len(ups) - 1}")
         up_list = [ups[-1]] if -1 in ups else [ups[k] for k in range(len(ups))]
-        down = group["down"].float()
+        down, ups_float = group["down"].float(), [u.float() for u in up_list]
+        Adapter(down, ups_float, 1.0).check(where)  # matrices that fit together, before their sizes are used
         total_rank = down.shape[0]
+        if total_rank == 0:
+            raise CheckpointError(f"{where} has rank 0 (down {tuple(down.shape)}): an empty adapter; "
+                                  "the file is damaged or was exported wrongly")
         if group["alpha_scale"] is not None:
             scale = group["alpha_scale"]
         elif group["alpha"] is not None:
             scale = group["alpha"] / total_rank
-        elif peft is not None and (peft_scale := _peft_scale(peft, _strip_prefix(module), total_rank)) is not None:
+        elif peft is not None and (peft_scale := _peft_scale(peft, _strip_prefix(module), total_rank, source)) is not None:
             scale = peft_scale
         else:
             scale = 1.0  # no alpha anywhere: alpha = rank, as ComfyUI and PEFT assume
-        adapter = Adapter(down, [u.float() for u in up_list], float(scale))
-        adapter.check(where)
+        if scale == 0 or not math.isfinite(scale):
+            raise CheckpointError(f"{where} has alpha {'0, so the LoRA would change nothing' if scale == 0 else scale}; "
+                                  "the file is damaged or was exported wrongly (alpha is usually the rank)")
+        adapter = Adapter(down, ups_float, float(scale))
         by_slice = pieces.setdefault(path, {})
         if j in by_slice:
             raise CheckpointError(f"{source}: '{path}' (or the same part of it) has two adapters in the file; "
@@ -451,9 +481,22 @@ def read_lora_file(path: Union[str, Path]) -> tuple[dict[str, Adapter], dict[str
     """(adapters, header metadata) of a LoRA safetensors file in any supported layout."""
     from safetensors import safe_open
 
+    from longcat_tuner.model.inspect import read_safetensors_header
+
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        raise CheckpointError(
+            f"LoRA path {path} is a folder, not a file; give the LoRA .safetensors file itself"
+            + (f" (in it: {', '.join(inside[:5])})" if inside else " (it holds no .safetensors file)")
+        )
     if not path.is_file():
-        raise CheckpointError(f"LoRA file {path} does not exist")
+        raise CheckpointError(f"LoRA file {path} does not exist; check the path (a LoRA is one .safetensors file)")
+    # The header names an empty, truncated or pickled file, and a file of other keys (a whole model passed as a
+    # LoRA), before any tensor is read.
+    unmatched = [key for key in read_safetensors_header(path) if _classify(key)[3] is None]
+    if unmatched:
+        raise _unmatched_error(str(path), unmatched)
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}

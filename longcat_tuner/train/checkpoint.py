@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -259,6 +260,7 @@ def resolve_resume_path(value: Optional[str], checkpoints_dir: Path) -> Optional
         raise CheckpointError(
             f"resume_from_checkpoint: {path} is not a folder; give a checkpoint folder "
             f"(e.g. {Path(checkpoints_dir) / checkpoint_name(100)}) or 'latest'"
+            + ("; to start training from a LoRA file, set init_lora to it instead" if path.is_file() else "")
         )
     return path
 
@@ -283,14 +285,30 @@ def load_checkpoint(path: Path, *, tensors: bool = True) -> dict[str, Any]:
             # A sharded checkpoint's tensors are read by every rank into its shards (`load_sharded_state`).
             "sharded": sharded,
             "weights": load_file(str(path / WEIGHTS_FILE)) if tensors and not sharded else {},
-            "optimizer": torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
-            if tensors and not sharded else {},
-            "scheduler": torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=False),
-            "rng": torch.load(path / RNG_FILE, map_location="cpu", weights_only=False),
+            "optimizer": _load_state(path / OPTIMIZER_FILE) if tensors and not sharded else {},
+            "scheduler": _load_state(path / SCHEDULER_FILE),
+            "rng": _load_state(path / RNG_FILE),
             "state": json.loads((path / STATE_FILE).read_text()),
         }
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {path} holds a file with objects other than tensors, numbers and numpy RNG state, so it "
+            f"was not written by longcat-tuner and is not loaded (unpickling it could run code): {str(err)[:300]}"
+        ) from None
     except Exception as err:  # corrupt file: say which checkpoint, never a bare pickle trace
         raise CheckpointError(f"checkpoint {path} could not be read ({err}); resume from an earlier one") from err
+
+
+# What `capture_rng_state` pickles besides tensors and Python values: numpy's RNG state array.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
+_NUMPY_STATE_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_state(file: Path) -> Any:
+    """A `torch.save`d state (optimizer, scheduler, RNG) with `weights_only=True`: tensors, Python values and
+    numpy's RNG state load; any other object (code a foreign or tampered checkpoint could run) is refused."""
+    with torch.serialization.safe_globals(_NUMPY_STATE_GLOBALS):
+        return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def saved_world_size(path: Path) -> Optional[int]:

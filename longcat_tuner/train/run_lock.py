@@ -163,6 +163,12 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise `RunLockedError` naming the holder; a stale lock is taken over."""
+        blocker = next((p for p in (self.output_dir, *self.output_dir.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ConfigError(
+                f"output_dir {self.output_dir} cannot be used: {blocker} is a file, not a folder; set output_dir "
+                "to a folder path (the file is left as it is)"
+            )
         try:
             return self._acquire()
         except OSError as err:

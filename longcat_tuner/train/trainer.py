@@ -482,6 +482,10 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     saved_world_size = ckpt.saved_world_size(resume_path) if resume_path is not None else None
     if saved_world_size is not None and not ckpt.is_sharded_checkpoint(resume_path):  # sharded ones reshard
         check_resume_world_size(saved_world_size, parallel, resume_path)
+    if config.init_lora:  # a missing or broken file is named now, before minutes of caching and model loading
+        from longcat_tuner.model.lora_formats import read_lora_file
+
+        parallel.decide(lambda: read_lora_file(config.init_lora) and None, error=CheckpointError)  # no tensors sent
     precision = choose_precision(config, parallel.device)
     seed_everything(config.seed)  # the same on every rank: adapters start identical
     data = prepare_data(config, device=precision.device, progress=progress, parallel=parallel)
