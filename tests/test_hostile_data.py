@@ -275,6 +275,17 @@ def encoders():
     return VideoVAE.from_pretrained(TINY), TextEncoder.from_pretrained(TINY)
 
 
+def _cache_builder(tmp_path, encoders):
+    """One clip pair under tmp_path and `build_caches` bound to its backend (run once here)."""
+    from longcat_tuner.data.cache import build_caches
+
+    add_pair(tmp_path, "a")
+    build = partial(build_caches, write_backend(tmp_path), vae=encoders[0], text_encoder=encoders[1], alignment=16,
+                    progress=False, decode_workers=1)
+    build()
+    return build
+
+
 def test_an_entry_whose_header_matches_but_whose_tensors_do_not_is_rebuilt(tmp_path, encoders):
     # Before: reused (the fingerprint matched), then training stopped when a batch reached it, telling the
     # user to rerun `cache`, which reused it again.
@@ -282,14 +293,9 @@ def test_an_entry_whose_header_matches_but_whose_tensors_do_not_is_rebuilt(tmp_p
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from longcat_tuner.data.cache import build_caches
     from longcat_tuner.data.dataset import CachedVideoDataset
 
-    add_pair(tmp_path, "a")
-    backend = write_backend(tmp_path)
-    build = partial(build_caches, backend, vae=encoders[0], text_encoder=encoders[1], alignment=16, progress=False,
-                    decode_workers=1)
-    build()
+    build = _cache_builder(tmp_path, encoders)
     entry = tmp_path / "cache/clips/a.safetensors"
     with safe_open(str(entry), framework="pt") as handle:
         header = handle.metadata()
@@ -333,13 +339,9 @@ def test_files_of_the_user_in_a_cache_folder_are_never_overwritten(tmp_path, enc
     import torch
     from safetensors.torch import load_file, save_file
 
-    from longcat_tuner.data.cache import CacheWriteError, build_caches
+    from longcat_tuner.data.cache import CacheWriteError
 
-    add_pair(tmp_path, "a")
-    backend = write_backend(tmp_path)
-    build = partial(build_caches, backend, vae=encoders[0], text_encoder=encoders[1], alignment=16, progress=False,
-                    decode_workers=1)
-    build()
+    build = _cache_builder(tmp_path, encoders)
     manifest = tmp_path / "cache/clips/manifest.json"
     ours = manifest.read_text()
     manifest.write_text('{"my": "list of shots"}')  # a file of the user's with the manifest's name
