@@ -206,7 +206,9 @@ def summarize_run(events: list[dict[str, Any]]) -> dict[str, Any]:
     starts = [i for i, e in enumerate(events) if e["event"] == "start"]
     events = events[starts[-1]:] if starts else events
     steps = [e for e in events if e["event"] == "step"]
-    plan = next((e for e in events if e["event"] == "memory_plan"), None)
+    plans = [e for e in events if e["event"] == "memory_plan"]
+    plan = plans[0] if plans else None  # what the run started with; a revision (after an OOM) is reported apart
+    revised = next((e for e in reversed(plans) if e.get("revised")), None)
     steady = [e["s_per_step"] for e in steps[1:]]
     validations = [e for e in events if e["event"] == "validation"]
     summary: dict[str, Any] = {
@@ -224,6 +226,7 @@ def summarize_run(events: list[dict[str, Any]]) -> dict[str, Any]:
         "plan": None if plan is None else {k: plan.get(k) for k in (
             "source", "describe", "settings", "predicted_step_s", "predicted_peak_gib", "predicted_validation_peak_gib",
             "expandable_segments", "budget_gib", "card_gib", "cap_gib")},
+        "plan_revised": None if revised is None else {"describe": revised.get("describe"), "reason": revised.get("reason")},
         "checkpoint_s": [],
         "validation_s_per_video": None,
         "end": next((e for e in reversed(events) if e["event"] == "end"), None),

@@ -47,6 +47,16 @@ def test_a_killed_and_resumed_run_is_read_from_its_events():
     assert bench_product.compare_losses(first["losses"], {"3": 2.3, "4": 2.2})["equal"]
 
 
+def test_a_plan_revised_after_running_out_of_memory_is_reported_apart():
+    events = _events(0.0, {1: 2.5, 2: 2.4})
+    assert bench_product.summarize_run(events)["plan_revised"] is None
+    events.insert(3, {"event": "memory_plan", "time": 50.0, "source": "auto", "describe": "full", "revised": True,
+                      "reason": "...; revised: step 1 ran out of GPU memory"})
+    summary = bench_product.summarize_run(events)
+    assert summary["plan"]["describe"] == "keep_attention"  # what the run started with
+    assert summary["plan_revised"] == {"describe": "full", "reason": "...; revised: step 1 ran out of GPU memory"}
+
+
 def test_caps_parse_with_the_whole_card():
     assert bench_product.parse_caps("24, 48,whole") == [("24", 24.0), ("48", 48.0), ("whole", None)]
 

@@ -91,7 +91,7 @@ def test_trainer_builds_the_model_in_turns_when_it_assembles_on_host(monkeypatch
         def broadcast(self, obj):
             return obj
 
-    monkeypatch.setattr(trainer, "build_model", lambda config, precision: "dit")
+    monkeypatch.setattr(trainer, "build_model_and_runtime", lambda config, precision: "dit")
     monkeypatch.setattr(trainer, "host_assembly_bytes", lambda config, precision: 27 * 2**30)
     monkeypatch.setattr(trainer, "available_host_memory", lambda: 64 * 2**30)
     ctx = DataParallel(Ctx(rank=0, world_size=4))

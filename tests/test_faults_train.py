@@ -598,6 +598,103 @@ def test_weights_poisoned_after_the_step_check_are_neither_checkpointed_nor_expo
     assert _end(run_dir)["status"] == "failed"
 
 
+def _plan_leaving_blocks_uncheckpointed(monkeypatch, chosen_by: str) -> None:
+    """`train`'s plan, as on a GPU where the planner left the first 2 blocks out of checkpointing (`chosen_by`:
+    "auto", the plan's choice, or "config", the user's key)."""
+    import dataclasses
+
+    from longcat_tuner.train import trainer as trainer_module
+
+    real_plan = trainer_module.plan_memory
+
+    def plan_memory(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        settings = dataclasses.replace(plan.settings, checkpointing="full", uncheckpointed_blocks=2)
+        return dataclasses.replace(plan, settings=settings, source="auto",
+                                   chosen_by={**plan.chosen_by, "uncheckpointed_blocks": chosen_by})
+
+    monkeypatch.setattr(trainer_module, "plan_memory", plan_memory)
+
+
+def _fails_while_blocks_are_uncheckpointed(monkeypatch, at_call: int) -> dict:
+    """optimizer_step runs out of memory at its `at_call`-th call if blocks are left out of checkpointing then."""
+    from longcat_tuner.train import trainer as trainer_module
+
+    real_step = trainer_module.optimizer_step
+    calls = {"n": 0, "failed": 0}
+
+    def optimizer_step(run, batches):
+        calls["n"] += 1
+        if calls["n"] == at_call and run.applied.settings.uncheckpointed_blocks:
+            calls["failed"] += 1
+            next(batches)  # a step failing midway has taken its batch and drawn noise
+            run.generator.seed()
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
+        return real_step(run, batches)
+
+    monkeypatch.setattr(trainer_module, "optimizer_step", optimizer_step)
+    return calls
+
+
+@needs_tiny
+def test_out_of_memory_with_blocks_the_plan_left_uncheckpointed_retries_the_step_checkpointed(workspace, monkeypatch):
+    """When the plan itself chose to leave blocks out of checkpointing and a step runs out of memory, the step
+    is retried, with the same batch and noise, under every block checkpointed, and the run says so."""
+    from longcat_tuner.train.trainer import train
+
+    reference = train(make_config(workspace, "oom-reference", max_train_steps=3), progress=False)
+    _plan_leaving_blocks_uncheckpointed(monkeypatch, "auto")
+    calls = _fails_while_blocks_are_uncheckpointed(monkeypatch, at_call=2)
+    result = train(make_config(workspace, "oom-revised", max_train_steps=3), progress=False)
+
+    assert calls["failed"] == 1 and result.status == "completed" and result.step == 3
+    losses = lambda run_dir: [e["loss"] for e in read_events(run_dir) if e["event"] == "step"]  # noqa: E731
+    assert losses(result.run_dir) == losses(reference.run_dir)  # step 2 retried on its own batch and noise
+    plans = [e for e in read_events(result.run_dir) if e["event"] == "memory_plan"]
+    assert [p["settings"]["gradient_checkpointing_uncheckpointed_blocks"] for p in plans] == [2, 0]
+    assert plans[-1]["revised"] is True and "retrying it with every block checkpointed" in plans[-1]["reason"]
+    warning = _end(result.run_dir)["warnings"][0]
+    assert warning.startswith("step 2 ran out of GPU memory (CUDA out of memory. Tried to allocate 9.00 GiB.)")
+    assert "gradient_checkpointing_uncheckpointed_blocks 0" in warning
+    from longcat_tuner.runtime.checkpointing import CHECKPOINT_ATTR
+
+    assert all(getattr(block, CHECKPOINT_ATTR, None) is not None for block in result.dit.blocks)  # all recomputed
+
+
+@needs_tiny
+def test_out_of_memory_inside_the_update_is_never_retried(workspace, monkeypatch):
+    """A failure inside the optimizer's update may have moved some weights: the run stops instead of a retry
+    that would move them twice."""
+    from longcat_tuner.errors import GPUMemoryError
+    from longcat_tuner.train.trainer import train
+
+    _plan_leaving_blocks_uncheckpointed(monkeypatch, "auto")
+    calls = {"n": 0}
+    real = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB.")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(GPUMemoryError, match="step 2 ran out of GPU memory"):
+        train(make_config(workspace, "oom-update", max_train_steps=3), progress=False)
+
+
+@needs_tiny
+def test_out_of_memory_with_uncheckpointed_blocks_you_set_stops_the_run(workspace, monkeypatch):
+    from longcat_tuner.errors import GPUMemoryError
+    from longcat_tuner.train.trainer import train
+
+    _plan_leaving_blocks_uncheckpointed(monkeypatch, "config")
+    calls = _fails_while_blocks_are_uncheckpointed(monkeypatch, at_call=2)
+    with pytest.raises(GPUMemoryError, match="step 2 ran out of GPU memory"):
+        train(make_config(workspace, "oom-pinned", max_train_steps=3), progress=False)
+    assert calls["failed"] == 1
+
+
 @needs_tiny
 def test_out_of_memory_in_a_step_names_the_settings_and_the_fix(workspace, monkeypatch):
     """A training step that runs out of GPU memory ends the run `failed` with a message that names the memory

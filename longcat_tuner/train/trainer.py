@@ -234,14 +234,14 @@ def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, p
     )
 
 
-def build_model_in_turns(config: TrainConfig, precision: Precision, parallel: SingleProcess) -> torch.nn.Module:
-    """`build_model` on every rank; host-side assembly runs on as many ranks at once as host memory allows
+def build_model_in_turns(config: TrainConfig, precision: Precision, parallel: SingleProcess) -> tuple[torch.nn.Module, Any]:
+    """`build_model_and_runtime` on every rank; host-side assembly runs on as many ranks at once as host memory allows
     (the writer measures it, every rank follows)."""
     ranks_at_once = parallel.world_size
     if parallel.world_size > 1 and assembles_on_host(config, precision):
         ranks_at_once = parallel.decide(lambda: _host_assembly_turns(config, precision, parallel.world_size))
     with parallel.in_turns(ranks_at_once):
-        return build_model(config, precision)
+        return build_model_and_runtime(config, precision)
 
 
 def _host_assembly_turns(config: TrainConfig, precision: Precision, world_size: int) -> int:
@@ -257,6 +257,11 @@ def _host_assembly_turns(config: TrainConfig, precision: Precision, world_size: 
 def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
     """Load the DiT, attach adapters (or unfreeze it for a full fine-tune), apply the memory settings
     through `runtime.apply_runtime`, the code path `sample` and the benchmarks share."""
+    return build_model_and_runtime(config, precision)[0]
+
+
+def build_model_and_runtime(config: TrainConfig, precision: Precision) -> tuple[torch.nn.Module, Any]:
+    """`build_model`, and the `runtime.AppliedRuntime` (what a revised memory plan removes and applies anew)."""
     from longcat_tuner.model import load_dit
 
     if config.enable_group_offload:
@@ -287,8 +292,8 @@ def build_model(config: TrainConfig, precision: Precision) -> torch.nn.Module:
             init_lora_from_file(dit, config.init_lora)  # a resumed checkpoint's weights replace these later
     else:
         dit.requires_grad_(True)
-    runtime.apply_runtime(dit, settings, precision.device)
-    return dit.train()
+    applied = runtime.apply_runtime(dit, settings, precision.device)
+    return dit.train(), applied
 
 
 def total_optimizer_steps(config: TrainConfig, batches_per_epoch: int) -> int:
@@ -341,16 +346,28 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         run = start_run(config, Path(config.output_dir), events, progress and parallel.is_writer, parallel)
         result = TrainResult(run_dir=run.run_dir, status="completed", step=run.step, dit=run.dit)
         bar = _progress_bar(run.progress, run.step, run.total_steps)
-        batches = run.data.batches()
+        batches = ReplayableBatches(run.data.batches())
         with StopRequest() as run.stop:
             # A signal may reach one rank only, or the ranks at different steps: they agree at every step
             # boundary, so all stop after the same step and none waits alone in a collective.
             while run.step < run.total_steps and not parallel.any(run.stop.requested):
                 started = time.perf_counter()
+                batches.start_step()
+                noise_state = run.generator.get_state()
                 try:
                     loss, grad_norm, skipped = optimizer_step(run, batches)
                 except torch.OutOfMemoryError as err:  # a message with the settings and the fix, not a traceback
-                    raise out_of_memory_error(run, err) from err
+                    fallback = oom_fallback(run)
+                    if fallback is None:
+                        raise out_of_memory_error(run, err) from err
+                    failure = _first_line(err)
+                else:
+                    fallback = None
+                if fallback is not None:  # outside the handler: its traceback no longer holds the step's tensors
+                    revise_memory_plan(run, result, fallback, failure)
+                    batches.repeat_step()  # the same batches and noise again: the step as it would have run
+                    run.generator.set_state(noise_state)
+                    continue
                 run.step += 1
                 check_diverged(run, loss, grad_norm, skipped)
                 # Once in a while: log, checkpoint, validate; the last step's checkpoint and final weights are
@@ -461,6 +478,9 @@ class Run:
     nonfinite_in_a_row: int = 0
     seconds_avg: Optional[float] = None  # smoothed s/step for the ETA
     memory: Optional["MemoryPeaks"] = None  # the run's peak GPU memory (set from the device)
+    plan: Any = None  # runtime.auto.Plan: the memory settings in use and who chose each
+    applied: Any = None  # runtime.AppliedRuntime of those settings on `dit`
+    updating: bool = False  # inside the optimizer's update
 
     def __post_init__(self) -> None:
         self.model = self.model or self.dit
@@ -492,7 +512,7 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     plan = plan_memory(config, data, precision, parallel)  # before the model loads: a pinned key that cannot fit stops here
     config = config.model_copy(update=plan.settings.config_values())  # the snapshot in `start` holds what runs
     parallel.say(plan.summary())
-    dit = build_model_in_turns(config, precision, parallel)
+    dit, applied = build_model_in_turns(config, precision, parallel)
     model = parallel.wrap(dit)  # before the optimizer: under FSDP it must hold the sharded parameters
     params = list(trainable_state(dit).values())
     optimizer = build_optimizer(
@@ -505,7 +525,7 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     # is the single-process one.
     generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, parallel.data_rank))
     run = Run(config, run_dir, precision, data, dit, params, optimizer, scheduler, generator, events, total_steps,
-              parallel=parallel, model=model, progress=progress)
+              parallel=parallel, model=model, progress=progress, plan=plan, applied=applied)
     if resume_path is not None:
         resume(run, resume_path)
     elif config.resume_from_checkpoint == "latest":
@@ -593,8 +613,10 @@ def optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         run.optimizer.zero_grad(set_to_none=True)  # a NaN update would poison the weights: skip it
         return loss_value, grad_norm, True
+    run.updating = True  # from here a failure may have changed weights: never retried (`oom_fallback`)
     run.optimizer.step()
     run.scheduler.step()
+    run.updating = False
     return loss_value, grad_norm, False
 
 
@@ -920,6 +942,78 @@ def _validation_failure(run: Run, err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+class ReplayableBatches:
+    """The loop's batch iterator, able to give one step's batches again (a step retried under a revised plan)."""
+
+    def __init__(self, batches: Iterator[list[int]]) -> None:
+        self._batches = iter(batches)
+        self._taken: list[list[int]] = []
+        self._again: list[list[int]] = []
+
+    def __iter__(self) -> "ReplayableBatches":
+        return self
+
+    def __next__(self) -> list[int]:
+        batch = self._again.pop(0) if self._again else next(self._batches)
+        self._taken.append(batch)
+        return batch
+
+    def start_step(self) -> None:
+        self._taken = []
+
+    def repeat_step(self) -> None:
+        """The batches taken since `start_step` come again, in order, before any new one."""
+        self._again = self._taken + self._again
+        self._taken = []
+
+
+def oom_fallback(run: Run) -> Optional[Any]:
+    """The memory settings to retry a step with after it ran out of GPU memory, or None (the run stops with
+    `out_of_memory_error`). Only the plan's own choice of blocks left out of checkpointing is undone (its
+    memory is the planner's least measured term): every block is checkpointed again, as the plans measured
+    on every card run. Not when you set that key, with swapped blocks (removing the runtime would bring
+    them onto the GPU), with several processes (they would have to agree), or when the failure came inside
+    the optimizer's update (some weights may have moved: a retry would move them twice)."""
+    plan, applied = run.plan, run.applied
+    if plan is None or applied is None or run.parallel.world_size != 1 or run.updating:
+        return None
+    settings = applied.settings
+    if (not settings.uncheckpointed_blocks or settings.blocks_to_swap
+            or plan.chosen_by.get("uncheckpointed_blocks") != "auto"):
+        return None
+    return dataclasses.replace(settings, uncheckpointed_blocks=0)
+
+
+def revise_memory_plan(run: Run, result: TrainResult, settings: Any, failure: str) -> None:
+    """Free what the failed step left, run the DiT under `settings` from now on, and say so (console, a
+    second `memory_plan` event, the run's warnings)."""
+    import gc
+
+    run.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if run.precision.device.type == "cuda":
+        torch.cuda.empty_cache()
+    run.applied.remove()
+    run.applied = runtime.apply_runtime(run.dit, settings, run.precision.device)
+    before = run.plan.settings.uncheckpointed_blocks
+    run.config = run.config.model_copy(update=settings.config_values())
+    message = (f"step {run.step + 1} ran out of GPU memory ({failure}) with {before} block(s) left out of "
+               f"checkpointing by the memory plan; retrying it with every block checkpointed "
+               "(gradient_checkpointing_uncheckpointed_blocks 0; set that key in the config to choose yourself)")
+    run.plan = dataclasses.replace(
+        run.plan, settings=settings, reason=f"{run.plan.reason}; revised: {message}",
+        predicted_step_s=None, predicted_peak_gib=None,
+    )
+    run.events.emit("memory_plan", **run.plan.to_event(), revised=True)
+    result.warnings.append(message)
+    run.parallel.say(f"warning: {message}", file=sys.stderr)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def out_of_memory_error(run: Run, err: BaseException) -> GPUMemoryError:
     """What a user reads when a training step runs out of GPU memory: the settings, what held the memory,
     and the keys that make room (the run resumes from its last checkpoint)."""
@@ -932,7 +1026,7 @@ def out_of_memory_error(run: Run, err: BaseException) -> GPUMemoryError:
         mine = torch.cuda.memory_reserved(device)
         held = (f" This process held {mine / 2**30:.1f} GiB, other processes about "
                 f"{max(0.0, (total - free - mine) / 2**30):.1f} GiB of the {total / 2**30:.0f} GiB card.")
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first_line = _first_line(err)
     return GPUMemoryError(
         f"step {run.step + 1} ran out of GPU memory ({first_line}) with {MemorySettings.from_config(run.config).describe()}."
         f"{held} Free the card of other work, or set max_gpu_memory_gib a few GiB below what is free so the memory "

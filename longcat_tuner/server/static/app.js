@@ -572,7 +572,7 @@ function showGpu(data) {
 // and the reason on hover.
 function showPlan(plan) {
   const node = $("#stat-plan");
-  const who = plan.source === "auto" ? "auto" : "as configured";
+  const who = plan.revised ? "auto, revised after running out of memory" : plan.source === "auto" ? "auto" : "as configured";
   node.textContent = plan.predicted_step_s !== null && plan.predicted_step_s !== undefined
     ? `${fmt.num(plan.predicted_step_s, 3)} s/step, ${fmt.num(plan.predicted_peak_gib, 3)} GiB (${who})`
     : who;
