@@ -260,6 +260,7 @@ def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, 
     from importlib.util import find_spec
 
     from longcat_tuner.config.training import TrainConfig
+    from longcat_tuner.runtime.allocator import expandable_in_use
     from longcat_tuner.runtime.auto import ClipShape, choose_plan
     from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
 
@@ -279,9 +280,11 @@ def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, 
         print(json.dumps(rows[-1]), flush=True)
     for cap in caps:
         train_config = TrainConfig.model_validate({**base, **({"max_gpu_memory_gib": cap} if cap else {})})
+        # As `train` plans for the guide's config: its allocator, and one validation video (CFG: batch 2).
         plan = choose_plan(train_config, explicit=train_config.model_fields_set & set(MEMORY_CONFIG_KEYS),
                            shape=ClipShape(frames=93, height=480, width=832), cuda=True, card_gib=card_gib,
-                           compile_ok=find_spec("triton") is not None)
+                           compile_ok=find_spec("triton") is not None, expandable_segments=expandable_in_use(),
+                           validation=ClipShape(frames=93, height=480, width=832, batch=2))
         if plan.settings.quantized:
             prepare_base_weights(dit, plan.settings)  # one way: 8-bit plans come last (smallest caps)
         # bench_run lifts the cap again before it undoes the runtime.
@@ -308,6 +311,9 @@ def main() -> int:
     parser.add_argument("--plan-caps", default=None,
                         help="comma list of max_gpu_memory_gib caps (0: whole card): run the plan train chooses for each")
     parser.add_argument("--no-baseline", action="store_true", help="with --plan-caps: skip the config-as-pasted run")
+    from longcat_tuner.runtime.allocator import use_default_allocator
+
+    use_default_allocator()  # the allocator `train` sets up, before CUDA starts
     args = parser.parse_args()
     if args.plan_caps:
         torch.backends.cuda.matmul.allow_tf32 = True
