@@ -257,3 +257,23 @@ def test_format_plan_reports_the_reserve_of_the_settings_own_allocator():
         text = planner.format_plan(setting, 80)
         needed = float(re.search(r"needs ~([\d.]+) GiB reserved", text).group(1))
         assert needed == pytest.approx(est.peak_gib * planner.reserved_factor(setting), abs=0.06)
+
+
+def test_plan_command_shows_the_fp8_compute_opt_in_unless_precision_is_yours(tmp_path, capsys):
+    """The plan never takes fp8-compute by itself; `plan` shows what it would give, so the trade is visible."""
+    from longcat_tuner.cli import main
+
+    data = tmp_path / "multidatabackend.json"
+    data.write_text("[]")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"pretrained_model_name_or_path": str(tmp_path), "data_backend_config": str(data),
+                                  "output_dir": str(tmp_path / "out"), "lora_rank": 8}))
+    assert main(["plan", "--config", str(config), "--gpu-memory", "80", "--resolution", "480x832", "--frames", "93"]) == 0
+    plan = capsys.readouterr().out.split("the config's own settings:")[0]
+    assert "base_model_precision no_change" in plan.splitlines()[0]  # the plan itself stays bf16
+    line = next(x for x in plan.splitlines() if "opt-in, not chosen" in x)
+    fp8_s = float(line.split("would give ")[1].split(" s/step")[0])
+    bf16_s = float(plan.split("predicted ")[1].split(" s/step")[0])
+    assert fp8_s < bf16_s and "base_model_precision fp8-compute" in line
+    assert main(["plan", "--config", str(config), "--gpu-memory", "80", "--base_model_precision", "fp8-torchao"]) == 0
+    assert "opt-in, not chosen" not in capsys.readouterr().out

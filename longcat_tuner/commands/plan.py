@@ -95,13 +95,29 @@ def auto_plan_text(config, setting, card_gib: float) -> str:
     # Validation taken at the training size (its start frames are the eval clips', usually the same bucket).
     validation = ClipShape(frames=config.validation_num_video_frames, height=setting.height, width=setting.width,
                            batch=2 if config.validation_guidance > 1 else 1)
-    try:
-        plan = choose_plan(config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS), shape=shape,
+    explicit = config.model_fields_set & set(MEMORY_CONFIG_KEYS)
+
+    def plan_for(config):
+        return choose_plan(config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS), shape=shape,
                            cuda=True, card_gib=card_gib, validation=validation,
                            expandable_segments=would_use_expandable())
+
+    try:
+        plan = plan_for(config)
     except ConfigError as err:
         return f"memory plan: {err}"
-    return plan.summary()
+    text = plan.summary()
+    if "base_model_precision" not in explicit and plan.predicted_step_s is not None:
+        # The opt-in the plan never takes by itself: what it would give here, so the trade is visible.
+        try:
+            fp8 = plan_for(config.model_copy(update={"base_model_precision": "fp8-compute"}))
+        except ConfigError:
+            return text
+        if fp8.predicted_step_s is not None and fp8.predicted_step_s < plan.predicted_step_s:
+            text += (f"\n  opt-in, not chosen: base_model_precision fp8-compute (float8 matmuls) would give "
+                     f"{fp8.predicted_step_s:.1f} s/step, {fp8.predicted_peak_gib:.1f} GiB ({fp8.settings.describe()}); "
+                     "its losses stray from bf16's a few times more than bf16 runs from each other (README: fp8-compute)")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
