@@ -401,6 +401,32 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path):
     assert not (tmp_path / "unpickled").exists()
 
 
+def test_rng_state_pickled_under_the_other_numpy_major_resumes(tmp_path, monkeypatch):
+    """numpy 1.x pickles its arrays through numpy.core.multiarray._reconstruct, numpy 2 through numpy._core: a
+    checkpoint from before a numpy upgrade still resumes (it was refused as 'not written by longcat-tuner')."""
+    import numpy as np
+
+    from longcat_tuner.train import checkpoint as ckpt
+
+    core = getattr(np, "_core", None) or np.core
+    other = "numpy.core.multiarray" if core.__name__ == "numpy._core" else "numpy._core.multiarray"
+    rng = ckpt.capture_rng_state({"g": torch.Generator().manual_seed(0)})
+    monkeypatch.setattr(core.multiarray._reconstruct, "__module__", other)  # pickled by that name
+    path = ckpt.save_checkpoint(tmp_path, step=1, weights={"w": torch.zeros(2)}, optimizer_state={},
+                                scheduler_state={"last_epoch": 1}, trainer_state={}, rng_state=rng)
+    monkeypatch.undo()
+    assert other.encode() in _pickled_bytes(path / ckpt.RNG_FILE)
+    loaded = ckpt.load_checkpoint(path)
+    assert np.array_equal(loaded["rng"]["numpy"][1], rng["numpy"][1])
+
+
+def _pickled_bytes(file) -> bytes:
+    import zipfile
+
+    with zipfile.ZipFile(file) as archive:
+        return b"".join(archive.read(name) for name in archive.namelist() if name.endswith(".pkl"))
+
+
 def test_check_names_a_missing_or_broken_init_lora(tmp_path, tiny_checkpoint, capsys):
     from tests.conftest import write_paired_workspace
 

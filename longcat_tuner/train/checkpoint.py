@@ -301,7 +301,11 @@ def load_checkpoint(path: Path, *, tensors: bool = True) -> dict[str, Any]:
 
 # What `capture_rng_state` pickles besides tensors and Python values: numpy's RNG state array.
 _NUMPY_CORE = getattr(np, "_core", None) or np.core
-_NUMPY_STATE_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# numpy 1.x names its array rebuilder numpy.core.multiarray, numpy 2 numpy._core.multiarray: a checkpoint
+# written before a numpy upgrade (or after a downgrade) resumes under either.
+_NUMPY_STATE_GLOBALS = [
+    (_NUMPY_CORE.multiarray._reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")
+] + [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _load_state(file: Path) -> Any:
