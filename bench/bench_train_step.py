@@ -299,6 +299,9 @@ def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, 
 
 
 def main() -> int:
+    from longcat_tuner.runtime.allocator import use_default_allocator
+
+    use_default_allocator()  # the allocator `train` sets up, before CUDA starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(SUITES))
     parser.add_argument("--run", nargs="*", default=[], help="run specs such as ckpt=attn,swap=8")
@@ -311,9 +314,6 @@ def main() -> int:
     parser.add_argument("--plan-caps", default=None,
                         help="comma list of max_gpu_memory_gib caps (0: whole card): run the plan train chooses for each")
     parser.add_argument("--no-baseline", action="store_true", help="with --plan-caps: skip the config-as-pasted run")
-    from longcat_tuner.runtime.allocator import use_default_allocator
-
-    use_default_allocator()  # the allocator `train` sets up, before CUDA starts
     args = parser.parse_args()
     if args.plan_caps:
         torch.backends.cuda.matmul.allow_tf32 = True

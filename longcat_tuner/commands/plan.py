@@ -95,8 +95,6 @@ def auto_plan_text(config, setting, card_gib: float) -> str:
     # Validation taken at the training size (its start frames are the eval clips', usually the same bucket).
     validation = ClipShape(frames=config.validation_num_video_frames, height=setting.height, width=setting.width,
                            batch=2 if config.validation_guidance > 1 else 1)
-    explicit = config.model_fields_set & set(MEMORY_CONFIG_KEYS)
-
     def plan_for(config):
         return choose_plan(config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS), shape=shape,
                            cuda=True, card_gib=card_gib, validation=validation,
@@ -107,7 +105,7 @@ def auto_plan_text(config, setting, card_gib: float) -> str:
     except ConfigError as err:
         return f"memory plan: {err}"
     text = plan.summary()
-    if "base_model_precision" not in explicit and plan.predicted_step_s is not None:
+    if "base_model_precision" not in config.model_fields_set and plan.predicted_step_s is not None:
         # The opt-in the plan never takes by itself: what it would give here, so the trade is visible.
         try:
             fp8 = plan_for(config.model_copy(update={"base_model_precision": "fp8-compute"}))
