@@ -88,6 +88,18 @@ def test_jsonc_comments_and_cli_overrides(tmp_path):
     assert config.lora_rank == 16 and str(config.pretrained_model_name_or_path).endswith("http:/x/y")
 
 
+def test_a_bad_flag_value_is_named_as_the_flag_not_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"pretrained_model_name_or_path": "m", "output_dir": "o", "data_backend_config": "d.json",'
+                    ' "lora_rank": 8, "learning_rate": -1}')
+    with pytest.raises(ConfigError) as caught:
+        TrainConfig.from_file(path, overrides={"lora_rank": 0})
+    message = str(caught.value)
+    assert "--lora_rank (command line)" in message and "(got 0)" in message
+    # the file's own bad value is still named as the file's key
+    assert "learning_rate:" in message and "--learning_rate" not in message
+
+
 def test_every_field_is_described_and_in_train_help():
     for name, field in TrainConfig.model_fields.items():
         assert field.description, f"{name} has no description"

@@ -381,8 +381,10 @@ class TrainConfig(BaseModel):
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        """Validate a dict; problems become a `ConfigError` naming the key, the source and the fix."""
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config",
+                  command_line: Iterable[str] = ()) -> "TrainConfig":
+        """Validate a dict; problems become a `ConfigError` naming the key, the source and the fix. Keys in
+        `command_line` came from flags: their problems name the flag, not the file."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object of settings, got {type(data).__name__}")
         known = list(cls.model_fields)
@@ -399,7 +401,7 @@ class TrainConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ConfigError(f"{source}: {format_validation_error(err)}") from None
+            raise ConfigError(f"{source}: {format_validation_error(err, command_line=command_line)}") from None
 
     @classmethod
     def from_file(cls, path: str | Path, *, overrides: Optional[dict[str, Any]] = None) -> "TrainConfig":
@@ -416,7 +418,7 @@ class TrainConfig(BaseModel):
         data = resolve_paths(data, path.resolve().parent)
         # Command-line overrides are relative to the working directory, not to the file.
         data.update(resolve_paths(dict(overrides or {}), Path.cwd()))
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), command_line=overrides or ())
 
 
 def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_FIELDS) -> dict[str, Any]:
@@ -507,11 +509,16 @@ def _strip_json_comments(text: str) -> str:
     return "".join(out)
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel] = TrainConfig) -> str:
-    """One line per problem: `key: message (got value)`, plus the valid range of a numeric key."""
+def format_validation_error(err: ValidationError, model: type[BaseModel] = TrainConfig, *,
+                            command_line: Iterable[str] = ()) -> str:
+    """One line per problem: `key: message (got value)`, plus the valid range of a numeric key. A key in
+    `command_line` was typed as a flag (it overrides the file): its line names `--key (command line)`."""
     lines = []
+    flags = set(command_line)
     for problem in err.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "config"
+        if problem["loc"] and problem["loc"][0] in flags:
+            key = f"--{key} (command line)"
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "missing":
             message = "required; add it to config.json"
