@@ -118,13 +118,14 @@ def test_sampling_settings_compile_by_the_auto_rule(monkeypatch, triton):
     def compiles(device=cuda, **kwargs) -> bool:
         return sampling_settings(device=device, **kwargs).compile_blocks
 
-    assert AUTO_COMPILE_MIN_FORWARDS == 28
-    # auto on CUDA: compile when the run makes >= 28 forwards (a CFG step is two), and only with Triton.
+    assert AUTO_COMPILE_MIN_FORWARDS == 12
+    # auto on CUDA: compile when the run makes >= 12 forwards (a CFG step is two), and only with Triton.
     assert compiles(steps=50, guidance=4.0) is triton  # sample's default video: 100 forwards
-    assert compiles(steps=14, guidance=4.0) is triton  # 28 forwards
-    assert compiles(steps=13, guidance=4.0) is False  # 26
-    assert compiles(steps=28, guidance=1.0) is triton
-    assert compiles(steps=16, guidance=1.0) is False  # the distilled preview
+    assert compiles(steps=6, guidance=4.0) is triton  # 12 forwards
+    assert compiles(steps=5, guidance=4.0) is False  # 10
+    assert compiles(steps=12, guidance=1.0) is triton
+    assert compiles(steps=11, guidance=1.0) is False
+    assert compiles(steps=16, guidance=1.0) is triton  # the distilled preview
     assert compiles(steps=50, guidance=4.0, compile="off") is False
     if triton:
         assert compiles(steps=1, guidance=1.0, compile="on") is True

@@ -13,15 +13,14 @@ from longcat_tuner.config.sampling import add_sampling_arguments
 
 COMPILE_MODES = ("auto", "on", "off")
 # `--compile auto` compiles the DiT blocks on CUDA when the run makes at least this many DiT forwards (a
-# denoising step is one forward, two with guidance > 1: CFG batches both passes, twice the tokens). Why 28:
-# a first compile costs about 30-60 s at 480x832x93 (training's first step); the training calibration
-# (runtime/planner.py CALIBRATION: linear and element-wise work at 268 TFLOP/s eager, 551 compiled; 845 TFLOP
-# of linears per forward, bench/common.py forward_flops) puts the saving at up to 3.15 - 1.53 = 1.6 s per
-# forward, so a ~45 s compile pays back after ~28 forwards: the default 50-step CFG video (100) compiles, a
-# 16-step distilled preview (16) runs eager. Not yet measured for sampling, and the saving may be smaller
-# (the eager sampling forward, 4.77 s in bench/results/sampling.json, is faster than the training rate
-# implies); bench/bench_sampling.py reports the measured break-even (`compile_break_even_forwards`).
-AUTO_COMPILE_MIN_FORWARDS = 28
+# denoising step is one forward, two with guidance > 1: CFG batches both passes, twice the tokens). Why 12:
+# measured through `sample`'s own runtime (bench/bench_sampling.py, one H100, 2026-12-06,
+# bench/results/sampling-2026-12-06-h100.json): at 480x832x93 a cold compile (empty inductor cache) adds
+# 11.8 s to the first step and then saves 2.68 s per CFG step (9.48 -> 6.78 s, batch 2), a break-even of 8.8
+# forwards; a batch-1 forward with the distilled preview's rank-128 LoRA runs at 3.71 s compiled against
+# about 4.8 s eager, so the 16-forward preview gains too. 12 keeps a margin for smaller clips (less saving
+# per forward for about the same compile time) and runs a one-off few-step check eager.
+AUTO_COMPILE_MIN_FORWARDS = 12
 
 
 def register(subparsers) -> None:
