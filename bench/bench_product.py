@@ -86,12 +86,20 @@ def gpu_name_and_memory() -> tuple[str, Optional[float]]:
         return "cpu", None
 
 
-def write_guide_config(work: Path, model: Path, *, clips: int, frames: int, height: int, width: int, shrink: bool) -> Path:
+def data_folder(work: Path, resolution: Optional[str]) -> Path:
+    """The clips' folder: `data`, or `data-<resolution>` for a run with `--data-resolution`."""
+    return work / ("data" if resolution is None else f"data-{resolution}")
+
+
+def write_guide_config(work: Path, model: Path, *, clips: int, frames: int, height: int, width: int, shrink: bool,
+                       resolution: Optional[str] = None) -> Path:
     """Clips for the guide's four datasets and its two JSON files with only paths filled (`shrink`: the
-    tiny smoke run also sets the datasets' size and frame count, since 480p x 93 cannot run on a CPU)."""
+    tiny smoke run also sets the datasets' size and frame count, since 480p x 93 cannot run on a CPU;
+    `resolution`: every dataset's `resolution` key, e.g. "704x1280", with clips and caches in folders of
+    their own, so runs at several sizes share one checkpoint)."""
     from longcat_tuner.commands.demo import write_split
 
-    data = work / "data"
+    data = data_folder(work, resolution)
     if not (data / COMPLETE_MARK).is_file():
         train = write_split(data / "train", count=clips, frames=frames, height=height, width=width, seed=0)
         val = write_split(data / "val", count=1, frames=frames, height=height, width=width, seed=1)
@@ -104,7 +112,9 @@ def write_guide_config(work: Path, model: Path, *, clips: int, frames: int, heig
     datasets = json.loads(GUIDE_DATASETS.read_text())
     for entry in datasets:
         entry["instance_data_dir"] = str(folders[entry["id"]])
-        entry["cache_dir_vae"] = str(work / "cache" / entry["id"])
+        entry["cache_dir_vae"] = str(work / ("cache" if resolution is None else f"cache-{resolution}") / entry["id"])
+        if resolution is not None:
+            entry["resolution"] = resolution
         if shrink:
             entry["resolution"] = f"{height}x{width}"
             if "video" in entry:
@@ -335,6 +345,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--frames", type=int, default=93)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--data-resolution", default=None,
+                        help="every dataset's `resolution` (e.g. 704x1280; default: the guide's 480, aspect kept), "
+                             "with --height/--width the clips' own size")
     parser.add_argument("--skip-prepare", action="store_true", help="reuse the caches (check and cache not rerun)")
     parser.add_argument("--out", type=Path, help="append the JSON lines here too")
     parser.add_argument("--fallback", action="append", default=[], type=lambda text: tuple(text.split("=", 1)),
@@ -359,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     seconds = write_checkpoint(model, args.size)
     emit(args.out, {"stage": "checkpoint_written", "seconds": round(seconds, 1), "path": str(model)})
     config = write_guide_config(work, model, clips=args.clips, frames=args.frames, height=args.height,
-                                width=args.width, shrink=args.size == "tiny")
+                                width=args.width, shrink=args.size == "tiny", resolution=args.data_resolution)
     if not args.skip_prepare:
         check = run_cli(cli("check", "--config", str(config)), work / "logs" / "check.log")
         emit(args.out, {"stage": "check", **check, **({"log_tail": tail(Path(check["log"]))} if check["exit_code"] else {})})
@@ -378,7 +391,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         lora = work / "runs" / f"cap-{name}" / "longcat_lora.safetensors"
         if not lora.is_file():
             lora = next(iter(sorted((work / "runs").glob("cap-*/longcat_lora.safetensors"))), lora)
-        start = next(iter(sorted((work / "data" / "val" / "start-frames").glob("*.png"))))
+        start = next(iter(sorted((data_folder(work, args.data_resolution) / "val" / "start-frames").glob("*.png"))))
         flags = ["sample", "--model", str(model), "--lora", str(lora), "--image", str(start),
                  "--prompt", "a red square moves left over a blue background", "--frames", str(args.frames),
                  "--resolution", f"{args.height}x{args.width}", "--steps", str(args.sample_steps),

@@ -3,6 +3,7 @@ comes from the run's own events.jsonl, a killed run's losses are compared with i
 from __future__ import annotations
 
 import sys
+import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,3 +80,18 @@ def test_select_sdpa_backend_reaches_the_model_kernel_choice(monkeypatch):
     common.select_sdpa_backend("cudnn")  # a second choice replaces the first, not wraps it
     assert attention._cuda_sdpa_kernel(q, None) == [SDPBackend.CUDNN_ATTENTION]
     assert attention._cuda_sdpa_kernel.model_default.__name__ == "_cuda_sdpa_kernel"
+
+
+def test_a_data_resolution_sets_every_dataset_and_keeps_its_clips_and_caches_apart(tmp_path):
+    model = tmp_path / "model-tiny"
+    plain = bench_product.write_guide_config(tmp_path, model, clips=1, frames=5, height=32, width=48, shrink=False)
+    plain_sets = json.loads((plain.parent / "multidatabackend.json").read_text())
+    config = bench_product.write_guide_config(tmp_path, model, clips=1, frames=5, height=64, width=96, shrink=False,
+                                              resolution="64x96")
+    datasets = json.loads((config.parent / "multidatabackend.json").read_text())
+    assert {entry["resolution"] for entry in datasets} == {"64x96"}
+    assert {entry["resolution"] for entry in plain_sets} != {"64x96"}  # the guide's own value otherwise
+    for entry in datasets:
+        assert Path(entry["instance_data_dir"]).is_relative_to(tmp_path / "data-64x96")
+        assert Path(entry["cache_dir_vae"]).is_relative_to(tmp_path / "cache-64x96")
+    assert (tmp_path / "data" / "train").is_dir() and (tmp_path / "data-64x96" / "train").is_dir()
