@@ -117,6 +117,20 @@ def test_validation_peak_predicts_the_product_runs(memory, peak_gib):
     assert validation_peak_gib(MemorySettings(**memory), work) == pytest.approx(peak_gib, abs=0.5)
 
 
+@pytest.mark.parametrize("compiled,precision,peak_gib", [
+    # `sample`'s runtime at 480x832x93 with CFG (batch 2), no LoRA, no swap (bench/bench_sampling.py, one H100,
+    # 2026-12-06, bench/results/sampling-2026-12-06-h100.json): what `sample`'s swap choice is planned from.
+    (False, "no_change", 35.76),
+    (True, "no_change", 31.25),
+    (True, "fp8-compute", 19.17),
+])
+def test_sampling_peak_predicts_the_measured_sampling_runs(compiled, precision, peak_gib):
+    from longcat_tuner.runtime.auto import ClipShape, sampling_peak_gib
+
+    predicted = sampling_peak_gib(ClipShape(93, 480, 832, batch=2), 0, precision, compiled=compiled)
+    assert peak_gib - 0.5 <= predicted <= peak_gib + 1.5  # never much below (an OOM), at most 1.5 GiB above
+
+
 def test_swap_cost_grows_only_when_copies_outrun_compute():
     slow_bus = {"h2d_gbps": 0.5}
     assert "block_swap" not in estimate(Setting()).step_parts_s

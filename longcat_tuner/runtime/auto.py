@@ -318,8 +318,9 @@ def _pinned_keys(given: MemorySettings, pinned: dict[str, Any]) -> dict[str, Any
 # Compiled blocks: measured in validation during `train` (batch 2, 480x832x93, one H100, 2026-12-06,
 # bench/results/product-2026-12-06b-h100.json): the validation peak was 32.14 / 10.07 / 16.37 GiB allocated
 # under three plans whose weights and LoRA state come to 25.92 / 3.85 / 10.16 GiB, so 6.21 GiB of working set
-# each time, 0.304 of the 20.44 GiB two-clip training working set; 0.31 is used. Eager blocks: not measured,
-# kept at the generous 0.5.
+# each time, 0.304 of the 20.44 GiB two-clip training working set; 0.31 is used. Eager blocks: 0.5. Checked
+# against `sample`'s own runtime (bench/bench_sampling.py, same card and shape, no LoRA, 2026-12-06): peaks of
+# 35.76 (eager), 31.25 (compiled) and 19.17 GiB (compiled fp8-compute) against 37.02 / 31.63 / 20.36 predicted.
 SAMPLING_WORKING_SHARE = {"compiled": 0.31, "eager": 0.5}
 
 
