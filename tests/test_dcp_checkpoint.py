@@ -210,3 +210,39 @@ def test_a_failed_shard_write_is_reported_and_leaves_no_folder(tmp_path, monkeyp
         parallel.write_checkpoint(torch.nn.Linear(2, 2), None, lambda state: pytest.fail("nothing to add"),
                                   checkpoints_dir=tmp_path, step=6)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sharded_lora_checkpoint_loads_back_in_one_process(tmp_path):
+    """A LoRA run's sharded checkpoint holds the adapters only; loading it must not ask for the frozen base
+    (a strict load refused every FSDP2 LoRA resume for the base keys it lacks). One process, no group."""
+    from longcat_tuner.model.config import DiTConfig
+    from longcat_tuner.model.loading import build_dit
+    from longcat_tuner.model.lora import inject_lora
+    from longcat_tuner.train import checkpoint as ckpt
+
+    def lora_model(seed: int):
+        torch.manual_seed(0)  # the same frozen base
+        dit = build_dit(DiTConfig(hidden_size=64, depth=1, num_heads=2, caption_channels=32, adaln_tembed_dim=32), device="cpu")
+        torch.manual_seed(seed)
+        inject_lora(dit, rank=4, targets=["attn.qkv", "ffn.w1"])
+        trainable = [p for p in dit.parameters() if p.requires_grad]
+        return dit, torch.optim.AdamW(trainable, lr=1e-2)
+
+    dit, optimizer = lora_model(1)
+    for parameter in (p for p in dit.parameters() if p.requires_grad):
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    ckpt.save_sharded_state(tmp_path, dit, optimizer)
+
+    restored, restored_optimizer = lora_model(2)
+    ckpt.load_sharded_state(tmp_path, restored, restored_optimizer)
+    saved = {n: p for n, p in dit.named_parameters() if p.requires_grad}
+    loaded = {n: p for n, p in restored.named_parameters() if p.requires_grad}
+    assert saved.keys() == loaded.keys() and saved
+    for name in saved:
+        assert torch.equal(saved[name], loaded[name]), name
+    moments = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
+    restored_moments = [s["exp_avg"] for s in restored_optimizer.state_dict()["state"].values()]
+    assert len(moments) == len(restored_moments) == len(saved)
+    for a, b in zip(moments, restored_moments):
+        assert torch.equal(a, b)

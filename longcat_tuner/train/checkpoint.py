@@ -445,5 +445,8 @@ def load_sharded_state(folder: Path, dit: torch.nn.Module, optimizer: torch.opti
             f"sharded checkpoint {folder} could not be read into this run's model ({err}); resume with the same "
             "model_type, lora_rank and lora_targets, or from another checkpoint"
         ) from err
+    # Not strict: the state holds the trainable parameters only (a LoRA run's frozen base is not in it, and a
+    # strict load refused every LoRA checkpoint for the base keys it lacks); `dcp.load` above already failed on
+    # any trainable key the checkpoint does not have.
     set_state_dict(dit, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(ignore_frozen_params=True))
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
