@@ -97,7 +97,9 @@ class TrainConfig(BaseModel):
     )
     lora_targets: list[str] = Field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
-        description="Linear layers inside each DiT block that get adapters (default: every linear layer).",
+        description="Linear layers that get adapters, matched by name in every block (default: every linear layer of a block "
+        "but its adaLN modulation); `adaLN_modulation.1`, a block-specific `blocks.3.attn.qkv` and the layers outside "
+        "the blocks (`t_embedder.mlp.0`, `final_layer.linear`, ...) may be named too.",
     )
     init_lora: Optional[str] = Field(
         None, description="A LoRA file (any layout `sample --lora` reads: ours, ComfyUI-WanVideoWrapper, Wan2GP, "
@@ -156,7 +158,7 @@ class TrainConfig(BaseModel):
         1e-4, gt=0, le=10, description="Peak learning rate (AdamW: at most 1; typical 1e-5 to 1e-3)."
     )
     optimizer: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description="AdamW, or bitsandbytes' 8-bit AdamW (needs bitsandbytes and CUDA)."
+        "adamw", description="AdamW, or bitsandbytes' 8-bit AdamW (needs bitsandbytes; CPU or CUDA; moments in 8 bits)."
     )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
