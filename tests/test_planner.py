@@ -131,6 +131,47 @@ def test_sampling_peak_predicts_the_measured_sampling_runs(compiled, precision, 
     assert peak_gib - 0.5 <= predicted <= peak_gib + 1.5  # never much below (an OOM), at most 1.5 GiB above
 
 
+def test_block_sparse_step_matches_the_measured_speedup():
+    # The LoRA step at 512x832x93 (rank 32, full checkpointing, eager) on one H200, 2026-12-02
+    # (bench/results/train_step_block_sparse-2026-12-02-h200.json): 11.26 s block-sparse against 18.85 s dense.
+    dense = estimate(Setting(height=512, width=832, lora_rank=32))
+    sparse = estimate(Setting(height=512, width=832, lora_rank=32, block_sparse=True))
+    assert sparse.step_s / dense.step_s == pytest.approx(11.26 / 18.85, rel=0.05)
+    assert sparse.peak_gib == dense.peak_gib  # 55.04 against 55.03 GiB measured
+    assert sparse.step_parts_s["linear_and_elementwise"] == dense.step_parts_s["linear_and_elementwise"]
+
+
+def test_block_sparse_share_follows_size_and_sparsity():
+    from longcat_tuner.runtime.planner import block_sparse_share
+
+    assert block_sparse_share(39_936, 0.9375) == pytest.approx(0.23)
+    assert block_sparse_share(168_960, 0.9375) < block_sparse_share(84_480, 0.9375) < block_sparse_share(39_936, 0.9375)
+    assert block_sparse_share(10_000, 0.9375) == block_sparse_share(37_440, 0.9375) * 1.0  # held below the points
+    assert block_sparse_share(39_936, 0.875) == pytest.approx(0.46)  # twice the kept blocks
+    assert block_sparse_share(39_936, 0.0) == 1.0  # never above dense
+
+
+def test_plan_command_plans_the_attention_the_run_uses(tmp_path, capsys):
+    from longcat_tuner.cli import main
+
+    data = tmp_path / "multidatabackend.json"
+    data.write_text("[]")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"pretrained_model_name_or_path": str(tmp_path), "data_backend_config": str(data),
+                                  "output_dir": str(tmp_path / "out")}))
+    args = ["plan", "--config", str(config), "--gpu-memory", "80", "--resolution", "704x1280", "--frames", "93"]
+    assert main(args) == 0
+    dense = capsys.readouterr().out
+    assert main(args + ["--attention_implementation", "block_sparse"]) == 0
+    sparse = capsys.readouterr().out
+    assert "block-sparse" not in dense and "block-sparse attention (sparsity 0.9375)" in sparse
+
+    def step(text: str) -> float:
+        return float(text.split("expected step time: ")[1].split(" s")[0])
+
+    assert step(sparse) < 0.5 * step(dense)
+
+
 def test_swap_cost_grows_only_when_copies_outrun_compute():
     slow_bus = {"h2d_gbps": 0.5}
     assert "block_swap" not in estimate(Setting()).step_parts_s

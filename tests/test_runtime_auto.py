@@ -387,3 +387,27 @@ def test_validation_shape_comes_from_the_largest_eval_video(tmp_path):
     assert trainer.largest_validation(types.SimpleNamespace(validation_items=items[:1]), one_pass) == \
         ClipShape(frames=49, height=320, width=320, batch=1, has_start_frame=True)
     assert trainer.largest_validation(types.SimpleNamespace(validation_items=[]), config) is None
+
+
+def test_block_sparse_attention_is_planned_as_the_attention_policy_runs_it():
+    from longcat_tuner.runtime.auto import uses_block_sparse
+
+    whole_chunks = ClipShape(frames=93, height=512, width=832)  # token grid 24x32x52: multiples of 4x4x4
+    assert uses_block_sparse("block_sparse", GUIDE_SHAPE, enable_bsa=False)  # forced: ragged grids too
+    assert uses_block_sparse("auto", whole_chunks, enable_bsa=True)
+    assert not uses_block_sparse("auto", GUIDE_SHAPE, enable_bsa=True)  # 24x30x52: auto keeps the official rule
+    assert not uses_block_sparse("auto", whole_chunks, enable_bsa=False)  # the checkpoint does not enable it
+    assert not uses_block_sparse("auto", whole_chunks, enable_bsa=True, triton=False)
+    assert not uses_block_sparse("auto", ClipShape(frames=1, height=512, width=832), enable_bsa=True)  # one frame
+    assert not uses_block_sparse("sdpa", whole_chunks, enable_bsa=True)
+
+
+def test_a_block_sparse_run_is_planned_with_its_cheaper_attention(tmp_path):
+    config = _config(tmp_path, attention_implementation="block_sparse")
+    shape = ClipShape(frames=93, height=704, width=1280)
+    dense = _plan(config, card_gib=79.2, shape=shape)
+    sparse = _plan(config, card_gib=79.2, shape=shape, block_sparse=True)
+    assert sparse.predicted_step_s < 0.5 * dense.predicted_step_s  # attention is most of the dense step here
+    assert "block-sparse attention (sparsity 0.9375)" in sparse.reason and "block-sparse" not in dense.reason
+    # memory is the dense run's: the same settings fit
+    assert sparse.predicted_peak_gib <= sparse.budget_gib

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     })
     # The memory keys themselves, from the schema (`--gradient_checkpointing_mode keep_attention`,
     # `--compile_blocks`, ...): they override the file as `train`'s flags do, and pin the plan the same way.
-    add_config_arguments(parser, names=MEMORY_CONFIG_KEYS, title="memory keys (override config.json)")
+    add_config_arguments(parser, names=(*MEMORY_CONFIG_KEYS, "attention_implementation"),
+                         title="memory keys and the attention (override config.json)")
     parser.set_defaults(func=run)
 
 
@@ -48,17 +49,38 @@ def clip_size(spec, aspect: tuple[int, int] | None = None) -> tuple[int, int]:
     return resolution_size(spec, aspect)
 
 
+def checkpoint_attention(config) -> tuple[bool, float, tuple[int, int, int]]:
+    """(enable_bsa, bsa_sparsity, chunk) of the checkpoint's `dit/config.json`, as `train` reads them; the
+    release's defaults when the checkpoint is not readable here (plan runs without the weights)."""
+    from longcat_tuner.errors import LongcatError
+    from longcat_tuner.model.config import DiTConfig
+    from longcat_tuner.model.loading import find_component
+
+    try:
+        dit = DiTConfig.from_file(find_component(config.pretrained_model_name_or_path, "dit") / "config.json")
+    except (LongcatError, OSError, ValueError):
+        dit = DiTConfig()
+    return dit.enable_bsa, dit.bsa_sparsity, tuple(dit.bsa_chunk_k)
+
+
 def setting_from_config(config, *, resolution: str | None, frames: int | None):
-    """The planner's view of the config's memory keys (`MemorySettings.from_config`, as `train` reads them)."""
+    """The planner's view of the config's memory keys (`MemorySettings.from_config`, as `train` reads them)
+    and of its attention (block-sparse or not, as `train` plans it)."""
+    from longcat_tuner.runtime.auto import ClipShape, uses_block_sparse
     from longcat_tuner.runtime.planner import Setting
     from longcat_tuner.runtime.settings import MemorySettings
 
     height, width = clip_size(resolution or config.validation_resolution)
     if config.model_type != "lora":
         raise ConfigError("plan estimates LoRA training (model_type 'lora'); full fine-tuning needs several GPUs")
+    frames = frames or config.validation_num_video_frames
+    enable_bsa, sparsity, chunk = checkpoint_attention(config)
+    shape = ClipShape(frames=frames, height=height, width=width, batch=config.train_batch_size)
     return Setting.from_memory(
         MemorySettings.from_config(config), height=height, width=width,
-        frames=frames or config.validation_num_video_frames, batch=config.train_batch_size, lora_rank=config.lora_rank,
+        frames=frames, batch=config.train_batch_size, lora_rank=config.lora_rank,
+        block_sparse=uses_block_sparse(config.attention_implementation, shape, enable_bsa=enable_bsa, chunk=chunk),
+        bsa_sparsity=sparsity,
     )
 
 
@@ -98,7 +120,8 @@ def auto_plan_text(config, setting, card_gib: float) -> str:
     def plan_for(config):
         return choose_plan(config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS), shape=shape,
                            cuda=True, card_gib=card_gib, validation=validation,
-                           expandable_segments=would_use_expandable())
+                           expandable_segments=would_use_expandable(), block_sparse=setting.block_sparse,
+                           bsa_sparsity=setting.bsa_sparsity)
 
     try:
         plan = plan_for(config)

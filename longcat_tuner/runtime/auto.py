@@ -143,12 +143,15 @@ def _candidates(pinned: dict[str, Any], *, allow_none: bool, compile_ok: bool, p
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """What a plan is sized for: the largest training clip, the validation video (None: no validation),
-    the LoRA rank and whether the allocator runs expandable segments (runtime/allocator.py)."""
+    the LoRA rank, whether the allocator runs expandable segments (runtime/allocator.py) and whether the
+    self-attention is block-sparse (its time, not its memory, differs)."""
 
     shape: ClipShape
     lora_rank: int = planner.DEFAULT_LORA_RANK
     validation: Optional[ClipShape] = None  # batch 2 when CFG batches the two passes
     expandable_segments: bool = False
+    block_sparse: bool = False  # training's self-attention runs block-sparse (`uses_block_sparse`)
+    bsa_sparsity: float = 0.9375
 
 
 def _estimate(settings: MemorySettings, work: Workload) -> planner.Estimate:
@@ -156,8 +159,25 @@ def _estimate(settings: MemorySettings, work: Workload) -> planner.Estimate:
     return planner.estimate(planner.Setting.from_memory(
         settings, height=shape.height, width=shape.width, frames=shape.frames, batch=shape.batch,
         lora_rank=work.lora_rank, num_cond_latents=1 if shape.has_start_frame else 0,
-        expandable_segments=work.expandable_segments,
+        expandable_segments=work.expandable_segments, block_sparse=work.block_sparse, bsa_sparsity=work.bsa_sparsity,
     ))
+
+
+def uses_block_sparse(attention: str, shape: Optional[ClipShape], *, enable_bsa: bool,
+                      chunk: tuple[int, int, int] = (4, 4, 4), triton: bool = True) -> bool:
+    """Whether training's self-attention at `shape` runs block-sparse on CUDA: `attention_implementation`
+    `block_sparse`, or `auto` on a checkpoint that enables it where the attention policy takes it (more than
+    one latent frame, a token grid of whole chunks, Triton installed; model/attention.py)."""
+    if attention == "block_sparse":
+        return True
+    if attention != "auto" or not enable_bsa or shape is None or not triton:
+        return False
+    grid = planner.token_grid(shape.height, shape.width, shape.frames)
+    if grid[0] <= 1:
+        return False
+    from longcat_tuner.model.block_sparse import block_sparse_supported
+
+    return block_sparse_supported(grid, grid, chunk)[0]
 
 
 def validation_peak_gib(settings: MemorySettings, work: Workload) -> Optional[float]:
@@ -232,11 +252,14 @@ def choose_plan(
     distributed_strategy: Optional[str] = None,
     validation: Optional[ClipShape] = None,
     expandable_segments: bool = False,
+    block_sparse: bool = False,
+    bsa_sparsity: float = 0.9375,
 ) -> Plan:
     """The run's `Plan` (see the module docstring). `explicit`: the config keys the user set; `others_gib`:
     memory other processes hold on the card (the plan fits in what is left); `validation`: the largest
     validation video (batch 2 with CFG), which must fit beside the training state too; `expandable_segments`:
-    the allocator the run uses (it sets how much the reserve exceeds the allocation)."""
+    the allocator the run uses (it sets how much the reserve exceeds the allocation); `block_sparse`: the
+    training self-attention is block-sparse at `bsa_sparsity` (`uses_block_sparse`), which the step time counts."""
     given = MemorySettings.from_config(config)
     cap = getattr(config, "max_gpu_memory_gib", None)
     budget = budget_gib(card_gib, others_gib, cap)
@@ -255,7 +278,8 @@ def choose_plan(
     pinned = pinned_fields(config, explicit)
     precisions = (given.base_precision,) if "base_precision" in pinned else (
         ("no_change", "fp8-torchao") if fp8_ok else ("no_change",))
-    work = Workload(shape, lora_rank=config.lora_rank, validation=validation, expandable_segments=expandable_segments)
+    work = Workload(shape, lora_rank=config.lora_rank, validation=validation, expandable_segments=expandable_segments,
+                    block_sparse=block_sparse, bsa_sparsity=bsa_sparsity)
     found = _fastest(pinned, work, budget, compile_ok=compile_ok, precisions=precisions)
     validation_warning = ""
     if found is None and validation is not None:
@@ -293,6 +317,7 @@ def choose_plan(
         + (f" (max_gpu_memory_gib {cap:g} on a {card_gib:.0f} GiB card)" if cap else f" (the whole {card_gib:.0f} GiB card)")
         + (f"; {others_gib:.1f} GiB of it held by other processes" if others_gib else "")
         + f" at the largest training clip {shape.text}"
+        + (f" with block-sparse attention (sparsity {bsa_sparsity:g})" if block_sparse else "")
         + (f"; set by you: {', '.join(sorted(set(CONFIG_KEYS) - set(auto_fields)))}" if pinned else "")
         + ("; 8-bit base weights because nothing in bf16 fits" if settings.quantized and "base_precision" not in pinned else "")
         + validation_warning

@@ -17,6 +17,7 @@ arithmetic on plain values (no torch), so `longcat-tuner plan` runs anywhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from longcat_tuner.config.training import TrainConfig
@@ -103,6 +104,21 @@ CALIBRATION = {
     # Hopper's float8 peak is 2x bf16's; the quantization passes of activations and gradients and the
     # LoRA and element-wise work, which stay bf16, take most of it.
     "fp8_compute_linear_speedup": 1.2,
+    # Block-sparse self-attention (attention_implementation block_sparse, or auto on a checkpoint that enables
+    # it; sparsity 0.9375, the release's): its time as a share of dense SDPA's at the same shape. Our kernel
+    # against cuDNN on one H100, 2026-11-25 (bench/results/attention-2026-11-25-h100.json): forward +
+    # backward 0.0264 / 0.1363 s = 0.194 at 37,440 tokens (35,880 queries), 0.380 / 2.886 s = 0.132 at 168,960
+    # (the kernel gains with size: selection and edge blocks weigh less). In a whole training step the share
+    # is higher: the LoRA step at 512x832x93 (39,936 tokens, full checkpointing, eager) on one H200, 2026-12-02
+    # (bench/results/train_step_block_sparse-2026-12-02-h200.json) took 11.26 s against 18.85 dense, 7.59 s
+    # saved of about 9.87 s of attention (this model's attention share of the dense step), a share of 0.23.
+    # Taken: the step's 0.23 at 39,936 tokens, scaled with size as the kernel's share (log-linear in the
+    # tokens between the two kernel points, held outside them), and in proportion to the kept fraction
+    # (1 - sparsity) / 0.0625 for other sparsities. Cross-attention (512 text tokens) stays dense.
+    "bsa_step_share": 0.23,
+    "bsa_step_share_tokens": 39_936,
+    "bsa_kernel_share_points": ((37_440, 0.194), (168_960, 0.132)),
+    "bsa_reference_kept": 0.0625,
 }
 
 # What a CUDA context and the kernels loaded with it take on the card outside PyTorch's allocator: 0.8 GiB
@@ -152,11 +168,14 @@ class Setting:
     compile_checkpointed_block: bool = False  # compile_scope checkpointed_block (compiled + keep_attention)
     num_cond_latents: int = 1
     expandable_segments: bool = False  # the CUDA allocator's expandable segments (runtime/allocator.py)
+    block_sparse: bool = False  # self-attention runs block-sparse (attention_implementation, see CALIBRATION)
+    bsa_sparsity: float = 0.9375  # its sparsity (the checkpoint's bsa_sparsity)
 
     @classmethod
     def from_memory(cls, memory, *, height: int, width: int, frames: int, batch: int = 1,
                     lora_rank: int = DEFAULT_LORA_RANK, num_cond_latents: int = 1,
-                    expandable_segments: bool = False) -> "Setting":
+                    expandable_segments: bool = False, block_sparse: bool = False,
+                    bsa_sparsity: float = 0.9375) -> "Setting":
         """The planner's view of `memory` (a `runtime.settings.MemorySettings`) at one clip shape."""
         precision = "bf16" if memory.base_precision == "no_change" else memory.base_precision
         return cls(
@@ -169,6 +188,7 @@ class Setting:
             offload_activations=memory.checkpointing == "offload_inputs",
             compiled=memory.compile_blocks, compile_checkpointed_block=memory.compiles_checkpointed_block,
             num_cond_latents=num_cond_latents, expandable_segments=expandable_segments,
+            block_sparse=block_sparse, bsa_sparsity=bsa_sparsity,
         )
 
     @property
@@ -241,8 +261,23 @@ def flops(setting: Setting) -> dict[str, float]:
     n_noisy = n - n_cond
     c, f = HIDDEN, FFN
     linear = 2 * (n * (4 * c * c + 3 * c * f) + n_noisy * 2 * c * c + TEXT_TOKENS * 2 * c * c)
-    attention = 4 * c * (n_cond * n_cond + n_noisy * n) + 4 * c * n_noisy * TEXT_TOKENS
-    return {"linear": linear * DEPTH * setting.batch, "attention": attention * DEPTH * setting.batch, "tokens": n}
+    self_attention = 4 * c * (n_cond * n_cond + n_noisy * n)
+    attention = self_attention + 4 * c * n_noisy * TEXT_TOKENS
+    return {"linear": linear * DEPTH * setting.batch, "attention": attention * DEPTH * setting.batch,
+            "self_attention": self_attention * DEPTH * setting.batch, "tokens": n}
+
+
+def block_sparse_share(tokens: int, sparsity: float, calibration: Optional[dict] = None) -> float:
+    """Block-sparse self-attention's time in a training step as a share of dense SDPA's (see CALIBRATION)."""
+    cal = CALIBRATION if calibration is None else calibration
+    (n0, k0), (n1, k1) = cal["bsa_kernel_share_points"]
+
+    def kernel_share(n: float) -> float:
+        n = min(max(n, n0), n1)
+        return k0 + (k1 - k0) * (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
+
+    share = cal["bsa_step_share"] * kernel_share(tokens) / kernel_share(cal["bsa_step_share_tokens"])
+    return min(1.0, share * (1.0 - sparsity) / cal["bsa_reference_kept"])
 
 
 def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
@@ -286,8 +321,11 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
         memory["activations"] = DEPTH * working  # every block keeps its whole working set for backward
     peak = sum(memory.values())
 
-    attention_fwd = f["attention"] / (cal["attention_fwd_tflops"] * 1e12)
-    attention_bwd = 2 * f["attention"] / (cal["attention_bwd_tflops"] * 1e12)
+    attention_flops = f["attention"]
+    if setting.block_sparse:
+        attention_flops -= f["self_attention"] * (1.0 - block_sparse_share(f["tokens"], setting.bsa_sparsity, cal))
+    attention_fwd = attention_flops / (cal["attention_fwd_tflops"] * 1e12)
+    attention_bwd = 2 * attention_flops / (cal["attention_bwd_tflops"] * 1e12)
     recomputed_share = checkpointed / DEPTH  # blocks whose forward runs again in backward
     attention_passes = 1.0 + recomputed_share
     if setting.keep_attention:
@@ -381,6 +419,8 @@ def describe(setting: Setting) -> str:
         knobs.append("offload block inputs to host")
     if setting.compiled:
         knobs.append("torch.compile" + (" of the checkpointed block" if setting.compile_checkpointed_block else ""))
+    if setting.block_sparse:
+        knobs.append(f"block-sparse attention (sparsity {setting.bsa_sparsity:g})")
     return ", ".join(knobs)
 
 

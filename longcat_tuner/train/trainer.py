@@ -217,7 +217,7 @@ def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, p
 
     from longcat_tuner.model.config import DiTConfig
     from longcat_tuner.model.loading import find_component
-    from longcat_tuner.runtime.auto import choose_plan, is_calibrated
+    from longcat_tuner.runtime.auto import choose_plan, is_calibrated, uses_block_sparse
     from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
 
     from longcat_tuner.runtime.apply import gpu_budget
@@ -225,12 +225,16 @@ def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, p
     cuda = precision.device.type == "cuda"
     card_gib, others_gib = gpu_budget(precision.device, config.max_gpu_memory_gib) if cuda else (None, 0.0)
     dit_config = DiTConfig.from_file(find_component(config.pretrained_model_name_or_path, "dit") / "config.json")
+    shape, triton = largest_clip(data, config.train_batch_size), find_spec("triton") is not None
     return choose_plan(
         config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS),
-        shape=largest_clip(data, config.train_batch_size), cuda=cuda, card_gib=card_gib, others_gib=others_gib,
-        compile_ok=find_spec("triton") is not None, calibrated_model=is_calibrated(dit_config),
+        shape=shape, cuda=cuda, card_gib=card_gib, others_gib=others_gib,
+        compile_ok=triton, calibrated_model=is_calibrated(dit_config),
         distributed_strategy=parallel.distributed_strategy, validation=largest_validation(data, config),
         expandable_segments=cuda and expandable_in_use(),
+        block_sparse=uses_block_sparse(config.attention_implementation, shape, enable_bsa=dit_config.enable_bsa,
+                                       chunk=tuple(dit_config.bsa_chunk_k), triton=triton),
+        bsa_sparsity=dit_config.bsa_sparsity,
     )
 
 
