@@ -74,6 +74,22 @@ def test_unwritable_output_dir(tmp_path, workspace, capsys):
     assert "output_dir /proc/longcat-tuner-check/run is not writable" in err and "choose a folder you can write to" in err
 
 
+def test_output_dir_holding_an_earlier_run_fails_check_as_train_would(tmp_path, workspace, capsys):
+    """`check` said ok and `train` refused a second later: a finished run in output_dir (no resume, no overwrite)."""
+    done = tmp_path / "out" / "checkpoints" / "checkpoint-000040"
+    done.mkdir(parents=True)
+    (done / "COMPLETE").write_text("40\n")
+    (tmp_path / "out" / "longcat_lora.safetensors").write_bytes(b"kept")
+    code, _, err = check(write_config(tmp_path, workspace), capsys)
+    assert code == 1
+    assert "already holds an earlier run" in err and "checkpoint-000040" in err and "longcat_lora.safetensors" in err
+    assert "--resume_from_checkpoint latest" in err and "overwrite_output_dir" in err
+    for keys in ({"resume_from_checkpoint": "latest"}, {"overwrite_output_dir": True}):
+        code, _, err = check(write_config(tmp_path, workspace, **keys), capsys)
+        assert code == 0, err
+    assert (tmp_path / "out" / "longcat_lora.safetensors").read_bytes() == b"kept"
+
+
 def test_block_swap_without_cuda_is_refused(tmp_path, workspace, capsys, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the child process that asks torch sees no GPU
     config = write_config(tmp_path, workspace, musubi_blocks_to_swap=4)

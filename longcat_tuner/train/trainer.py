@@ -43,6 +43,7 @@ from longcat_tuner.generate import SamplingProgress
 from longcat_tuner.runtime.allocator import expandable_in_use, use_default_allocator
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
+from longcat_tuner.train.outputs import earlier_outputs, earlier_run_problem  # noqa: F401 (earlier_outputs: tests)
 from longcat_tuner.train.distributed import (
     available_host_memory,
     check_resume_strategy,
@@ -427,30 +428,13 @@ def reported_end(events: EventLog) -> Iterator[None]:
         raise
 
 
-def earlier_outputs(run_dir: Path) -> list[str]:
-    """What an earlier run left in `run_dir` that a new run from step 0 would mix with or replace."""
-    found = []
-    checkpoints = ckpt.list_checkpoints(run_dir / "checkpoints")
-    if checkpoints:
-        found.append(f"{len(checkpoints)} checkpoint(s), the newest {checkpoints[-1][1].name}")
-    found += sorted(path.name for path in run_dir.glob("*.safetensors"))
-    if (run_dir / "dit").is_dir():
-        found.append("dit/ (a full fine-tune)")
-    return found
-
-
 def refuse_finished_outputs(config: TrainConfig, run_dir: Path) -> None:
     """A new run (no resume) into an output_dir holding checkpoints or final weights is refused, naming the
-    ways on, unless `overwrite_output_dir` says to start from step 0 there anyway."""
-    if config.resume_from_checkpoint or config.overwrite_output_dir:
-        return
-    found = earlier_outputs(run_dir)
-    if found:
-        raise ConfigError(
-            f"output_dir {run_dir} already holds an earlier run ({', '.join(found[:4])}); continue it with "
-            "--resume_from_checkpoint latest, choose a fresh output_dir, or set overwrite_output_dir: true to "
-            "train from step 0 there (its final files are then replaced)"
-        )
+    ways on, unless `overwrite_output_dir` says to start from step 0 there anyway (`check` reports the same)."""
+    problem = earlier_run_problem(run_dir, resume_from_checkpoint=config.resume_from_checkpoint,
+                                  overwrite_output_dir=config.overwrite_output_dir)
+    if problem:
+        raise ConfigError(problem)
 
 
 @dataclasses.dataclass
