@@ -192,3 +192,24 @@ def test_demo_says_the_videos_are_noise_by_design(tmp_path):
         assert where in text
     script = (Path(__file__).parent.parent / "scripts" / "demo.sh").read_text()
     assert "noise by design" in script
+
+
+def test_demo_script_puts_a_relative_folder_where_it_was_run(tmp_path):
+    """`bash scripts/demo.sh mydemo` from a folder of yours wrote mydemo/ inside the checkout (the script cd'ed there)."""
+    import subprocess
+
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(Path(__file__).parent.parent / "scripts" / "demo.sh", checkout / "scripts" / "demo.sh")
+    (checkout / "scripts" / "setup.sh").write_text("pwd > setup-ran-in\n")  # the real one installs .venv
+    bin_dir = checkout / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "activate").write_text(f'PATH="{bin_dir}:$PATH"\n')
+    (bin_dir / "longcat-tuner").write_text('#!/bin/sh\necho "$PWD $*"\n')
+    (bin_dir / "longcat-tuner").chmod(0o755)
+    user = tmp_path / "mine"
+    user.mkdir()
+    result = subprocess.run(["bash", str(checkout / "scripts" / "demo.sh"), "mydemo", "--steps", "3"], cwd=user,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == f"{user} demo mydemo --steps 3"
+    assert (checkout / "setup-ran-in").read_text().strip() == str(checkout)
