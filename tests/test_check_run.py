@@ -159,6 +159,20 @@ def test_plan_for_a_24_gb_card_names_the_allocator_setting_only_when_the_shell_t
     assert "PYTORCH_CUDA_ALLOC_CONF=" not in capsys.readouterr().out  # an 80 GB card does not need it
 
 
+def test_plan_on_a_small_checkpoint_says_train_takes_the_config_as_given(tmp_path, workspace, capsys, tiny_checkpoint):
+    """On the tiny checkpoint `plan` printed an automatic 13.6B plan (48 uncheckpointed blocks) that `train`,
+    which plans only the calibrated DiT, would never choose; it now says what `train` does."""
+    config = write_config(tmp_path, workspace, pretrained_model_name_or_path=str(tiny_checkpoint))
+    assert cli_main(["plan", "--config", str(config), "--resolution", "480x832", "--frames", "93"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan (config):") and "calibrated for the 13.6B DiT only" in out
+    assert f"note: {tiny_checkpoint / 'dit'} is not the 13.6B LongCat-Video DiT" in out
+    assert cli_main(["plan", "--config", str(write_config(tmp_path / "absent", workspace)), "--resolution", "480x832",
+                     "--frames", "93"]) == 0  # no model folder here: the release's automatic plan, as before
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan (auto):") and "note:" not in out
+
+
 def test_help_does_not_claim_quanto_or_torchao_are_needed():
     import subprocess
     import sys
