@@ -227,3 +227,20 @@ def test_demo_script_puts_a_relative_folder_where_it_was_run(tmp_path):
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == f"{user} demo mydemo --steps 3"
     assert (checkout / "setup-ran-in").read_text().strip() == str(checkout)
+
+
+def test_an_interrupted_train_prints_the_whole_resume_command(tmp_path, workspace, capsys, monkeypatch):
+    """After Ctrl-C the console said only `resume with --resume_from_checkpoint latest`: of which command?"""
+    from types import SimpleNamespace
+
+    import longcat_tuner.train.trainer as trainer
+
+    config = write_config(tmp_path, workspace)
+    stopped = SimpleNamespace(status="interrupted", step=25, run_dir=tmp_path / "out", lora_path=None,
+                              comfyui_lora_path=None, validation_videos=[])
+    monkeypatch.setattr(trainer, "train", lambda config, progress: stopped)
+    assert cli_main(["train", "--config", str(config)]) == 130
+    out = capsys.readouterr().out
+    assert f"interrupted at step 25; resume with: longcat-tuner train --config {config} --resume_from_checkpoint latest\n" in out
+    assert cli_main(["train", "--config", str(config), "--max_train_steps", "3000"]) == 130
+    assert "--resume_from_checkpoint latest (and the other options you gave this run)" in capsys.readouterr().out

@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig
     from longcat_tuner.train.trainer import train
 
-    config = TrainConfig.from_file(args.config, overrides=config_overrides(args))
+    overrides = config_overrides(args)
+    config = TrainConfig.from_file(args.config, overrides=overrides)
     result = train(config, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (it wrote the outputs)
         return 130 if result.status == "interrupted" else 0
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     for video in result.validation_videos:
         print(f"validation video: {video}")
     if result.status == "interrupted":
-        print(f"interrupted at step {result.step}; resume with --resume_from_checkpoint latest")
+        again = "" if not set(overrides) - {"resume_from_checkpoint"} else " (and the other options you gave this run)"
+        print(f"interrupted at step {result.step}; resume with: longcat-tuner train --config {args.config} "
+              f"--resume_from_checkpoint latest{again}")
         return 130
     return 0
