@@ -244,3 +244,14 @@ def test_an_interrupted_train_prints_the_whole_resume_command(tmp_path, workspac
     assert f"interrupted at step 25; resume with: longcat-tuner train --config {config} --resume_from_checkpoint latest\n" in out
     assert cli_main(["train", "--config", str(config), "--max_train_steps", "3000"]) == 130
     assert "--resume_from_checkpoint latest (and the other options you gave this run)" in capsys.readouterr().out
+
+
+def test_a_wrong_media_folder_names_the_datasets_file_it_is_in(tmp_path, workspace, capsys):
+    """The fix named `multidatabackend.json` whatever the file was called (here `db_small.json`)."""
+    datasets = json.loads((workspace / "multidatabackend.json").read_text())
+    datasets[0]["instance_data_dir"] = str(tmp_path / "trian" / "clips")
+    (tmp_path / "db_small.json").write_text(json.dumps(datasets))
+    code, _, err = check(write_config(tmp_path, tmp_path, data_backend_config=str(tmp_path / "db_small.json")), capsys)
+    assert code != 0
+    assert f"instance_data_dir {tmp_path / 'trian' / 'clips'} does not exist or is not a folder; fix the path in " \
+           f"{tmp_path / 'db_small.json'}" in err

@@ -132,7 +132,8 @@ class DataPlan:
 
 
 # --- scanning --------------------------------------------------------------------------------------
-def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tuple[dict[str, Path], list[Problem]]:
+def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str, *,
+               source: str = "multidatabackend.json") -> tuple[dict[str, Path], list[Problem]]:
     """Files under `root` (recursive, hidden entries ignored) keyed by relative path without suffix, in
     Unicode NFC form (so `café` pairs whether its accent was stored composed or decomposed).
 
@@ -143,7 +144,7 @@ def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tupl
     if not root.is_dir():
         raise DataError(
             f"dataset '{dataset_id}': instance_data_dir {root} does not exist or is not a folder; "
-            "fix the path in multidatabackend.json"
+            f"fix the path in {source}"
         )
     problems: list[Problem] = []
     candidates: list[tuple[str, Path, bool]] = []  # (key, path, reached through a link)
@@ -348,11 +349,13 @@ MAX_STEM_BYTES = NAME_MAX - len(CACHE_ENTRY_SUFFIX)
 def pair_dataset(dataset: DatasetConfig, datasets: DatasetList) -> tuple[list[SampleSource], list[Problem], int, set[tuple[str, str]]]:
     """Scan a clip dataset, read captions, attach start frames. Returns (sources, problems, scanned, used cond keys)."""
     media_type: MediaType = "image" if dataset.dataset_type == "image" else "video"
-    media, problems = scan_media(dataset.instance_data_dir, IMAGE_EXTENSIONS if media_type == "image" else VIDEO_EXTENSIONS, dataset.id)
+    media, problems = scan_media(dataset.instance_data_dir, IMAGE_EXTENSIONS if media_type == "image" else VIDEO_EXTENSIONS, dataset.id,
+                                 source=datasets.source)
     cond_dataset = datasets.by_id(dataset.conditioning_data[0]) if dataset.conditioning_data else None
     cond_media: dict[str, Path] = {}
     if cond_dataset is not None:
-        cond_media, cond_problems = scan_media(cond_dataset.instance_data_dir, IMAGE_EXTENSIONS, cond_dataset.id)
+        cond_media, cond_problems = scan_media(cond_dataset.instance_data_dir, IMAGE_EXTENSIONS, cond_dataset.id,
+                                               source=datasets.source)
         problems += cond_problems
     sources, used = [], set()
     for key, path in media.items():
@@ -524,7 +527,7 @@ def plan_data(datasets: DatasetList, *, eval_dataset_id: Optional[str], alignmen
     unpaired = clips_without_start_frame(train_plans + ([eval_plan] if eval_plan else []), datasets)
     for cond_id, clip_ids in users.items():
         cond = datasets.by_id(cond_id)
-        media, _ = scan_media(cond.instance_data_dir, IMAGE_EXTENSIONS, cond.id)
+        media, _ = scan_media(cond.instance_data_dir, IMAGE_EXTENSIONS, cond.id, source=datasets.source)
         for key, path in media.items():
             if (cond_id, key) in used:
                 continue
