@@ -255,3 +255,15 @@ def test_a_wrong_media_folder_names_the_datasets_file_it_is_in(tmp_path, workspa
     assert code != 0
     assert f"instance_data_dir {tmp_path / 'trian' / 'clips'} does not exist or is not a folder; fix the path in " \
            f"{tmp_path / 'db_small.json'}" in err
+
+
+def test_a_clip_dataset_pointed_at_the_start_frames_says_so(tmp_path, workspace, capsys):
+    """`0 usable of 0 files` and "fix or add the files listed above" with nothing listed: the folder is now named."""
+    datasets = json.loads((workspace / "multidatabackend.json").read_text())
+    starts = next(d for d in datasets if d["id"] == datasets[0]["conditioning_data"][0])["instance_data_dir"]
+    datasets[0]["instance_data_dir"] = starts
+    (tmp_path / "db.json").write_text(json.dumps(datasets))
+    code, out, _ = check(write_config(tmp_path, tmp_path, data_backend_config=str(tmp_path / "db.json")), capsys)
+    assert code == 1
+    assert f"warning: {starts}: no video files (.mp4" in out and "image file(s) (e.g. clip_000.png)" in out
+    assert f"is it the start-frame folder? set instance_data_dir of dataset '{datasets[0]['id']}' in {tmp_path / 'db.json'}" in out
