@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from importlib.util import find_spec
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from longcat_tuner.cli import main as cli_main
+from longcat_tuner.errors import ConfigError
 from tests.conftest import write_paired_workspace
 
 
@@ -267,3 +269,28 @@ def test_a_clip_dataset_pointed_at_the_start_frames_says_so(tmp_path, workspace,
     assert code == 1
     assert f"warning: {starts}: no video files (.mp4" in out and "image file(s) (e.g. clip_000.png)" in out
     assert f"is it the start-frame folder? set instance_data_dir of dataset '{datasets[0]['id']}' in {tmp_path / 'db.json'}" in out
+
+
+def test_a_checkpoints_training_state_given_as_a_lora_names_the_lora_beside_it(tmp_path, workspace, capsys):
+    """`--lora checkpoint-N/trainable.safetensors` (listed by the folder error) listed every known LoRA layout
+    and asked "Is this a LoRA for another model?"; it now points at the checkpoint's longcat_lora.safetensors."""
+    import argparse
+
+    import torch
+    from safetensors.torch import save_file
+
+    from longcat_tuner.commands.sample import read_sampling_loras
+
+    folder = tmp_path / "out" / "checkpoints" / "checkpoint-000006"
+    folder.mkdir(parents=True)
+    (folder / "COMPLETE").write_text("6\n")
+    state = folder / "trainable.safetensors"
+    save_file({"blocks.0.attn.qkv.lora_adapters.default.down": torch.zeros(4, 8)}, str(state))
+    fix = f"{state} is a checkpoint's training state, not a LoRA file; use {folder / 'longcat_lora.safetensors'}"
+    (folder / "longcat_lora.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="--lora " + re.escape(fix)):
+        read_sampling_loras(argparse.Namespace(lora=[str(state)], lora_multiplier=[]))
+    assert cli_main(["export-lora", str(state), str(tmp_path / "x.safetensors")]) == 2
+    assert fix in capsys.readouterr().err
+    code, _, err = check(write_config(tmp_path / "c", workspace, init_lora=str(state)), capsys)
+    assert code == 1 and f"init_lora: {fix}" in err

@@ -225,9 +225,14 @@ def init_lora_problem(path: Path) -> Optional[str]:
     from longcat_tuner.errors import CheckpointError
     from longcat_tuner.model.inspect import read_safetensors_header
 
+    from longcat_tuner.train.outputs import checkpoint_weights_problem
+
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         return f"init_lora {path} {what}; give the LoRA .safetensors file to start from, or remove the key"
+    problem = checkpoint_weights_problem(path)
+    if problem:
+        return f"init_lora: {problem}"
     try:
         read_safetensors_header(path)
     except CheckpointError as err:

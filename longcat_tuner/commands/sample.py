@@ -201,9 +201,15 @@ def read_sampling_loras(args: argparse.Namespace) -> list[tuple[str, dict, float
     from longcat_tuner.errors import ConfigError
     from longcat_tuner.model.lora_formats import read_lora_file
 
+    from longcat_tuner.train.outputs import checkpoint_weights_problem
+
     if len(args.lora_multiplier) > len(args.lora):
         raise ConfigError(f"{len(args.lora_multiplier)} --lora-multiplier values for {len(args.lora)} --lora files; "
                           "give one multiplier per --lora, in the same order")
+    for lora in args.lora:
+        problem = checkpoint_weights_problem(lora)
+        if problem:
+            raise ConfigError(f"--lora {problem}")
     return [(lora, read_lora_file(lora)[0], args.lora_multiplier[i] if i < len(args.lora_multiplier) else 1.0)
             for i, lora in enumerate(args.lora)]
 

@@ -49,3 +49,23 @@ def earlier_run_problem(run_dir: Path, *, resume_from_checkpoint: Optional[str],
         "--resume_from_checkpoint latest, choose a fresh output_dir, or set overwrite_output_dir: true to "
         "train from step 0 there (its final files are then replaced)"
     )
+
+
+CHECKPOINT_WEIGHTS_FILE = "trainable.safetensors"  # a checkpoint's trainable weights, under the model's own names
+CHECKPOINT_LORA_FILE = "longcat_lora.safetensors"  # the same adapters in the official LoRA format, beside them
+
+
+def checkpoint_weights_problem(path: Path) -> Optional[str]:
+    """Why a checkpoint's `trainable.safetensors`, given where a LoRA file is expected (`sample --lora`,
+    `export-lora`, `init_lora`), is not one, naming the LoRA file beside it; None for any other path.
+
+    Its keys are the model's own parameter names, which no LoRA reader knows: without this the error listed
+    every known layout and asked whether it was a LoRA for another model."""
+    path = Path(path)
+    if path.name != CHECKPOINT_WEIGHTS_FILE or not (path.parent / COMPLETE_MARKER).exists():
+        return None
+    lora = path.parent / CHECKPOINT_LORA_FILE
+    if lora.is_file():
+        return f"{path} is a checkpoint's training state, not a LoRA file; use {lora} (the same adapters, official format)"
+    return (f"{path} is a checkpoint's training state (a full fine-tune's holds no LoRA), not a LoRA file; "
+            f"give a LoRA .safetensors file (a LoRA run writes {CHECKPOINT_LORA_FILE} in each checkpoint)")

@@ -43,7 +43,7 @@ from longcat_tuner.generate import SamplingProgress
 from longcat_tuner.runtime.allocator import expandable_in_use, use_default_allocator
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
-from longcat_tuner.train.outputs import earlier_outputs, earlier_run_problem  # noqa: F401 (earlier_outputs: tests)
+from longcat_tuner.train.outputs import checkpoint_weights_problem, earlier_outputs, earlier_run_problem  # noqa: F401 (earlier_outputs: tests)
 from longcat_tuner.train.distributed import (
     available_host_memory,
     check_resume_strategy,
@@ -489,7 +489,13 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     if config.init_lora:  # a missing or broken file is named now, before minutes of caching and model loading
         from longcat_tuner.model.lora_formats import read_lora_file
 
-        parallel.decide(lambda: read_lora_file(config.init_lora) and None, error=CheckpointError)  # no tensors sent
+        def read_init_lora() -> None:  # no tensors sent
+            problem = checkpoint_weights_problem(config.init_lora)
+            if problem:
+                raise CheckpointError(f"init_lora: {problem}")
+            read_lora_file(config.init_lora)
+
+        parallel.decide(read_init_lora, error=CheckpointError)
     precision = choose_precision(config, parallel.device)
     seed_everything(config.seed)  # the same on every rank: adapters start identical
     data = prepare_data(config, device=precision.device, progress=progress, parallel=parallel)
