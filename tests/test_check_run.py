@@ -43,7 +43,13 @@ def test_a_good_config_passes_and_prints_the_validation_cost(tmp_path, workspace
     assert code == 0, err
     # One CFG step at 480x832x93 measured 9.537 s on an H100: 40 steps, 1 eval video, validations at 100..1000.
     assert "[validation] 1 video(s) of 480x832x93 at 40 steps with CFG: ~382 s per video on an H100" in out
-    assert "10 validation(s) -> ~64 min of the run" in out
+    assert "10 validation(s) -> ~64 min of the run; lower validation_num_inference_steps" in out
+    assert "with the 13.6B model (9.5 s per step" in out  # a tiny demo checkpoint is not what is timed
+    small = write_config(tmp_path / "small", workspace, validation_resolution="96x160", validation_num_video_frames=9,
+                         validation_num_inference_steps=4, max_train_steps=6)
+    code, out, err = check(small, capsys)
+    assert code == 0, err
+    assert "1 validation(s) -> ~0 min of the run\n" in out  # no advice to spend less on nothing
     code, out, _ = check(config, capsys, "--json")
     estimate = json.loads(out)["validation_estimate"]
     assert estimate["seconds_per_video"] == pytest.approx(381.5, abs=0.1)

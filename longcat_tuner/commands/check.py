@@ -192,12 +192,13 @@ def format_validation_estimate(estimate: dict) -> str:
     line = (
         f"[validation] {estimate['videos_per_validation']} video(s) of {shape} at {estimate['steps']} steps"
         f"{' with CFG' if estimate['cfg'] else ''}: ~{estimate['seconds_per_video']:.0f} s per video on an "
-        f"{estimate['device']} ({estimate['seconds_per_step']:.1f} s per step; VAE decode not counted)"
+        f"{estimate['device']} with the 13.6B model ({estimate['seconds_per_step']:.1f} s per step; VAE decode not counted)"
     )
     if estimate["seconds_total"] is not None:
-        line += (f", {estimate['validations']} validation(s) -> ~{estimate['seconds_total'] / 60:.0f} min of the run; "
-                 "lower validation_num_inference_steps or validation_max_samples, or raise validation_step_interval, "
-                 "to spend less")
+        line += f", {estimate['validations']} validation(s) -> ~{estimate['seconds_total'] / 60:.0f} min of the run"
+        if estimate["seconds_total"] >= 60:  # advice worth giving only when validation costs something
+            line += ("; lower validation_num_inference_steps or validation_max_samples, or raise "
+                     "validation_step_interval, to spend less")
     return line
 
 
