@@ -194,7 +194,8 @@ class DatasetList(BaseModel):
                 raise ConfigError(
                     f"eval split missing: eval_dataset_id '{eval_dataset_id}' (config.json) is not a dataset id in "
                     f"{self.source} (ids: {[d.id for d in self.datasets]}); add the eval split (same paired structure "
-                    "as the training set) or set eval_dataset_id to one of the ids"
+                    "as the training set), set eval_dataset_id to one of the ids, or train without an eval split: "
+                    "eval_dataset_id: null and validation_using_datasets: false in config.json"
                 )
             eval_dataset = self.by_id(eval_dataset_id)
             if eval_dataset.disabled:
