@@ -300,3 +300,21 @@ def test_a_checkpoints_training_state_given_as_a_lora_names_the_lora_beside_it(t
     assert fix in capsys.readouterr().err
     code, _, err = check(write_config(tmp_path / "c", workspace, init_lora=str(state)), capsys)
     assert code == 1 and f"init_lora: {fix}" in err
+
+
+def test_an_interrupted_demo_says_how_to_resume_not_where_missing_files_are(tmp_path, workspace, capsys, monkeypatch):
+    """Ctrl-C in the demo printed `LoRA (official LongCat format): None` and a guide to files never written."""
+    from types import SimpleNamespace
+
+    import longcat_tuner.commands.demo as demo
+    import longcat_tuner.train.trainer as trainer
+
+    config = write_config(tmp_path, workspace)
+    monkeypatch.setattr(demo, "write_demo", lambda folder, steps: config)
+    monkeypatch.setattr(trainer, "train", lambda config, progress: SimpleNamespace(
+        status="interrupted", step=7, run_dir=tmp_path / "out", lora_path=None, comfyui_lora_path=None,
+        validation_videos=[]))
+    assert cli_main(["demo", str(tmp_path / "demo"), "--no-progress"]) == 130
+    out = capsys.readouterr().out
+    assert f"interrupted at step 7; resume with: longcat-tuner train --config {config} --resume_from_checkpoint latest" in out
+    assert "None" not in out and "longcat_lora.safetensors" not in out

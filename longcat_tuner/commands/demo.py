@@ -44,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo files written to {args.folder.resolve()} (config: {config_path})")
     result = train(TrainConfig.from_file(config_path), progress=not args.no_progress)
     print(f"\nrun folder: {result.run_dir}")
+    if result.status == "interrupted":  # no final LoRA yet: say how to go on, not where the files would be
+        from longcat_tuner.commands.train import interrupted_message
+
+        print(interrupted_message(result.step, config_path))
+        return 130
     print(f"LoRA (official LongCat format): {result.lora_path}")
     print(f"LoRA (ComfyUI-WanVideoWrapper): {result.comfyui_lora_path}")
     for video in result.validation_videos:

@@ -24,6 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def interrupted_message(step, config_path, *, other_options: bool = False) -> str:
+    """What to type to go on after Ctrl-C (`train` and `demo`)."""
+    again = " (and the other options you gave this run)" if other_options else ""
+    return (f"interrupted at step {step}; resume with: longcat-tuner train --config {config_path} "
+            f"--resume_from_checkpoint latest{again}")
+
+
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig
     from longcat_tuner.train.trainer import train
@@ -41,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
     for video in result.validation_videos:
         print(f"validation video: {video}")
     if result.status == "interrupted":
-        again = "" if not set(overrides) - {"resume_from_checkpoint"} else " (and the other options you gave this run)"
-        print(f"interrupted at step {result.step}; resume with: longcat-tuner train --config {args.config} "
-              f"--resume_from_checkpoint latest{again}")
+        print(interrupted_message(result.step, args.config, other_options=bool(set(overrides) - {"resume_from_checkpoint"})))
         return 130
     return 0
