@@ -318,3 +318,15 @@ def test_an_interrupted_demo_says_how_to_resume_not_where_missing_files_are(tmp_
     out = capsys.readouterr().out
     assert f"interrupted at step 7; resume with: longcat-tuner train --config {config} --resume_from_checkpoint latest" in out
     assert "None" not in out and "longcat_lora.safetensors" not in out
+
+
+def test_config_and_datasets_files_swapped_are_named_as_such(tmp_path, workspace, capsys):
+    """`--config multidatabackend.json` said only "expected a JSON object of settings"."""
+    config = write_config(tmp_path, workspace)
+    datasets = workspace / "multidatabackend.json"
+    assert cli_main(["check", "--config", str(datasets)]) == 2
+    err = capsys.readouterr().err
+    assert "this file is a JSON list, like multidatabackend.json: --config takes config.json" in err
+    assert '"data_backend_config": "multidatabackend.json"' in err
+    assert cli_main(["check", "--data_backend_config", str(config)]) == 2
+    assert "this is a training config, like config.json; data_backend_config" in capsys.readouterr().err
