@@ -330,3 +330,29 @@ def test_config_and_datasets_files_swapped_are_named_as_such(tmp_path, workspace
     assert '"data_backend_config": "multidatabackend.json"' in err
     assert cli_main(["check", "--data_backend_config", str(config)]) == 2
     assert "this is a training config, like config.json; data_backend_config" in capsys.readouterr().err
+
+
+def test_no_progress_also_silences_the_libraries_bars(tmp_path, workspace, capsys, monkeypatch):
+    """`train --no-progress` still wrote transformers' `Loading weights` bar into the log."""
+    import os
+    from types import SimpleNamespace
+
+    from transformers.utils import logging as hf_logging
+
+    import longcat_tuner.train.trainer as trainer
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)  # restored after the test
+    seen = {}
+
+    def fake_train(config, progress):
+        seen.update(progress=progress, env=os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"),
+                    bars=hf_logging.is_progress_bar_enabled())
+        return SimpleNamespace(status="completed", step=1, run_dir=tmp_path / "out", lora_path=None,
+                               comfyui_lora_path=None, validation_videos=[])
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    try:
+        assert cli_main(["train", "--config", str(write_config(tmp_path, workspace)), "--no-progress"]) == 0
+    finally:
+        hf_logging.enable_progress_bar()
+    assert seen == {"progress": False, "env": "1", "bars": False}

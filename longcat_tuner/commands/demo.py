@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig
     from longcat_tuner.train.trainer import train
 
+    if args.no_progress:
+        from longcat_tuner.commands import quiet_library_progress
+
+        quiet_library_progress()
     config_path = write_demo(args.folder, steps=args.steps)
     print(f"demo files written to {args.folder.resolve()} (config: {config_path})")
     result = train(TrainConfig.from_file(config_path), progress=not args.no_progress)

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Options below override the file's keys for this run.",
     )
     parser.add_argument("--config", required=True, help="path of config.json (relative paths inside resolve against its folder)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (events.jsonl is still written)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars, the libraries' included (events.jsonl is still written)")
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -35,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig
     from longcat_tuner.train.trainer import train
 
+    if args.no_progress:
+        from longcat_tuner.commands import quiet_library_progress
+
+        quiet_library_progress()
     overrides = config_overrides(args)
     config = TrainConfig.from_file(args.config, overrides=overrides)
     result = train(config, progress=not args.no_progress)
