@@ -356,3 +356,15 @@ def test_no_progress_also_silences_the_libraries_bars(tmp_path, workspace, capsy
     finally:
         hf_logging.enable_progress_bar()
     assert seen == {"progress": False, "env": "1", "bars": False}
+
+
+def test_every_option_of_every_subcommand_says_what_it_is():
+    """`sample --help` listed `--prompt PROMPT` with no description."""
+    import argparse
+
+    from longcat_tuner.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{name} {action.option_strings or action.dest}" for name, parser in subcommands.choices.items()
+            for action in parser._actions if not action.help]
+    assert len(subcommands.choices) == 8 and bare == []

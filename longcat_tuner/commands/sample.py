@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--lora", action="append", default=[], help="LoRA file (official LongCat, ComfyUI or ours); repeatable")
     p.add_argument("--lora-multiplier", type=finite_float, action="append", default=[], help="strength per --lora (default 1.0)")
     p.add_argument("--image", help="start frame (PNG/JPEG); omit for text-to-video")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="what the video shows; write it as your training captions were "
+                   "written (umT5 reads the first 512 tokens)")
     # --resolution --frames --steps --guidance --shift --seed --negative-prompt --fps --distilled: the schema's
     # sampling section (defaults, bounds and help declared once, shared with the web preview and validation).
     add_sampling_arguments(p)
@@ -55,7 +56,7 @@ def register(subparsers) -> None:
                    f"about 30-60 s at 480x832x93). auto: on CUDA with Triton when the run makes at least "
                    f"{AUTO_COMPILE_MIN_FORWARDS} DiT forwards (steps, twice that with --guidance > 1), else eager; "
                    "on: always (CUDA needs Triton; on the CPU torch.compile's C++ backend); off: eager")
-    p.add_argument("--output", required=True, help="output .mp4")
+    p.add_argument("--output", required=True, help="output video: .mp4, .mov or .mkv (an existing file is replaced)")
     p.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per denoising step and phase (decoding, done) instead of a bar (for the web UI)")
     p.set_defaults(func=run)
