@@ -368,3 +368,15 @@ def test_every_option_of_every_subcommand_says_what_it_is():
     bare = [f"{name} {action.option_strings or action.dest}" for name, parser in subcommands.choices.items()
             for action in parser._actions if not action.help]
     assert len(subcommands.choices) == 8 and bare == []
+
+
+def test_the_demo_never_replaces_a_config_it_did_not_write(tmp_path, capsys):
+    """`longcat-tuner demo .` in a project folder replaced its config.json and multidatabackend.json silently."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"output_dir": "runs/mine"}')
+    assert cli_main(["demo", str(mine), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{mine / 'config.json'}: not written by the demo" in err and "give the demo a new or empty folder" in err
+    assert (mine / "config.json").read_text() == '{"output_dir": "runs/mine"}'
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json"]

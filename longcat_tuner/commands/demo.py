@@ -226,6 +226,29 @@ def dataset_entries(prefix: str, clips: Path, starts: Path, cache: Path, *, fram
     ]
 
 
+DEMO_IDS = ("demo-train", "demo-train-cond", "demo-val", "demo-val-cond")
+
+
+def not_the_demos(folder: Path) -> list[Path]:
+    """config.json / multidatabackend.json in `folder` that an earlier demo did not write: `demo .` in a project
+    folder would otherwise replace the user's own files without a word."""
+    found = []
+    for name in ("config.json", "multidatabackend.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            found.append(path)
+            continue
+        ours = (isinstance(data, dict) and data.get("eval_dataset_id") == "demo-val") if name == "config.json" else (
+            isinstance(data, list) and all(isinstance(d, dict) and d.get("id") in DEMO_IDS for d in data))
+        if not ours:
+            found.append(path)
+    return found
+
+
 def write_demo(
     folder: Path, *, steps: int = 40, frames: int = 9, height: int = 64, width: int = 64,
     train_clips: int = 6, eval_clips: int = 2, model_size: str = "tiny", seed: int = 0,
@@ -234,7 +257,16 @@ def write_demo(
     """Write model, data, multidatabackend.json and config.json under `folder`; returns the config path."""
     from longcat_tuner.model.random_checkpoint import write_random_checkpoint
 
+    from longcat_tuner.errors import ConfigError
+
     folder = Path(folder).resolve()
+    foreign = not_the_demos(folder)
+    if foreign:
+        raise ConfigError(
+            f"{', '.join(map(str, foreign))}: not written by the demo, which writes config.json, multidatabackend.json, "
+            f"model/, data/, cache/ and output/ in {folder}; give the demo a new or empty folder "
+            "(`longcat-tuner demo FOLDER`; default demo_output)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "model"
     if not (model / "dit" / "config.json").exists():
