@@ -234,6 +234,8 @@ def test_demo_script_puts_a_relative_folder_where_it_was_run(tmp_path):
     result = subprocess.run(["bash", str(checkout / "scripts" / "demo.sh"), "mydemo", "--steps", "3"], cwd=user,
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == f"{user} demo mydemo --steps 3"
+    # `longcat-tuner` is only on PATH inside the script: the user is told how to get it after the demo.
+    assert f". {checkout}/.venv/bin/activate" in result.stdout
     assert (checkout / "setup-ran-in").read_text().strip() == str(checkout)
 
 
