@@ -382,3 +382,17 @@ def test_the_demo_never_replaces_a_config_it_did_not_write(tmp_path, capsys):
     assert f"{mine / 'config.json'}: not written by the demo" in err and "give the demo a new or empty folder" in err
     assert (mine / "config.json").read_text() == '{"output_dir": "runs/mine"}'
     assert sorted(p.name for p in mine.iterdir()) == ["config.json"]
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys):
+    """`--resume_from_checkpoint latest` on a run already at max_train_steps ended printing only the run folder."""
+    from longcat_tuner.commands.demo import write_demo
+
+    config = write_demo(tmp_path / "demo", steps=2, frames=5, height=32, width=32, train_clips=1, eval_clips=1,
+                        extra_config={"validation_step_interval": 100})
+    assert cli_main(["train", "--config", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", "--config", str(config), "--no-progress", "--resume_from_checkpoint", "latest"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train: the checkpoint is at step 2 and this run ends at step 2" in out
+    assert "--max_train_steps 4" in out

@@ -346,6 +346,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     with claimed_output_dir(config, parallel) as events, reported_end(events):
         run = start_run(config, Path(config.output_dir), events, progress and parallel.is_writer, parallel)
         result = TrainResult(run_dir=run.run_dir, status="completed", step=run.step, dit=run.dit)
+        if run.step >= run.total_steps:  # resumed at or past the end: say so instead of ending without a word
+            parallel.say(f"nothing to train: the checkpoint is at step {run.step} and this run ends at step "
+                         f"{run.total_steps} (max_train_steps / num_train_epochs); raise it (e.g. --max_train_steps "
+                         f"{run.step + max(run.step, 1)}) to train further; its checkpoints and LoRA files are left as they are.")
         bar = _progress_bar(run.progress, run.step, run.total_steps)
         batches = ReplayableBatches(run.data.batches())
         with StopRequest() as run.stop:
