@@ -3,7 +3,8 @@
 Prints, per dataset, the usable items, their buckets, and every skipped file with its reason, and what the
 validation settings will cost; exits non-zero when `train` would stop (bad config, no usable training item,
 empty or missing eval split, a missing or broken model folder, an output_dir or a dataset's cache folder that
-cannot be created or written, an output_dir holding an earlier run without resume or overwrite, a start frame in another folder than its clip, settings this machine cannot run: block swap
+cannot be created or written, an output_dir holding an earlier run without resume or overwrite, a start frame in
+another folder than its clip, settings this machine cannot run: block swap
 without CUDA, xformers or bitsandbytes not installed). Start frames are decoded in full, so `check` and
 `train` agree on which are usable; the model folder is checked from its configs and safetensors headers
 alone. Nothing here imports torch (CUDA is asked about in a child process, only when a setting needs it).

@@ -30,9 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "validation on the CPU in a few minutes. Nothing is downloaded. The model is random, so its validation "
         "videos are coloured noise by design; the demo proves the pipeline (loss curve, held-out loss, files).",
     )
-    parser.add_argument("folder", nargs="?", type=Path, default=Path("demo_output"), help="where to put everything (default: demo_output in the current folder; rerunning into it starts afresh)")
+    parser.add_argument("folder", nargs="?", type=Path, default=Path("demo_output"), help="where to put everything (default: demo_output in the current "
+                        "folder; rerunning into it starts afresh)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps to train (default: 40)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (the libraries' included)")
     parser.set_defaults(func=run)
 
 

@@ -101,7 +101,8 @@ def model_size_note(config) -> tuple[bool, str | None]:
         return True, None
     if dit is None or is_calibrated(dit):
         return True, None
-    return False, (f"note: {path.parent} is not the 13.6B LongCat-Video DiT ({dit.depth} blocks, hidden {dit.hidden_size}); "
+    return False, (f"note: {path.parent} is not the 13.6B LongCat-Video DiT ({dit.depth} blocks, "
+                   f"hidden {dit.hidden_size}); "
                    "the figures below are the 13.6B release's, and `train` runs this model with the config's "
                    "settings as given")
 

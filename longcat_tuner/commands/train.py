@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Options below override the file's keys for this run.",
     )
     parser.add_argument("--config", required=True, help="path of config.json (relative paths inside resolve against its folder)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars, the libraries' included (events.jsonl is still written)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars, the libraries' included (events.jsonl is still written)")
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     for video in result.validation_videos:
         print(f"validation video: {video}")
     if result.status == "interrupted":
-        print(interrupted_message(result.step, args.config, other_options=bool(set(overrides) - {"resume_from_checkpoint"})))
+        others = bool(set(overrides) - {"resume_from_checkpoint"})
+        print(interrupted_message(result.step, args.config, other_options=others))
         return 130
     return 0

@@ -349,7 +349,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         if run.step >= run.total_steps:  # resumed at or past the end: say so instead of ending without a word
             parallel.say(f"nothing to train: the checkpoint is at step {run.step} and this run ends at step "
                          f"{run.total_steps} (max_train_steps / num_train_epochs); raise it (e.g. --max_train_steps "
-                         f"{run.step + max(run.step, 1)}) to train further; its checkpoints and LoRA files are left as they are.")
+                         f"{run.step + max(run.step, 1)}) to train further; its checkpoints and LoRA files are left as "
+                         "they are.")
         bar = _progress_bar(run.progress, run.step, run.total_steps)
         batches = ReplayableBatches(run.data.batches())
         with StopRequest() as run.stop:
