@@ -396,3 +396,5 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys
     out = capsys.readouterr().out
     assert "nothing to train: the checkpoint is at step 2 and this run ends at step 2" in out
     assert "--max_train_steps 4" in out
+    end = json.loads((tmp_path / "demo" / "output" / "events.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["lora_path"] is None and end["checkpoint"] is None  # was the string "None"

@@ -1042,8 +1042,11 @@ def end_run(run: Run, result: TrainResult) -> TrainResult:
         result.status = "interrupted"
         run.events.emit("end", status="interrupted", step=run.step, lora_path=None, signal=signal_name)
         return result
-    run.events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path),
-                    checkpoint=str(result.checkpoint_path), warnings=result.warnings,
+    def text(path: Optional[Path]) -> Optional[str]:  # null, not the string "None", when there is none
+        return None if path is None else str(path)
+
+    run.events.emit("end", status="completed", step=run.step, lora_path=text(result.lora_path),
+                    checkpoint=text(result.checkpoint_path), warnings=result.warnings,
                     **({"signal": signal_name} if signal_name else {}))
     return result
 
