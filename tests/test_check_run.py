@@ -398,3 +398,13 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys
     assert "--max_train_steps 4" in out
     end = json.loads((tmp_path / "demo" / "output" / "events.jsonl").read_text().splitlines()[-1])
     assert end["event"] == "end" and end["lora_path"] is None and end["checkpoint"] is None  # was the string "None"
+
+
+def test_sample_names_a_wrong_model_folder_first(tmp_path, capsys):
+    """A mistyped --model was reported after a `compile: ...` line about a run that could never start
+    (the LoRA files are still read first: test_hostile_files)."""
+    code = cli_main(["sample", "--model", str(tmp_path / "nomodel"), "--prompt", "x", "--frames", "5",
+                     "--output", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'nomodel'} does not exist: point pretrained_model_name_or_path / --model" in err
+    assert "compile:" not in err
