@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from importlib.util import find_spec
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from longcat_tuner.cli import main as cli_main
+from longcat_tuner.errors import ConfigError
 from tests.conftest import write_paired_workspace
 
 
@@ -41,7 +43,13 @@ def test_a_good_config_passes_and_prints_the_validation_cost(tmp_path, workspace
     assert code == 0, err
     # One CFG step at 480x832x93 measured 9.537 s on an H100: 40 steps, 1 eval video, validations at 100..1000.
     assert "[validation] 1 video(s) of 480x832x93 at 40 steps with CFG: ~382 s per video on an H100" in out
-    assert "10 validation(s) -> ~64 min of the run" in out
+    assert "10 validation(s) -> ~64 min of the run; lower validation_num_inference_steps" in out
+    assert "with the 13.6B model (9.5 s per step" in out  # a tiny demo checkpoint is not what is timed
+    small = write_config(tmp_path / "small", workspace, validation_resolution="96x160", validation_num_video_frames=9,
+                         validation_num_inference_steps=4, max_train_steps=6)
+    code, out, err = check(small, capsys)
+    assert code == 0, err
+    assert "1 validation(s) -> ~0 min of the run\n" in out  # no advice to spend less on nothing
     code, out, _ = check(config, capsys, "--json")
     estimate = json.loads(out)["validation_estimate"]
     assert estimate["seconds_per_video"] == pytest.approx(381.5, abs=0.1)
@@ -72,6 +80,22 @@ def test_unwritable_output_dir(tmp_path, workspace, capsys):
     code, _, err = check(config, capsys)
     assert code == 1
     assert "output_dir /proc/longcat-tuner-check/run is not writable" in err and "choose a folder you can write to" in err
+
+
+def test_output_dir_holding_an_earlier_run_fails_check_as_train_would(tmp_path, workspace, capsys):
+    """`check` said ok and `train` refused a second later: a finished run in output_dir (no resume, no overwrite)."""
+    done = tmp_path / "out" / "checkpoints" / "checkpoint-000040"
+    done.mkdir(parents=True)
+    (done / "COMPLETE").write_text("40\n")
+    (tmp_path / "out" / "longcat_lora.safetensors").write_bytes(b"kept")
+    code, _, err = check(write_config(tmp_path, workspace), capsys)
+    assert code == 1
+    assert "already holds an earlier run" in err and "checkpoint-000040" in err and "longcat_lora.safetensors" in err
+    assert "--resume_from_checkpoint latest" in err and "overwrite_output_dir" in err
+    for keys in ({"resume_from_checkpoint": "latest"}, {"overwrite_output_dir": True}):
+        code, _, err = check(write_config(tmp_path, workspace, **keys), capsys)
+        assert code == 0, err
+    assert (tmp_path / "out" / "longcat_lora.safetensors").read_bytes() == b"kept"
 
 
 def test_block_swap_without_cuda_is_refused(tmp_path, workspace, capsys, monkeypatch):
@@ -143,6 +167,20 @@ def test_plan_for_a_24_gb_card_names_the_allocator_setting_only_when_the_shell_t
     assert "PYTORCH_CUDA_ALLOC_CONF=" not in capsys.readouterr().out  # an 80 GB card does not need it
 
 
+def test_plan_on_a_small_checkpoint_says_train_takes_the_config_as_given(tmp_path, workspace, capsys, tiny_checkpoint):
+    """On the tiny checkpoint `plan` printed an automatic 13.6B plan (48 uncheckpointed blocks) that `train`,
+    which plans only the calibrated DiT, would never choose; it now says what `train` does."""
+    config = write_config(tmp_path, workspace, pretrained_model_name_or_path=str(tiny_checkpoint))
+    assert cli_main(["plan", "--config", str(config), "--resolution", "480x832", "--frames", "93"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan (config):") and "calibrated for the 13.6B DiT only" in out
+    assert f"note: {tiny_checkpoint / 'dit'} is not the 13.6B LongCat-Video DiT" in out
+    assert cli_main(["plan", "--config", str(write_config(tmp_path / "absent", workspace)), "--resolution", "480x832",
+                     "--frames", "93"]) == 0  # no model folder here: the release's automatic plan, as before
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan (auto):") and "note:" not in out
+
+
 def test_help_does_not_claim_quanto_or_torchao_are_needed():
     import subprocess
     import sys
@@ -176,3 +214,197 @@ def test_demo_says_the_videos_are_noise_by_design(tmp_path):
         assert where in text
     script = (Path(__file__).parent.parent / "scripts" / "demo.sh").read_text()
     assert "noise by design" in script
+
+
+def test_demo_script_puts_a_relative_folder_where_it_was_run(tmp_path):
+    """`bash scripts/demo.sh mydemo` from a folder of yours wrote mydemo/ inside the checkout (the script cd'ed there)."""
+    import subprocess
+
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(Path(__file__).parent.parent / "scripts" / "demo.sh", checkout / "scripts" / "demo.sh")
+    (checkout / "scripts" / "setup.sh").write_text("pwd > setup-ran-in\n")  # the real one installs .venv
+    bin_dir = checkout / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "activate").write_text(f'PATH="{bin_dir}:$PATH"\n')
+    (bin_dir / "longcat-tuner").write_text('#!/bin/sh\necho "$PWD $*"\n')
+    (bin_dir / "longcat-tuner").chmod(0o755)
+    user = tmp_path / "mine"
+    user.mkdir()
+    result = subprocess.run(["bash", str(checkout / "scripts" / "demo.sh"), "mydemo", "--steps", "3"], cwd=user,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == f"{user} demo mydemo --steps 3"
+    # `longcat-tuner` is only on PATH inside the script: the user is told how to get it after the demo.
+    assert f". {checkout}/.venv/bin/activate" in result.stdout
+    assert (checkout / "setup-ran-in").read_text().strip() == str(checkout)
+
+
+def test_an_interrupted_train_prints_the_whole_resume_command(tmp_path, workspace, capsys, monkeypatch):
+    """After Ctrl-C the console said only `resume with --resume_from_checkpoint latest`: of which command?"""
+    from types import SimpleNamespace
+
+    import longcat_tuner.train.trainer as trainer
+
+    config = write_config(tmp_path, workspace)
+    stopped = SimpleNamespace(status="interrupted", step=25, run_dir=tmp_path / "out", lora_path=None,
+                              comfyui_lora_path=None, validation_videos=[])
+    monkeypatch.setattr(trainer, "train", lambda config, progress: stopped)
+    assert cli_main(["train", "--config", str(config)]) == 130
+    out = capsys.readouterr().out
+    assert f"interrupted at step 25; resume with: longcat-tuner train --config {config} --resume_from_checkpoint latest\n" in out
+    assert cli_main(["train", "--config", str(config), "--max_train_steps", "3000"]) == 130
+    assert "--resume_from_checkpoint latest (and the other options you gave this run)" in capsys.readouterr().out
+
+
+def test_a_wrong_media_folder_names_the_datasets_file_it_is_in(tmp_path, workspace, capsys):
+    """The fix named `multidatabackend.json` whatever the file was called (here `db_small.json`)."""
+    datasets = json.loads((workspace / "multidatabackend.json").read_text())
+    datasets[0]["instance_data_dir"] = str(tmp_path / "trian" / "clips")
+    (tmp_path / "db_small.json").write_text(json.dumps(datasets))
+    code, _, err = check(write_config(tmp_path, tmp_path, data_backend_config=str(tmp_path / "db_small.json")), capsys)
+    assert code != 0
+    assert f"instance_data_dir {tmp_path / 'trian' / 'clips'} does not exist or is not a folder; fix the path in " \
+           f"{tmp_path / 'db_small.json'}" in err
+
+
+def test_a_clip_dataset_pointed_at_the_start_frames_says_so(tmp_path, workspace, capsys):
+    """`0 usable of 0 files` and "fix or add the files listed above" with nothing listed: the folder is now named."""
+    datasets = json.loads((workspace / "multidatabackend.json").read_text())
+    starts = next(d for d in datasets if d["id"] == datasets[0]["conditioning_data"][0])["instance_data_dir"]
+    datasets[0]["instance_data_dir"] = starts
+    (tmp_path / "db.json").write_text(json.dumps(datasets))
+    code, out, _ = check(write_config(tmp_path, tmp_path, data_backend_config=str(tmp_path / "db.json")), capsys)
+    assert code == 1
+    assert f"warning: {starts}: no video files (.mp4" in out and "image file(s) (e.g. clip_000.png)" in out
+    assert f"is it the start-frame folder? set instance_data_dir of dataset '{datasets[0]['id']}' in {tmp_path / 'db.json'}" in out
+
+
+def test_a_checkpoints_training_state_given_as_a_lora_names_the_lora_beside_it(tmp_path, workspace, capsys):
+    """`--lora checkpoint-N/trainable.safetensors` (listed by the folder error) listed every known LoRA layout
+    and asked "Is this a LoRA for another model?"; it now points at the checkpoint's longcat_lora.safetensors."""
+    import argparse
+
+    import torch
+    from safetensors.torch import save_file
+
+    from longcat_tuner.commands.sample import read_sampling_loras
+
+    folder = tmp_path / "out" / "checkpoints" / "checkpoint-000006"
+    folder.mkdir(parents=True)
+    (folder / "COMPLETE").write_text("6\n")
+    state = folder / "trainable.safetensors"
+    save_file({"blocks.0.attn.qkv.lora_adapters.default.down": torch.zeros(4, 8)}, str(state))
+    fix = f"{state} is a checkpoint's training state, not a LoRA file; use {folder / 'longcat_lora.safetensors'}"
+    (folder / "longcat_lora.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="--lora " + re.escape(fix)):
+        read_sampling_loras(argparse.Namespace(lora=[str(state)], lora_multiplier=[]))
+    assert cli_main(["export-lora", str(state), str(tmp_path / "x.safetensors")]) == 2
+    assert fix in capsys.readouterr().err
+    code, _, err = check(write_config(tmp_path / "c", workspace, init_lora=str(state)), capsys)
+    assert code == 1 and f"init_lora: {fix}" in err
+
+
+def test_an_interrupted_demo_says_how_to_resume_not_where_missing_files_are(tmp_path, workspace, capsys, monkeypatch):
+    """Ctrl-C in the demo printed `LoRA (official LongCat format): None` and a guide to files never written."""
+    from types import SimpleNamespace
+
+    import longcat_tuner.commands.demo as demo
+    import longcat_tuner.train.trainer as trainer
+
+    config = write_config(tmp_path, workspace)
+    monkeypatch.setattr(demo, "write_demo", lambda folder, steps: config)
+    monkeypatch.setattr(trainer, "train", lambda config, progress: SimpleNamespace(
+        status="interrupted", step=7, run_dir=tmp_path / "out", lora_path=None, comfyui_lora_path=None,
+        validation_videos=[]))
+    assert cli_main(["demo", str(tmp_path / "demo"), "--no-progress"]) == 130
+    out = capsys.readouterr().out
+    assert f"interrupted at step 7; resume with: longcat-tuner train --config {config} --resume_from_checkpoint latest" in out
+    assert "None" not in out and "longcat_lora.safetensors" not in out
+
+
+def test_config_and_datasets_files_swapped_are_named_as_such(tmp_path, workspace, capsys):
+    """`--config multidatabackend.json` said only "expected a JSON object of settings"."""
+    config = write_config(tmp_path, workspace)
+    datasets = workspace / "multidatabackend.json"
+    assert cli_main(["check", "--config", str(datasets)]) == 2
+    err = capsys.readouterr().err
+    assert "this file is a JSON list, like multidatabackend.json: --config takes config.json" in err
+    assert '"data_backend_config": "multidatabackend.json"' in err
+    assert cli_main(["check", "--data_backend_config", str(config)]) == 2
+    assert "this is a training config, like config.json; data_backend_config" in capsys.readouterr().err
+
+
+def test_no_progress_also_silences_the_libraries_bars(tmp_path, workspace, capsys, monkeypatch):
+    """`train --no-progress` still wrote transformers' `Loading weights` bar into the log."""
+    import os
+    from types import SimpleNamespace
+
+    from transformers.utils import logging as hf_logging
+
+    import longcat_tuner.train.trainer as trainer
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)  # restored after the test
+    seen = {}
+
+    def fake_train(config, progress):
+        seen.update(progress=progress, env=os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"),
+                    bars=hf_logging.is_progress_bar_enabled())
+        return SimpleNamespace(status="completed", step=1, run_dir=tmp_path / "out", lora_path=None,
+                               comfyui_lora_path=None, validation_videos=[])
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    try:
+        assert cli_main(["train", "--config", str(write_config(tmp_path, workspace)), "--no-progress"]) == 0
+    finally:
+        hf_logging.enable_progress_bar()
+    assert seen == {"progress": False, "env": "1", "bars": False}
+
+
+def test_every_option_of_every_subcommand_says_what_it_is():
+    """`sample --help` listed `--prompt PROMPT` with no description."""
+    import argparse
+
+    from longcat_tuner.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{name} {action.option_strings or action.dest}" for name, parser in subcommands.choices.items()
+            for action in parser._actions if not action.help]
+    assert len(subcommands.choices) == 8 and bare == []
+
+
+def test_the_demo_never_replaces_a_config_it_did_not_write(tmp_path, capsys):
+    """`longcat-tuner demo .` in a project folder replaced its config.json and multidatabackend.json silently."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"output_dir": "runs/mine"}')
+    assert cli_main(["demo", str(mine), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{mine / 'config.json'}: not written by the demo" in err and "give the demo a new or empty folder" in err
+    assert (mine / "config.json").read_text() == '{"output_dir": "runs/mine"}'
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json"]
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys):
+    """`--resume_from_checkpoint latest` on a run already at max_train_steps ended printing only the run folder."""
+    from longcat_tuner.commands.demo import write_demo
+
+    config = write_demo(tmp_path / "demo", steps=2, frames=5, height=32, width=32, train_clips=1, eval_clips=1,
+                        extra_config={"validation_step_interval": 100})
+    assert cli_main(["train", "--config", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", "--config", str(config), "--no-progress", "--resume_from_checkpoint", "latest"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train: the checkpoint is at step 2 and this run ends at step 2" in out
+    assert "--max_train_steps 4" in out
+    end = json.loads((tmp_path / "demo" / "output" / "events.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["lora_path"] is None and end["checkpoint"] is None  # was the string "None"
+
+
+def test_sample_names_a_wrong_model_folder_first(tmp_path, capsys):
+    """A mistyped --model was reported after a `compile: ...` line about a run that could never start
+    (the LoRA files are still read first: test_hostile_files)."""
+    code = cli_main(["sample", "--model", str(tmp_path / "nomodel"), "--prompt", "x", "--frames", "5",
+                     "--output", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'nomodel'} does not exist: point pretrained_model_name_or_path / --model" in err
+    assert "compile:" not in err

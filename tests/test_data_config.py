@@ -78,8 +78,10 @@ def test_bad_values_name_the_dataset_key_and_fix(change, index, expected):
 
 def test_eval_split_missing_or_wrong_kind():
     datasets = parse_datasets(_with({}))
-    with pytest.raises(ConfigError, match=r"eval split missing: eval_dataset_id 'longcat-video-val'"):
+    with pytest.raises(ConfigError, match=r"eval split missing: eval_dataset_id 'longcat-video-val'") as err:
         datasets.split("longcat-video-val")
+    # The guide's default id with no eval split written: the way to train without one is named too.
+    assert "eval_dataset_id: null and validation_using_datasets: false" in str(err.value)
     with pytest.raises(ConfigError, match=r"is a conditioning dataset"):
         datasets.split("starts")
     with pytest.raises(ConfigError, match=r"no enabled video or image dataset left to train on"):

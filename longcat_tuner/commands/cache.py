@@ -23,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
     from longcat_tuner.devices import default_dtype
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.no_progress:
+        from longcat_tuner.commands import quiet_library_progress
+
+        quiet_library_progress()
     settings = data_settings(args)
     model_root = args.model or settings.model_root
     if model_root is None:

@@ -3,7 +3,8 @@
 Prints, per dataset, the usable items, their buckets, and every skipped file with its reason, and what the
 validation settings will cost; exits non-zero when `train` would stop (bad config, no usable training item,
 empty or missing eval split, a missing or broken model folder, an output_dir or a dataset's cache folder that
-cannot be created or written, a start frame in another folder than its clip, settings this machine cannot run: block swap
+cannot be created or written, an output_dir holding an earlier run without resume or overwrite, a start frame in
+another folder than its clip, settings this machine cannot run: block swap
 without CUDA, xformers or bitsandbytes not installed). Start frames are decoded in full, so `check` and
 `train` agree on which are usable; the model folder is checked from its configs and safetensors headers
 alone. Nothing here imports torch (CUDA is asked about in a child process, only when a setting needs it).
@@ -192,12 +193,13 @@ def format_validation_estimate(estimate: dict) -> str:
     line = (
         f"[validation] {estimate['videos_per_validation']} video(s) of {shape} at {estimate['steps']} steps"
         f"{' with CFG' if estimate['cfg'] else ''}: ~{estimate['seconds_per_video']:.0f} s per video on an "
-        f"{estimate['device']} ({estimate['seconds_per_step']:.1f} s per step; VAE decode not counted)"
+        f"{estimate['device']} with the 13.6B model ({estimate['seconds_per_step']:.1f} s per step; VAE decode not counted)"
     )
     if estimate["seconds_total"] is not None:
-        line += (f", {estimate['validations']} validation(s) -> ~{estimate['seconds_total'] / 60:.0f} min of the run; "
-                 "lower validation_num_inference_steps or validation_max_samples, or raise validation_step_interval, "
-                 "to spend less")
+        line += f", {estimate['validations']} validation(s) -> ~{estimate['seconds_total'] / 60:.0f} min of the run"
+        if estimate["seconds_total"] >= 60:  # advice worth giving only when validation costs something
+            line += ("; lower validation_num_inference_steps or validation_max_samples, or raise "
+                     "validation_step_interval, to spend less")
     return line
 
 
@@ -225,9 +227,14 @@ def init_lora_problem(path: Path) -> Optional[str]:
     from longcat_tuner.errors import CheckpointError
     from longcat_tuner.model.inspect import read_safetensors_header
 
+    from longcat_tuner.train.outputs import checkpoint_weights_problem
+
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         return f"init_lora {path} {what}; give the LoRA .safetensors file to start from, or remove the key"
+    problem = checkpoint_weights_problem(path)
+    if problem:
+        return f"init_lora: {problem}"
     try:
         read_safetensors_header(path)
     except CheckpointError as err:
@@ -240,7 +247,11 @@ def run_problems(config: Any) -> list[str]:
     from importlib.util import find_spec
 
     problems = []
-    problem = output_dir_problem(Path(config.output_dir))
+    from longcat_tuner.train.outputs import earlier_run_problem
+
+    problem = output_dir_problem(Path(config.output_dir)) or earlier_run_problem(
+        Path(config.output_dir), resume_from_checkpoint=config.resume_from_checkpoint,
+        overwrite_output_dir=config.overwrite_output_dir)
     if problem:
         problems.append(problem)
     if config.init_lora:

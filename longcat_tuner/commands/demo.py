@@ -30,9 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "validation on the CPU in a few minutes. Nothing is downloaded. The model is random, so its validation "
         "videos are coloured noise by design; the demo proves the pipeline (loss curve, held-out loss, files).",
     )
-    parser.add_argument("folder", nargs="?", type=Path, default=Path("demo_output"), help="where to put everything")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps to train")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("folder", nargs="?", type=Path, default=Path("demo_output"), help="where to put everything (default: demo_output in the current "
+                        "folder; rerunning into it starts afresh)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps to train (default: 40)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (the libraries' included)")
     parser.set_defaults(func=run)
 
 
@@ -40,10 +41,19 @@ def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig
     from longcat_tuner.train.trainer import train
 
+    if args.no_progress:
+        from longcat_tuner.commands import quiet_library_progress
+
+        quiet_library_progress()
     config_path = write_demo(args.folder, steps=args.steps)
     print(f"demo files written to {args.folder.resolve()} (config: {config_path})")
     result = train(TrainConfig.from_file(config_path), progress=not args.no_progress)
     print(f"\nrun folder: {result.run_dir}")
+    if result.status == "interrupted":  # no final LoRA yet: say how to go on, not where the files would be
+        from longcat_tuner.commands.train import interrupted_message
+
+        print(interrupted_message(result.step, config_path))
+        return 130
     print(f"LoRA (official LongCat format): {result.lora_path}")
     print(f"LoRA (ComfyUI-WanVideoWrapper): {result.comfyui_lora_path}")
     for video in result.validation_videos:
@@ -217,6 +227,29 @@ def dataset_entries(prefix: str, clips: Path, starts: Path, cache: Path, *, fram
     ]
 
 
+DEMO_IDS = ("demo-train", "demo-train-cond", "demo-val", "demo-val-cond")
+
+
+def not_the_demos(folder: Path) -> list[Path]:
+    """config.json / multidatabackend.json in `folder` that an earlier demo did not write: `demo .` in a project
+    folder would otherwise replace the user's own files without a word."""
+    found = []
+    for name in ("config.json", "multidatabackend.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            found.append(path)
+            continue
+        ours = (isinstance(data, dict) and data.get("eval_dataset_id") == "demo-val") if name == "config.json" else (
+            isinstance(data, list) and all(isinstance(d, dict) and d.get("id") in DEMO_IDS for d in data))
+        if not ours:
+            found.append(path)
+    return found
+
+
 def write_demo(
     folder: Path, *, steps: int = 40, frames: int = 9, height: int = 64, width: int = 64,
     train_clips: int = 6, eval_clips: int = 2, model_size: str = "tiny", seed: int = 0,
@@ -225,7 +258,16 @@ def write_demo(
     """Write model, data, multidatabackend.json and config.json under `folder`; returns the config path."""
     from longcat_tuner.model.random_checkpoint import write_random_checkpoint
 
+    from longcat_tuner.errors import ConfigError
+
     folder = Path(folder).resolve()
+    foreign = not_the_demos(folder)
+    if foreign:
+        raise ConfigError(
+            f"{', '.join(map(str, foreign))}: not written by the demo, which writes config.json, multidatabackend.json, "
+            f"model/, data/, cache/ and output/ in {folder}; give the demo a new or empty folder "
+            "(`longcat-tuner demo FOLDER`; default demo_output)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "model"
     if not (model / "dit" / "config.json").exists():

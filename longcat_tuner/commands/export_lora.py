@@ -54,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
 def convert_lora_file(source: Path, target: Path, *, format: str) -> Path:
     """Convert `source` (any supported layout) to `format`; see `lora_formats.convert_lora_file`."""
     from longcat_tuner.model.lora_formats import convert_lora_file as convert
+    from longcat_tuner.train.outputs import checkpoint_weights_problem
 
+    problem = checkpoint_weights_problem(source)
+    if problem:
+        raise ConfigError(problem)
     return convert(source, target, format)
 
 

@@ -106,7 +106,30 @@ def training_shape(config) -> tuple[str, int] | None:
     return None if best is None else best[1:]
 
 
-def auto_plan_text(config, setting, card_gib: float) -> str:
+def model_size_note(config) -> tuple[bool, str | None]:
+    """(whether the planner's numbers describe the config's DiT, a note saying so when they do not).
+
+    The planner is calibrated for the 13.6B release; for another DiT (the demo's tiny random checkpoint, say)
+    `train` takes the config's settings as given, so `plan` says that instead of an automatic plan that
+    `train` would never choose. A model folder that is absent or unreadable here counts as the release."""
+    from longcat_tuner.errors import CheckpointError
+    from longcat_tuner.model.config import DiTConfig
+    from longcat_tuner.runtime.auto import is_calibrated
+
+    path = Path(config.pretrained_model_name_or_path) / "dit" / "config.json"
+    try:
+        dit = DiTConfig.from_file(path) if path.is_file() else None
+    except CheckpointError:
+        return True, None
+    if dit is None or is_calibrated(dit):
+        return True, None
+    return False, (f"note: {path.parent} is not the 13.6B LongCat-Video DiT ({dit.depth} blocks, "
+                   f"hidden {dit.hidden_size}); "
+                   "the figures below are the 13.6B release's, and `train` runs this model with the config's "
+                   "settings as given")
+
+
+def auto_plan_text(config, setting, card_gib: float, *, calibrated_model: bool = True) -> str:
     """What `train` would choose on a card of `card_gib` (within max_gpu_memory_gib), as it prints it."""
     from longcat_tuner.runtime.auto import ClipShape, choose_plan
     from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
@@ -120,8 +143,8 @@ def auto_plan_text(config, setting, card_gib: float) -> str:
     def plan_for(config):
         return choose_plan(config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS), shape=shape,
                            cuda=True, card_gib=card_gib, validation=validation,
-                           expandable_segments=would_use_expandable(), block_sparse=setting.block_sparse,
-                           bsa_sparsity=setting.bsa_sparsity)
+                           expandable_segments=would_use_expandable(), calibrated_model=calibrated_model,
+                           block_sparse=setting.block_sparse, bsa_sparsity=setting.bsa_sparsity)
 
     try:
         plan = plan_for(config)
@@ -152,9 +175,12 @@ def run(args: argparse.Namespace) -> int:
         if shape is not None:
             resolution, frames = shape
     setting = setting_from_config(config, resolution=resolution, frames=frames)
-    print(auto_plan_text(config, setting, args.gpu_memory))
+    calibrated, note = model_size_note(config)
+    print(auto_plan_text(config, setting, args.gpu_memory, calibrated_model=calibrated))
     print()
     print("the config's own settings:")
+    if note:
+        print(note)
     try:
         print(format_plan(setting, args.gpu_memory))
         if config.sequence_parallel_size > 1:

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--lora", action="append", default=[], help="LoRA file (official LongCat, ComfyUI or ours); repeatable")
     p.add_argument("--lora-multiplier", type=finite_float, action="append", default=[], help="strength per --lora (default 1.0)")
     p.add_argument("--image", help="start frame (PNG/JPEG); omit for text-to-video")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="what the video shows; write it as your training captions were "
+                   "written (umT5 reads the first 512 tokens)")
     # --resolution --frames --steps --guidance --shift --seed --negative-prompt --fps --distilled: the schema's
     # sampling section (defaults, bounds and help declared once, shared with the web preview and validation).
     add_sampling_arguments(p)
@@ -55,7 +56,7 @@ def register(subparsers) -> None:
                    f"about 30-60 s at 480x832x93). auto: on CUDA with Triton when the run makes at least "
                    f"{AUTO_COMPILE_MIN_FORWARDS} DiT forwards (steps, twice that with --guidance > 1), else eager; "
                    "on: always (CUDA needs Triton; on the CPU torch.compile's C++ backend); off: eager")
-    p.add_argument("--output", required=True, help="output .mp4")
+    p.add_argument("--output", required=True, help="output video: .mp4, .mov or .mkv (an existing file is replaced)")
     p.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per denoising step and phase (decoding, done) instead of a bar (for the web UI)")
     p.set_defaults(func=run)
@@ -85,8 +86,12 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     from longcat_tuner.devices import default_dtype
     from longcat_tuner.media import image_to_tensor, video_to_uint8, write_mp4
 
+    from longcat_tuner.model.inspect import find_component
+
     check_video_output(args.output)  # before minutes of work, not when the video is written
     loras = read_sampling_loras(args)  # a bad LoRA file is named before minutes of model loading
+    for component in ("text_encoder", "dit", "vae"):  # a wrong --model is named before the compile decision
+        find_component(args.model, component)
     image = read_image(args.image) if args.image else None
     height, width = resolution_size(args.resolution, source_hw=(image.height, image.width) if image else None)
     device = ctx.device if ctx.enabled else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -201,9 +206,15 @@ def read_sampling_loras(args: argparse.Namespace) -> list[tuple[str, dict, float
     from longcat_tuner.errors import ConfigError
     from longcat_tuner.model.lora_formats import read_lora_file
 
+    from longcat_tuner.train.outputs import checkpoint_weights_problem
+
     if len(args.lora_multiplier) > len(args.lora):
         raise ConfigError(f"{len(args.lora_multiplier)} --lora-multiplier values for {len(args.lora)} --lora files; "
                           "give one multiplier per --lora, in the same order")
+    for lora in args.lora:
+        problem = checkpoint_weights_problem(lora)
+        if problem:
+            raise ConfigError(f"--lora {problem}")
     return [(lora, read_lora_file(lora)[0], args.lora_multiplier[i] if i < len(args.lora_multiplier) else 1.0)
             for i, lora in enumerate(args.lora)]
 

@@ -19,16 +19,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Options below override the file's keys for this run.",
     )
     parser.add_argument("--config", required=True, help="path of config.json (relative paths inside resolve against its folder)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (events.jsonl is still written)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars, the libraries' included (events.jsonl is still written)")
     add_config_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def interrupted_message(step, config_path, *, other_options: bool = False) -> str:
+    """What to type to go on after Ctrl-C (`train` and `demo`)."""
+    again = " (and the other options you gave this run)" if other_options else ""
+    return (f"interrupted at step {step}; resume with: longcat-tuner train --config {config_path} "
+            f"--resume_from_checkpoint latest{again}")
 
 
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig
     from longcat_tuner.train.trainer import train
 
-    config = TrainConfig.from_file(args.config, overrides=config_overrides(args))
+    if args.no_progress:
+        from longcat_tuner.commands import quiet_library_progress
+
+        quiet_library_progress()
+    overrides = config_overrides(args)
+    config = TrainConfig.from_file(args.config, overrides=overrides)
     result = train(config, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (it wrote the outputs)
         return 130 if result.status == "interrupted" else 0
@@ -40,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     for video in result.validation_videos:
         print(f"validation video: {video}")
     if result.status == "interrupted":
-        print(f"interrupted at step {result.step}; resume with --resume_from_checkpoint latest")
+        others = bool(set(overrides) - {"resume_from_checkpoint"})
+        print(interrupted_message(result.step, args.config, other_options=others))
         return 130
     return 0

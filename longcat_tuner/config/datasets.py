@@ -194,7 +194,8 @@ class DatasetList(BaseModel):
                 raise ConfigError(
                     f"eval split missing: eval_dataset_id '{eval_dataset_id}' (config.json) is not a dataset id in "
                     f"{self.source} (ids: {[d.id for d in self.datasets]}); add the eval split (same paired structure "
-                    "as the training set) or set eval_dataset_id to one of the ids"
+                    "as the training set), set eval_dataset_id to one of the ids, or train without an eval split: "
+                    "eval_dataset_id: null and validation_using_datasets: false in config.json"
                 )
             eval_dataset = self.by_id(eval_dataset_id)
             if eval_dataset.disabled:
@@ -322,7 +323,11 @@ def _format_dataset_error(err: ValidationError, dataset_id: str, index: int, sou
 def parse_datasets(data: Any, *, source: str = "multidatabackend.json", base_dir: Optional[Path] = None) -> DatasetList:
     """Validate the parsed JSON list. Relative paths resolve against `base_dir` (the file's folder)."""
     if not isinstance(data, list):
-        raise ConfigError(f"{source}: expected a JSON list of datasets ([{{...}}, ...]), got {type(data).__name__}")
+        hint = ""
+        if isinstance(data, dict) and "data_backend_config" in data:  # config.json given where the datasets go
+            hint = (" (this is a training config, like config.json; data_backend_config / --data_backend_config takes the "
+                    f"dataset list, multidatabackend.json, and --config takes config.json)")
+        raise ConfigError(f"{source}: expected a JSON list of datasets ([{{...}}, ...]), got {type(data).__name__}{hint}")
     datasets = []
     for index, entry in enumerate(data):
         if not isinstance(entry, dict):

@@ -416,7 +416,11 @@ class TrainConfig(BaseModel):
             )
         data = read_json(path)
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object of settings")
+            hint = ""
+            if isinstance(data, list):  # the dataset list given where config.json goes: the two files swapped
+                hint = (" (this file is a JSON list, like multidatabackend.json: --config takes config.json, whose "
+                        f"data_backend_config key names the datasets file, e.g. \"data_backend_config\": \"{path.name}\")")
+            raise ConfigError(f"{path}: expected a JSON object of settings{hint}")
         data = resolve_paths(data, path.resolve().parent)
         # Command-line overrides are relative to the working directory, not to the file.
         data.update(resolve_paths(dict(overrides or {}), Path.cwd()))

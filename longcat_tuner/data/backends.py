@@ -132,7 +132,8 @@ class DataPlan:
 
 
 # --- scanning --------------------------------------------------------------------------------------
-def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tuple[dict[str, Path], list[Problem]]:
+def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str, *,
+               source: str = "multidatabackend.json") -> tuple[dict[str, Path], list[Problem]]:
     """Files under `root` (recursive, hidden entries ignored) keyed by relative path without suffix, in
     Unicode NFC form (so `café` pairs whether its accent was stored composed or decomposed).
 
@@ -143,7 +144,7 @@ def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str) -> tupl
     if not root.is_dir():
         raise DataError(
             f"dataset '{dataset_id}': instance_data_dir {root} does not exist or is not a folder; "
-            "fix the path in multidatabackend.json"
+            f"fix the path in {source}"
         )
     problems: list[Problem] = []
     candidates: list[tuple[str, Path, bool]] = []  # (key, path, reached through a link)
@@ -345,14 +346,35 @@ CACHE_ENTRY_SUFFIX = ".safetensors.tmp1234567"
 MAX_STEM_BYTES = NAME_MAX - len(CACHE_ENTRY_SUFFIX)
 
 
+def no_media_reason(dataset: DatasetConfig, media_type: MediaType, *, source: str) -> str:
+    """Why a dataset folder gave nothing to scan, and the fix: a start-frame or clip folder given as the other is
+    named as such (the summary otherwise says "0 usable of 0 files" and lists nothing to fix)."""
+    wanted, other = (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS) if media_type == "image" else (VIDEO_EXTENSIONS, IMAGE_EXTENSIONS)
+    reason = f"no {media_type} files ({' '.join(wanted)}) in this folder or below"
+    found, _ = scan_media(dataset.instance_data_dir, other, dataset.id, source=source)
+    if found:
+        kind = "image" if media_type == "video" else "video"
+        reason += (f"; it holds {len(found)} {kind} file(s) (e.g. {next(iter(found.values())).name}): is it the "
+                   f"{'start-frame' if kind == 'image' else 'clip'} folder? set instance_data_dir of dataset "
+                   f"'{dataset.id}' in {source} to the folder of its {media_type}s")
+    else:
+        reason += f"; put the {media_type}s there or fix instance_data_dir of dataset '{dataset.id}' in {source}"
+    return reason
+
+
 def pair_dataset(dataset: DatasetConfig, datasets: DatasetList) -> tuple[list[SampleSource], list[Problem], int, set[tuple[str, str]]]:
     """Scan a clip dataset, read captions, attach start frames. Returns (sources, problems, scanned, used cond keys)."""
     media_type: MediaType = "image" if dataset.dataset_type == "image" else "video"
-    media, problems = scan_media(dataset.instance_data_dir, IMAGE_EXTENSIONS if media_type == "image" else VIDEO_EXTENSIONS, dataset.id)
+    media, problems = scan_media(dataset.instance_data_dir, IMAGE_EXTENSIONS if media_type == "image" else VIDEO_EXTENSIONS, dataset.id,
+                                 source=datasets.source)
+    if not media:
+        problems.append(Problem(dataset.id, str(dataset.instance_data_dir),
+                                no_media_reason(dataset, media_type, source=datasets.source), skipped=False))
     cond_dataset = datasets.by_id(dataset.conditioning_data[0]) if dataset.conditioning_data else None
     cond_media: dict[str, Path] = {}
     if cond_dataset is not None:
-        cond_media, cond_problems = scan_media(cond_dataset.instance_data_dir, IMAGE_EXTENSIONS, cond_dataset.id)
+        cond_media, cond_problems = scan_media(cond_dataset.instance_data_dir, IMAGE_EXTENSIONS, cond_dataset.id,
+                                               source=datasets.source)
         problems += cond_problems
     sources, used = [], set()
     for key, path in media.items():
@@ -524,7 +546,7 @@ def plan_data(datasets: DatasetList, *, eval_dataset_id: Optional[str], alignmen
     unpaired = clips_without_start_frame(train_plans + ([eval_plan] if eval_plan else []), datasets)
     for cond_id, clip_ids in users.items():
         cond = datasets.by_id(cond_id)
-        media, _ = scan_media(cond.instance_data_dir, IMAGE_EXTENSIONS, cond.id)
+        media, _ = scan_media(cond.instance_data_dir, IMAGE_EXTENSIONS, cond.id, source=datasets.source)
         for key, path in media.items():
             if (cond_id, key) in used:
                 continue

@@ -15,7 +15,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -26,15 +25,14 @@ from safetensors.torch import load_file, save_file
 
 from longcat_tuner.errors import CheckpointError
 from longcat_tuner.fsutil import is_write_error, write_failure
+from longcat_tuner.train.outputs import CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints  # noqa: F401 (torch-free; `check` uses them)
 
-COMPLETE_MARKER = "COMPLETE"
-WEIGHTS_FILE = "trainable.safetensors"
+WEIGHTS_FILE = CHECKPOINT_WEIGHTS_FILE
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 STATE_FILE = "trainer_state.json"
 REQUIRED_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, STATE_FILE, COMPLETE_MARKER)
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -212,18 +210,6 @@ def last_finite_checkpoint(checkpoints_dir: Path, *, before: Optional[int] = Non
         if (before is None or step < before) and checkpoint_is_finite(path):
             return path
     return None
-
-
-def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (with the marker), oldest first."""
-    found = []
-    if not Path(checkpoints_dir).is_dir():
-        return found
-    for path in Path(checkpoints_dir).iterdir():
-        match = _NAME.match(path.name)
-        if match and path.is_dir() and (path / COMPLETE_MARKER).exists():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 def remove_stale_temporaries(checkpoints_dir: Path) -> None:

@@ -43,6 +43,7 @@ from longcat_tuner.generate import SamplingProgress
 from longcat_tuner.runtime.allocator import expandable_in_use, use_default_allocator
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
+from longcat_tuner.train.outputs import checkpoint_weights_problem, earlier_outputs, earlier_run_problem  # noqa: F401 (earlier_outputs: tests)
 from longcat_tuner.train.distributed import (
     available_host_memory,
     check_resume_strategy,
@@ -349,6 +350,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     with claimed_output_dir(config, parallel) as events, reported_end(events):
         run = start_run(config, Path(config.output_dir), events, progress and parallel.is_writer, parallel)
         result = TrainResult(run_dir=run.run_dir, status="completed", step=run.step, dit=run.dit)
+        if run.step >= run.total_steps:  # resumed at or past the end: say so instead of ending without a word
+            parallel.say(f"nothing to train: the checkpoint is at step {run.step} and this run ends at step "
+                         f"{run.total_steps} (max_train_steps / num_train_epochs); raise it (e.g. --max_train_steps "
+                         f"{run.step + max(run.step, 1)}) to train further; its checkpoints and LoRA files are left as "
+                         "they are.")
         bar = _progress_bar(run.progress, run.step, run.total_steps)
         batches = ReplayableBatches(run.data.batches())
         with StopRequest() as run.stop:
@@ -431,30 +437,13 @@ def reported_end(events: EventLog) -> Iterator[None]:
         raise
 
 
-def earlier_outputs(run_dir: Path) -> list[str]:
-    """What an earlier run left in `run_dir` that a new run from step 0 would mix with or replace."""
-    found = []
-    checkpoints = ckpt.list_checkpoints(run_dir / "checkpoints")
-    if checkpoints:
-        found.append(f"{len(checkpoints)} checkpoint(s), the newest {checkpoints[-1][1].name}")
-    found += sorted(path.name for path in run_dir.glob("*.safetensors"))
-    if (run_dir / "dit").is_dir():
-        found.append("dit/ (a full fine-tune)")
-    return found
-
-
 def refuse_finished_outputs(config: TrainConfig, run_dir: Path) -> None:
     """A new run (no resume) into an output_dir holding checkpoints or final weights is refused, naming the
-    ways on, unless `overwrite_output_dir` says to start from step 0 there anyway."""
-    if config.resume_from_checkpoint or config.overwrite_output_dir:
-        return
-    found = earlier_outputs(run_dir)
-    if found:
-        raise ConfigError(
-            f"output_dir {run_dir} already holds an earlier run ({', '.join(found[:4])}); continue it with "
-            "--resume_from_checkpoint latest, choose a fresh output_dir, or set overwrite_output_dir: true to "
-            "train from step 0 there (its final files are then replaced)"
-        )
+    ways on, unless `overwrite_output_dir` says to start from step 0 there anyway (`check` reports the same)."""
+    problem = earlier_run_problem(run_dir, resume_from_checkpoint=config.resume_from_checkpoint,
+                                  overwrite_output_dir=config.overwrite_output_dir)
+    if problem:
+        raise ConfigError(problem)
 
 
 @dataclasses.dataclass
@@ -509,7 +498,13 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     if config.init_lora:  # a missing or broken file is named now, before minutes of caching and model loading
         from longcat_tuner.model.lora_formats import read_lora_file
 
-        parallel.decide(lambda: read_lora_file(config.init_lora) and None, error=CheckpointError)  # no tensors sent
+        def read_init_lora() -> None:  # no tensors sent
+            problem = checkpoint_weights_problem(config.init_lora)
+            if problem:
+                raise CheckpointError(f"init_lora: {problem}")
+            read_lora_file(config.init_lora)
+
+        parallel.decide(read_init_lora, error=CheckpointError)
     precision = choose_precision(config, parallel.device)
     seed_everything(config.seed)  # the same on every rank: adapters start identical
     data = prepare_data(config, device=precision.device, progress=progress, parallel=parallel)
@@ -1051,8 +1046,11 @@ def end_run(run: Run, result: TrainResult) -> TrainResult:
         result.status = "interrupted"
         run.events.emit("end", status="interrupted", step=run.step, lora_path=None, signal=signal_name)
         return result
-    run.events.emit("end", status="completed", step=run.step, lora_path=str(result.lora_path),
-                    checkpoint=str(result.checkpoint_path), warnings=result.warnings,
+    def text(path: Optional[Path]) -> Optional[str]:  # null, not the string "None", when there is none
+        return None if path is None else str(path)
+
+    run.events.emit("end", status="completed", step=run.step, lora_path=text(result.lora_path),
+                    checkpoint=text(result.checkpoint_path), warnings=result.warnings,
                     **({"signal": signal_name} if signal_name else {}))
     return result
 

@@ -1,0 +1,71 @@
+"""What an earlier run left in an `output_dir`, asked the same way by `train` (before it writes there) and by
+`check` (which imports no torch, so neither does this module)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+COMPLETE_MARKER = "COMPLETE"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (with the marker), oldest first."""
+    found = []
+    if not Path(checkpoints_dir).is_dir():
+        return found
+    for path in Path(checkpoints_dir).iterdir():
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and path.is_dir() and (path / COMPLETE_MARKER).exists():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def earlier_outputs(run_dir: Path) -> list[str]:
+    """What an earlier run left in `run_dir` that a new run from step 0 would mix with or replace."""
+    run_dir = Path(run_dir)
+    found = []
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s), the newest {checkpoints[-1][1].name}")
+    if run_dir.is_dir():
+        found += sorted(path.name for path in run_dir.glob("*.safetensors"))
+    if (run_dir / "dit").is_dir():
+        found.append("dit/ (a full fine-tune)")
+    return found
+
+
+def earlier_run_problem(run_dir: Path, *, resume_from_checkpoint: Optional[str], overwrite_output_dir: bool) -> Optional[str]:
+    """Why a new run (no resume) into `run_dir` is refused: it holds an earlier run's checkpoints or final
+    weights and `overwrite_output_dir` is off. None when the run may go on."""
+    if resume_from_checkpoint or overwrite_output_dir:
+        return None
+    found = earlier_outputs(run_dir)
+    if not found:
+        return None
+    return (
+        f"output_dir {run_dir} already holds an earlier run ({', '.join(found[:4])}); continue it with "
+        "--resume_from_checkpoint latest, choose a fresh output_dir, or set overwrite_output_dir: true to "
+        "train from step 0 there (its final files are then replaced)"
+    )
+
+
+CHECKPOINT_WEIGHTS_FILE = "trainable.safetensors"  # a checkpoint's trainable weights, under the model's own names
+CHECKPOINT_LORA_FILE = "longcat_lora.safetensors"  # the same adapters in the official LoRA format, beside them
+
+
+def checkpoint_weights_problem(path: Path) -> Optional[str]:
+    """Why a checkpoint's `trainable.safetensors`, given where a LoRA file is expected (`sample --lora`,
+    `export-lora`, `init_lora`), is not one, naming the LoRA file beside it; None for any other path.
+
+    Its keys are the model's own parameter names, which no LoRA reader knows: without this the error listed
+    every known layout and asked whether it was a LoRA for another model."""
+    path = Path(path)
+    if path.name != CHECKPOINT_WEIGHTS_FILE or not (path.parent / COMPLETE_MARKER).exists():
+        return None
+    lora = path.parent / CHECKPOINT_LORA_FILE
+    if lora.is_file():
+        return f"{path} is a checkpoint's training state, not a LoRA file; use {lora} (the same adapters, official format)"
+    return (f"{path} is a checkpoint's training state (a full fine-tune's holds no LoRA), not a LoRA file; "
+            f"give a LoRA .safetensors file (a LoRA run writes {CHECKPOINT_LORA_FILE} in each checkpoint)")
