@@ -49,17 +49,25 @@ def clip_size(spec, aspect: tuple[int, int] | None = None) -> tuple[int, int]:
     return resolution_size(spec, aspect)
 
 
-def checkpoint_attention(config) -> tuple[bool, float, tuple[int, int, int]]:
-    """(enable_bsa, bsa_sparsity, chunk) of the checkpoint's `dit/config.json`, as `train` reads them; the
-    release's defaults when the checkpoint is not readable here (plan runs without the weights)."""
-    from longcat_tuner.errors import LongcatError
+def checkpoint_dit_config(config):
+    """The checkpoint's `dit/config.json` as `train` reads it, or None when it is not readable here (plan runs
+    without the weights: the planner's figures are then the 13.6B release's)."""
+    from longcat_tuner.errors import CheckpointError
     from longcat_tuner.model.config import DiTConfig
     from longcat_tuner.model.loading import find_component
 
     try:
-        dit = DiTConfig.from_file(find_component(config.pretrained_model_name_or_path, "dit") / "config.json")
-    except (LongcatError, OSError, ValueError):
-        dit = DiTConfig()
+        return DiTConfig.from_file(find_component(config.pretrained_model_name_or_path, "dit") / "config.json")
+    except (CheckpointError, OSError):
+        return None
+
+
+def checkpoint_attention(config) -> tuple[bool, float, tuple[int, int, int]]:
+    """(enable_bsa, bsa_sparsity, chunk) of the checkpoint (`checkpoint_dit_config`; the release's defaults
+    when it is not readable here)."""
+    from longcat_tuner.model.config import DiTConfig
+
+    dit = checkpoint_dit_config(config) or DiTConfig()
     return dit.enable_bsa, dit.bsa_sparsity, tuple(dit.bsa_chunk_k)
 
 
@@ -112,18 +120,14 @@ def model_size_note(config) -> tuple[bool, str | None]:
     The planner is calibrated for the 13.6B release; for another DiT (the demo's tiny random checkpoint, say)
     `train` takes the config's settings as given, so `plan` says that instead of an automatic plan that
     `train` would never choose. A model folder that is absent or unreadable here counts as the release."""
-    from longcat_tuner.errors import CheckpointError
-    from longcat_tuner.model.config import DiTConfig
+    from longcat_tuner.model.loading import find_component
     from longcat_tuner.runtime.auto import is_calibrated
 
-    path = Path(config.pretrained_model_name_or_path) / "dit" / "config.json"
-    try:
-        dit = DiTConfig.from_file(path) if path.is_file() else None
-    except CheckpointError:
-        return True, None
+    dit = checkpoint_dit_config(config)
     if dit is None or is_calibrated(dit):
         return True, None
-    return False, (f"note: {path.parent} is not the 13.6B LongCat-Video DiT ({dit.depth} blocks, "
+    path = find_component(config.pretrained_model_name_or_path, "dit")
+    return False, (f"note: {path} is not the 13.6B LongCat-Video DiT ({dit.depth} blocks, "
                    f"hidden {dit.hidden_size}); "
                    "the figures below are the 13.6B release's, and `train` runs this model with the config's "
                    "settings as given")
