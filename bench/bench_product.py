@@ -286,8 +286,15 @@ def train_args(config: Path, run_dir: Path, args: argparse.Namespace, cap: Optio
         flags += ["--validation_resolution", f"{args.height}x{args.width}", "--validation_num_video_frames", str(args.frames)]
     if cap is not None:
         flags += ["--max_gpu_memory_gib", f"{cap:g}"]
-    flags += [item for key, value in args.set for item in (f"--{key}", value)]
+    flags += [item for key, value in args.set for item in set_flag(key, value)]
     return cli(*flags, *extra)
+
+
+def set_flag(key: str, value: str) -> tuple[str, ...]:
+    """`--set KEY=VALUE` as `train`'s flags: a boolean key is `--key` / `--no-key`, the others `--key VALUE`."""
+    if value.lower() in ("true", "false"):
+        return (f"--{key}",) if value.lower() == "true" else (f"--no-{key}",)
+    return (f"--{key}", value)
 
 
 def run_cap(name: str, cap: Optional[float], config: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -303,7 +310,7 @@ def run_cap(name: str, cap: Optional[float], config: Path, work: Path, args: arg
         # fallback keys set, as a user would after reading the error.
         record["failed_run"] = {**first, "log_tail": tail(Path(first["log"])),
                                 "summary": summarize_run(read_events(run_dir)) if (run_dir / "events.jsonl").is_file() else None}
-        extra = [item for pair in args.fallback for item in (f"--{pair[0]}", pair[1])]
+        extra = [item for pair in args.fallback for item in set_flag(*pair)]
         first = run_cli(train_args(config, run_dir, args, cap, "--overwrite_output_dir", *extra), logs / f"train-{name}-fallback.log",
                         kill_at_step=args.steps if kill else None, events_dir=run_dir)
         record.update(run=first, fallback=dict(args.fallback))
@@ -312,7 +319,7 @@ def run_cap(name: str, cap: Optional[float], config: Path, work: Path, args: arg
     events = read_events(run_dir) if (run_dir / "events.jsonl").is_file() else []
     record["summary"] = summarize_run(events) if events else None
     if kill and first["killed"]:
-        extra = [item for pair in record.get("fallback", {}).items() for item in (f"--{pair[0]}", pair[1])]
+        extra = [item for pair in record.get("fallback", {}).items() for item in set_flag(*pair)]
         resumed = run_cli(train_args(config, run_dir, args, cap, "--resume_from_checkpoint", "latest", *extra),
                           logs / f"resume-{name}.log")
         record["resume_run"] = resumed

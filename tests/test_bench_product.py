@@ -95,3 +95,23 @@ def test_a_data_resolution_sets_every_dataset_and_keeps_its_clips_and_caches_apa
         assert Path(entry["instance_data_dir"]).is_relative_to(tmp_path / "data-64x96")
         assert Path(entry["cache_dir_vae"]).is_relative_to(tmp_path / "cache-64x96")
     assert (tmp_path / "data" / "train").is_dir() and (tmp_path / "data-64x96" / "train").is_dir()
+
+
+def test_set_keys_become_train_flags_booleans_included():
+    import argparse
+
+    from longcat_tuner.config.training import add_config_arguments, config_overrides
+
+    args = argparse.Namespace(steps=4, size="full", height=480, width=832, frames=93, validation_steps=1,
+                              set=[("validation_using_datasets", "false"), ("compile_blocks", "true"),
+                                   ("attention_implementation", "block_sparse")])
+    command = bench_product.train_args(Path("config.json"), Path("run"), args, 24.0)
+    flags = command[command.index("train") + 1:]
+    assert "--no-validation_using_datasets" in flags and "--compile_blocks" in flags
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    parser.add_argument("--no-progress", action="store_true")
+    add_config_arguments(parser)
+    overrides = config_overrides(parser.parse_args(flags))  # what `train` itself reads from them
+    assert overrides["validation_using_datasets"] is False and overrides["compile_blocks"] is True
+    assert overrides["attention_implementation"] == "block_sparse" and overrides["max_gpu_memory_gib"] == 24.0
