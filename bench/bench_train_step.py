@@ -254,24 +254,31 @@ GUIDE_CONFIG = {  # the quick-start guide's keys (shared/seed): what a user past
 }
 
 
-def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, baseline: bool = True) -> dict:
-    """For each cap (0: the whole card), the plan `train` would choose for the guide's config at 480x832x93,
+def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, baseline: bool = True,
+              height: int = 480, width: int = 832, attention: str = "auto") -> dict:
+    """For each cap (0: the whole card), the plan `train` would choose for the guide's config at
+    `height`x`width`x93 (`attention`: the config's attention_implementation, planned as `train` plans it),
     run through `apply_runtime` under PyTorch's per-process memory fraction, beside the config as pasted."""
     from importlib.util import find_spec
 
     from longcat_tuner.config.training import TrainConfig
     from longcat_tuner.runtime.allocator import expandable_in_use
-    from longcat_tuner.runtime.auto import ClipShape, choose_plan
+    from longcat_tuner.runtime.auto import ClipShape, choose_plan, uses_block_sparse
     from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
 
     card_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     config = DiTConfig() if depth is None else DiTConfig(depth=depth)
     dit = random_dit(config)
+    dit.set_attention_backend(attention)
     inject_lora(dit, rank=GUIDE_CONFIG["lora_rank"], dtype=torch.float32)
-    inputs = i2v_inputs()
+    latent_shape = (1, 16, LATENT_SHAPE[2], height // 8, width // 8)
+    inputs = i2v_inputs(latent_shape=latent_shape)
+    shape = ClipShape(frames=93, height=height, width=width)
+    block_sparse = uses_block_sparse(attention, shape, enable_bsa=config.enable_bsa, chunk=tuple(config.bsa_chunk_k),
+                                     triton=find_spec("triton") is not None)
     rows = []
     base = {"pretrained_model_name_or_path": "model", "data_backend_config": "data.json", "output_dir": "out",
-            "max_train_steps": 10, **GUIDE_CONFIG}
+            "max_train_steps": 10, **GUIDE_CONFIG, "attention_implementation": attention}
     pasted = TrainConfig.model_validate(base)
     if baseline:
         rows.append({"cap_gib": None, "plan": "config as pasted (no plan)",
@@ -282,9 +289,10 @@ def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, 
         train_config = TrainConfig.model_validate({**base, **({"max_gpu_memory_gib": cap} if cap else {})})
         # As `train` plans for the guide's config: its allocator, and one validation video (CFG: batch 2).
         plan = choose_plan(train_config, explicit=train_config.model_fields_set & set(MEMORY_CONFIG_KEYS),
-                           shape=ClipShape(frames=93, height=480, width=832), cuda=True, card_gib=card_gib,
+                           shape=shape, cuda=True, card_gib=card_gib,
                            compile_ok=find_spec("triton") is not None, expandable_segments=expandable_in_use(),
-                           validation=ClipShape(frames=93, height=480, width=832, batch=2))
+                           validation=ClipShape(frames=93, height=480, width=832, batch=2),
+                           block_sparse=block_sparse, bsa_sparsity=config.bsa_sparsity)
         if plan.settings.quantized:
             prepare_base_weights(dit, plan.settings)  # one way: 8-bit plans come last (smallest caps)
         # bench_run lifts the cap again before it undoes the runtime.
@@ -293,7 +301,9 @@ def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, 
         rows.append({"cap_gib": cap or None, "plan": plan.to_event(), **result})
         print(json.dumps(rows[-1]), flush=True)
         write_result("train_step_plan_caps", {"benchmark": "lora_train_step_auto_plan", "card_gib": round(card_gib, 1),
-                                              "setting": {"latents": list(LATENT_SHAPE), **GUIDE_CONFIG},
+                                              "setting": {"latents": list(latent_shape), **GUIDE_CONFIG,
+                                                          "attention_implementation": attention,
+                                                          "planned_block_sparse": block_sparse},
                                               "environment": environment(), "results": rows})
     return {"results": rows}
 
@@ -314,12 +324,16 @@ def main() -> int:
     parser.add_argument("--plan-caps", default=None,
                         help="comma list of max_gpu_memory_gib caps (0: whole card): run the plan train chooses for each")
     parser.add_argument("--no-baseline", action="store_true", help="with --plan-caps: skip the config-as-pasted run")
+    parser.add_argument("--resolution", default="480x832", help="with --plan-caps: the training clip, HEIGHTxWIDTH (93 frames)")
+    parser.add_argument("--attention", default="auto", help="with --plan-caps: attention_implementation (e.g. block_sparse)")
     args = parser.parse_args()
     if args.plan_caps:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch._dynamo.config.cache_size_limit = 64
         caps = [float(c) for c in args.plan_caps.split(",")]
-        plan_caps(caps, steps=args.steps, warmup=args.warmup, depth=args.depth, baseline=not args.no_baseline)
+        height, width = (int(side) for side in args.resolution.lower().split("x"))
+        plan_caps(caps, steps=args.steps, warmup=args.warmup, depth=args.depth, baseline=not args.no_baseline,
+                  height=height, width=width, attention=args.attention)
         return 0
     if args.sdpa_check:
         write_result("sdpa_check", {"benchmark": "sdpa_noisy_call", "results": sdpa_check()})
