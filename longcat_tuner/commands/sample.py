@@ -17,8 +17,8 @@ COMPILE_MODES = ("auto", "on", "off")
 # measured through `sample`'s own runtime (bench/bench_sampling.py, one H100, 2026-12-06,
 # bench/results/sampling-2026-12-06-h100.json): at 480x832x93 a cold compile (empty inductor cache) adds
 # 11.8 s to the first step and then saves 2.68 s per CFG step (9.48 -> 6.78 s, batch 2), a break-even of 8.8
-# forwards; a batch-1 forward with the distilled preview's rank-128 LoRA runs at 3.71 s compiled against
-# about 4.8 s eager, so the 16-forward preview gains too. 12 keeps a margin for smaller clips (less saving
+# forwards; a batch-1 forward with the distilled preview's rank-128 LoRA runs at 3.71 s compiled, against
+# 4.77 s eager without the LoRA (2026-11-25; with it eager is slower still), so the 16-forward preview gains too. 12 keeps a margin for smaller clips (less saving
 # per forward for about the same compile time) and runs a one-off few-step check eager.
 AUTO_COMPILE_MIN_FORWARDS = 12
 
