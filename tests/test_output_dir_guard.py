@@ -9,7 +9,8 @@ import pytest
 from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.train import checkpoint as ckpt
-from longcat_tuner.train.trainer import earlier_outputs, train
+from longcat_tuner.train.outputs import earlier_outputs
+from longcat_tuner.train.trainer import train
 
 
 def _config(tmp_path: Path, tiny_checkpoint, **keys) -> TrainConfig:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from longcat_tuner.errors import CheckpointError
 from longcat_tuner.fsutil import is_write_error, write_failure
-from longcat_tuner.train.outputs import CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints  # noqa: F401 (torch-free; `check` uses them)
+from longcat_tuner.train.outputs import CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints  # torch-free, shared with `check`
 
 WEIGHTS_FILE = CHECKPOINT_WEIGHTS_FILE
 OPTIMIZER_FILE = "optimizer.pt"

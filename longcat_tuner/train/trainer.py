@@ -43,7 +43,7 @@ from longcat_tuner.generate import SamplingProgress
 from longcat_tuner.runtime.allocator import expandable_in_use, use_default_allocator
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
-from longcat_tuner.train.outputs import checkpoint_weights_problem, earlier_outputs, earlier_run_problem  # noqa: F401 (earlier_outputs: tests)
+from longcat_tuner.train.outputs import checkpoint_weights_problem, earlier_run_problem
 from longcat_tuner.train.distributed import (
     available_host_memory,
     check_resume_strategy,
