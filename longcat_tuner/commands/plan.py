@@ -62,18 +62,11 @@ def checkpoint_dit_config(config):
         return None
 
 
-def checkpoint_attention(config) -> tuple[bool, float, tuple[int, int, int]]:
-    """(enable_bsa, bsa_sparsity, chunk) of the checkpoint (`checkpoint_dit_config`; the release's defaults
-    when it is not readable here)."""
-    from longcat_tuner.model.config import DiTConfig
-
-    dit = checkpoint_dit_config(config) or DiTConfig()
-    return dit.enable_bsa, dit.bsa_sparsity, tuple(dit.bsa_chunk_k)
-
-
-def setting_from_config(config, *, resolution: str | None, frames: int | None):
+def setting_from_config(config, *, resolution: str | None, frames: int | None, dit=None):
     """The planner's view of the config's memory keys (`MemorySettings.from_config`, as `train` reads them)
-    and of its attention (block-sparse or not, as `train` plans it)."""
+    and of its attention (block-sparse or not, as `train` plans it from `dit`, the checkpoint's DiT config:
+    `checkpoint_dit_config`; None: the release's)."""
+    from longcat_tuner.model.config import DiTConfig
     from longcat_tuner.runtime.auto import ClipShape, uses_block_sparse
     from longcat_tuner.runtime.planner import Setting
     from longcat_tuner.runtime.settings import MemorySettings
@@ -82,13 +75,14 @@ def setting_from_config(config, *, resolution: str | None, frames: int | None):
     if config.model_type != "lora":
         raise ConfigError("plan estimates LoRA training (model_type 'lora'); full fine-tuning needs several GPUs")
     frames = frames or config.validation_num_video_frames
-    enable_bsa, sparsity, chunk = checkpoint_attention(config)
+    dit = dit or DiTConfig()
     shape = ClipShape(frames=frames, height=height, width=width, batch=config.train_batch_size)
     return Setting.from_memory(
         MemorySettings.from_config(config), height=height, width=width,
         frames=frames, batch=config.train_batch_size, lora_rank=config.lora_rank,
-        block_sparse=uses_block_sparse(config.attention_implementation, shape, enable_bsa=enable_bsa, chunk=chunk),
-        bsa_sparsity=sparsity,
+        block_sparse=uses_block_sparse(config.attention_implementation, shape, enable_bsa=dit.enable_bsa,
+                                       chunk=tuple(dit.bsa_chunk_k)),
+        bsa_sparsity=dit.bsa_sparsity,
     )
 
 
@@ -114,8 +108,9 @@ def training_shape(config) -> tuple[str, int] | None:
     return None if best is None else best[1:]
 
 
-def model_size_note(config) -> tuple[bool, str | None]:
-    """(whether the planner's numbers describe the config's DiT, a note saying so when they do not).
+def model_size_note(config, dit) -> tuple[bool, str | None]:
+    """(whether the planner's numbers describe `dit`, the config's DiT (`checkpoint_dit_config`), a note saying
+    so when they do not).
 
     The planner is calibrated for the 13.6B release; for another DiT (the demo's tiny random checkpoint, say)
     `train` takes the config's settings as given, so `plan` says that instead of an automatic plan that
@@ -123,7 +118,6 @@ def model_size_note(config) -> tuple[bool, str | None]:
     from longcat_tuner.model.loading import find_component
     from longcat_tuner.runtime.auto import is_calibrated
 
-    dit = checkpoint_dit_config(config)
     if dit is None or is_calibrated(dit):
         return True, None
     path = find_component(config.pretrained_model_name_or_path, "dit")
@@ -178,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
         shape = training_shape(config)
         if shape is not None:
             resolution, frames = shape
-    setting = setting_from_config(config, resolution=resolution, frames=frames)
-    calibrated, note = model_size_note(config)
+    dit = checkpoint_dit_config(config)  # read once: the attention and the size note both come from it
+    setting = setting_from_config(config, resolution=resolution, frames=frames, dit=dit)
+    calibrated, note = model_size_note(config, dit)
     print(auto_plan_text(config, setting, args.gpu_memory, calibrated_model=calibrated))
     print()
     print("the config's own settings:")
