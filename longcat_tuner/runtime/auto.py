@@ -151,7 +151,7 @@ class Workload:
     validation: Optional[ClipShape] = None  # batch 2 when CFG batches the two passes
     expandable_segments: bool = False
     block_sparse: bool = False  # training's self-attention runs block-sparse (`uses_block_sparse`)
-    bsa_sparsity: float = 0.9375
+    bsa_sparsity: float = planner.BSA_SPARSITY
 
 
 def _estimate(settings: MemorySettings, work: Workload) -> planner.Estimate:
@@ -253,7 +253,7 @@ def choose_plan(
     validation: Optional[ClipShape] = None,
     expandable_segments: bool = False,
     block_sparse: bool = False,
-    bsa_sparsity: float = 0.9375,
+    bsa_sparsity: float = planner.BSA_SPARSITY,
 ) -> Plan:
     """The run's `Plan` (see the module docstring). `explicit`: the config keys the user set; `others_gib`:
     memory other processes hold on the card (the plan fits in what is left); `validation`: the largest

@@ -21,8 +21,10 @@ import math
 from typing import Optional
 
 from longcat_tuner.config.training import TrainConfig
+from longcat_tuner.model.config import DiTConfig
 
 DEFAULT_LORA_RANK: int = TrainConfig.model_fields["lora_rank"].default
+BSA_SPARSITY: float = DiTConfig.bsa_sparsity  # the release's block-sparse sparsity (a checkpoint may set another)
 
 GIB = 2**30
 
@@ -169,13 +171,13 @@ class Setting:
     num_cond_latents: int = 1
     expandable_segments: bool = False  # the CUDA allocator's expandable segments (runtime/allocator.py)
     block_sparse: bool = False  # self-attention runs block-sparse (attention_implementation, see CALIBRATION)
-    bsa_sparsity: float = 0.9375  # its sparsity (the checkpoint's bsa_sparsity)
+    bsa_sparsity: float = BSA_SPARSITY  # its sparsity (the checkpoint's bsa_sparsity)
 
     @classmethod
     def from_memory(cls, memory, *, height: int, width: int, frames: int, batch: int = 1,
                     lora_rank: int = DEFAULT_LORA_RANK, num_cond_latents: int = 1,
                     expandable_segments: bool = False, block_sparse: bool = False,
-                    bsa_sparsity: float = 0.9375) -> "Setting":
+                    bsa_sparsity: float = BSA_SPARSITY) -> "Setting":
         """The planner's view of `memory` (a `runtime.settings.MemorySettings`) at one clip shape."""
         precision = "bf16" if memory.base_precision == "no_change" else memory.base_precision
         return cls(
