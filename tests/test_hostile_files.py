@@ -439,3 +439,44 @@ def test_check_names_a_missing_or_broken_init_lora(tmp_path, tiny_checkpoint, ca
         assert main(["check", "--config", str(config), "--data-only"]) == 1
         err = capsys.readouterr().err
         assert "init_lora" in err and message in err
+
+
+def test_outputs_that_cannot_be_written_are_named_not_a_traceback(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """Before: a read-only --output folder was an av.error.OSError traceback after sampling, and export-lora's
+    a SafetensorError traceback; a disk that filled up during export-lora's write too."""
+    import errno
+
+    import safetensors.torch
+
+    unwritable = "/proc/longcat-tuner-hostile"  # not creatable, even by root
+    argv = ["sample", "--model", str(tmp_path / "no-model"), "--prompt", "x", "--output", f"{unwritable}/v.mp4"]
+    assert main(argv) == 2  # the model folder does not exist: the output was checked first
+    assert "the folder of --output /proc/longcat-tuner-hostile is not writable" in capsys.readouterr().err
+    source = str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")
+    assert main(["export-lora", source, f"{unwritable}/x.safetensors"]) == 2
+    assert "the folder of OUTPUT /proc/longcat-tuner-hostile is not writable" in capsys.readouterr().err
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    assert main(["export-lora", source, str(tmp_path / "x.safetensors")]) == 2
+    assert f"cannot write {tmp_path / 'x.safetensors'}: the disk is full" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no partial file, no temporary
+
+
+def test_a_video_that_cannot_be_written_after_sampling_is_named(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    from longcat_tuner import media
+    from longcat_tuner.commands.sample import write_video_output
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(media, "write_mp4", full_disk)
+    out = tmp_path / "v.mp4"
+    with pytest.raises(ConfigError, match=f"cannot write --output {out}: the disk is full"):
+        write_video_output(str(out), np.zeros((1, 16, 16, 3), np.uint8), fps=15)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from longcat_tuner.errors import ConfigError
+from longcat_tuner.errors import ConfigError, LongcatError
 from longcat_tuner.model.lora_names import LORA_FILE_FORMATS
 
 CLIENTS = {
@@ -44,9 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.model.lora_formats import resolve_format
 
+    from longcat_tuner.fsutil import is_write_error, write_failure
+
     name = resolve_format(args.format)
     check_output(args.input, args.output, overwrite=args.overwrite)
-    path = convert_lora_file(args.input, args.output, format=name)
+    try:
+        path = convert_lora_file(args.input, args.output, format=name)
+    except Exception as err:  # the disk filled up: name the file and the cause (no partial file is left)
+        if isinstance(err, LongcatError) or not is_write_error(err):
+            raise
+        raise ConfigError(f"cannot write {args.output}: {write_failure(err, args.output.parent)}") from None
     print(f"wrote {path} ({name} format, for {CLIENTS[name]})")
     return 0
 
@@ -63,9 +70,15 @@ def convert_lora_file(source: Path, target: Path, *, format: str) -> Path:
 
 
 def check_output(source: Path, target: Path, *, overwrite: bool) -> None:
-    """Refuse an OUTPUT that is a folder, or an existing file (the input itself included) without --overwrite."""
+    """Refuse an OUTPUT that is a folder, lies under a file or in a folder that cannot be written, or an existing
+    file (the input itself included) without --overwrite."""
+    from longcat_tuner.fsutil import folder_problem
+
     if target.is_dir():
         raise ConfigError(f"output {target} is a folder; give a file name, e.g. {target / (Path(source).stem + '_converted.safetensors')}")
+    problem = folder_problem(target.parent, "the folder of OUTPUT", "the command line")
+    if problem:
+        raise ConfigError(problem)
     if target.exists() and not overwrite:
         same = source.exists() and target.resolve() == Path(source).resolve()
         raise ConfigError(

@@ -84,7 +84,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     from longcat_tuner.data.buckets import resolution_size
     from longcat_tuner.data.images import prepare_start_frame, read_image
     from longcat_tuner.devices import default_dtype
-    from longcat_tuner.media import image_to_tensor, video_to_uint8, write_mp4
+    from longcat_tuner.media import image_to_tensor, video_to_uint8
 
     from longcat_tuner.model.inspect import find_component
 
@@ -140,7 +140,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     )
     if not ctx.is_main:
         return 0
-    out = write_mp4(args.output, video_to_uint8(result.video), fps=args.fps)
+    out = write_video_output(args.output, video_to_uint8(result.video), fps=args.fps)
     message = {"event": "sample_done", "output": str(out), "height": height, "width": width, "frames": args.frames}
     print(json.dumps(message) if args.progress_json else f"wrote {out} ({args.frames} frames, {height}x{width}, {args.fps} fps)", file=sys.stdout)
     return 0
@@ -187,8 +187,10 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")  # containers that take the H.264 stre
 
 
 def check_video_output(output: str) -> None:
-    """Refuse an --output that cannot take the video: a folder, a path under a file, another file type."""
+    """Refuse an --output that cannot take the video: a folder, a path under a file, another file type, a
+    folder that cannot be written."""
     from longcat_tuner.errors import ConfigError
+    from longcat_tuner.fsutil import folder_problem
 
     path = Path(output)
     if path.is_dir():
@@ -199,6 +201,24 @@ def check_video_output(output: str) -> None:
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise ConfigError(f"--output {path} must end in {', '.join(VIDEO_SUFFIXES)} (the video container), "
                           f"e.g. {path.with_suffix('.mp4')}")
+    problem = folder_problem(path.parent, "the folder of --output", "the command line")
+    if problem:  # read-only or not ours: found now, not when the finished video is written
+        raise ConfigError(problem)
+
+
+def write_video_output(output: str, frames, *, fps: int) -> Path:
+    """The finished video at --output; a failed write (the disk filled up while sampling) names the file and the
+    cause instead of a traceback (`write_mp4` leaves no partial file)."""
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.fsutil import is_write_error, write_failure
+    from longcat_tuner.media import write_mp4
+
+    try:
+        return write_mp4(output, frames, fps=fps)
+    except Exception as err:
+        if not is_write_error(err):
+            raise
+        raise ConfigError(f"cannot write --output {output}: {write_failure(err, Path(output).parent)}") from None
 
 
 def read_sampling_loras(args: argparse.Namespace) -> list[tuple[str, dict, float]]:
