@@ -480,3 +480,20 @@ def test_a_video_that_cannot_be_written_after_sampling_is_named(tmp_path, monkey
     out = tmp_path / "v.mp4"
     with pytest.raises(ConfigError, match=f"cannot write --output {out}: the disk is full"):
         write_video_output(str(out), np.zeros((1, 16, 16, 3), np.uint8), fps=15)
+
+
+@pytest.mark.parametrize("text", ['[]', '{"step": "two", "sampler": {"epoch": 0, "position": 2}}', '{"step": NaN}',
+                                  '{"step": -5}', '{"step": 2, "sampler": []}', '{"step": 2, "world_size": [1]}'])
+def test_a_damaged_trainer_state_is_named_not_a_traceback(tmp_path, text):
+    """Before: a trainer_state.json that was a list, or held a step of NaN or a list of ranks, was an
+    AttributeError/ValueError traceback after caching and model loading; a negative step resumed at step -5."""
+    from longcat_tuner.train import checkpoint as ckpt
+
+    path = ckpt.save_checkpoint(tmp_path, step=2, weights={"w": torch.zeros(2)}, optimizer_state={},
+                                scheduler_state={"last_epoch": 2}, trainer_state={"sampler": {"epoch": 0, "position": 2}},
+                                rng_state=ckpt.capture_rng_state({}))
+    assert ckpt.load_checkpoint(path)["state"]["step"] == 2
+    (path / ckpt.STATE_FILE).write_text(text)
+    assert ckpt.saved_world_size(path) is None  # read before the data: not a traceback
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} could not be read .*trainer_state.json does not hold"):
+        ckpt.load_checkpoint(path)

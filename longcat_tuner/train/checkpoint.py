@@ -274,7 +274,7 @@ def load_checkpoint(path: Path, *, tensors: bool = True) -> dict[str, Any]:
             "optimizer": _load_state(path / OPTIMIZER_FILE) if tensors and not sharded else {},
             "scheduler": _load_state(path / SCHEDULER_FILE),
             "rng": _load_state(path / RNG_FILE),
-            "state": json.loads((path / STATE_FILE).read_text()),
+            "state": _read_trainer_state(path / STATE_FILE),
         }
     except pickle.UnpicklingError as err:
         raise CheckpointError(
@@ -283,6 +283,22 @@ def load_checkpoint(path: Path, *, tensors: bool = True) -> dict[str, Any]:
         ) from None
     except Exception as err:  # corrupt file: say which checkpoint, never a bare pickle trace
         raise CheckpointError(f"checkpoint {path} could not be read ({err}); resume from an earlier one") from err
+
+
+def _read_trainer_state(file: Path) -> dict[str, Any]:
+    """trainer_state.json with the values resume reads checked: a damaged or hand-edited file (a list, a step of
+    NaN or "two") is a ValueError that `load_checkpoint` names, not a traceback deep in the resume."""
+    state = json.loads(file.read_text())
+
+    def whole(value: Any, low: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    sampler = state.get("sampler", {"epoch": 0, "position": 0}) if isinstance(state, dict) else None
+    if not (isinstance(state, dict) and whole(state.get("step")) and isinstance(sampler, dict)
+            and whole(sampler.get("epoch")) and whole(sampler.get("position"))
+            and all(whole(state[key], 1) for key in ("world_size", "data_world_size") if key in state)):
+        raise ValueError(f"{file.name} does not hold a step and data-sampler position as longcat-tuner writes them")
+    return state
 
 
 # What `capture_rng_state` pickles besides tensors and Python values: numpy's RNG state array.
@@ -305,7 +321,7 @@ def saved_world_size(path: Path) -> Optional[int]:
     """How many processes trained the checkpoint at `path` (1 before multi-GPU existed); None when its
     state file is missing or unreadable (`load_checkpoint` then says what is wrong)."""
     try:
-        state = json.loads((Path(path) / STATE_FILE).read_text())
+        state = _read_trainer_state(Path(path) / STATE_FILE)
     except (OSError, ValueError):
         return None
     return int(state.get("world_size", 1))
