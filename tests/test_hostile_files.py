@@ -497,3 +497,26 @@ def test_a_damaged_trainer_state_is_named_not_a_traceback(tmp_path, text):
     assert ckpt.saved_world_size(path) is None  # read before the data: not a traceback
     with pytest.raises(CheckpointError, match=f"checkpoint {path} could not be read .*trainer_state.json does not hold"):
         ckpt.load_checkpoint(path)
+
+
+def test_a_resume_path_that_is_no_complete_checkpoint_is_named_by_check_and_before_the_data(tmp_path, capsys):
+    """Before: `check` said ok for a resume_from_checkpoint that does not exist; `train` given its output_dir or
+    checkpoints/ folder (not a checkpoint) refused it only after caching and loading the model."""
+    from tests.conftest import write_paired_workspace
+
+    from longcat_tuner.train import checkpoint as ckpt
+
+    workspace = write_paired_workspace(tmp_path / "data", train_clips=1, eval_clips=1, frames=5, size=32)
+    run = tmp_path / "run"
+    done = ckpt.save_checkpoint(run / "checkpoints", step=3, weights={"w": torch.zeros(2)}, optimizer_state={},
+                                scheduler_state={}, trainer_state={}, rng_state={})
+    for resume, message in ((tmp_path / "nope", "is not a folder"),
+                            (run, f"no COMPLETE marker: the newest complete checkpoint in it is {done}")):
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps(_config(tmp_path, data_backend_config=str(workspace / "multidatabackend.json"),
+                                             eval_dataset_id="val", resume_from_checkpoint=str(resume))))
+        assert main(["check", "--config", str(config), "--data-only"]) == 1
+        assert f"resume_from_checkpoint: {resume} " in capsys.readouterr().err
+        with pytest.raises(CheckpointError, match=message):  # train's first step, before caching
+            ckpt.resolve_resume_path(str(resume), run / "checkpoints")
+    assert ckpt.resolve_resume_path(str(done), run / "checkpoints") == done

@@ -247,11 +247,14 @@ def run_problems(config: Any) -> list[str]:
     from importlib.util import find_spec
 
     problems = []
-    from longcat_tuner.train.outputs import earlier_run_problem
+    from longcat_tuner.train.outputs import earlier_run_problem, resume_path_problem
 
     problem = output_dir_problem(Path(config.output_dir)) or earlier_run_problem(
         Path(config.output_dir), resume_from_checkpoint=config.resume_from_checkpoint,
         overwrite_output_dir=config.overwrite_output_dir)
+    if problem:
+        problems.append(problem)
+    problem = resume_path_problem(config.resume_from_checkpoint, Path(config.output_dir) / "checkpoints")
     if problem:
         problems.append(problem)
     if config.init_lora:

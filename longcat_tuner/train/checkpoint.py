@@ -25,7 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from longcat_tuner.errors import CheckpointError
 from longcat_tuner.fsutil import is_write_error, write_failure
-from longcat_tuner.train.outputs import CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints  # torch-free, shared with `check`
+from longcat_tuner.train.outputs import (  # torch-free, shared with `check`
+    CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints, resume_path_problem,
+)
 
 WEIGHTS_FILE = CHECKPOINT_WEIGHTS_FILE
 OPTIMIZER_FILE = "optimizer.pt"
@@ -235,20 +237,17 @@ def prune_checkpoints(checkpoints_dir: Path, limit: Optional[int], *, keep: Path
 
 
 def resolve_resume_path(value: Optional[str], checkpoints_dir: Path) -> Optional[Path]:
-    """`latest` -> newest complete checkpoint (None when the run is new); a path -> that folder."""
+    """`latest` -> newest complete checkpoint (None when the run is new); a path -> that folder, which must be a
+    complete checkpoint (`resume_path_problem`)."""
     if value is None:
         return None
     if value == "latest":
         found = list_checkpoints(checkpoints_dir)
         return found[-1][1] if found else None
-    path = Path(value)
-    if not path.is_dir():
-        raise CheckpointError(
-            f"resume_from_checkpoint: {path} is not a folder; give a checkpoint folder "
-            f"(e.g. {Path(checkpoints_dir) / checkpoint_name(100)}) or 'latest'"
-            + ("; to start training from a LoRA file, set init_lora to it instead" if path.is_file() else "")
-        )
-    return path
+    problem = resume_path_problem(value, checkpoints_dir)  # before minutes of caching and model loading
+    if problem:
+        raise CheckpointError(problem)
+    return Path(value)
 
 
 def load_checkpoint(path: Path, *, tensors: bool = True) -> dict[str, Any]:

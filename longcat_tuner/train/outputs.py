@@ -51,6 +51,26 @@ def earlier_run_problem(run_dir: Path, *, resume_from_checkpoint: Optional[str],
     )
 
 
+def resume_path_problem(value: Optional[str], checkpoints_dir: Path) -> Optional[str]:
+    """Why `resume_from_checkpoint` (a path; `latest` always may go on) names no complete checkpoint folder, or
+    None: asked by `train` before the data and the model, and by `check`. A run's output_dir or its checkpoints/
+    folder given instead is pointed at the newest checkpoint in it."""
+    if value is None or value == "latest":
+        return None
+    path = Path(value)
+    example = Path(checkpoints_dir) / "checkpoint-000100"
+    if not path.is_dir():
+        return (f"resume_from_checkpoint: {path} is not a folder; give a checkpoint folder (e.g. {example}) or 'latest'"
+                + ("; to start training from a LoRA file, set init_lora to it instead" if path.is_file() else ""))
+    if (path / COMPLETE_MARKER).exists():
+        return None
+    inside = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
+    what = (f"the newest complete checkpoint in it is {inside[-1][1]}" if inside
+            else "an unfinished save, or not a checkpoint folder")
+    return (f"resume_from_checkpoint: {path} is not a complete checkpoint (no {COMPLETE_MARKER} marker: {what}); "
+            f"give a checkpoint folder (e.g. {example}) or 'latest'")
+
+
 CHECKPOINT_WEIGHTS_FILE = "trainable.safetensors"  # a checkpoint's trainable weights, under the model's own names
 CHECKPOINT_LORA_FILE = "longcat_lora.safetensors"  # the same adapters in the official LoRA format, beside them
 
