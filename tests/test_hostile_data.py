@@ -255,6 +255,22 @@ def test_a_cache_folder_that_is_a_media_folder_is_refused(tmp_path, capsys, key)
     assert json.loads((tmp_path / "clips" / "manifest.json").read_text()) == {"mine": True}
 
 
+@pytest.mark.parametrize("key", ["instance_data_dir", "cache_dir_vae"])
+def test_a_blank_dataset_folder_is_refused_not_the_backend_files_folder(tmp_path, capsys, key):
+    """Before: "" (or spaces) became the folder of multidatabackend.json: the cache was written among the config
+    files, or the config folder was scanned for clips."""
+    add_pair(tmp_path, "a")
+    code, _, err = check(capsys, write_backend(tmp_path, **{key: " "}))
+    assert code == 2 and f"dataset 'train' (entry 0): key '{key}': empty; give a folder path" in err
+
+
+def test_a_blank_text_cache_folder_is_the_default_one(tmp_path):
+    """The web UI says an empty cache_dir_text defaults to <cache_dir_vae>/../text; the trainer took it for the
+    folder of multidatabackend.json."""
+    datasets = load_datasets(write_backend(tmp_path, cache_dir_text=""))
+    assert datasets.by_id("train").text_cache_dir == tmp_path / "cache" / "text"
+
+
 def test_check_names_a_cache_folder_that_cannot_be_created(tmp_path, capsys):
     add_pair(tmp_path, "a")
     (tmp_path / "taken").write_text("a file where the cache folder belongs")

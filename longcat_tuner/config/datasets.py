@@ -138,6 +138,19 @@ class DatasetConfig(BaseModel):
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         return refuse_bool_number(cls, info.field_name, value)
 
+    @field_validator("instance_data_dir", "cache_dir_vae", mode="before")
+    @classmethod
+    def _path_not_blank(cls, value: Any) -> Any:
+        # "" would resolve to the folder of multidatabackend.json (cache entries written among the config files).
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; give a folder path")
+        return value
+
+    @field_validator("cache_dir_text", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value  # the default, as the web UI says
+
     @field_validator("resolution")
     @classmethod
     def _resolution(cls, value: Union[int, str]) -> Union[int, str]:
