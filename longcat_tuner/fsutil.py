@@ -76,10 +76,23 @@ def write_failure(err: BaseException, folder: Union[str, Path]) -> str:
     return f"cannot write in {folder} ({type(err).__name__}: {err})"
 
 
+def symlink_loop(path: Union[str, Path]) -> Optional[str]:
+    """Words for a `path` that runs into a symbolic link loop (a link that points back at itself, directly or
+    through others), or None. Such a path does not "exist", so it passed the checks and failed in `resolve`."""
+    try:
+        Path(path).resolve()
+    except (RuntimeError, OSError) as err:  # RuntimeError before Python 3.13, OSError(ELOOP) from it on
+        return f"it is a symbolic link loop ({err})"
+    return None
+
+
 def folder_problem(folder: Path, name: str, where: str) -> Optional[str]:
     """Why `folder` (the setting `name` of file `where`) could not be created or written, or None. Probes with
     a temporary file in the nearest existing folder (permission bits alone say nothing for root or read-only
     file systems); creates nothing."""
+    loop = symlink_loop(folder)
+    if loop:
+        return f"{name} {folder} cannot be used: {loop}; point it at a real folder (fix {where})"
     if folder.exists() and not folder.is_dir():
         return f"{name} {folder} is a file, not a folder; set {name} to a folder path (fix {where})"
     existing = folder

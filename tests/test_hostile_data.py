@@ -271,6 +271,31 @@ def test_a_blank_text_cache_folder_is_the_default_one(tmp_path):
     assert datasets.by_id("train").text_cache_dir == tmp_path / "cache" / "text"
 
 
+@pytest.mark.parametrize("key", ["instance_data_dir", "cache_dir_vae", "cache_dir_text"])
+def test_a_dataset_folder_that_is_a_symlink_loop_is_named(tmp_path, capsys, key):
+    """Before: RuntimeError('Symlink loop from ...') traceback from `check`, `cache` and `train`."""
+    add_pair(tmp_path, "a")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    code, _, err = check(capsys, write_backend(tmp_path, **{key: "loop"}))
+    assert code == 2 and f"dataset 'train' key '{key}' {tmp_path / 'loop'} cannot be used: it is a symbolic link loop" in err
+
+
+def test_an_output_dir_that_is_a_symlink_loop_is_named_by_check_and_train(tmp_path, capsys):
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.train import run_lock
+
+    add_pair(tmp_path, "a")
+    os.symlink(tmp_path / "run", tmp_path / "run")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"pretrained_model_name_or_path": str(TINY), "output_dir": str(tmp_path / "run"),
+                                  "data_backend_config": str(write_backend(tmp_path)), "eval_dataset_id": None,
+                                  "validation_using_datasets": False}))
+    assert cli_main(["check", "--config", str(config), "--data-only"]) == 1
+    assert f"output_dir {tmp_path / 'run'} cannot be used: it is a symbolic link loop" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="symbolic link loop"):  # train's first step (it was a RuntimeError)
+        run_lock.acquire(tmp_path / "run")
+
+
 def test_check_names_a_cache_folder_that_cannot_be_created(tmp_path, capsys):
     add_pair(tmp_path, "a")
     (tmp_path / "taken").write_text("a file where the cache folder belongs")

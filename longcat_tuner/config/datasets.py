@@ -19,6 +19,7 @@ from longcat_tuner.config.resolution import parse_resolution
 from longcat_tuner.config.sampling import MAX_FRAMES, causal_frame_count_error
 from longcat_tuner.config.training import numeric_range, refuse_bool_number
 from longcat_tuner.errors import ConfigError
+from longcat_tuner.fsutil import symlink_loop
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".webm", ".mkv", ".m4v", ".avi")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -359,6 +360,11 @@ def parse_datasets(data: Any, *, source: str = "multidatabackend.json", base_dir
                 elif value is not None:
                     updates[key] = Path(value).expanduser()
             dataset = dataset.model_copy(update=updates)
+        for key in ("instance_data_dir", "cache_dir_vae", "cache_dir_text"):
+            loop = getattr(dataset, key) is not None and symlink_loop(getattr(dataset, key))
+            if loop:  # it would fail in `resolve` below and everywhere after, as a traceback
+                raise ConfigError(f"{source}: dataset '{dataset.id}' key '{key}' {getattr(dataset, key)} cannot be "
+                                  f"used: {loop}; point it at a real folder")
         datasets.append(dataset)
     if not datasets:
         raise ConfigError(f"{source}: the dataset list is empty; add a video dataset (see config/multidatabackend.json.example)")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from longcat_tuner.errors import ConfigError
-from longcat_tuner.fsutil import write_failure
+from longcat_tuner.fsutil import symlink_loop, write_failure
 
 try:
     import fcntl
@@ -155,6 +155,9 @@ class RunLock:
     """The lock of one output_dir, held from `acquire` to `release` (a context manager too)."""
 
     def __init__(self, output_dir: Union[str, Path]) -> None:
+        loop = symlink_loop(output_dir)
+        if loop:
+            raise ConfigError(f"output_dir {output_dir} cannot be used: {loop}; point it at a real folder")
         self.output_dir = Path(output_dir).resolve()
         self.path = self.output_dir / LOCK_FILE
         self.info: Optional[LockInfo] = None
