@@ -296,6 +296,26 @@ def test_an_output_dir_that_is_a_symlink_loop_is_named_by_check_and_train(tmp_pa
         run_lock.acquire(tmp_path / "run")
 
 
+def test_an_output_dir_inside_a_media_folder_is_refused_by_check_and_train(tmp_path, capsys):
+    """Before: output_dir under instance_data_dir was accepted, and the run's validation videos were scanned as the
+    dataset's clips by the next run (trained on with caption_strategy filename)."""
+    from longcat_tuner.config.training import TrainConfig
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.train.feed import prepare_data
+
+    add_pair(tmp_path, "a")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"pretrained_model_name_or_path": str(TINY), "output_dir": "clips/run",
+                                  "data_backend_config": str(write_backend(tmp_path)), "eval_dataset_id": None,
+                                  "validation_using_datasets": False}))
+    assert cli_main(["check", "--config", str(config), "--data-only"]) == 1
+    said = f"output_dir {tmp_path / 'clips' / 'run'} is inside the media folder (instance_data_dir) {tmp_path / 'clips'}"
+    assert said in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="is inside the media folder"):  # before the caches are built
+        prepare_data(TrainConfig.from_file(config), device="cpu")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_check_names_a_cache_folder_that_cannot_be_created(tmp_path, capsys):
     add_pair(tmp_path, "a")
     (tmp_path / "taken").write_text("a file where the cache folder belongs")

@@ -298,6 +298,9 @@ def run(args: argparse.Namespace) -> int:
     problems = blocking_problems(summary, settings, data_only=args.data_only) + cache_folder_problems(datasets)
     if settings.config is not None:
         problems += run_problems(settings.config)
+        problem = datasets.output_dir_problem(Path(settings.config.output_dir))
+        if problem:
+            problems.append(problem)
         summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])
     largest = largest_batch_group(plan)
     if 0 < largest < settings.train_batch_size:

@@ -184,6 +184,20 @@ class DatasetList(BaseModel):
     datasets: list[DatasetConfig]
     source: str = "multidatabackend.json"
 
+    def output_dir_problem(self, output_dir: Path) -> Optional[str]:
+        """Why a run may not write into `output_dir`: it is, or lies inside, a dataset's media folder, where the
+        validation videos it writes would be scanned as that dataset's clips (and trained on). None if it may."""
+        if symlink_loop(output_dir):
+            return None  # a loop is named by the output_dir checks (`fsutil.folder_problem`, the run lock)
+        out = Path(output_dir).expanduser().resolve()
+        for dataset in self.datasets:
+            media = Path(dataset.instance_data_dir).expanduser().resolve()
+            if out == media or media in out.parents:
+                return (f"output_dir {output_dir} is inside the media folder (instance_data_dir) {media} of dataset "
+                        f"'{dataset.id}' in {self.source}: the run's validation videos would be scanned as its files; "
+                        "choose an output_dir outside the dataset folders")
+        return None
+
     def by_id(self, dataset_id: str) -> DatasetConfig:
         for dataset in self.datasets:
             if dataset.id == dataset_id:

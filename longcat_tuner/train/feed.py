@@ -90,6 +90,7 @@ def prepare_data(
     """
     parallel = parallel or SingleProcess()
     from longcat_tuner.data.buckets import BucketBatchSampler
+    from longcat_tuner.config.datasets import load_datasets
     from longcat_tuner.data.cache import build_caches
 
     if not Path(config.data_backend_config).is_file():
@@ -97,12 +98,16 @@ def prepare_data(
             f"data_backend_config: {config.data_backend_config} does not exist; "
             "copy config/multidatabackend.json.example there and fill the folders"
         )
+    datasets = load_datasets(config.data_backend_config)
+    problem = datasets.output_dir_problem(Path(config.output_dir))
+    if problem:  # before anything is cached, trained or written there
+        raise ConfigError(problem)
     # The eval split is cached even without dataset validation: it feeds the held-out loss.
     eval_id = config.eval_dataset_id
     dtype = encoder_settings(device)
     with parallel.writer_first():
         index = build_caches(
-            config.data_backend_config, model_root=config.pretrained_model_name_or_path, eval_dataset_id=eval_id,
+            datasets, model_root=config.pretrained_model_name_or_path, eval_dataset_id=eval_id,
             alignment=config.aspect_bucket_alignment, seed=config.seed, device=device, encoder_dtype=dtype,
             cache_dtype=default_dtype(device), progress=progress and parallel.is_writer,
         )
