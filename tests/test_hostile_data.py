@@ -232,6 +232,19 @@ def test_dataset_errors_read_as_one_sentence_per_key(tmp_path, capsys, change, s
     assert code == 2 and said in err and not_said not in err
 
 
+def test_every_bad_dataset_entry_is_named_at_once(tmp_path, capsys):
+    """Before: only the first bad entry was named; fixing it revealed the next one, one `check` at a time."""
+    backend = write_backend(tmp_path, repeats=-1)
+    datasets = json.loads(backend.read_text())
+    datasets[1]["crop_stlye"] = "center"
+    backend.write_text(json.dumps(datasets + ["not an object"]))
+    code, _, err = check(capsys, backend)
+    assert code == 2
+    for said in ("dataset 'train' (entry 0): key 'repeats'", "dataset 'train-cond' (entry 1): unknown key 'crop_stlye'",
+                 "entry 2 is a str, expected an object"):
+        assert said in err
+
+
 def test_a_backend_file_nested_absurdly_deep_is_named_without_a_traceback(tmp_path, capsys):
     backend = tmp_path / "multidatabackend.json"
     backend.write_text("[" * 200_000 + "]" * 200_000)

@@ -356,15 +356,17 @@ def parse_datasets(data: Any, *, source: str = "multidatabackend.json", base_dir
             hint = (" (this is a training config, like config.json; data_backend_config / --data_backend_config takes the "
                     f"dataset list, multidatabackend.json, and --config takes config.json)")
         raise ConfigError(f"{source}: expected a JSON list of datasets ([{{...}}, ...]), got {type(data).__name__}{hint}")
-    datasets = []
+    datasets, errors = [], []  # every entry's problems at once, one line each (not only the first entry's)
     for index, entry in enumerate(data):
         if not isinstance(entry, dict):
-            raise ConfigError(f"{source}: entry {index} is a {type(entry).__name__}, expected an object")
+            errors.append(f"{source}: entry {index} is a {type(entry).__name__}, expected an object")
+            continue
         dataset_id = str(entry.get("id", f"#{index}"))
         try:
             dataset = DatasetConfig.model_validate(entry)
         except ValidationError as err:
-            raise ConfigError(_format_dataset_error(err, dataset_id, index, source)) from None
+            errors.append(_format_dataset_error(err, dataset_id, index, source))
+            continue
         if base_dir is not None:
             updates = {}
             for key in ("instance_data_dir", "cache_dir_vae", "cache_dir_text"):
@@ -377,9 +379,11 @@ def parse_datasets(data: Any, *, source: str = "multidatabackend.json", base_dir
         for key in ("instance_data_dir", "cache_dir_vae", "cache_dir_text"):
             loop = getattr(dataset, key) is not None and symlink_loop(getattr(dataset, key))
             if loop:  # it would fail in `resolve` below and everywhere after, as a traceback
-                raise ConfigError(f"{source}: dataset '{dataset.id}' key '{key}' {getattr(dataset, key)} cannot be "
-                                  f"used: {loop}; point it at a real folder")
+                errors.append(f"{source}: dataset '{dataset.id}' key '{key}' {getattr(dataset, key)} cannot be "
+                              f"used: {loop}; point it at a real folder")
         datasets.append(dataset)
+    if errors:
+        raise ConfigError("\n".join(errors))
     if not datasets:
         raise ConfigError(f"{source}: the dataset list is empty; add a video dataset (see config/multidatabackend.json.example)")
     _check_cross_references(datasets, source)
