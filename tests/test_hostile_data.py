@@ -192,6 +192,18 @@ def test_a_file_name_that_is_not_utf8_is_skipped_by_name_and_the_rest_trains(tmp
         problem.encode("utf-8")
 
 
+def test_a_file_name_with_a_newline_or_terminal_escape_cannot_forge_report_lines(tmp_path, capsys):
+    """Before: `check` printed such names raw: a clip named "x\nok: 999 training items..." added a forged line
+    to the report, and ESC sequences recoloured or retitled the user's terminal."""
+    add_pair(tmp_path, "good")
+    for name in ("evil\nok: 999 training items, 0 eval items\n", "ctl\x1b]0;pwned\x07"):
+        add_pair(tmp_path, name)
+    code, out, _ = check(capsys, write_backend(tmp_path))
+    assert code == 0 and "1 usable" in out and "\x1b" not in out and "\nok: 999" not in out
+    assert "evil\\nok: 999 training items, 0 eval items\\n.mp4: file name holds control characters" in out
+    assert "ctl\\x1b]0;pwned\\x07.mp4: file name holds control characters" in out
+
+
 # --- captions --------------------------------------------------------------------------------------
 def test_captions_in_utf16_are_read_and_latin1_is_named_with_the_byte(tmp_path, capsys):
     add_pair(tmp_path, "notepad")

@@ -153,6 +153,10 @@ def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str, *,
             problems.append(Problem(dataset_id, str(path), "file name is not valid UTF-8 (written by a system "
                                     "with another encoding); rename the file (and its caption and start frame)"))
             continue
+        if _has_control(path.relative_to(root).as_posix()):
+            problems.append(Problem(dataset_id, str(path), "file name holds control characters (a newline, a terminal "
+                                    "escape; shown escaped); rename the file (and its caption and start frame)"))
+            continue
         # NFC: a name typed on macOS (decomposed "e" + accent) pairs with the same name typed elsewhere.
         key = unicodedata.normalize("NFC", path.relative_to(root).with_suffix("").as_posix())
         candidates.append((key, path, through_link))
@@ -199,15 +203,22 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(char) == "Cc" for char in text)
+
+
 def printable(text: str) -> str:
     """`text` (a path, or a message naming one) as text that can be printed and saved: bytes of a file name
-    that were not UTF-8 become U+FFFD."""
-    if _is_unicode(text):
-        return text
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
+    that were not UTF-8 become U+FFFD, control characters are escaped (`\\n`, `\\x1b`), so a file name cannot
+    add lines to a report or send escape sequences to the terminal."""
+    if not _is_unicode(text):
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "replace").decode("utf-8")
+    if _has_control(text):
+        text = "".join(repr(char)[1:-1] if unicodedata.category(char) == "Cc" else char for char in text)
+    return text
 
 
 def _walk_media(root: Path, extensions: tuple[str, ...], dataset_id: str, problems: list[Problem]):
