@@ -520,3 +520,27 @@ def test_a_resume_path_that_is_no_complete_checkpoint_is_named_by_check_and_befo
         with pytest.raises(CheckpointError, match=message):  # train's first step, before caching
             ckpt.resolve_resume_path(str(resume), run / "checkpoints")
     assert ckpt.resolve_resume_path(str(done), run / "checkpoints") == done
+
+
+def test_a_damaged_model_config_is_named_by_sample_cache_and_train_as_by_check(tiny_checkpoint, tmp_path, capsys):
+    """Before: `check` named these, but `sample`, `cache` and `train` met them in the loaders as tracebacks
+    (TypeError from a z_dim of "16", JSONDecodeError from an empty tokenizer.json, AttributeError from a list)."""
+    from longcat_tuner.data.cache import load_encoders
+
+    root = tmp_path / "model"
+    for component in ("dit", "text_encoder", "tokenizer", "scheduler", "vae"):
+        (root / component).mkdir(parents=True)
+        for file in (tiny_checkpoint / component).iterdir():
+            (root / component / file.name).symlink_to(file)
+    (root / "vae" / "config.json").unlink()
+    vae = json.loads((tiny_checkpoint / "vae" / "config.json").read_text())
+    (root / "vae" / "config.json").write_text(json.dumps({**vae, "z_dim": "16"}))
+    said = f"{root / 'vae' / 'config.json'}: key 'z_dim' must be a positive whole number"
+    assert main(["sample", "--model", str(root), "--prompt", "x", "--output", str(tmp_path / "o.mp4")]) == 2
+    assert said in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="key 'z_dim'"):  # the cache stage (`cache`, and `train` first)
+        load_encoders(root)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(_config(tmp_path, pretrained_model_name_or_path=str(root))))
+    assert main(["train", "--config", str(config)]) == 2  # datasets.json does not exist: the model is read first
+    assert said in capsys.readouterr().err

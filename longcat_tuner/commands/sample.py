@@ -86,12 +86,13 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     from longcat_tuner.devices import default_dtype
     from longcat_tuner.media import image_to_tensor, video_to_uint8
 
-    from longcat_tuner.model.inspect import find_component
+    from longcat_tuner.model.inspect import find_component, require_intact_model
 
     check_video_output(args.output)  # before minutes of work, not when the video is written
     loras = read_sampling_loras(args)  # a bad LoRA file is named before minutes of model loading
     for component in ("text_encoder", "dit", "vae"):  # a wrong --model is named before the compile decision
         find_component(args.model, component)
+    require_intact_model(args.model)  # a damaged config or tokenizer file, as `check` names it
     image = read_image(args.image) if args.image else None
     height, width = resolution_size(args.resolution, source_hw=(image.height, image.width) if image else None)
     device = ctx.device if ctx.enabled else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -301,7 +301,9 @@ def predicted_identities(model_root: Path) -> tuple[Optional[str], Optional[str]
 def load_encoders(model_root: Path, *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> tuple[LazyEncoder, LazyEncoder]:
     """Lazy handles to the checkpoint's VAE and text encoder (`longcat_tuner.encoders`)."""
     from longcat_tuner.encoders import TextEncoder, VideoVAE
+    from longcat_tuner.model.inspect import require_intact_model
 
+    require_intact_model(model_root)  # a damaged config or tokenizer file is named, as `check` names it
     vae_identity, text_identity = predicted_identities(model_root)
     vae = LazyEncoder(
         lambda: VideoVAE.from_pretrained(model_root, dtype=dtype, device=device), vae_identity, compute_dtype=_dtype_name(dtype)

@@ -409,3 +409,11 @@ def inspect_model(
         if problem:
             report.problems.append(problem)
     return report
+
+
+def require_intact_model(root: PathLike) -> None:
+    """Raise `CheckpointError` naming every problem `inspect_model` finds (what `check` reports) before a loader
+    meets it as a traceback (a config of the wrong type, a damaged tokenizer or scheduler file). Headers only."""
+    report = inspect_model(root)
+    if report.problems:
+        raise CheckpointError("; ".join(report.problems))

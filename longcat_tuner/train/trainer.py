@@ -38,7 +38,7 @@ from longcat_tuner.config.training import TrainConfig
 from longcat_tuner.devices import default_dtype
 from longcat_tuner.errors import CheckpointError, ConfigError, GPUMemoryError, LongcatError
 from longcat_tuner.fsutil import atomic_file, is_write_error, write_failure
-from longcat_tuner.model.inspect import WEIGHTS_NAME
+from longcat_tuner.model.inspect import WEIGHTS_NAME, require_intact_model
 from longcat_tuner.generate import SamplingProgress
 from longcat_tuner.runtime.allocator import expandable_in_use, use_default_allocator
 from longcat_tuner.train import checkpoint as ckpt
@@ -505,6 +505,8 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
             read_lora_file(config.init_lora)
 
         parallel.decide(read_init_lora, error=CheckpointError)
+    # A damaged config or tokenizer file is named as `check` names it, not met by a loader as a traceback.
+    parallel.decide(lambda: require_intact_model(config.pretrained_model_name_or_path), error=CheckpointError)
     precision = choose_precision(config, parallel.device)
     seed_everything(config.seed)  # the same on every rank: adapters start identical
     data = prepare_data(config, device=precision.device, progress=progress, parallel=parallel)
