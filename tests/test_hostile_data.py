@@ -132,6 +132,17 @@ def test_a_raw_h264_stream_is_named_as_one_not_as_an_empty_file(tmp_path):
         probe_video(path)
 
 
+def test_a_clip_whose_header_names_no_codec_is_skipped_by_name(tmp_path, capsys):
+    """Before: an mp4 with a damaged `minf` box (a video stream without a codec) was an AttributeError traceback
+    in `check`, `cache` and `train`, for one bad clip among good ones."""
+    add_pair(tmp_path, "good")
+    add_pair(tmp_path, "bad")
+    clip = tmp_path / "clips" / "bad.mp4"
+    clip.write_bytes(clip.read_bytes().replace(b"minf", b"mixf"))
+    code, out, _ = check(capsys, write_backend(tmp_path))
+    assert code == 0 and "1 usable" in out and f"{clip}: the video stream names no codec" in out
+
+
 def test_a_clip_of_absurd_aspect_is_refused_in_check_not_failed_in_the_scaler(tmp_path, capsys):
     # A 4000x2 strip would be scaled to 640000 pixels wide to cover a 480p bucket: the scaler refused it
     # ("Invalid argument") only in the cache stage. A 16:1 panorama still trains.

@@ -128,6 +128,8 @@ def probe_video(path: str | Path) -> VideoInfo:
         if not container.streams.video:
             raise DataError(f"{path}: has no video stream; remove it or convert it to a video")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # a damaged header: the stream is typed video but names no codec
+            raise DataError(f"{path}: the video stream names no codec (a damaged file header); re-encode or remove it")
         if stream.time_base is None:
             raise DataError(f"{path}: video stream has no time base; re-encode it (e.g. ffmpeg -i in -c:v libx264 out.mp4)")
         pts: list[int] = []
