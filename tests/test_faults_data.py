@@ -516,6 +516,26 @@ def test_a_truncated_start_frame_is_unusable_in_check_as_in_training(tmp_path, c
     assert skipped["path"].endswith("cut.png") and skipped["reason"].startswith("image data is corrupt or truncated")
 
 
+def test_a_start_frame_with_corrupt_compressed_data_is_unusable_in_check_as_in_training(tmp_path):
+    """Before: `probe_image` read the EXIF first; for a PNG that decodes the pixels, its failure was swallowed and
+    the decode after it returned the half-decoded image as intact, so `check` counted a start frame that the
+    cache build then failed on."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "bad.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, size=(32, 32, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 4 + 20  # inside the zlib stream: the file is complete, its pixels are not
+    data[start] ^= 0xFF
+    data[start + 50] ^= 0x55
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load_image(path, plan_resize(32, 32, 32, 32))
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        probe_image(path)
+
+
 def test_a_failed_video_or_lora_write_leaves_no_partial_file(tmp_path, monkeypatch):
     import numpy as np
     import safetensors.torch

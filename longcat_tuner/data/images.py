@@ -98,12 +98,12 @@ def probe_image(path: str | Path, *, decode: bool = True) -> tuple[int, int]:
     path = Path(path)
     with open_image(path) as image:
         width, height = image.size
+        if decode:  # first: a PNG's getexif() decodes the pixels itself, and its failure is swallowed below,
+            _decode(image, path)  # after which load() returned the half-decoded image as if it were intact
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
         except Exception:  # a broken EXIF block must not hide a readable image
             orientation = 1
-        if decode:
-            _decode(image, path)
     return (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)
 
 
