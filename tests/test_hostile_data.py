@@ -216,6 +216,20 @@ def test_a_file_name_with_a_newline_or_terminal_escape_cannot_forge_report_lines
 
 
 # --- captions --------------------------------------------------------------------------------------
+def test_a_caption_that_is_a_broken_link_or_a_folder_is_not_called_missing(tmp_path, capsys):
+    """Before: both were "caption file x.txt is missing; add it", next to the file the user can see."""
+    for key in ("good", "gone", "folder"):
+        add_pair(tmp_path, key)
+    (tmp_path / "clips" / "gone.txt").unlink()
+    (tmp_path / "clips" / "gone.txt").symlink_to(tmp_path / "elsewhere.txt")
+    (tmp_path / "clips" / "folder.txt").unlink()
+    (tmp_path / "clips" / "folder.txt").mkdir()
+    code, out, _ = check(capsys, write_backend(tmp_path))
+    assert code == 0 and "1 usable" in out
+    assert f"caption file gone.txt is a broken symbolic link to {tmp_path / 'elsewhere.txt'}; fix or remove it" in out
+    assert "caption file folder.txt is a folder; replace it with the caption text file" in out
+
+
 def test_captions_in_utf16_are_read_and_latin1_is_named_with_the_byte(tmp_path, capsys):
     add_pair(tmp_path, "notepad")
     (tmp_path / "clips" / "notepad.txt").write_bytes("a caf\u00e9 at dusk".encode("utf-16"))  # BOM + UTF-16 LE

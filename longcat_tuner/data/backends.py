@@ -334,6 +334,10 @@ def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Op
         return caption, (f"file name: {_control_note(removed)}" if removed else None)
     sidecar = sidecar_caption_path(media_path)
     if not sidecar.is_file():
+        if sidecar.is_dir():
+            return None, f"caption file {sidecar.name} is a folder; replace it with the caption text file"
+        if sidecar.is_symlink():  # there, but leads nowhere (or round in a loop): not "missing"
+            return None, f"caption file {sidecar.name} is a broken symbolic link to {os.readlink(sidecar)}; fix or remove it"
         return None, f"caption file {sidecar.name} is missing; add it or use caption_strategy 'filename'"
     try:
         caption, removed = clean_caption(decode_caption(sidecar.read_bytes()))
