@@ -25,7 +25,7 @@ import safetensors
 import torch
 
 from conftest import TINY, write_paired_workspace
-from longcat_tuner.errors import CheckpointError, DataError
+from longcat_tuner.errors import CheckpointError, ConfigError, DataError
 from longcat_tuner.fsutil import write_failure
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
@@ -302,6 +302,21 @@ def test_lock_refuses_a_second_holder_and_names_it(tmp_path):
         with pytest.raises(run_lock.RunLockedError, match=f"pid {os.getpid()}"):  # same process, second call
             run_lock.acquire(folder)
     assert not (folder / run_lock.LOCK_FILE).exists() and run_lock.read_lock(folder) is None
+
+
+def test_a_lock_that_cannot_be_written_advises_by_its_cause(tmp_path, monkeypatch):
+    """Before: a read-only output_dir was told to "free space there"."""
+    def fail(errno_value):
+        def _acquire(self):
+            raise OSError(errno_value, os.strerror(errno_value))
+        return _acquire
+
+    monkeypatch.setattr(run_lock.RunLock, "_acquire", fail(errno.EROFS))
+    with pytest.raises(ConfigError, match="read-only file system .*; choose an output_dir you can write to$"):
+        run_lock.acquire(tmp_path)
+    monkeypatch.setattr(run_lock.RunLock, "_acquire", fail(errno.ENOSPC))
+    with pytest.raises(ConfigError, match="the disk is full .*; free space there or choose another output_dir$"):
+        run_lock.acquire(tmp_path)
 
 
 def test_lock_of_another_host_is_not_taken_over(tmp_path):

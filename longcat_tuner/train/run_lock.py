@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from longcat_tuner.errors import ConfigError
-from longcat_tuner.fsutil import symlink_loop, write_failure
+from longcat_tuner.fsutil import is_out_of_space, symlink_loop, write_failure
 
 try:
     import fcntl
@@ -175,10 +175,9 @@ class RunLock:
         try:
             return self._acquire()
         except OSError as err:
-            raise ConfigError(
-                f"cannot write the lock file {self.path}: {write_failure(err, self.output_dir)}; "
-                "free space there or choose another output_dir"
-            ) from err
+            fix = "free space there or choose another output_dir" if is_out_of_space(err, self.output_dir) else (
+                "choose an output_dir you can write to")  # read-only or not ours: no space to free
+            raise ConfigError(f"cannot write the lock file {self.path}: {write_failure(err, self.output_dir)}; {fix}") from err
 
     def _acquire(self) -> "RunLock":
         self.output_dir.mkdir(parents=True, exist_ok=True)
