@@ -219,6 +219,22 @@ def test_config_file_encodings_and_shapes(tmp_path):
         TrainConfig.from_file(tmp_path / "folder.json")
 
 
+def test_a_settings_path_that_is_a_pipe_a_device_or_huge_is_refused_unread(tmp_path):
+    """Before: `--config` naming a FIFO waited forever, /dev/zero filled the memory (MemoryError traceback), and a
+    video given by mistake was read whole before its first byte was refused."""
+    from longcat_tuner.config.datasets import load_datasets
+
+    # /dev/null stands for every non-regular file (a pipe would hang this test were the fix undone).
+    with pytest.raises(ConfigError, match="/dev/null is not a regular file"):
+        TrainConfig.from_file("/dev/null")
+    big = tmp_path / "clip.mp4"
+    with open(big, "wb") as handle:
+        handle.truncate(17 * 2**20)  # sparse: nothing written
+    for read in (TrainConfig.from_file, load_datasets):
+        with pytest.raises(ConfigError, match="clip.mp4 is 17 MiB, too large for a settings file"):
+            read(big)
+
+
 def test_output_dir_that_is_a_file_is_named_and_kept(tmp_path):
     from longcat_tuner.train import run_lock
 

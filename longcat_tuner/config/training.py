@@ -438,6 +438,9 @@ def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_F
     return data
 
 
+MAX_SETTINGS_BYTES = 16 * 2**20  # config.json and multidatabackend.json are a few kB
+
+
 def read_json(path: Path) -> Any:
     """Parse JSON, allowing `//` and `/* */` comments as in the guide's jsonc examples.
 
@@ -447,6 +450,11 @@ def read_json(path: Path) -> Any:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder, not a JSON file; give the path of the .json file")
+    if path.exists() and not path.is_file():  # reading a pipe waits forever, /dev/zero fills the memory
+        raise ConfigError(f"{path} is not a regular file (a pipe or a device); give the path of the .json file")
+    if path.is_file() and path.stat().st_size > MAX_SETTINGS_BYTES:  # a video given by mistake is not read whole
+        raise ConfigError(f"{path} is {path.stat().st_size / 2**20:.0f} MiB, too large for a settings file (at most "
+                          f"{MAX_SETTINGS_BYTES // 2**20} MiB); give the path of the .json file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
