@@ -372,6 +372,17 @@ def test_every_option_of_every_subcommand_says_what_it_is():
     assert len(subcommands.choices) == 8 and bare == []
 
 
+def test_a_demo_folder_that_cannot_be_used_is_named(tmp_path, capsys):
+    """Before: a file, a symbolic link loop or a read-only place as the demo folder was a traceback."""
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for folder, said in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "loop", "symbolic link loop"),
+                         (Path("/proc/longcat-tuner-demo"), "is not writable")):
+        assert cli_main(["demo", str(folder), "--no-progress"]) == 2
+        assert f"the demo folder {folder} " in (err := capsys.readouterr().err) and said in err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_the_demo_never_replaces_a_config_it_did_not_write(tmp_path, capsys):
     """`longcat-tuner demo .` in a project folder replaced its config.json and multidatabackend.json silently."""
     mine = tmp_path / "project"

@@ -259,7 +259,11 @@ def write_demo(
     from longcat_tuner.model.random_checkpoint import write_random_checkpoint
 
     from longcat_tuner.errors import ConfigError
+    from longcat_tuner.fsutil import folder_problem
 
+    problem = folder_problem(Path(folder), "the demo folder", "the command line")  # a file, a link loop, read-only
+    if problem:
+        raise ConfigError(problem)
     folder = Path(folder).resolve()
     foreign = not_the_demos(folder)
     if foreign:
