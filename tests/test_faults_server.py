@@ -125,6 +125,32 @@ def test_server_and_its_guards_load_without_torch(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_server_flags_that_cannot_work_are_named_before_binding(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Before: --port 99999 was an OverflowError traceback, a --data-dir that is a file, a link loop or read-only
+    a NotADirectoryError/RuntimeError/OSError traceback, and --max-upload-mb -5 was accepted."""
+    import uvicorn
+
+    from longcat_tuner.cli import main
+
+    def bound(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", bound)
+
+    for flags, said in ((["--port", "99999"], "99999 is outside 0..65535"),
+                        (["--max-upload-mb", "-5"], "expected a number > 0, got -5")):
+        with pytest.raises(SystemExit):
+            main(["server", *flags])
+        assert said in capsys.readouterr().err
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for folder, said in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "loop", "symbolic link loop"),
+                         (Path("/proc/longcat-tuner-ui"), "is not writable")):
+        assert main(["server", "--data-dir", str(folder)]) == 2
+        assert f"--data-dir {folder} " in (err := capsys.readouterr().err) and said in err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 # --- item 6: no write outside the allowed folders, defaults included -------------------------------------
 def test_default_text_cache_outside_the_allowed_folders_is_refused(server) -> None:
     client, settings, work, _ = server

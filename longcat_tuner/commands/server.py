@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from longcat_tuner.commands.argtypes import bounded_int
+from longcat_tuner.commands.argtypes import bounded_int, positive_float
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8765, help="port to bind (default: 8765)")
+    parser.add_argument("--port", type=bounded_int(0, 65535), default=8765, help="port to bind (default: 8765)")
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Default: the current folder. The data folder is always allowed.",
     )
     parser.add_argument(
-        "--max-upload-mb", type=float, default=20.0, help="largest start-frame upload accepted (default: 20 MB)"
+        "--max-upload-mb", type=positive_float, default=20.0, help="largest start-frame upload accepted (default: 20 MB)"
     )
     parser.add_argument(
         "--max-jobs", type=bounded_int(1, 64), default=2,
@@ -54,9 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn  # imported here so `longcat-tuner --help` does not need the server extra
 
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.fsutil import folder_problem
     from longcat_tuner.server.app import ServerSettings, create_app
     from longcat_tuner.server.security import TOKEN_ENV, new_token
 
+    problem = folder_problem(args.data_dir, "--data-dir", "the command line")  # a file, a link loop, read-only
+    if problem:
+        raise ConfigError(problem)
     token = os.environ.get(TOKEN_ENV) or new_token()
     roots = tuple(args.allow_dir) if args.allow_dir else (Path.cwd(),)
     settings = ServerSettings(
