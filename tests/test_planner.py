@@ -248,6 +248,16 @@ def test_setting_is_a_plain_value():
     assert dataclasses.replace(s, lora_rank=8).lora_rank == 8
 
 
+@pytest.mark.parametrize("memory", ["-1", "0", "nan", "inf"])
+def test_plan_refuses_a_gpu_memory_that_is_not_a_positive_number(tmp_path, capsys, memory):
+    """Before: --gpu-memory -1 or nan planned anyway and answered "nothing fits: lower the resolution"."""
+    from longcat_tuner.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--config", str(tmp_path / "config.json"), "--gpu-memory", memory])
+    assert f"argument --gpu-memory: expected a number > 0, got {memory}" in capsys.readouterr().err
+
+
 def test_plan_uses_the_config_checkpointing_and_compile_keys(tmp_path):
     from longcat_tuner.commands.plan import setting_from_config
     from longcat_tuner.config.training import TrainConfig

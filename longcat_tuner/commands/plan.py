@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from longcat_tuner.commands.argtypes import positive_float
 from longcat_tuner.config.sampling import add_sampling_arguments
 from longcat_tuner.config.training import add_config_arguments
 from longcat_tuner.errors import ConfigError
@@ -27,7 +28,7 @@ def register(subparsers) -> None:
         "and the settings (block swap, base precision, checkpointing) that fit a GPU.",
     )
     parser.add_argument("--config", type=Path, required=True, help="config.json")
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GPU memory in GiB (default 80)")
+    parser.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GPU memory in GiB (default 80)")
     add_sampling_arguments(parser, ("resolution", "frames"), defaults=False, helps={
         "resolution": "Training clip size: HEIGHTxWIDTH, or a class (480p) taken at its 16:9 size (every bucket of a "
         "class has about the same area). Default: the largest training dataset, else validation_resolution.",
