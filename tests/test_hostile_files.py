@@ -556,6 +556,8 @@ def test_a_damaged_model_config_is_named_by_sample_cache_and_train_as_by_check(t
     assert said in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="key 'z_dim'"):  # the cache stage (`cache`, and `train` first)
         load_encoders(root)
+    with pytest.raises(CheckpointError, match="nope does not exist: point pretrained_model_name_or_path"):
+        load_encoders(tmp_path / "nope")  # one sentence for a wrong path, not one per component
     config = tmp_path / "config.json"
     config.write_text(json.dumps(_config(tmp_path, pretrained_model_name_or_path=str(root))))
     assert main(["train", "--config", str(config)]) == 2  # datasets.json does not exist: the model is read first

@@ -414,6 +414,7 @@ def inspect_model(
 def require_intact_model(root: PathLike) -> None:
     """Raise `CheckpointError` naming every problem `inspect_model` finds (what `check` reports) before a loader
     meets it as a traceback (a config of the wrong type, a damaged tokenizer or scheduler file). Headers only."""
+    find_component(root, "dit")  # a missing or wrong folder: the one sentence that says so, not one per component
     report = inspect_model(root)
     if report.problems:
         raise CheckpointError("; ".join(report.problems))
