@@ -14,3 +14,22 @@ def default_dtype(device: Union[str, "torch.device"]):  # noqa: F821  (torch is 
     import torch
 
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def chosen_device(text: "str | None"):
+    """`--device` as a torch.device (CUDA when there is one, else the CPU, when not given); a name torch does
+    not know, or a CUDA device this machine lacks, is a `ConfigError` naming the flag (not a torch traceback)."""
+    import torch
+
+    from longcat_tuner.errors import ConfigError
+
+    if not text:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {text}: torch sees {torch.cuda.device_count()} CUDA device(s) here; use cpu or "
+                          "an existing cuda:N")
+    return device

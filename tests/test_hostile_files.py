@@ -562,3 +562,24 @@ def test_a_damaged_model_config_is_named_by_sample_cache_and_train_as_by_check(t
     config.write_text(json.dumps(_config(tmp_path, pretrained_model_name_or_path=str(root))))
     assert main(["train", "--config", str(config)]) == 2  # datasets.json does not exist: the model is read first
     assert said in capsys.readouterr().err
+
+
+def test_a_device_or_worker_count_that_cannot_work_is_named(tiny_checkpoint, tmp_path, capsys):
+    """Before: `--device bogus` was torch's RuntimeError and `--device cuda` on a machine without CUDA an
+    AssertionError traceback (in `cache` after planning the data, in `sample` after reading the LoRAs);
+    `cache --decode_workers 0` was accepted."""
+    import torch
+
+    from longcat_tuner.devices import chosen_device
+
+    with pytest.raises(ConfigError, match="--device 'bogus' is not a device; use cpu, cuda or cuda:N"):
+        chosen_device("bogus")
+    with pytest.raises(ConfigError, match=f"--device cuda:99: torch sees {torch.cuda.device_count()} CUDA device"):
+        chosen_device("cuda:99")
+    assert chosen_device("cpu") == torch.device("cpu")
+    argv = ["sample", "--model", str(tiny_checkpoint), "--prompt", "x", "--output", str(tmp_path / "o.mp4")]
+    assert main(argv + ["--device", "bogus"]) == 2
+    assert "--device 'bogus' is not a device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cache", "--data_backend_config", str(tmp_path / "d.json"), "--decode_workers", "0"])
+    assert "argument --decode_workers: 0 is outside 1..64" in capsys.readouterr().err

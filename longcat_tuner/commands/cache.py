@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from longcat_tuner.commands.argtypes import bounded_int
 from longcat_tuner.commands.check import add_data_arguments, data_settings, format_summary
 from longcat_tuner.errors import ConfigError
 
@@ -20,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
 
     from longcat_tuner.data.backends import plan_summary
     from longcat_tuner.data.cache import build_caches
-    from longcat_tuner.devices import default_dtype
+    from longcat_tuner.devices import chosen_device, default_dtype
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.no_progress:
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     model_root = args.model or settings.model_root
     if model_root is None:
         raise ConfigError("give --config config/config.json (pretrained_model_name_or_path) or --model FOLDER")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = chosen_device(args.device)
     encoder_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.encoder_dtype] if args.encoder_dtype else default_dtype(device)
     index = build_caches(
         settings.data_backend_config,
@@ -65,6 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="checkpoint folder (overrides pretrained_model_name_or_path)")
     parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     parser.add_argument("--encoder_dtype", choices=["bf16", "fp32"], help="encoder precision (default bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--decode_workers", type=int, default=2, help="clips decoded ahead of the VAE (threads)")
+    parser.add_argument("--decode_workers", type=bounded_int(1, 64), default=2, help="clips decoded ahead of the VAE (threads)")
     parser.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)

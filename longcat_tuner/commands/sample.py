@@ -83,7 +83,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     from longcat_tuner.generate import SamplingProgress, generate
     from longcat_tuner.data.buckets import resolution_size
     from longcat_tuner.data.images import prepare_start_frame, read_image
-    from longcat_tuner.devices import default_dtype
+    from longcat_tuner.devices import chosen_device, default_dtype
     from longcat_tuner.media import image_to_tensor, video_to_uint8
 
     from longcat_tuner.model.inspect import find_component, require_intact_model
@@ -95,7 +95,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     require_intact_model(args.model)  # a damaged config or tokenizer file, as `check` names it
     image = read_image(args.image) if args.image else None
     height, width = resolution_size(args.resolution, source_hw=(image.height, image.width) if image else None)
-    device = ctx.device if ctx.enabled else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ctx.device if ctx.enabled else chosen_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
     args.blocks_to_swap = sampling_swap(args, height=height, width=width, device=device)
