@@ -383,6 +383,22 @@ def test_a_demo_folder_that_cannot_be_used_is_named(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_the_demo_never_writes_into_a_run_or_data_it_did_not_make(tmp_path, capsys):
+    """`longcat-tuner demo .` in a folder without config.json but with output/ (a finished run) and data/ replaced
+    that run's LoRA and checkpoint-000001 and the user's data/train/clips/clip_000.txt."""
+    mine = tmp_path / "project"
+    (mine / "output").mkdir(parents=True)
+    (mine / "output" / "longcat_lora.safetensors").write_bytes(b"my finished LoRA")
+    (mine / "data" / "train" / "clips").mkdir(parents=True)
+    (mine / "data" / "train" / "clips" / "clip_000.txt").write_text("my caption")
+    assert cli_main(["demo", str(mine), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{mine / 'data'}, {mine / 'output'}: not written by the demo" in err
+    assert (mine / "output" / "longcat_lora.safetensors").read_bytes() == b"my finished LoRA"
+    assert (mine / "data" / "train" / "clips" / "clip_000.txt").read_text() == "my caption"
+    assert sorted(p.name for p in mine.iterdir()) == ["data", "output"]
+
+
 def test_the_demo_never_replaces_a_config_it_did_not_write(tmp_path, capsys):
     """`longcat-tuner demo .` in a project folder replaced its config.json and multidatabackend.json silently."""
     mine = tmp_path / "project"

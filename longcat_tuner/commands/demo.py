@@ -231,9 +231,12 @@ DEMO_IDS = ("demo-train", "demo-train-cond", "demo-val", "demo-val-cond")
 
 
 def not_the_demos(folder: Path) -> list[Path]:
-    """config.json / multidatabackend.json in `folder` that an earlier demo did not write: `demo .` in a project
-    folder would otherwise replace the user's own files without a word."""
+    """config.json / multidatabackend.json in `folder` that an earlier demo did not write, and, where no demo ran
+    before, the model/ data/ cache/ output/ it would write into: `demo .` in a project folder would otherwise
+    replace the user's own files (captions, clips, a finished run's LoRA and checkpoints) without a word."""
     found = []
+    if not (folder / "config.json").exists() and not (folder / "multidatabackend.json").exists():
+        found += [folder / name for name in ("model", "data", "cache", "output") if (folder / name).exists()]
     for name in ("config.json", "multidatabackend.json"):
         path = folder / name
         if not path.exists():
