@@ -408,3 +408,22 @@ def test_sample_names_a_wrong_model_folder_first(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"{tmp_path / 'nomodel'} does not exist: point pretrained_model_name_or_path / --model" in err
     assert "compile:" not in err
+
+
+def test_a_bucket_smaller_than_the_batch_is_named_by_check(tmp_path, workspace, capsys):
+    from longcat_tuner.commands.demo import write_split
+
+    # One text-to-video clip beside the two image-to-video ones: with batch 2 it could never be trained on.
+    clips, _ = write_split(tmp_path / "t2v", count=1, frames=5, height=32, width=32, seed=3)
+    datasets = json.loads((workspace / "multidatabackend.json").read_text())
+    datasets.append({"id": "t2v", "dataset_type": "video", "instance_data_dir": str(clips), "resolution": "32x32",
+                     "cache_dir_vae": str(tmp_path / "cache" / "t2v"), "video": {"num_frames": 5}})
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(datasets))
+    config = write_config(tmp_path, workspace, train_batch_size=2,
+                          data_backend_config=str(tmp_path / "multidatabackend.json"))
+    code, out, err = check(config, capsys)
+    assert code == 0, err  # a warning: the other bucket trains
+    assert ("warning: 1 training item(s) are never trained on: bucket(s) 5x32x32 text-to-video (1) hold fewer items "
+            "(counting repeats) than train_batch_size 2") in out
+    code, out, _ = check(config, capsys, "--json")
+    assert json.loads(out)["batch_warnings"] and check(config, capsys, "--train_batch_size", "1")[1].count("never trained") == 0

@@ -132,6 +132,16 @@ def resolution_size(
     return bucket_size(parsed, *(source_hw or native_size(parsed)), alignment)
 
 
+def unbatched_warning(groups: dict[tuple[int, int, int, bool], int], batch_size: int) -> str:
+    """The buckets too small for one batch (a batch never mixes buckets): their items would never be trained on."""
+    named = ", ".join(f"{frames}x{height}x{width} {'image-to-video' if has_start else 'text-to-video'} ({count})"
+                      for (frames, height, width, has_start), count in sorted(groups.items()))
+    return (f"warning: {sum(groups.values())} training item(s) are never trained on: bucket(s) {named} hold fewer "
+            f"items (counting repeats) than train_batch_size {batch_size}, and a batch never mixes buckets; lower "
+            "train_batch_size, add repeats to those datasets, or give them a size or frame count of a larger bucket "
+            "(`longcat-tuner check` lists the buckets)")
+
+
 class BucketBatchSampler:
     """Yields lists of dataset indices; every batch comes from one group (bucket).
 
@@ -197,6 +207,16 @@ class BucketBatchSampler:
 
     def __len__(self) -> int:
         return len(self.batches_for_epoch(self.epoch))
+
+    def unbatched_groups(self) -> dict[Hashable, int]:
+        """Groups holding fewer items (counting repeats) than one batch, with their counts: with `drop_last`
+        no batch is ever cut from them, so their items are never trained on."""
+        if not self.drop_last:
+            return {}
+        counts: dict[Hashable, int] = {}
+        for key, repeat in zip(self.group_keys, self.repeats):
+            counts[key] = counts.get(key, 0) + 1 + repeat
+        return {key: count for key, count in counts.items() if count < self.batch_size}
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.batches_for_epoch(self.epoch)
