@@ -427,3 +427,22 @@ def test_a_bucket_smaller_than_the_batch_is_named_by_check(tmp_path, workspace, 
             "(counting repeats) than train_batch_size 2") in out
     code, out, _ = check(config, capsys, "--json")
     assert json.loads(out)["batch_warnings"] and check(config, capsys, "--train_batch_size", "1")[1].count("never trained") == 0
+
+
+def test_train_names_a_full_fine_tunes_weights_and_the_lora_format_it_wrote(tmp_path, workspace, capsys, monkeypatch):
+    """A full fine-tune's dit/ folder (and a diffusers-only LoRA) were printed as `LoRA (official LongCat format)`."""
+    from types import SimpleNamespace
+
+    import longcat_tuner.train.trainer as trainer
+
+    for keys, written, label in (
+        ({"model_type": "full"}, "out/dit", "DiT weights (full fine-tune, the hub's dit/ layout)"),
+        ({"lora_export_formats": ["diffusers"]}, "out/longcat_lora_diffusers.safetensors", "LoRA (diffusers)"),
+        ({}, "out/longcat_lora.safetensors", "LoRA (official LongCat format)"),
+    ):
+        config = write_config(tmp_path, workspace, **keys)
+        done = SimpleNamespace(status="completed", step=3, run_dir=tmp_path / "out", lora_path=tmp_path / written,
+                               comfyui_lora_path=None, validation_videos=[])
+        monkeypatch.setattr(trainer, "train", lambda config, progress: done)
+        assert cli_main(["train", "--config", str(config)]) == 0
+        assert f"{label}: {tmp_path / written}\n" in capsys.readouterr().out
