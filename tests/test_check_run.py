@@ -446,3 +446,29 @@ def test_train_names_a_full_fine_tunes_weights_and_the_lora_format_it_wrote(tmp_
         monkeypatch.setattr(trainer, "train", lambda config, progress: done)
         assert cli_main(["train", "--config", str(config)]) == 0
         assert f"{label}: {tmp_path / written}\n" in capsys.readouterr().out
+
+
+def test_continuation_with_one_latent_samples_is_refused_before_training(tmp_path, workspace, capsys):
+    """An image dataset (one latent) with video_continuation_latents 1 trained until its first batch came up, then
+    stopped with `clips have 1 latents` (no dataset named)."""
+    from PIL import Image
+
+    from longcat_tuner.data.buckets import continuation_problem
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (90, 20, 20)).save(images / "still.png")
+    (images / "still.txt").write_text("a still")
+    datasets = json.loads((workspace / "multidatabackend.json").read_text())
+    datasets.append({"id": "stills", "dataset_type": "image", "instance_data_dir": str(images), "resolution": "32x32",
+                     "cache_dir_vae": str(tmp_path / "cache" / "stills")})
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(datasets))
+    config = write_config(tmp_path, workspace, video_continuation_latents=1,
+                          data_backend_config=str(tmp_path / "multidatabackend.json"))
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert "video_continuation_latents 1 keeps that many latents" in err and "'stills' (1 latent frame(s))" in err
+    # I2V clips keep their start frame instead; clips with a latent to spare pass; 2 latents need 9 frames.
+    assert continuation_problem([("clips", 5, True), ("t2v", 5, False)], 1) is None
+    assert "at least 9)" in continuation_problem([("t2v", 5, False)], 2)
+    assert continuation_problem([("stills", 1, False)], 0) is None

@@ -290,7 +290,7 @@ def model_summary(settings: DataSettings) -> Optional[dict]:
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.datasets import load_datasets
     from longcat_tuner.data.backends import cache_folder_problems, plan_data, plan_summary
-    from longcat_tuner.data.buckets import unbatched_warning
+    from longcat_tuner.data.buckets import continuation_problem, unbatched_warning
 
     settings = data_settings(args)
     datasets = load_datasets(settings.data_backend_config)
@@ -301,6 +301,11 @@ def run(args: argparse.Namespace) -> int:
     problems = blocking_problems(summary, settings, data_only=args.data_only) + cache_folder_problems(datasets)
     if settings.config is not None:
         problems += run_problems(settings.config)
+        problem = continuation_problem(
+            ((p.dataset.id, s.bucket.frames, s.source.cond_path is not None)
+             for p in plan.train + ([plan.eval] if plan.eval is not None else []) for s in p.samples),
+            settings.config.video_continuation_latents)
+        problems += [problem] if problem else []
         summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])
     largest = largest_batch_group(plan)
     if 0 < largest < settings.train_batch_size:

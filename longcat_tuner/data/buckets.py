@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Hashable, Iterator, Optional, Sequence, Union
+from typing import Hashable, Iterable, Iterator, Optional, Sequence, Union
 
 from longcat_tuner.config.resolution import parse_resolution
 from longcat_tuner.errors import ConfigError, DataError, ShapeError
@@ -140,6 +140,25 @@ def unbatched_warning(groups: dict[tuple[int, int, int, bool], int], batch_size:
             f"items (counting repeats) than train_batch_size {batch_size}, and a batch never mixes buckets; lower "
             "train_batch_size, add repeats to those datasets, or give them a size or frame count of a larger bucket "
             "(`longcat-tuner check` lists the buckets)")
+
+
+def continuation_problem(items: Iterable[tuple[str, int, bool]], continuation_latents: int) -> Optional[str]:
+    """What is wrong with `video_continuation_latents` for samples (dataset id, frames, has start frame): clips
+    without a start frame keep that many latents clean, so each needs at least one latent more (images have 1)."""
+    if not continuation_latents:
+        return None
+    short: dict[str, int] = {}
+    for dataset_id, frames, has_start in items:
+        latents = 1 + (frames - 1) // 4
+        if not has_start and latents <= continuation_latents:
+            short[dataset_id] = min(latents, short.get(dataset_id, latents))
+    if not short:
+        return None
+    named = ", ".join(f"'{dataset_id}' ({latents} latent frame(s))" for dataset_id, latents in sorted(short.items()))
+    return (f"video_continuation_latents {continuation_latents} keeps that many latents of each clip without a start "
+            f"frame clean, but dataset(s) {named} have samples with no frame left to denoise; lower "
+            f"video_continuation_latents, give those datasets more frames (at least {1 + 4 * continuation_latents}), "
+            "or set disabled: true on them (image datasets have one latent frame)")
 
 
 class BucketBatchSampler:
