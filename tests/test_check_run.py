@@ -472,3 +472,14 @@ def test_continuation_with_one_latent_samples_is_refused_before_training(tmp_pat
     assert continuation_problem([("clips", 5, True), ("t2v", 5, False)], 1) is None
     assert "at least 9)" in continuation_problem([("t2v", 5, False)], 2)
     assert continuation_problem([("stills", 1, False)], 0) is None
+
+
+def test_image_to_video_validation_of_one_latent_frame_is_refused_by_check(tmp_path, workspace, capsys):
+    """validation_num_video_frames 1 with start frames failed every validation with `num_cond_latents=1 must leave
+    at least one of the 1 frames to denoise` (no key named)."""
+    code, _, err = check(write_config(tmp_path, workspace, validation_num_video_frames=1), capsys)
+    assert code == 1
+    assert "validation_num_video_frames 1: image-to-video validation needs at least 5 frames" in err
+    code, _, err = check(write_config(tmp_path / "t2v", workspace, validation_num_video_frames=1,
+                                      validation_using_datasets=False, validation_resolution="32x32"), capsys)
+    assert code == 0, err  # text-to-video validation has no start frame to keep

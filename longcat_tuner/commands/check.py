@@ -306,6 +306,12 @@ def run(args: argparse.Namespace) -> int:
              for p in plan.train + ([plan.eval] if plan.eval is not None else []) for s in p.samples),
             settings.config.video_continuation_latents)
         problems += [problem] if problem else []
+        eval_starts = plan.eval is not None and any(s.source.cond_path is not None for s in plan.eval.samples)
+        if settings.config.validation_using_datasets and eval_starts and settings.config.validation_num_video_frames < 5:
+            problems.append(
+                f"validation_num_video_frames {settings.config.validation_num_video_frames}: image-to-video validation "
+                "needs at least 5 frames (the start frame is the first latent frame); set it to 5 or more"
+            )
         summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])
     largest = largest_batch_group(plan)
     if 0 < largest < settings.train_batch_size:
