@@ -80,6 +80,16 @@ class GenerationResult:
     video: torch.Tensor  # [3, F, H, W] in [-1, 1]
 
 
+def check_i2v_frames(frames: int) -> None:
+    """Image-to-video keeps the start frame as latent frame 0: 1-4 frames make only that one latent."""
+    if frames < 5:
+        raise ShapeError(
+            f"image-to-video needs at least 5 frames, got {frames}: the start frame is the first latent frame and "
+            "1-4 frames make only that one, leaving nothing to generate; use 5 or more (`sample --frames`, "
+            "validation_num_video_frames)"
+        )
+
+
 def generate(
     dit,
     vae,
@@ -104,6 +114,8 @@ def generate(
     steps, latents)` runs after each denoising step; `progress` reports the steps and the decode and may stop
     the sampling (`SamplingStopped`)."""
     check_frames(frames)
+    if start_frame is not None:
+        check_i2v_frames(frames)
     if height % 16 or width % 16:
         raise ShapeError(f"size {height}x{width}: height and width must be divisible by 16")
     device = next(dit.parameters()).device

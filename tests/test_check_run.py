@@ -435,3 +435,78 @@ def test_sample_names_a_wrong_model_folder_first(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"{tmp_path / 'nomodel'} does not exist: point pretrained_model_name_or_path / --model" in err
     assert "compile:" not in err
+
+
+def test_a_bucket_smaller_than_the_batch_is_named_by_check(tmp_path, workspace, capsys):
+    from longcat_tuner.commands.demo import write_split
+
+    # One text-to-video clip beside the two image-to-video ones: with batch 2 it could never be trained on.
+    clips, _ = write_split(tmp_path / "t2v", count=1, frames=5, height=32, width=32, seed=3)
+    datasets = json.loads((workspace / "multidatabackend.json").read_text())
+    datasets.append({"id": "t2v", "dataset_type": "video", "instance_data_dir": str(clips), "resolution": "32x32",
+                     "cache_dir_vae": str(tmp_path / "cache" / "t2v"), "video": {"num_frames": 5}})
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(datasets))
+    config = write_config(tmp_path, workspace, train_batch_size=2,
+                          data_backend_config=str(tmp_path / "multidatabackend.json"))
+    code, out, err = check(config, capsys)
+    assert code == 0, err  # a warning: the other bucket trains
+    assert ("warning: 1 training item(s) are never trained on: bucket(s) 5x32x32 text-to-video (1) hold fewer items "
+            "(counting repeats) than train_batch_size 2") in out
+    code, out, _ = check(config, capsys, "--json")
+    assert json.loads(out)["batch_warnings"] and check(config, capsys, "--train_batch_size", "1")[1].count("never trained") == 0
+
+
+def test_train_names_a_full_fine_tunes_weights_and_the_lora_format_it_wrote(tmp_path, workspace, capsys, monkeypatch):
+    """A full fine-tune's dit/ folder (and a diffusers-only LoRA) were printed as `LoRA (official LongCat format)`."""
+    from types import SimpleNamespace
+
+    import longcat_tuner.train.trainer as trainer
+
+    for keys, written, label in (
+        ({"model_type": "full"}, "out/dit", "DiT weights (full fine-tune, the hub's dit/ layout)"),
+        ({"lora_export_formats": ["diffusers"]}, "out/longcat_lora_diffusers.safetensors", "LoRA (diffusers)"),
+        ({}, "out/longcat_lora.safetensors", "LoRA (official LongCat format)"),
+    ):
+        config = write_config(tmp_path, workspace, **keys)
+        done = SimpleNamespace(status="completed", step=3, run_dir=tmp_path / "out", lora_path=tmp_path / written,
+                               comfyui_lora_path=None, validation_videos=[])
+        monkeypatch.setattr(trainer, "train", lambda config, progress: done)
+        assert cli_main(["train", "--config", str(config)]) == 0
+        assert f"{label}: {tmp_path / written}\n" in capsys.readouterr().out
+
+
+def test_continuation_with_one_latent_samples_is_refused_before_training(tmp_path, workspace, capsys):
+    """An image dataset (one latent) with video_continuation_latents 1 trained until its first batch came up, then
+    stopped with `clips have 1 latents` (no dataset named)."""
+    from PIL import Image
+
+    from longcat_tuner.data.buckets import continuation_problem
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), (90, 20, 20)).save(images / "still.png")
+    (images / "still.txt").write_text("a still")
+    datasets = json.loads((workspace / "multidatabackend.json").read_text())
+    datasets.append({"id": "stills", "dataset_type": "image", "instance_data_dir": str(images), "resolution": "32x32",
+                     "cache_dir_vae": str(tmp_path / "cache" / "stills")})
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(datasets))
+    config = write_config(tmp_path, workspace, video_continuation_latents=1,
+                          data_backend_config=str(tmp_path / "multidatabackend.json"))
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert "video_continuation_latents 1 keeps that many latents" in err and "'stills' (1 latent frame(s))" in err
+    # I2V clips keep their start frame instead; clips with a latent to spare pass; 2 latents need 9 frames.
+    assert continuation_problem([("clips", 5, True), ("t2v", 5, False)], 1) is None
+    assert "at least 9)" in continuation_problem([("t2v", 5, False)], 2)
+    assert continuation_problem([("stills", 1, False)], 0) is None
+
+
+def test_image_to_video_validation_of_one_latent_frame_is_refused_by_check(tmp_path, workspace, capsys):
+    """validation_num_video_frames 1 with start frames failed every validation with `num_cond_latents=1 must leave
+    at least one of the 1 frames to denoise` (no key named)."""
+    code, _, err = check(write_config(tmp_path, workspace, validation_num_video_frames=1), capsys)
+    assert code == 1
+    assert "validation_num_video_frames 1: image-to-video validation needs at least 5 frames" in err
+    code, _, err = check(write_config(tmp_path / "t2v", workspace, validation_num_video_frames=1,
+                                      validation_using_datasets=False, validation_resolution="32x32"), capsys)
+    assert code == 0, err  # text-to-video validation has no start frame to keep

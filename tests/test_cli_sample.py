@@ -46,6 +46,8 @@ def test_generate_keeps_encoded_start_frame(tiny_checkpoint, shared_dir):
 @pytest.mark.parametrize("args,message", [
     (["--frames", "10"], "(frames - 1) must be divisible by 4"),
     (["--resolution", "250x256"], "divisible by 16"),
+    # One latent frame is all start frame: refused before the models load, not after.
+    (["--frames", "1", "--image", str(ASSETS / "girl.png")], "image-to-video needs at least 5 frames, got 1"),
 ])
 def test_bad_sizes_are_clear_errors(tiny_checkpoint, tmp_path, args, message):
     result = _run("--model", str(tiny_checkpoint), "--prompt", "x", "--steps", "1", "--output", str(tmp_path / "y.mp4"), *args)

@@ -69,6 +69,9 @@ def _with(change: dict, index: int = 0) -> list:
         ({"id": "starts"}, 0, r"'starts' appears twice"),
         ({"dataset_type": "movie"}, 0, r"dataset 'clips'.*key 'dataset_type'"),
         ({"video": {"num_frames": 93, "min_frames": 97}}, 0, r"min_frames 97 > num_frames 93"),
+        # The start frame is latent 0: an I2V clip of 1-4 frames (one latent) has nothing to denoise.
+        ({"video": {"num_frames": 1}}, 0, r"dataset 'clips'.*is_i2v needs clips of at least 5 frames.*video.num_frames 1"),
+        ({"video": {"num_frames": 9, "min_frames": 3}}, 0, r"dataset 'clips'.*at least 5 frames.*set video.min_frames to 5"),
     ],
 )
 def test_bad_values_name_the_dataset_key_and_fix(change, index, expected):

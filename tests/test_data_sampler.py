@@ -65,3 +65,19 @@ def test_empty_or_unbatchable_data_is_an_error():
         BucketBatchSampler([], batch_size=1)
     with pytest.raises(DataError, match="no bucket holds 6 samples"):
         BucketBatchSampler(KEYS, batch_size=6, drop_last=True)
+
+
+def test_buckets_smaller_than_a_batch_are_named_not_dropped_silently():
+    from longcat_tuner.data.buckets import unbatched_warning
+
+    sampler = BucketBatchSampler(KEYS, batch_size=3, seed=0, drop_last=True)
+    trained = set(flatten(list(sampler)))
+    # The 2-item text-to-video bucket never forms a batch of 3: none of its items is ever trained on ...
+    assert trained.isdisjoint({8, 9})
+    # ... so the sampler reports it (repeats count: 2 items x 2 passes fill a batch of 3).
+    assert sampler.unbatched_groups() == {(93, 608, 640, False): 2}
+    assert BucketBatchSampler(KEYS, batch_size=3, repeats=[0] * 8 + [1, 1], drop_last=True).unbatched_groups() == {}
+    assert BucketBatchSampler(KEYS, batch_size=3).unbatched_groups() == {}  # short batches kept: nothing lost
+    message = unbatched_warning(sampler.unbatched_groups(), 3)
+    assert "2 training item(s) are never trained on: bucket(s) 93x608x640 text-to-video (2)" in message
+    assert "train_batch_size 3" in message and "lower train_batch_size, add repeats" in message

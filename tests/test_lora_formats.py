@@ -160,7 +160,9 @@ def wrapper_longcat_linears(depth, *, dim, ffn, adaln, text_dim, freq, out) -> d
     """`{module path: (out, in)}` of every linear of the wrapper's `WanModel(is_longcat=True)` (text-to-video
     cross-attention): per block `self_attn.q/k/v/o`, `cross_attn.q/k/v/o`, `ffn.w1/w2/w3` (its SwiGLU),
     `modulation.1` (SiLU + Linear(512, 6*dim)); outside `text_embedding.0/.2`, `time_embedding.mlp.0/.2`,
-    `head.head`, `head.modulation.1` (SiLU + Linear(512, 2*dim)). Written from its model structure."""
+    `head.head`, `head.modulation.1` (SiLU + Linear(512, 2*dim)). Written from its `wanvideo/modules/model.py`
+    (`WanModel`, `WanAttentionBlock`, `Head_adaLN`) and `LongCat/layers.py` (`FeedForwardSwiGLU`,
+    `TimestepEmbedder`)."""
     shapes: dict[str, tuple[int, int]] = {}
     for i in range(depth):
         for attn in ("self_attn", "cross_attn"):

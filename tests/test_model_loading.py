@@ -80,3 +80,14 @@ def test_missing_and_unexpected_keys_are_listed(tiny_checkpoint, tmp_path):
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(CheckpointError, match="official layout"):
         load_dit(tmp_path)
+
+
+def test_a_size_the_patch_does_not_divide_names_the_pixel_multiple_of_this_checkpoint():
+    from longcat_tuner.errors import ShapeError
+
+    # A DiT with 4x4 patches needs pixel sizes in multiples of 32, not the release's 16: 48x80 px -> 6x10 latents.
+    dit = build_dit(DiTConfig(hidden_size=32, depth=1, num_heads=2, caption_channels=8, adaln_tembed_dim=8,
+                              patch_size=(1, 4, 4)), device="cpu")
+    with pytest.raises(ShapeError, match=r"6x10 must be divisible by the patch size 1x4x4: use pixel heights divisible "
+                                         r"by 32 and widths by 32"):
+        dit.token_grid((1, 16, 2, 6, 10))

@@ -98,14 +98,19 @@ def format_summary(summary: dict, *, max_listed: int = 20) -> str:
     return "\n".join(lines)
 
 
-def largest_batch_group(plan) -> int:
-    """Items (with repeats) in the biggest group the batch sampler can fill: same bucket, same I2V-ness."""
+def batch_groups(plan) -> dict[tuple, int]:
+    """Items (with repeats) per group the batch sampler fills: same bucket, same I2V-ness."""
     groups: dict[tuple, int] = {}
     for dataset_plan in plan.train:
         for sample in dataset_plan.samples:
             key = (sample.bucket, sample.source.cond_path is not None)
             groups[key] = groups.get(key, 0) + 1 + dataset_plan.dataset.repeats
-    return max(groups.values(), default=0)
+    return groups
+
+
+def largest_batch_group(plan) -> int:
+    """Items (with repeats) in the biggest group the batch sampler can fill."""
+    return max(batch_groups(plan).values(), default=0)
 
 
 def blocking_problems(summary: dict, settings: DataSettings, *, data_only: bool) -> list[str]:
@@ -288,6 +293,7 @@ def model_summary(settings: DataSettings) -> Optional[dict]:
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.datasets import load_datasets
     from longcat_tuner.data.backends import cache_folder_problems, plan_data, plan_summary
+    from longcat_tuner.data.buckets import continuation_problem, unbatched_warning
 
     settings = data_settings(args)
     datasets = load_datasets(settings.data_backend_config)
@@ -301,6 +307,17 @@ def run(args: argparse.Namespace) -> int:
         problem = datasets.output_dir_problem(Path(settings.config.output_dir))
         if problem:
             problems.append(problem)
+        problem = continuation_problem(
+            ((p.dataset.id, s.bucket.frames, s.source.cond_path is not None)
+             for p in plan.train + ([plan.eval] if plan.eval is not None else []) for s in p.samples),
+            settings.config.video_continuation_latents)
+        problems += [problem] if problem else []
+        eval_starts = plan.eval is not None and any(s.source.cond_path is not None for s in plan.eval.samples)
+        if settings.config.validation_using_datasets and eval_starts and settings.config.validation_num_video_frames < 5:
+            problems.append(
+                f"validation_num_video_frames {settings.config.validation_num_video_frames}: image-to-video validation "
+                "needs at least 5 frames (the start frame is the first latent frame); set it to 5 or more"
+            )
         summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])
     largest = largest_batch_group(plan)
     if 0 < largest < settings.train_batch_size:
@@ -309,8 +326,13 @@ def run(args: argparse.Namespace) -> int:
             f"train_batch_size {settings.train_batch_size} is larger than the biggest bucket ({largest} items "
             "counting repeats), so no full batch can be formed; lower train_batch_size or add repeats or data"
         )
+    # Smaller groups are never trained on, and the run goes on without them: a warning (when some group fills a batch).
+    unbatched = {(b.frames, b.height, b.width, start): n for (b, start), n in batch_groups(plan).items()
+                 if n < settings.train_batch_size}
+    notes = [unbatched_warning(unbatched, settings.train_batch_size)] if unbatched and largest >= settings.train_batch_size else []
     summary["ok"] = not problems
     summary["blocking"] = problems
+    summary["batch_warnings"] = notes
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -321,6 +343,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"[model] {model['root']}: ok ({parts})")
         if summary.get("validation_estimate"):
             print(format_validation_estimate(summary["validation_estimate"]))
+        for note in notes:
+            print(note)
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         if not problems:

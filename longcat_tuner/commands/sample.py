@@ -80,7 +80,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     import torch
 
     from longcat_tuner.encoders import TextEncoder, VideoVAE
-    from longcat_tuner.generate import SamplingProgress, generate
+    from longcat_tuner.generate import SamplingProgress, check_i2v_frames, generate
     from longcat_tuner.data.buckets import resolution_size
     from longcat_tuner.data.images import prepare_start_frame, read_image
     from longcat_tuner.devices import chosen_device, default_dtype
@@ -94,6 +94,8 @@ def _sample(args: argparse.Namespace, ctx) -> int:
         find_component(args.model, component)
     require_intact_model(args.model)  # a damaged config or tokenizer file, as `check` names it
     image = read_image(args.image) if args.image else None
+    if image is not None:
+        check_i2v_frames(args.frames)
     height, width = resolution_size(args.resolution, source_hw=(image.height, image.width) if image else None)
     device = ctx.device if ctx.enabled else chosen_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)

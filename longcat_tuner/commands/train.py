@@ -32,6 +32,14 @@ def interrupted_message(step, config_path, *, other_options: bool = False) -> st
             f"--resume_from_checkpoint latest{again}")
 
 
+def final_weights_label(config) -> str:
+    """What `result.lora_path` holds: the official LoRA, the first LoRA format written, or a full fine-tune's DiT."""
+    if config.model_type == "full":
+        return "DiT weights (full fine-tune, the hub's dit/ layout)"
+    formats = config.lora_export_formats
+    return "LoRA (official LongCat format)" if "official" in formats else f"LoRA ({formats[0]})"
+
+
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig
     from longcat_tuner.train.trainer import train
@@ -47,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         return 130 if result.status == "interrupted" else 0
     print(f"run folder: {result.run_dir}")
     if result.lora_path is not None:
-        print(f"LoRA (official LongCat format): {result.lora_path}")
+        print(f"{final_weights_label(config)}: {result.lora_path}")
     if result.comfyui_lora_path is not None:
         print(f"LoRA (ComfyUI-WanVideoWrapper): {result.comfyui_lora_path}")
     for video in result.validation_videos:

@@ -167,6 +167,14 @@ class DatasetConfig(BaseModel):
             )
         if self.is_i2v and self.dataset_type != "video":
             raise ValueError(f"is_i2v needs dataset_type 'video' (got '{self.dataset_type}')")
+        shortest = self.video.min_frames or self.video.num_frames
+        if self.is_i2v and shortest < 5:
+            # The start frame takes latent frame 0; 1-4 frames are one latent, leaving no frame to denoise.
+            key = "video.min_frames" if self.video.min_frames else "video.num_frames"
+            raise ValueError(
+                f"is_i2v needs clips of at least 5 frames (2 latents: the start frame and one to learn), "
+                f"got {key} {shortest}; set {key} to 5 or more, or train 1-frame samples without is_i2v"
+            )
         if self.dataset_type == "conditioning" and self.conditioning_data:
             raise ValueError("a conditioning dataset cannot itself have conditioning_data; remove the key")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Hashable, Iterator, Optional, Sequence, Union
+from typing import Hashable, Iterable, Iterator, Optional, Sequence, Union
 
 from longcat_tuner.config.resolution import parse_resolution
 from longcat_tuner.errors import ConfigError, DataError, ShapeError
@@ -132,6 +132,35 @@ def resolution_size(
     return bucket_size(parsed, *(source_hw or native_size(parsed)), alignment)
 
 
+def unbatched_warning(groups: dict[tuple[int, int, int, bool], int], batch_size: int) -> str:
+    """The buckets too small for one batch (a batch never mixes buckets): their items would never be trained on."""
+    named = ", ".join(f"{frames}x{height}x{width} {'image-to-video' if has_start else 'text-to-video'} ({count})"
+                      for (frames, height, width, has_start), count in sorted(groups.items()))
+    return (f"warning: {sum(groups.values())} training item(s) are never trained on: bucket(s) {named} hold fewer "
+            f"items (counting repeats) than train_batch_size {batch_size}, and a batch never mixes buckets; lower "
+            "train_batch_size, add repeats to those datasets, or give them a size or frame count of a larger bucket "
+            "(`longcat-tuner check` lists the buckets)")
+
+
+def continuation_problem(items: Iterable[tuple[str, int, bool]], continuation_latents: int) -> Optional[str]:
+    """What is wrong with `video_continuation_latents` for samples (dataset id, frames, has start frame): clips
+    without a start frame keep that many latents clean, so each needs at least one latent more (images have 1)."""
+    if not continuation_latents:
+        return None
+    short: dict[str, int] = {}
+    for dataset_id, frames, has_start in items:
+        latents = 1 + (frames - 1) // 4
+        if not has_start and latents <= continuation_latents:
+            short[dataset_id] = min(latents, short.get(dataset_id, latents))
+    if not short:
+        return None
+    named = ", ".join(f"'{dataset_id}' ({latents} latent frame(s))" for dataset_id, latents in sorted(short.items()))
+    return (f"video_continuation_latents {continuation_latents} keeps that many latents of each clip without a start "
+            f"frame clean, but dataset(s) {named} have samples with no frame left to denoise; lower "
+            f"video_continuation_latents, give those datasets more frames (at least {1 + 4 * continuation_latents}), "
+            "or set disabled: true on them (image datasets have one latent frame)")
+
+
 class BucketBatchSampler:
     """Yields lists of dataset indices; every batch comes from one group (bucket).
 
@@ -197,6 +226,16 @@ class BucketBatchSampler:
 
     def __len__(self) -> int:
         return len(self.batches_for_epoch(self.epoch))
+
+    def unbatched_groups(self) -> dict[Hashable, int]:
+        """Groups holding fewer items (counting repeats) than one batch, with their counts: with `drop_last`
+        no batch is ever cut from them, so their items are never trained on."""
+        if not self.drop_last:
+            return {}
+        counts: dict[Hashable, int] = {}
+        for key, repeat in zip(self.group_keys, self.repeats):
+            counts[key] = counts.get(key, 0) + 1 + repeat
+        return {key: count for key, count in counts.items() if count < self.batch_size}
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.batches_for_epoch(self.epoch)

@@ -52,22 +52,24 @@ def check_kernel_shapes(head_dim: int, block_tokens: int) -> None:
         )
 
 
-# Reductions go through tl.reduce with Triton's own combine functions rather than tl.max/tl.sum/tl.zeros:
-# those are jit'd library functions, which Triton's interpreter can only call when TRITON_INTERPRET was set
-# before triton was imported, while the interpreter runs these combiners natively (fast numpy path). So CPU
-# tests need no environment setup. The fallbacks cover Triton versions that renamed the combiners.
+# Reductions go through tl.reduce with combine functions of our own rather than tl.max/tl.sum: those are jit'd
+# library functions, which Triton's interpreter can only call when TRITON_INTERPRET was set before triton was
+# imported. Each combiner's global name is its function name: torch.compile (inductor) re-emits a user kernel's
+# jit'd helpers under their own names, so an alias (say `_max_combine = tl.standard._elementwise_max`) would
+# be undefined in the compiled module. Under the interpreter, `_interpreted` swaps in Triton's own combiners,
+# which it runs natively (fast numpy path), so CPU tests need no environment setup.
 @triton.jit
-def _max_combine_fallback(a, b):
+def _max_combine(a, b):
     return tl.maximum(a, b)
 
 
 @triton.jit
-def _sum_combine_fallback(a, b):
+def _sum_combine(a, b):
     return a + b
 
 
-_max_combine = getattr(tl.standard, "_elementwise_max", _max_combine_fallback)
-_sum_combine = getattr(tl.standard, "_sum_combine", _sum_combine_fallback)
+# Our combiners and the library's that the interpreter runs natively (where this Triton has them).
+_INTERPRETER_COMBINERS = {"_max_combine": "_elementwise_max", "_sum_combine": "_sum_combine"}
 
 
 @triton.jit
@@ -360,6 +362,8 @@ def _interpreted(kernel):
     scope = dict(fn.__globals__)
     for name in _JIT_HELPERS:
         scope[name] = getattr(scope[name], "fn", scope[name])
+    for name, library in _INTERPRETER_COMBINERS.items():
+        scope[name] = getattr(tl.standard, library, scope[name])
     plain = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     return InterpretedFunction(plain)
 

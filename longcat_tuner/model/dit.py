@@ -228,7 +228,8 @@ class LongCatDiT(nn.Module):
         if T % pt or H % ph or W % pw:
             raise ShapeError(
                 f"latent frames x height x width {T}x{H}x{W} must be divisible by the patch size "
-                f"{pt}x{ph}x{pw}: use pixel sizes divisible by 16"
+                f"{pt}x{ph}x{pw}: use pixel heights divisible by {8 * ph} and widths by {8 * pw} (the VAE's 8 x the "
+                "checkpoint's patch_size)"
             )
         return (T // pt, H // ph, W // pw)
 

@@ -20,7 +20,10 @@ Written layouts (`LORA_FILE_FORMATS`), each named for the client that loads it:
   rows of our delta. Renames: `attn.proj -> self_attn.o`, `cross_attn.q_linear -> cross_attn.q`,
   `cross_attn.proj -> cross_attn.o`, `adaLN_modulation.1 -> modulation.1`, `final_layer.linear ->
   head.head`, `final_layer.adaLN_modulation.1 -> head.modulation.1`, `y_embedder.y_proj.{0,2} ->
-  text_embedding.{0,2}`, `t_embedder.mlp.{0,2} -> time_embedding.mlp.{0,2}`; `ffn.w1/w2/w3` unchanged.
+  text_embedding.{0,2}`, `t_embedder.mlp.{0,2} -> time_embedding.mlp.{0,2}`; `ffn.w1/w2/w3` unchanged
+  (names read from the wrapper's `wanvideo/modules/model.py` and `LongCat/layers.py`, see README "LoRA files
+  and clients"). The wrapper's un-merged LoRA path (GGUF, fp8-scaled, merge_loras off) skips `head.*`.
+  ComfyUI core has no LongCat-Video model, so `comfyui` is an alias of this format.
 * `wan2gp` - official module paths with kohya-style suffixes, `diffusion_model.<path>.lora_down.weight`,
   `.lora_up.weight` (the block-diagonal up as one matrix), `.alpha`: what Wan2GP's loader (mmgp) reads for
   its official-layout LongCat model. ComfyUI's wrapper would apply only its FFN keys (its q/k/v are split).

@@ -125,7 +125,7 @@ class SequenceParallel:
         T, H, W = latents.shape[-3:]
         ph = self.patch_height
         if H % ph:
-            raise ShapeError(f"latent height {H} must be divisible by the patch height {ph}: use pixel sizes divisible by 16")
+            raise ShapeError(f"latent height {H} must be divisible by the patch height {ph}: use pixel heights divisible by {8 * ph}")
         rows = self.rows_per_rank(H // ph)
         padded = rows * self.size * ph
         self.full_grid = (T, H // ph, W)  # frames and token rows; the width is read from the blocks' grid

@@ -21,7 +21,7 @@ from longcat_tuner.devices import default_dtype
 from longcat_tuner.errors import ConfigError, DataError
 from longcat_tuner.train.parallel import SingleProcess
 from longcat_tuner.train.step import FlowBatch, drop_captions
-from longcat_tuner.data.buckets import resolution_size
+from longcat_tuner.data.buckets import continuation_problem, resolution_size, unbatched_warning
 from longcat_tuner.data.images import prepare_start_frame, read_image
 from longcat_tuner.media import image_to_tensor
 from longcat_tuner.train.validate import ValidationItem
@@ -112,12 +112,21 @@ def prepare_data(
             cache_dtype=default_dtype(device), progress=progress and parallel.is_writer,
         )
     dataset = CachedVideoDataset(index.train, index.empty_text_path)
+    problem = continuation_problem(
+        ((s.dataset_id, s.bucket[0], s.cond_path is not None) for s in index.train + index.eval),
+        config.video_continuation_latents,
+    )
+    if problem:  # every such batch would stop the run at its step (the held-out loss at each validation)
+        raise ConfigError(problem)
     if len({key[-1] for key in dataset.group_keys()}) > 1:
         log.info("training mixes clips with and without start frames (image-to-video and text-to-video)")
     sampler = BucketBatchSampler(
         dataset.group_keys(), config.train_batch_size, seed=config.seed, repeats=dataset.repeats(), drop_last=True,
         rank=parallel.data_rank, world_size=parallel.data_world_size,
     )
+    unbatched = sampler.unbatched_groups()
+    if unbatched:
+        parallel.say(unbatched_warning(unbatched, config.train_batch_size))
     empty_embeds, empty_mask = (t[None] for t in dataset.empty_text())
     empty_embeds = empty_embeds.float()
     if not parallel.validates:  # no validation inputs (text encoder, VAE, start frames) on this rank
