@@ -402,7 +402,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         flags = ["sample", "--model", str(model), "--lora", str(lora), "--image", str(start),
                  "--prompt", "a red square moves left over a blue background", "--frames", str(args.frames),
                  "--resolution", f"{args.height}x{args.width}", "--steps", str(args.sample_steps),
-                 "--output", str(work / "samples" / f"sample-{name}.mp4")]
+                 "--output", str(work / "samples" / f"sample-{name}.mp4"), "--overwrite"]
         if cap is not None:
             flags += ["--max-gpu-memory-gib", f"{cap:g}"]
         result = run_cli(cli(*flags), work / "logs" / f"sample-{name}.log")

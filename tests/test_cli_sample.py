@@ -27,6 +27,21 @@ def test_i2v_sample_writes_video_with_encoded_start_frame(tiny_checkpoint, tmp_p
     assert len(frames) == 9 and frames[0].shape == (256, 256, 3) and rate == 15
 
 
+def test_an_existing_output_is_replaced_only_with_overwrite(tiny_checkpoint, tmp_path):
+    """Before: `--output data/clips/a.mp4` replaced a training clip (or an earlier result) without a word."""
+    clip = tmp_path / "a.mp4"
+    clip.write_bytes(b"the user's clip")
+    args = ["--model", str(tiny_checkpoint), "--prompt", "x", "--frames", "5", "--steps", "1", "--resolution", "64x64",
+            "--output", str(clip)]
+    result = _run(*args)
+    assert result.returncode == 2 and f"--output {clip} already exists; pass --overwrite" in result.stderr
+    assert clip.read_bytes() == b"the user's clip"
+    result = _run(*args, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    with av.open(str(clip)) as container:
+        assert len(list(container.decode(video=0))) == 5
+
+
 def test_generate_keeps_encoded_start_frame(tiny_checkpoint, shared_dir):
     from longcat_tuner import TextEncoder, VideoVAE, load_dit
     from longcat_tuner.generate import generate

@@ -524,6 +524,21 @@ def test_nan_losses_fail_naming_the_last_finite_checkpoint_and_poisoned_resume_i
 
 
 @needs_tiny
+def test_a_checkpoint_without_the_sampler_position_is_refused_naming_it(workspace):
+    """Before: a trainer_state.json without the data sampler's position (hand-edited, or not written by a
+    training run) was a KeyError traceback in the resume, after the weights were loaded."""
+    from longcat_tuner.train.trainer import train
+
+    train(make_config(workspace, "no-sampler", max_train_steps=1), progress=False)
+    last = workspace / "no-sampler" / "checkpoints" / "checkpoint-000001"
+    state = json.loads((last / ckpt.STATE_FILE).read_text())
+    del state["sampler"]
+    (last / ckpt.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(last))}: its trainer_state.json holds no data-sampler"):
+        train(make_config(workspace, "no-sampler", max_train_steps=2, resume_from_checkpoint="latest"), progress=False)
+
+
+@needs_tiny
 def test_second_run_on_a_locked_output_dir_is_refused_and_touches_nothing(workspace):
     from longcat_tuner.train.trainer import train
 

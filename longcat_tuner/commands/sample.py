@@ -56,7 +56,8 @@ def register(subparsers) -> None:
                    f"about 30-60 s at 480x832x93). auto: on CUDA with Triton when the run makes at least "
                    f"{AUTO_COMPILE_MIN_FORWARDS} DiT forwards (steps, twice that with --guidance > 1), else eager; "
                    "on: always (CUDA needs Triton; on the CPU torch.compile's C++ backend); off: eager")
-    p.add_argument("--output", required=True, help="output video: .mp4, .mov or .mkv (an existing file is replaced)")
+    p.add_argument("--output", required=True, help="output video: .mp4, .mov or .mkv (an existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per denoising step and phase (decoding, done) instead of a bar (for the web UI)")
     p.set_defaults(func=run)
@@ -88,7 +89,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
 
     from longcat_tuner.model.inspect import find_component, require_intact_model
 
-    check_video_output(args.output)  # before minutes of work, not when the video is written
+    check_video_output(args.output, overwrite=args.overwrite)  # before minutes of work, not when it is written
     loras = read_sampling_loras(args)  # a bad LoRA file is named before minutes of model loading
     for component in ("text_encoder", "dit", "vae"):  # a wrong --model is named before the compile decision
         find_component(args.model, component)
@@ -189,9 +190,9 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")  # containers that take the H.264 stream `write_mp4` encodes
 
 
-def check_video_output(output: str) -> None:
+def check_video_output(output: str, *, overwrite: bool = False) -> None:
     """Refuse an --output that cannot take the video: a folder, a path under a file, another file type, a
-    folder that cannot be written."""
+    folder that cannot be written, an existing file without `overwrite` (a training clip, an earlier result)."""
     from longcat_tuner.errors import ConfigError
     from longcat_tuner.fsutil import folder_problem
 
@@ -207,6 +208,8 @@ def check_video_output(output: str) -> None:
     problem = folder_problem(path.parent, "the folder of --output", "the command line")
     if problem:  # read-only or not ours: found now, not when the finished video is written
         raise ConfigError(problem)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ConfigError(f"--output {path} already exists; pass --overwrite to replace it, or give another file name")
 
 
 def write_video_output(output: str, frames, *, fps: int) -> Path:

@@ -544,6 +544,9 @@ def resume(run: Run, path: Path) -> None:
     """Weights, optimizer, schedule, sampler position, RNG and step from the checkpoint at `path`."""
     parallel = run.parallel
     state = ckpt.load_checkpoint(path, tensors=parallel.loads_checkpoint_tensors)
+    if "sampler" not in state["state"]:  # before any weight is loaded
+        raise CheckpointError(f"checkpoint {path}: its {ckpt.STATE_FILE} holds no data-sampler position (a training "
+                              "run writes one); resume from another checkpoint, or 'latest'")
     saved_ranks = int(state["state"].get("world_size", 1))
     # A sharded (DCP) checkpoint is keyed by name and resharded on load: any strategy, any number of processes.
     resharded = state["sharded"] and saved_ranks != parallel.world_size
