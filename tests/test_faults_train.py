@@ -539,6 +539,26 @@ def test_a_checkpoint_without_the_sampler_position_is_refused_naming_it(workspac
 
 
 @needs_tiny
+def test_resuming_from_an_earlier_checkpoint_keeps_the_later_ones(workspace, capsys):
+    """Before: resuming from checkpoint 1 of a run that had saved 1..3 saved step 2 over the finished
+    checkpoint-000002 (and step 3 over -000003): finished work lost without a word."""
+    from longcat_tuner.train.trainer import train
+
+    train(make_config(workspace, "branch", max_train_steps=3), progress=False)
+    checkpoints = workspace / "branch" / "checkpoints"
+    later = {name: (checkpoints / name / ckpt.WEIGHTS_FILE).read_bytes()
+             for name in ("checkpoint-000002", "checkpoint-000003")}
+    first = checkpoints / "checkpoint-000001"
+    train(make_config(workspace, "branch", max_train_steps=2, resume_from_checkpoint=str(first)), progress=False)
+    aside = [p for p in checkpoints.iterdir() if p.name.startswith("superseded-after-checkpoint-000001-")]
+    assert len(aside) == 1 and f"moved, untouched, to {aside[0]}" in capsys.readouterr().out
+    for name, weights in later.items():  # the earlier training's checkpoints, byte for byte
+        assert (aside[0] / name / ckpt.WEIGHTS_FILE).read_bytes() == weights
+    assert [s for s, _ in ckpt.list_checkpoints(checkpoints)] == [1, 2]  # the branch's own step 2, written anew:
+    assert (checkpoints / "checkpoint-000002" / ckpt.WEIGHTS_FILE).read_bytes() == later["checkpoint-000002"]  # same state
+
+
+@needs_tiny
 def test_second_run_on_a_locked_output_dir_is_refused_and_touches_nothing(workspace):
     from longcat_tuner.train.trainer import train
 

@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -163,6 +164,27 @@ def save_checkpoint(
             "or lower checkpoints_total_limit."
         ) from err
     return final
+
+
+def set_aside_newer_checkpoints(checkpoints_dir: Path, step: int) -> Optional[Path]:
+    """Move the complete checkpoints after `step` into one `superseded-after-checkpoint-<step>-<time>` folder
+    beside them, and return it (None when there are none). A run resumed from an earlier checkpoint branches
+    there: it would save its own steps over them one by one, and prune them, losing finished work."""
+    newer = [path for saved, path in list_checkpoints(checkpoints_dir) if saved > step]
+    if not newer:
+        return None
+    folder = Path(checkpoints_dir) / f"superseded-after-{checkpoint_name(step)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        folder.mkdir()
+        for path in newer:
+            path.rename(folder / path.name)  # the same disk: nothing is copied
+    except OSError as err:
+        raise CheckpointError(
+            f"resuming from step {step} would save over the later checkpoints {', '.join(p.name for p in newer)} in "
+            f"{checkpoints_dir}, and moving them aside into {folder} failed ({err}); move them out of that folder "
+            "yourself, or resume into another output_dir"
+        ) from None
+    return folder
 
 
 class NonFiniteWeightsError(CheckpointError):

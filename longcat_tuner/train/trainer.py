@@ -529,6 +529,12 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
               parallel=parallel, model=model, progress=progress, plan=plan, applied=applied)
     if resume_path is not None:
         resume(run, resume_path)
+        # Resumed from an earlier checkpoint than the newest: the later ones are kept, not saved over.
+        aside = parallel.decide(lambda: ckpt.set_aside_newer_checkpoints(run.checkpoints_dir, run.step),
+                                error=CheckpointError)
+        if aside is not None:
+            parallel.say(f"this run goes on from step {run.step}; the later checkpoints of the earlier training were "
+                         f"moved, untouched, to {aside}")
     elif config.resume_from_checkpoint == "latest":
         parallel.say(f"no complete checkpoint in {run.checkpoints_dir} yet: starting at step 0")
     events.emit(
