@@ -583,3 +583,20 @@ def test_a_device_or_worker_count_that_cannot_work_is_named(tiny_checkpoint, tmp
     with pytest.raises(SystemExit):
         main(["cache", "--data_backend_config", str(tmp_path / "d.json"), "--decode_workers", "0"])
     assert "argument --decode_workers: 0 is outside 1..64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ['{"junk": 1}', '{"model": {"type": "Unigram"}, "added_tokens": {}}'])
+def test_a_tokenizer_json_that_is_no_tokenizer_is_named(tiny_checkpoint, tmp_path, content):
+    """Before: valid JSON of the wrong shape passed `check` and the pre-load check, then stopped the text
+    encoder's load with a bare KeyError ('added_tokens') inside transformers."""
+    from longcat_tuner.model.inspect import require_intact_model
+
+    root = tmp_path / "model"
+    for component in ("dit", "text_encoder", "tokenizer", "scheduler", "vae"):
+        (root / component).mkdir(parents=True)
+        for file in (tiny_checkpoint / component).iterdir():
+            if file.name != "tokenizer.json":
+                (root / component / file.name).symlink_to(file)
+    (root / "tokenizer" / "tokenizer.json").write_text(content)
+    with pytest.raises(CheckpointError, match=r"tokenizer.json is JSON but not a tokenizer"):
+        require_intact_model(root)

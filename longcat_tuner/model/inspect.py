@@ -359,7 +359,11 @@ def _inspect_tokenizer(root: Path, report: ModelReport) -> None:
     read_json_object(folder / "tokenizer_config.json", "tokenizer")
     fast = folder / "tokenizer.json"
     if fast.is_file():
-        read_json_object(fast, "tokenizer")
+        data = read_json_object(fast, "tokenizer")
+        if not isinstance(data.get("model"), dict) or not isinstance(data.get("added_tokens"), list):
+            # transformers would stop on it with a bare KeyError ('added_tokens') while loading the encoder
+            raise CheckpointError(f"{fast} is JSON but not a tokenizer (no 'model' object or 'added_tokens' list); "
+                                  f"{_REDOWNLOAD}")
     elif not any((folder / name).is_file() for name in ("spiece.model", "tokenizer.model")):
         raise CheckpointError(f"{folder} has neither tokenizer.json nor spiece.model; download tokenizer/ again")
     report.notes["tokenizer"] = "ok"
