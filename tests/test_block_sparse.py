@@ -263,6 +263,42 @@ def test_triton_kernel_helpers_are_named_as_their_functions():
     assert {"_block_rows", "_max_combine", "_sum_combine"} <= helpers
 
 
+@needs_triton
+def test_triton_kernels_as_torch_compile_re_emits_them_resolve_every_name(tmp_path):
+    """What inductor does with a user kernel inside torch.compile, on the CPU: its source and the transitive closure
+    of its jit'd helpers written out as one module (torch's own function). Every global each emitted function
+    loads must be defined there: the kernel once called a helper through an alias, which left `_max_combine`
+    undefined and failed compiled block-sparse training at its first step."""
+    import builtins
+    import dis
+    import importlib.util
+
+    import triton
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    import longcat_tuner.model.block_sparse_triton as kernels
+
+    wrapper = pytest.importorskip("torch._inductor.codegen.wrapper")
+    emit = getattr(wrapper, "user_defined_triton_kernel_transitive_closure_source_code", None)
+    if emit is None:
+        pytest.skip("this torch has no user_defined_triton_kernel_transitive_closure_source_code")
+    for name in ("_bsa_fwd_kernel", "_bsa_bwd_delta_kernel", "_bsa_bwd_dkdv_kernel", "_bsa_bwd_dq_kernel"):
+        # A file, as inductor writes one (Triton reads a jit'd function's source from its file).
+        path = tmp_path / f"inductor{name}.py"
+        path.write_text("import triton\nimport triton.language as tl\n\n" + emit(getattr(kernels, name)))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        module = vars(loaded)
+        emitted = [value for value in module.values() if isinstance(value, JITFunction)]
+        assert name in module and emitted
+        for function in emitted:
+            loads = {i.argval for i in dis.Bytecode(function.fn) if i.opname == "LOAD_GLOBAL"}
+            missing = sorted(n for n in loads if n not in module and not hasattr(builtins, n))
+            assert not missing, f"{name}: {function.fn.__name__} loads undefined {missing} once re-emitted"
+
+
 def test_triton_rejects_large_head_dim():
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
