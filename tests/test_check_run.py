@@ -510,3 +510,24 @@ def test_image_to_video_validation_of_one_latent_frame_is_refused_by_check(tmp_p
     code, _, err = check(write_config(tmp_path / "t2v", workspace, validation_num_video_frames=1,
                                       validation_using_datasets=False, validation_resolution="32x32"), capsys)
     assert code == 0, err  # text-to-video validation has no start frame to keep
+
+
+def test_bucket_sizes_the_checkpoints_patch_cannot_take_are_named(tmp_path):
+    """Before: with a DiT of patch_size (1, 4, 4), 48-pixel buckets (multiples of 16, the release's rule) passed
+    `check` and the cache stage, then stopped the run at its first step."""
+    from longcat_tuner.commands.check import patch_problem
+    from longcat_tuner.config.datasets import load_datasets
+    from longcat_tuner.data.backends import plan_data
+    from longcat_tuner.model.config import DiTConfig
+
+    workspace = write_paired_workspace(tmp_path / "data", train_clips=1, eval_clips=1, frames=5, size=48)
+    plan = plan_data(load_datasets(workspace / "multidatabackend.json"), eval_dataset_id="val", alignment=16, seed=0)
+    heights = {s.bucket.height for p in plan.train for s in p.samples}
+    assert heights and all(h % 32 for h in heights)  # the case: 16-aligned, not 32-aligned
+    model = tmp_path / "model"
+    for patch, expected in (((1, 2, 2), None), ((1, 4, 4), "not multiples of 32x32")):
+        (model / "dit").mkdir(parents=True, exist_ok=True)
+        config = DiTConfig(depth=1, hidden_size=64, num_heads=2, patch_size=patch)
+        (model / "dit" / "config.json").write_text(json.dumps(config.to_dict()))
+        problem = patch_problem(plan, model)
+        assert (problem is None) if expected is None else (expected in problem and "'train'" in problem), problem

@@ -113,6 +113,27 @@ def largest_batch_group(plan) -> int:
     return max(batch_groups(plan).values(), default=0)
 
 
+def patch_problem(plan, model_root: Path) -> Optional[str]:
+    """Bucket sizes the checkpoint's DiT cannot patchify (pixels = VAE 8 x patch_size): the release's (1, 2, 2)
+    takes every size the buckets make (multiples of 16); another patch would stop the run at its first step."""
+    from longcat_tuner.model.config import DiTConfig
+
+    try:
+        _, ph, pw = DiTConfig.from_file(Path(model_root) / "dit" / "config.json").patch_size
+    except Exception:  # a damaged config is named by the model check
+        return None
+    step_h, step_w = 8 * ph, 8 * pw
+    splits = plan.train + ([plan.eval] if plan.eval is not None else [])
+    bad = sorted({(s.bucket.height, s.bucket.width, p.dataset.id) for p in splits for s in p.samples
+                  if s.bucket.height % step_h or s.bucket.width % step_w})
+    if not bad:
+        return None
+    named = ", ".join(f"{h}x{w} ('{dataset}')" for h, w, dataset in bad[:8]) + (" ..." if len(bad) > 8 else "")
+    return (f"bucket size(s) {named} are not multiples of {step_h}x{step_w} (height x width), which this checkpoint's "
+            f"patch_size (1, {ph}, {pw}) needs (the VAE's 8 x the patch); set those datasets' resolution to multiples "
+            f"of {step_h}x{step_w}, or aspect_bucket_alignment to a multiple of {max(step_h, step_w)}")
+
+
 def blocking_problems(summary: dict, settings: DataSettings, *, data_only: bool) -> list[str]:
     """Reasons training could not start."""
     problems = []
@@ -302,6 +323,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.data_only:
         summary["model"] = model_summary(settings)
     problems = blocking_problems(summary, settings, data_only=args.data_only) + cache_folder_problems(datasets)
+    if summary.get("model") and not summary["model"]["problems"]:
+        problem = patch_problem(plan, Path(settings.model_root))
+        problems += [problem] if problem else []
     if settings.config is not None:
         problems += run_problems(settings.config)
         problem = datasets.output_dir_problem(Path(settings.config.output_dir))
