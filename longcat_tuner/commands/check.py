@@ -123,8 +123,7 @@ def patch_problem(plan, model_root: Path) -> Optional[str]:
     except Exception:  # a damaged config is named by the model check
         return None
     step_h, step_w = 8 * ph, 8 * pw
-    splits = plan.train + ([plan.eval] if plan.eval is not None else [])
-    bad = sorted({(s.bucket.height, s.bucket.width, p.dataset.id) for p in splits for s in p.samples
+    bad = sorted({(s.bucket.height, s.bucket.width, p.dataset.id) for p in plan.all_plans for s in p.samples
                   if s.bucket.height % step_h or s.bucket.width % step_w})
     if not bad:
         return None
@@ -333,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
             problems.append(problem)
         problem = continuation_problem(
             ((p.dataset.id, s.bucket.frames, s.source.cond_path is not None)
-             for p in plan.train + ([plan.eval] if plan.eval is not None else []) for s in p.samples),
+             for p in plan.all_plans for s in p.samples),
             settings.config.video_continuation_latents)
         problems += [problem] if problem else []
         eval_starts = plan.eval is not None and any(s.source.cond_path is not None for s in plan.eval.samples)
