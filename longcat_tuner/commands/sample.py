@@ -87,13 +87,13 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     from longcat_tuner.devices import chosen_device, default_dtype
     from longcat_tuner.media import image_to_tensor, video_to_uint8
 
-    from longcat_tuner.model.inspect import find_component, require_intact_model
+    from longcat_tuner.model.inspect import require_intact_model
 
     check_video_output(args.output, overwrite=args.overwrite)  # before minutes of work, not when it is written
     loras = read_sampling_loras(args)  # a bad LoRA file is named before minutes of model loading
-    for component in ("text_encoder", "dit", "vae"):  # a wrong --model is named before the compile decision
-        find_component(args.model, component)
-    require_intact_model(args.model)  # a damaged config or tokenizer file, as `check` names it
+    # A wrong --model, a missing component or a damaged config or tokenizer file, named as `check` names them,
+    # before the compile decision and the loaders.
+    require_intact_model(args.model)
     image = read_image(args.image) if args.image else None
     if image is not None:
         check_i2v_frames(args.frames)
