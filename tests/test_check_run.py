@@ -210,6 +210,10 @@ def test_demo_says_the_videos_are_noise_by_design(tmp_path):
     text = demo_guide(run, loss_chart=chart, losses=losses, heldout=heldout)
     assert "random weights" in text and "coloured noise by design" in text and "proves the pipeline" in text
     assert "training loss: 0.7" in text and "step 5: 0.5000, step 10: 0.2500" in text
+    assert "(falling: the LoRA fits the training clips)" in text
+    # A loss that did not fall (a 2-step demo) is not called a fit.
+    rising = demo_guide(run, losses={1: 2.42, 2: 2.66})
+    assert "fits the training clips" not in rising and "2 step(s) are too few" in rising
     for where in ("events.jsonl", "held-out loss", str(chart), "longcat_lora.safetensors", str(run / "validation")):
         assert where in text
     script = (Path(__file__).parent.parent / "scripts" / "demo.sh").read_text()
