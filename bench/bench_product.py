@@ -249,8 +249,34 @@ def summarize_run(events: list[dict[str, Any]]) -> dict[str, Any]:
             before = [x for x in events if x["time"] <= e["time"] and x["event"] in ("step", "checkpoint") and x is not e]
             if before and e.get("items"):
                 summary["validation_s_per_video"] = round((e["time"] - before[-1]["time"]) / len(e["items"]), 2)
+                summary["validation_breakdown"] = validation_breakdown(events, e, before[-1]["time"])
             summary["validation_items"] = e.get("items")
     return summary
+
+
+def validation_breakdown(events: list[dict[str, Any]], validation: dict[str, Any], began: float) -> dict[str, Any]:
+    """Where one validation's time went, from the trainer's `validation_progress` events (one per denoising step,
+    one before the VAE decode, one when the video is decoded): per video the seconds of each denoising step (the
+    first includes any compile of the inference graphs; a later video's first also holds the writing of the video
+    before it), of the decode, and then what is left until the `validation` event (writing the mp4 and contact
+    sheet of the last video, and the held-out loss)."""
+    progress = [e for e in events if e["event"] == "validation_progress" and e.get("step") == validation.get("step")
+                and began <= e["time"] <= validation["time"]]
+    videos: dict[int, dict[str, Any]] = {}
+    last = began
+    for e in progress:
+        video = videos.setdefault(e.get("video", 1), {"denoise_step_s": [], "decode_s": None})
+        if e.get("phase") == "denoising":
+            video["denoise_step_s"].append(round(e["time"] - last, 2))
+        elif e.get("phase") == "done" and video.get("_decode_began") is not None:
+            video["decode_s"] = round(e["time"] - video.pop("_decode_began"), 2)
+        if e.get("phase") == "decoding":
+            video["_decode_began"] = e["time"]
+        last = e["time"]
+    for video in videos.values():
+        video.pop("_decode_began", None)
+    return {"videos": [videos[k] for k in sorted(videos)],
+            "after_last_video_s": round(validation["time"] - last, 2) if progress else None}
 
 
 def _max(events: list[dict[str, Any]], key: str) -> Optional[float]:

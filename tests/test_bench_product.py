@@ -115,3 +115,19 @@ def test_set_keys_become_train_flags_booleans_included():
     overrides = config_overrides(parser.parse_args(flags))  # what `train` itself reads from them
     assert overrides["validation_using_datasets"] is False and overrides["compile_blocks"] is True
     assert overrides["attention_implementation"] == "block_sparse" and overrides["max_gpu_memory_gib"] == 24.0
+
+
+def test_the_validation_time_is_broken_down_from_its_progress_events():
+    """First denoising step (compile), later steps, the decode and the rest (writes, held-out loss) apart."""
+    events = _events(0.0, {1: 2.5, 2: 2.4})  # steps end at t=42 and t=54
+    events += [
+        {"event": "validation_progress", "time": 84.0, "step": 2, "video": 1, "phase": "denoising", "denoise_step": 1},
+        {"event": "validation_progress", "time": 89.0, "step": 2, "video": 1, "phase": "denoising", "denoise_step": 2},
+        {"event": "validation_progress", "time": 89.5, "step": 2, "video": 1, "phase": "decoding", "denoise_step": 2},
+        {"event": "validation_progress", "time": 109.5, "step": 2, "video": 1, "phase": "done", "denoise_step": 2},
+        {"event": "validation", "time": 121.5, "step": 2, "items": [{"video": "a.mp4"}]},
+    ]
+    summary = bench_product.summarize_run(events)
+    assert summary["validation_s_per_video"] == 67.5
+    assert summary["validation_breakdown"] == {
+        "videos": [{"denoise_step_s": [30.0, 5.0], "decode_s": 20.0}], "after_last_video_s": 12.0}
