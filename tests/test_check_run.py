@@ -213,7 +213,10 @@ def test_demo_says_the_videos_are_noise_by_design(tmp_path):
     assert "(falling: the LoRA fits the training clips)" in text
     # A loss that did not fall (a 2-step demo) is not called a fit.
     rising = demo_guide(run, losses={1: 2.42, 2: 2.66})
-    assert "fits the training clips" not in rising and "2 step(s) are too few" in rising
+    assert "fits the training clips" not in rising and "not lower over 2 step(s)" in rising
+    assert "default 40 steps show the fall" in rising
+    flat = demo_guide(run, losses={step: 2.5 for step in range(1, 41)})
+    assert "fits the training clips" not in flat and "default 40" not in flat
     for where in ("events.jsonl", "held-out loss", str(chart), "longcat_lora.safetensors", str(run / "validation")):
         assert where in text
     script = (Path(__file__).parent.parent / "scripts" / "demo.sh").read_text()

@@ -139,8 +139,8 @@ def demo_guide(run_dir: Path, *, loss_chart: Path | None = None, losses: dict[in
         first, last = mean(head), mean(tail)
         # Only what the numbers show: a few steps of a random model are mostly noise (the sigma drawn each step).
         verdict = ("falling: the LoRA fits the training clips" if last < first else
-                   f"not lower: {len(steps)} step(s) are too few to tell the fit from the noise of the sigma drawn "
-                   "each step; the default 40 show it")
+                   f"not lower over {len(steps)} step(s): so few steps of a random model are mostly the noise of the "
+                   "sigma drawn each step" + ("; the demo's default 40 steps show the fall" if len(steps) < 40 else ""))
         lines.append(f"  - training loss: {first:.4f} over the first steps, {last:.4f} over the last ({verdict})")
     if heldout:
         marks = ", ".join(f"step {step}: {value:.4f}" for step, value in sorted(heldout.items()))
