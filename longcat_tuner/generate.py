@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from longcat_tuner.config.datasets import MIN_I2V_FRAMES
 from longcat_tuner.diffusion.sampler import sample
 from longcat_tuner.errors import ShapeError
 from longcat_tuner.media import check_frames
@@ -82,11 +83,11 @@ class GenerationResult:
 
 def check_i2v_frames(frames: int) -> None:
     """Image-to-video keeps the start frame as latent frame 0: 1-4 frames make only that one latent."""
-    if frames < 5:
+    if frames < MIN_I2V_FRAMES:
         raise ShapeError(
-            f"image-to-video needs at least 5 frames, got {frames}: the start frame is the first latent frame and "
-            "1-4 frames make only that one, leaving nothing to generate; use 5 or more (`sample --frames`, "
-            "validation_num_video_frames)"
+            f"image-to-video needs at least {MIN_I2V_FRAMES} frames, got {frames}: the start frame is the first latent "
+            f"frame and 1-{MIN_I2V_FRAMES - 1} frames make only that one, leaving nothing to generate; use "
+            f"{MIN_I2V_FRAMES} or more (`sample --frames`, validation_num_video_frames)"
         )
 
 

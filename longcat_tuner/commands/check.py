@@ -100,12 +100,11 @@ def format_summary(summary: dict, *, max_listed: int = 20) -> str:
 
 def batch_groups(plan) -> dict[tuple, int]:
     """Items (with repeats) per group the batch sampler fills: same bucket, same I2V-ness."""
-    groups: dict[tuple, int] = {}
-    for dataset_plan in plan.train:
-        for sample in dataset_plan.samples:
-            key = (sample.bucket, sample.source.cond_path is not None)
-            groups[key] = groups.get(key, 0) + 1 + dataset_plan.dataset.repeats
-    return groups
+    from longcat_tuner.data.buckets import group_counts
+
+    pairs = [((sample.bucket, sample.source.cond_path is not None), dataset_plan.dataset.repeats)
+             for dataset_plan in plan.train for sample in dataset_plan.samples]
+    return group_counts((key for key, _ in pairs), (repeats for _, repeats in pairs))
 
 
 def largest_batch_group(plan) -> int:
@@ -311,7 +310,7 @@ def model_summary(settings: DataSettings) -> Optional[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from longcat_tuner.config.datasets import load_datasets
+    from longcat_tuner.config.datasets import MIN_I2V_FRAMES, load_datasets
     from longcat_tuner.data.backends import cache_folder_problems, plan_data, plan_summary
     from longcat_tuner.data.buckets import continuation_problem, unbatched_warning
 
@@ -336,10 +335,11 @@ def run(args: argparse.Namespace) -> int:
             settings.config.video_continuation_latents)
         problems += [problem] if problem else []
         eval_starts = plan.eval is not None and any(s.source.cond_path is not None for s in plan.eval.samples)
-        if settings.config.validation_using_datasets and eval_starts and settings.config.validation_num_video_frames < 5:
+        frames = settings.config.validation_num_video_frames
+        if settings.config.validation_using_datasets and eval_starts and frames < MIN_I2V_FRAMES:
             problems.append(
-                f"validation_num_video_frames {settings.config.validation_num_video_frames}: image-to-video validation "
-                "needs at least 5 frames (the start frame is the first latent frame); set it to 5 or more"
+                f"validation_num_video_frames {frames}: image-to-video validation needs at least {MIN_I2V_FRAMES} "
+                f"frames (the start frame is the first latent frame); set it to {MIN_I2V_FRAMES} or more"
             )
         summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])
     largest = largest_batch_group(plan)

@@ -28,6 +28,9 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Bounds far above real use, so that a typo (`1e10`, `1e9`) is refused up front.
 MAX_REPEATS = 10_000
 MAX_FPS = 240.0
+# Image-to-video keeps the start frame as latent frame 0 (4 pixel frames a latent after the first): 1-4 frames make
+# only that latent and leave nothing to denoise. The dataset rule, `check`'s validation rule and `generate` read it.
+MIN_I2V_FRAMES = 5
 
 
 class VideoSettings(BaseModel):
@@ -168,12 +171,12 @@ class DatasetConfig(BaseModel):
         if self.is_i2v and self.dataset_type != "video":
             raise ValueError(f"is_i2v needs dataset_type 'video' (got '{self.dataset_type}')")
         shortest = self.video.min_frames or self.video.num_frames
-        if self.is_i2v and shortest < 5:
+        if self.is_i2v and shortest < MIN_I2V_FRAMES:
             # The start frame takes latent frame 0; 1-4 frames are one latent, leaving no frame to denoise.
             key = "video.min_frames" if self.video.min_frames else "video.num_frames"
             raise ValueError(
-                f"is_i2v needs clips of at least 5 frames (2 latents: the start frame and one to learn), "
-                f"got {key} {shortest}; set {key} to 5 or more, or train 1-frame samples without is_i2v"
+                f"is_i2v needs clips of at least {MIN_I2V_FRAMES} frames (2 latents: the start frame and one to learn), "
+                f"got {key} {shortest}; set {key} to {MIN_I2V_FRAMES} or more, or train 1-frame samples without is_i2v"
             )
         if self.dataset_type == "conditioning" and self.conditioning_data:
             raise ValueError("a conditioning dataset cannot itself have conditioning_data; remove the key")

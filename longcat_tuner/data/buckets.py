@@ -132,6 +132,14 @@ def resolution_size(
     return bucket_size(parsed, *(source_hw or native_size(parsed)), alignment)
 
 
+def group_counts(keys: Iterable[Hashable], repeats: Iterable[int]) -> dict[Hashable, int]:
+    """Items per batch group, each counted with its repeats (1 + repeats): what the batch sampler can fill."""
+    counts: dict[Hashable, int] = {}
+    for key, repeat in zip(keys, repeats):
+        counts[key] = counts.get(key, 0) + 1 + repeat
+    return counts
+
+
 def unbatched_warning(groups: dict[tuple[int, int, int, bool], int], batch_size: int) -> str:
     """The buckets too small for one batch (a batch never mixes buckets): their items would never be trained on."""
     named = ", ".join(f"{frames}x{height}x{width} {'image-to-video' if has_start else 'text-to-video'} ({count})"
@@ -232,9 +240,7 @@ class BucketBatchSampler:
         no batch is ever cut from them, so their items are never trained on."""
         if not self.drop_last:
             return {}
-        counts: dict[Hashable, int] = {}
-        for key, repeat in zip(self.group_keys, self.repeats):
-            counts[key] = counts.get(key, 0) + 1 + repeat
+        counts = group_counts(self.group_keys, self.repeats)
         return {key: count for key, count in counts.items() if count < self.batch_size}
 
     def __iter__(self) -> Iterator[list[int]]:
