@@ -299,6 +299,57 @@ def test_triton_kernels_as_torch_compile_re_emits_them_resolve_every_name(tmp_pa
             assert not missing, f"{name}: {function.fn.__name__} loads undefined {missing} once re-emitted"
 
 
+def _hopper_ttir(kernel, scale_type: str, constexprs: dict) -> str:
+    """The kernel lowered to Triton IR for an sm_90 target (front end only: no GPU, no ptxas), with its float
+    scale arguments typed `scale_type`, the way a launcher declares them."""
+    import inspect
+
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    cuda_backend = pytest.importorskip("triton.backends.nvidia.compiler")
+    pointer_types = {"KV_IDX": "*i32", "T_Q_IDX": "*i32", "T_OFFSETS": "*i64"}
+    signature = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.isupper():
+            signature[name] = pointer_types.get(name, "*bf16" if name not in ("LSE", "DELTA") else "*fp32")
+        elif name in ("qk_scale", "sm_scale"):
+            signature[name] = scale_type
+        else:
+            signature[name] = "i32"
+    target = GPUTarget("cuda", 90, 32)
+    backend = cuda_backend.CUDABackend(target)
+    options = backend.parse_options({})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    source = ASTSource(kernel, signature, constexprs)
+    module = source.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+    return str(module)
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel_name", ["_bsa_fwd_kernel", "_bsa_bwd_dkdv_kernel", "_bsa_bwd_dq_kernel"])
+def test_triton_kernels_compute_in_fp32_when_torch_compile_passes_fp64_scales(kernel_name):
+    """torch.compile (inductor) declares a user kernel's Python-float arguments fp64 on CUDA, where a plain launch
+    declares fp32. The forward then failed to compile (its running max turned fp64 inside the loop: compiled
+    block-sparse training died at its first step on an H100) and the backward computed its score tiles in fp64.
+    Lowered with fp64 scales, every kernel must build and hold no fp64 tensor."""
+    import longcat_tuner.model.block_sparse_triton as kernels
+
+    tiles = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK=128, CT=4, CH=4, CW=8, MASKED=True, IEEE=False)
+    kernel = getattr(kernels, kernel_name)
+    plain = _hopper_ttir(kernel, "fp32", dict(tiles))
+    compiled = _hopper_ttir(kernel, "fp64", dict(tiles))
+    assert "xf64>" not in plain and "xf64>" not in compiled, f"{kernel_name} computes a tile in fp64"
+    # fp64 appears only where the two scale arguments arrive and are narrowed to fp32.
+    f64_ops = [line.strip() for line in compiled.splitlines() if "f64" in line and "tt.func" not in line]
+    assert all("_as_fp32" in line or "truncf" in line for line in f64_ops), f64_ops
+
+
 def test_triton_rejects_large_head_dim():
     if not HAS_TRITON:
         pytest.skip("triton is not installed")

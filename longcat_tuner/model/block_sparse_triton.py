@@ -68,6 +68,15 @@ def _sum_combine(a, b):
     return a + b
 
 
+# torch.compile (inductor) passes a Python float argument of a user kernel as fp64 (its
+# `_use_fp64_for_unbacked_floats`), where a plain launch passes fp32: the forward's running max then changes type
+# inside the loop (a compile error) and the backward's score tiles would be computed in fp64. Every scale is cast
+# once, at the top of each kernel, so both launches run the same fp32 code.
+@triton.jit
+def _as_fp32(x):
+    return tl.cast(x, tl.float32)
+
+
 # Our combiners and the library's that the interpreter runs natively (where this Triton has them).
 _INTERPRETER_COMBINERS = {"_max_combine": "_elementwise_max", "_sum_combine": "_sum_combine"}
 
@@ -108,6 +117,7 @@ def _bsa_fwd_kernel(
     zh = tl.program_id(1)
     z = (zh // num_heads).to(tl.int64)
     h = (zh % num_heads).to(tl.int64)
+    qk_scale = _as_fp32(qk_scale)
     rows = tl.arange(0, BLOCK)
     dims = tl.arange(0, BLOCK_D)
     d_valid = dims < HEAD_DIM
@@ -205,6 +215,7 @@ def _bsa_bwd_dkdv_kernel(
     zh = tl.program_id(1)
     z = (zh // num_heads).to(tl.int64)
     h = (zh % num_heads).to(tl.int64)
+    qk_scale, sm_scale = _as_fp32(qk_scale), _as_fp32(sm_scale)
     rows = tl.arange(0, BLOCK)
     dims = tl.arange(0, BLOCK_D)
     d_valid = dims < HEAD_DIM
@@ -291,6 +302,7 @@ def _bsa_bwd_dq_kernel(
     zh = tl.program_id(1)
     z = (zh // num_heads).to(tl.int64)
     h = (zh % num_heads).to(tl.int64)
+    qk_scale, sm_scale = _as_fp32(qk_scale), _as_fp32(sm_scale)
     rows = tl.arange(0, BLOCK)
     dims = tl.arange(0, BLOCK_D)
     d_valid = dims < HEAD_DIM
@@ -349,7 +361,7 @@ def _bsa_bwd_dq_kernel(
 
 
 # Jit'd helpers that kernels call; the interpreter path swaps in their plain Python functions.
-_JIT_HELPERS = ("_block_rows",)
+_JIT_HELPERS = ("_block_rows", "_as_fp32")
 
 
 @functools.lru_cache(maxsize=None)
