@@ -113,6 +113,35 @@ def test_block_layout_order_and_ragged_pooling():
     torch.testing.assert_close(pool_blocks(x, ragged), expected)
 
 
+@pytest.mark.parametrize("grid", [(4, 8, 8), (5, 10, 14), (1, 3, 7), (23, 30, 52)])
+@pytest.mark.parametrize("chunk", [(4, 4, 4), (4, 4, 8), (2, 3, 5)])
+def test_block_counts_are_the_tokens_of_each_block(grid, chunk):
+    layout = block_layout(grid, chunk)
+    assert torch.equal(layout.block_count, torch.bincount(layout.token_block, minlength=layout.num_blocks))
+
+
+def test_block_sparse_attention_is_one_graph_under_torch_compile():
+    """Compiled training blocks trace attention: the layout must not break the graph at every call (a bincount
+    did, twice per call) nor make dynamo skip a cache."""
+    import warnings
+
+    import torch._dynamo
+
+    grid = (5, 10, 14)
+    q, k, v = random_qkv(grid, grid, heads=2, head_dim=16, seed=4)
+
+    def attend(q, k, v):
+        return block_sparse_attention(q, k, v, grid, grid, sparsity=0.5, chunk=(4, 4, 4), impl="reference")
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        explained = torch._dynamo.explain(attend)(q, k, v)
+    assert explained.graph_break_count == 0, [reason.reason for reason in explained.break_reasons]
+    assert explained.graph_count == 1
+    torch.testing.assert_close(torch.compile(attend, backend="eager")(q, k, v), attend(q, k, v))
+
+
 def test_num_selected_blocks_keeps_at_least_one():
     assert num_selected_blocks(2640, 0.9375) == 165
     assert num_selected_blocks(16, 0.9375) == 1

@@ -75,16 +75,19 @@ def block_layout(grid: Grid, chunk: Grid = DEFAULT_CHUNK, device: torch.device |
     """Block id of every token of `grid` and token count of every block (cached per grid, chunk, device)."""
     grid, chunk = _as_grid(grid, "grid"), _as_grid(chunk, "chunk")
     blocks_per_axis = tuple(-(-g // c) for g, c in zip(grid, chunk))
-    t, h, w = torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij")
+    t, h, w = torch.meshgrid(*(torch.arange(g, device=device) for g in grid), indexing="ij")
     _, nbh, nbw = blocks_per_axis
     token_block = ((t // chunk[0]) * (nbh * nbw) + (h // chunk[1]) * nbw + (w // chunk[2])).reshape(-1)
-    block_count = torch.bincount(token_block, minlength=math.prod(blocks_per_axis))
+    # Tokens per block from each axis' count (a full chunk, the remainder in the last block): plain arithmetic
+    # rather than a bincount, whose data-dependent size breaks torch.compile's graph at every attention call.
+    per_axis = [(g - torch.arange(n, device=device) * c).clamp(max=c) for g, c, n in zip(grid, chunk, blocks_per_axis)]
+    block_count = (per_axis[0][:, None, None] * per_axis[1][None, :, None] * per_axis[2][None, None, :]).reshape(-1)
     return BlockLayout(
         grid=grid,
         chunk=chunk,
         blocks_per_axis=blocks_per_axis,  # type: ignore[arg-type]
-        token_block=token_block.to(device),
-        block_count=block_count.to(device),
+        token_block=token_block,
+        block_count=block_count,
     )
 
 
@@ -237,7 +240,9 @@ def block_sparse_attention(
         impl = "triton" if q.is_cuda and _triton_available() else "reference"
     if impl not in ("reference", "triton"):
         raise ShapeError(f"block-sparse attention: impl must be 'auto', 'reference' or 'triton', got {impl!r}")
-    q_layout, k_layout = block_layout(q_grid, chunk, q.device), block_layout(k_grid, chunk, k.device)
+    # Under torch.compile the layout is traced into the graph (dynamo would skip the cache and warn).
+    layout = block_layout.__wrapped__ if torch.compiler.is_compiling() else block_layout
+    q_layout, k_layout = layout(q_grid, chunk, q.device), layout(k_grid, chunk, k.device)
     indices = _select(q, k, q_layout, k_layout, sparsity, ordered=False)
     if impl == "reference":
         return reference_attention(q, k, v, q_layout, k_layout, indices)
