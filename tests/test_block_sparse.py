@@ -272,6 +272,34 @@ def test_triton_interpreter_reads_token_major_strides():
     _check_triton_against_reference((3, 4, 5), (4, 4, 5), 0.5, (2, 2, 4), torch.float32, 16, 1e-5, token_major=True)
 
 
+@needs_interpreter
+def test_keep_attention_checkpointing_recomputes_block_sparse_attention(monkeypatch):
+    """What the planner assumes (planner.Setting.kept_attention_share): the keep_attention policy keeps SDPA
+    outputs only, so a block-sparse call runs its forward kernel again in backward. If it ever keeps them, the
+    planner's block-sparse memory and time must change with it."""
+    import longcat_tuner.model.block_sparse_triton as kernels
+    from longcat_tuner.runtime.selective_checkpoint import selective_forward
+
+    forward_launches = []
+    launcher = kernels._launcher
+
+    def counting(kernel, device):
+        if kernel is kernels._bsa_fwd_kernel:
+            forward_launches.append(kernel)
+        return launcher(kernel, device)
+
+    monkeypatch.setattr(kernels, "_launcher", counting)
+    grid = (4, 8, 8)
+    q, k, v = (t.requires_grad_(True) for t in random_qkv(grid, grid, heads=2, head_dim=16, seed=5))
+
+    def attend(q, k, v):
+        return block_sparse_attention(q, k, v, grid, grid, sparsity=0.5, chunk=(4, 4, 4), impl="triton")
+
+    selective_forward(attend, save_attention=True)(q, k, v).square().sum().backward()
+    assert len(forward_launches) == 2  # the forward, and its recompute in backward
+    assert all(t.grad is not None for t in (q, k, v))
+
+
 @needs_triton
 def test_triton_kernel_helpers_are_named_as_their_functions():
     """torch.compile re-emits a user kernel's jit'd helpers under their function names: a helper reached

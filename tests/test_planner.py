@@ -141,6 +141,22 @@ def test_block_sparse_step_matches_the_measured_speedup():
     assert sparse.step_parts_s["linear_and_elementwise"] == dense.step_parts_s["linear_and_elementwise"]
 
 
+def test_keep_attention_keeps_nothing_of_block_sparse_attention():
+    """The keep_attention policy keeps SDPA kernels' outputs; block-sparse attention is recomputed as under full
+    checkpointing. Measured at 704x1280x93 (rank 8, keep_attention on 24 blocks, compiled blocks, 42 swapped, one
+    H100, 2026-12-07, bench/results/train_step_plan_caps-2026-12-07-h100-704x1280-bsa.json): 21.56 s/step,
+    54.83 GiB allocated, where keeping 24 blocks' outputs had been predicted at 19.28 s and 73.72 GiB."""
+    shape = dict(height=704, width=1280, frames=93, lora_rank=8, blocks_to_swap=42, compiled=True)
+    keep = estimate(Setting(**shape, keep_attention=True, keep_attention_blocks=24, block_sparse=True))
+    full = estimate(Setting(**shape, block_sparse=True))
+    assert (keep.peak_gib, keep.step_s) == (full.peak_gib, full.step_s)
+    assert "kept_attention" not in keep.memory_gib
+    assert 54.83 - 0.5 <= keep.peak_gib <= 54.83 + 4.5  # conservative: the dense working set per token
+    assert keep.step_s == pytest.approx(21.56, rel=0.10)
+    dense_keep = estimate(Setting(**shape, keep_attention=True, keep_attention_blocks=24))
+    assert dense_keep.memory_gib["kept_attention"] > 10  # dense SDPA outputs are kept
+
+
 def test_block_sparse_share_follows_size_and_sparsity():
     from longcat_tuner.runtime.planner import block_sparse_share
 

@@ -411,3 +411,21 @@ def test_a_block_sparse_run_is_planned_with_its_cheaper_attention(tmp_path):
     assert "block-sparse attention (sparsity 0.9375)" in sparse.reason and "block-sparse" not in dense.reason
     # memory is the dense run's: the same settings fit
     assert sparse.predicted_peak_gib <= sparse.budget_gib
+
+
+def test_block_sparse_plans_never_name_keep_attention_it_cannot_keep(tmp_path):
+    """keep_attention keeps SDPA outputs; block-sparse attention runs Triton kernels that policy cannot see, so
+    a block-sparse plan offering it would be full checkpointing under another name, with a saving that never
+    comes (an H100 run of such a plan, 2026-12-07: 21.6 s/step and 54.8 GiB against 19.3 s, 73.7 predicted)."""
+    shape = ClipShape(frames=93, height=704, width=1280)
+    config = _config(tmp_path, attention_implementation="block_sparse", lora_rank=8)
+    for card in (48.0, 79.2, 139.8):
+        plan = _plan(config, card_gib=card, shape=shape, block_sparse=True)
+        assert plan.settings.checkpointing != "keep_attention", (card, plan.settings.describe())
+        assert plan.settings.compile_scope != "checkpointed_block"
+    # Dense attention at the same size still takes it where it fits.
+    assert _plan(config, card_gib=139.8, shape=shape).settings.checkpointing == "keep_attention"
+    # Pinned by the user, it stays (and is predicted as full checkpointing).
+    pinned = _config(tmp_path, attention_implementation="block_sparse", gradient_checkpointing_mode="keep_attention")
+    plan = _plan(pinned, card_gib=79.2, shape=shape, block_sparse=True)
+    assert plan.settings.checkpointing == "keep_attention" and plan.chosen_by["checkpointing"] == "config"

@@ -200,8 +200,13 @@ class Setting:
 
     @property
     def kept_attention_share(self) -> float:
-        """Share of the blocks that are checkpointed and keep their attention outputs."""
-        if not self.keep_attention:
+        """Share of the blocks that are checkpointed and keep their attention outputs.
+
+        None with block-sparse self-attention: the keep_attention policy keeps the outputs of PyTorch's SDPA
+        kernels (runtime/selective_checkpoint.py), and block-sparse attention runs our Triton kernels, which
+        it cannot see; those blocks recompute attention and keep nothing, as full checkpointing does
+        (measured: `bench/results/train_step_plan_caps-2026-12-07-h100-704x1280-bsa.json`, see CALIBRATION)."""
+        if not self.keep_attention or self.block_sparse:
             return 0.0
         keeping = DEPTH if self.keep_attention_blocks is None else max(0, min(self.keep_attention_blocks, DEPTH))
         return max(0, keeping - self.uncheckpointed) / DEPTH
@@ -311,7 +316,7 @@ def estimate(setting: Setting, calibration: Optional[dict] = None) -> Estimate:
             memory["offload_working_set"] = n * cal[f"offload_extra_bytes_per_token_{mode}"]
         else:
             memory["checkpointed_inputs"] = checkpointed * hidden_state
-        if setting.keep_attention:
+        if setting.kept_attention_share:
             memory["kept_attention"] = setting.kept_attention_share * DEPTH * hidden_state * (
                 1 - setting.num_cond_latents * 1.0 / max(1, token_grid(setting.height, setting.width, setting.frames)[0]))
         if setting.uncheckpointed:

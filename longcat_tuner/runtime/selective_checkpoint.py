@@ -6,7 +6,9 @@ forward). Here the block is checkpointed with a PyTorch selective-checkpoint pol
 outputs of the long self-attention SDPA kernel (attention output and its log-sum-exp, ~290 MB per block
 at 480x832x93)
 and recomputes everything else (projections, norms, RoPE, the FFN), so backward skips one attention
-forward per block.
+forward per block. Block-sparse attention is not an SDPA kernel (it launches our Triton kernels inside an
+autograd Function, which the policy never sees): it is recomputed, as under plain checkpointing, and the
+planner counts it so (`planner.Setting.kept_attention_share`).
 
 `apply_selective_checkpointing(dit, save_attention_blocks=k)` applies it to the first k blocks (all
 by default) and plain checkpointing to the rest, which trades memory for speed in a controlled way. It
