@@ -148,3 +148,27 @@ def test_modulation_stays_float32_under_bf16_autocast(dit):
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         mod = dit.blocks[0].adaLN_modulation(t)
     assert mod.dtype == torch.float32
+
+
+def test_rope_tables_are_cached_eagerly_and_traced_under_torch_compile():
+    """Compiled blocks call rope_tables in every attention: dynamo must trace it as one graph, without the
+    "lru_cache-wrapped function" warning it prints for a cached function (seen in every compiled GPU run)."""
+    import warnings
+
+    import torch._dynamo
+
+    from longcat_tuner.model.layers import apply_rope, rope_tables
+
+    assert rope_tables((4, 6, 8), 32, "cpu")[0] is rope_tables((4, 6, 8), 32, "cpu")[0]  # cached in eager
+    x = torch.randn(1, 2, 4 * 6 * 8, 32)
+
+    def rotate(x):
+        cos, sin = rope_tables((4, 6, 8), 32, x.device)
+        return apply_rope(x, cos, sin)
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        explained = torch._dynamo.explain(rotate)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    torch.testing.assert_close(torch.compile(rotate, backend="eager")(x), rotate(x))

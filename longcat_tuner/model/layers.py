@@ -82,8 +82,10 @@ def _rope_tables(grid: tuple[int, int, int], head_dim: int, device: torch.device
 
 
 def rope_tables(grid: tuple[int, int, int], head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, `[T*H*W, head_dim]` in float32, for integer positions on the token grid."""
-    return _rope_tables(tuple(int(g) for g in grid), head_dim, torch.device(device))
+    """cos and sin, `[T*H*W, head_dim]` in float32, for integer positions on the token grid (cached per grid;
+    under torch.compile traced into the graph, where dynamo would skip the cache and warn)."""
+    tables = _rope_tables.__wrapped__ if torch.compiler.is_compiling() else _rope_tables
+    return tables(tuple(int(g) for g in grid), head_dim, torch.device(device))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
