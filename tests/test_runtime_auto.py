@@ -429,3 +429,5 @@ def test_block_sparse_plans_never_name_keep_attention_it_cannot_keep(tmp_path):
     pinned = _config(tmp_path, attention_implementation="block_sparse", gradient_checkpointing_mode="keep_attention")
     plan = _plan(pinned, card_gib=79.2, shape=shape, block_sparse=True)
     assert plan.settings.checkpointing == "keep_attention" and plan.chosen_by["checkpointing"] == "config"
+    assert "with block-sparse attention it recomputes attention as full checkpointing does" in plan.reason
+    assert "recomputes attention" not in _plan(pinned, card_gib=79.2, shape=shape).reason  # dense: it does keep

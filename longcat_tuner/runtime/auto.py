@@ -326,6 +326,9 @@ def choose_plan(
         + (f"; set by you: {', '.join(sorted(set(CONFIG_KEYS) - set(auto_fields)))}" if pinned else "")
         + ("; 8-bit base weights because nothing in bf16 fits" if settings.quantized and "base_precision" not in pinned else "")
         + validation_warning
+        + ("; keep_attention keeps the outputs of SDPA kernels only: with block-sparse attention it recomputes "
+           "attention as full checkpointing does (set gradient_checkpointing_mode full or leave it to the plan)"
+           if block_sparse and settings.checkpointing == "keep_attention" else "")
     )
     return Plan(settings, "auto", reason, budget_gib=budget, card_gib=card_gib, cap_gib=cap, shape=shape,
                 predicted_step_s=estimate.step_s, predicted_peak_gib=estimate.peak_gib, chosen_by=chosen_by,
