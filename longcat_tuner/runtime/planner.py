@@ -202,10 +202,10 @@ class Setting:
     def kept_attention_share(self) -> float:
         """Share of the blocks that are checkpointed and keep their attention outputs.
 
-        None with block-sparse self-attention: the keep_attention policy keeps the outputs of PyTorch's SDPA
+        Zero with block-sparse self-attention: the keep_attention policy keeps the outputs of PyTorch's SDPA
         kernels (runtime/selective_checkpoint.py), and block-sparse attention runs our Triton kernels, which
         it cannot see; those blocks recompute attention and keep nothing, as full checkpointing does
-        (measured: `bench/results/train_step_plan_caps-2026-12-07-h100-704x1280-bsa.json`, see CALIBRATION)."""
+        (measured: `bench/results/train_step_plan_caps-2026-12-07-h100-704x1280-bsa.json`)."""
         if not self.keep_attention or self.block_sparse:
             return 0.0
         keeping = DEPTH if self.keep_attention_blocks is None else max(0, min(self.keep_attention_blocks, DEPTH))
