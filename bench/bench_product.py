@@ -263,18 +263,18 @@ def validation_breakdown(events: list[dict[str, Any]], validation: dict[str, Any
     progress = [e for e in events if e["event"] == "validation_progress" and e.get("step") == validation.get("step")
                 and began <= e["time"] <= validation["time"]]
     videos: dict[int, dict[str, Any]] = {}
+    decode_began: dict[int, float] = {}
     last = began
     for e in progress:
-        video = videos.setdefault(e.get("video", 1), {"denoise_step_s": [], "decode_s": None})
+        number = e.get("video", 1)
+        video = videos.setdefault(number, {"denoise_step_s": [], "decode_s": None})
         if e.get("phase") == "denoising":
             video["denoise_step_s"].append(round(e["time"] - last, 2))
-        elif e.get("phase") == "done" and video.get("_decode_began") is not None:
-            video["decode_s"] = round(e["time"] - video.pop("_decode_began"), 2)
-        if e.get("phase") == "decoding":
-            video["_decode_began"] = e["time"]
+        elif e.get("phase") == "decoding":
+            decode_began[number] = e["time"]
+        elif e.get("phase") == "done" and number in decode_began:
+            video["decode_s"] = round(e["time"] - decode_began.pop(number), 2)
         last = e["time"]
-    for video in videos.values():
-        video.pop("_decode_began", None)
     return {"videos": [videos[k] for k in sorted(videos)],
             "after_last_video_s": round(validation["time"] - last, 2) if progress else None}
 

@@ -102,9 +102,8 @@ def batch_groups(plan) -> dict[tuple, int]:
     """Items (with repeats) per group the batch sampler fills: same bucket, same I2V-ness."""
     from longcat_tuner.data.buckets import group_counts
 
-    pairs = [((sample.bucket, sample.source.cond_path is not None), dataset_plan.dataset.repeats)
-             for dataset_plan in plan.train for sample in dataset_plan.samples]
-    return group_counts((key for key, _ in pairs), (repeats for _, repeats in pairs))
+    return group_counts(((sample.bucket, sample.source.cond_path is not None), dataset_plan.dataset.repeats)
+                        for dataset_plan in plan.train for sample in dataset_plan.samples)
 
 
 def largest_batch_group(plan) -> int:

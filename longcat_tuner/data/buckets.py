@@ -132,10 +132,11 @@ def resolution_size(
     return bucket_size(parsed, *(source_hw or native_size(parsed)), alignment)
 
 
-def group_counts(keys: Iterable[Hashable], repeats: Iterable[int]) -> dict[Hashable, int]:
-    """Items per batch group, each counted with its repeats (1 + repeats): what the batch sampler can fill."""
+def group_counts(items: Iterable[tuple[Hashable, int]]) -> dict[Hashable, int]:
+    """Items per batch group from (group key, repeats) pairs, each counted 1 + repeats times: what the batch
+    sampler can fill."""
     counts: dict[Hashable, int] = {}
-    for key, repeat in zip(keys, repeats):
+    for key, repeat in items:
         counts[key] = counts.get(key, 0) + 1 + repeat
     return counts
 
@@ -240,7 +241,7 @@ class BucketBatchSampler:
         no batch is ever cut from them, so their items are never trained on."""
         if not self.drop_last:
             return {}
-        counts = group_counts(self.group_keys, self.repeats)
+        counts = group_counts(zip(self.group_keys, self.repeats))
         return {key: count for key, count in counts.items() if count < self.batch_size}
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -25,7 +25,6 @@ Two choices of ours beyond the official code:
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from longcat_tuner.errors import ConfigError, ShapeError
+from longcat_tuner.model.eager_cache import eager_cache
 
 Grid = tuple[int, int, int]
 
@@ -70,7 +70,7 @@ def _as_grid(grid: tuple[int, ...] | list[int] | torch.Tensor, name: str) -> Gri
     return values  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def block_layout(grid: Grid, chunk: Grid = DEFAULT_CHUNK, device: torch.device | str = "cpu") -> BlockLayout:
     """Block id of every token of `grid` and token count of every block (cached per grid, chunk, device)."""
     grid, chunk = _as_grid(grid, "grid"), _as_grid(chunk, "chunk")
@@ -240,9 +240,7 @@ def block_sparse_attention(
         impl = "triton" if q.is_cuda and _triton_available() else "reference"
     if impl not in ("reference", "triton"):
         raise ShapeError(f"block-sparse attention: impl must be 'auto', 'reference' or 'triton', got {impl!r}")
-    # Under torch.compile the layout is traced into the graph (dynamo would skip the cache and warn).
-    layout = block_layout.__wrapped__ if torch.compiler.is_compiling() else block_layout
-    q_layout, k_layout = layout(q_grid, chunk, q.device), layout(k_grid, chunk, k.device)
+    q_layout, k_layout = block_layout(q_grid, chunk, q.device), block_layout(k_grid, chunk, k.device)
     indices = _select(q, k, q_layout, k_layout, sparsity, ordered=False)
     if impl == "reference":
         return reference_attention(q, k, v, q_layout, k_layout, indices)

@@ -6,11 +6,12 @@ when the weights and the residual stream are bfloat16.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from longcat_tuner.model.eager_cache import eager_cache
 
 
 class FP32Linear(nn.Linear):
@@ -67,7 +68,7 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-@lru_cache(maxsize=32)
+@eager_cache(maxsize=32)
 def _rope_tables(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     angles = []
     for size, dim, axis in zip(grid, rope_axis_dims(head_dim), range(3)):
@@ -82,10 +83,9 @@ def _rope_tables(grid: tuple[int, int, int], head_dim: int, device: torch.device
 
 
 def rope_tables(grid: tuple[int, int, int], head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, `[T*H*W, head_dim]` in float32, for integer positions on the token grid (cached per grid;
-    under torch.compile traced into the graph, where dynamo would skip the cache and warn)."""
-    tables = _rope_tables.__wrapped__ if torch.compiler.is_compiling() else _rope_tables
-    return tables(tuple(int(g) for g in grid), head_dim, torch.device(device))
+    """cos and sin, `[T*H*W, head_dim]` in float32, for integer positions on the token grid (cached per grid
+    in eager mode, traced under torch.compile: `eager_cache`)."""
+    return _rope_tables(tuple(int(g) for g in grid), head_dim, torch.device(device))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
