@@ -3,8 +3,8 @@
 What `sample` runs, without a checkpoint on disk: the full 13.6B DiT with random weights (bench/common.py
 `random_dit`; `--tiny`: the tiny test DiT on the CPU), its settings from `sample`'s own
 `commands.sample.sampling_settings` (the function `sample` calls: compile, base precision, block swap),
-applied through `runtime.prepare_base_weights` and `runtime.apply_runtime` as `load_dit_for_sampling`
-does, then the sampler `generate` calls (`diffusion.sampler.sample`, CFG passes batched) on I2V latents
+applied through `sample`'s own `prepare_sampling_dit` (LoRA merged or attached, base precision, runtime) as
+`load_dit_for_sampling` does, then the sampler `generate` calls (`diffusion.sampler.sample`, CFG passes batched) on I2V latents
 of 480x832x93 (37,440 tokens). Each run times its first step (compile included) and `--timed-steps`
 steady steps with device syncs in the step callback and extrapolates to its whole grid (every step is
 one DiT forward at a fixed shape).
@@ -13,8 +13,14 @@ Runtimes (`--runtimes`), each what `sample` runs with these flags:
 
 * `eager`: `--compile off` (bf16 on CUDA, the product's default dtype; fp32 on the CPU);
 * `compiled`: `--compile on` (torch.compile per block, as `train`'s `compile_blocks`);
+* `compiled_unmerged`: `--compile on --merge-loras off` (the LoRA attached un-merged, the official
+  application; the others run `sample`'s default `--merge-loras auto`, which folds it into bf16 weights);
 * `compiled_fp8_compute`: `--compile on --base-precision fp8-compute` (float8 matmuls of the frozen block
-  linears, runtime/fp8_compute.py).
+  linears, runtime/fp8_compute.py; auto keeps the LoRA un-merged on 8-bit weights);
+* `compiled_fp8_compute_merged`: the same with `--merge-loras on` (merged before the weights go to 8 bits).
+
+Default: eager, compiled, compiled_fp8_compute. The LoRA runtimes differ only on grids with a LoRA
+(distilled16); each result names how its LoRA ran (`lora`: merged, un-merged, or null without one).
 
 Grids (`--grids`), the old modes' meaning:
 
@@ -84,7 +90,8 @@ from longcat_tuner.commands import sample as sample_command  # noqa: E402
 from longcat_tuner.devices import default_dtype  # noqa: E402
 from longcat_tuner.diffusion.sampler import sample  # noqa: E402
 from longcat_tuner.model.config import DiTConfig  # noqa: E402
-from longcat_tuner.model.lora import inject_lora  # noqa: E402
+from longcat_tuner.model import lora_formats  # noqa: E402
+from longcat_tuner.model.lora import fused_parts, match_targets  # noqa: E402
 from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS  # noqa: E402
 from longcat_tuner.model.random_checkpoint import SIZES  # noqa: E402
 
@@ -107,10 +114,13 @@ GRIDS = {
 DEFAULT_GRIDS = ("cfg50", "distilled16")
 # Runtime -> `sample`'s flags.
 RUNTIMES = {
-    "eager": dict(compile="off", base_precision="no_change"),
-    "compiled": dict(compile="on", base_precision="no_change"),
-    "compiled_fp8_compute": dict(compile="on", base_precision="fp8-compute"),
+    "eager": dict(compile="off", base_precision="no_change", merge_loras="auto"),
+    "compiled": dict(compile="on", base_precision="no_change", merge_loras="auto"),
+    "compiled_unmerged": dict(compile="on", base_precision="no_change", merge_loras="off"),
+    "compiled_fp8_compute": dict(compile="on", base_precision="fp8-compute", merge_loras="auto"),
+    "compiled_fp8_compute_merged": dict(compile="on", base_precision="fp8-compute", merge_loras="on"),
 }
+DEFAULT_RUNTIMES = ("eager", "compiled", "compiled_fp8_compute")
 REFERENCE_ORDER = ("eager", "compiled")  # the runtime the others' latents are compared with: the first that ran
 
 # `--tiny`: the tiny test DiT (model/random_checkpoint.py SIZES["tiny"]) on a small I2V clip, on the CPU.
@@ -139,26 +149,34 @@ def compile_backend(backend: str):
         torch.compile = original
 
 
+def random_lora(dit, rank: int, device: torch.device) -> dict:
+    """A random LoRA shaped like the official `cfg_step_lora` (rank `rank` on its targets, alpha scaled as the
+    file's 64/128) as `lora_formats.Adapter` records, the form `sample` reads a file into (seed 1: the same
+    adapters in every run)."""
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    scale = CFG_STEP_LORA_ALPHA / CFG_STEP_LORA_RANK
+    adapters = {}
+    for path in match_targets(dit, CFG_STEP_LORA_TARGETS):
+        linear = dit.get_submodule(path)
+        parts = fused_parts(path)
+        down = torch.randn(parts * rank, linear.in_features, generator=generator) * linear.in_features**-0.5
+        ups = [torch.randn(linear.out_features // parts, rank, generator=generator) * 0.01 for _ in range(parts)]
+        adapters[path] = lora_formats.Adapter(down.to(device), [u.to(device) for u in ups], scale)
+    return adapters
+
+
 def build_model(config: DiTConfig, settings, device: torch.device, dtype: torch.dtype, *, attention: str,
-                lora_rank: int) -> Any:
+                lora_rank: int, merge_loras: str) -> Any:
     """The DiT as `load_dit_for_sampling` builds it under `settings`: random weights (seed 0) instead of a
-    checkpoint, 8-bit base weights, then the adapters (a random `cfg_step_lora`-shaped LoRA), then the runtime."""
+    checkpoint, then `sample`'s own `prepare_sampling_dit` (the LoRA, a random `cfg_step_lora`-shaped one,
+    merged or attached as `--merge-loras merge_loras` decides; base precision; the runtime)."""
     weights_device = runtime.load_device(settings, device) if settings.blocks_to_swap else device
     dit = random_dit(config, device=str(weights_device), dtype=dtype, seed=0)
     dit.set_attention_backend(attention)
-    runtime.prepare_base_weights(dit, settings)
-    if lora_rank:
-        # As load_lora attaches a file's adapters: in the layers' compute dtype, scaled alpha / rank.
-        adapters = inject_lora(dit, rank=lora_rank, alpha=CFG_STEP_LORA_ALPHA * lora_rank / CFG_STEP_LORA_RANK,
-                               targets=CFG_STEP_LORA_TARGETS, dtype=dtype,
-                               name="cfg_step_lora")
-        generator = torch.Generator(device=weights_device).manual_seed(1)  # the same adapters in every run
-        with torch.no_grad():
-            for adapter in adapters.values():
-                adapter.down.normal_(0.0, adapter.down.shape[1] ** -0.5, generator=generator)
-                adapter.up.normal_(0.0, 0.01, generator=generator)
-        dit.requires_grad_(False)
-    runtime.apply_runtime(dit, settings, device)
+    loras = [("cfg_step_lora", random_lora(dit, lora_rank, weights_device), 1.0)] if lora_rank else []
+    merge, _ = sample_command.choose_merge(merge_loras, base_precision=settings.base_precision, loras=len(loras))
+    sample_command.prepare_sampling_dit(dit, settings, device, loras, merge=merge)
+    dit.requires_grad_(False)
     return dit
 
 
@@ -221,7 +239,7 @@ def fresh_inductor_cache() -> str:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runtimes", nargs="+", choices=list(RUNTIMES), default=list(RUNTIMES))
+    parser.add_argument("--runtimes", nargs="+", choices=list(RUNTIMES), default=list(DEFAULT_RUNTIMES))
     parser.add_argument("--grids", nargs="+", choices=list(GRIDS), default=list(DEFAULT_GRIDS))
     parser.add_argument("--timed-steps", type=int, default=None, help="steady steps timed after the first (default 3; --tiny 2)")
     parser.add_argument("--blocks-to-swap", type=int, default=0, help="as `sample --blocks-to-swap`")
@@ -271,19 +289,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         forwards = sample_command.sampling_forwards(grid["steps"], grid["guidance"])
         for runtime_name in args.runtimes:
             # The settings `sample` would run this grid with under this runtime's flags.
+            flags = dict(RUNTIMES[runtime_name])
+            merge_loras = flags.pop("merge_loras")
             settings = sample_command.sampling_settings(
                 device=device, steps=grid["steps"], guidance=grid["guidance"], blocks_to_swap=args.blocks_to_swap,
-                **RUNTIMES[runtime_name])
+                **flags)
             torch._dynamo.reset()
             with compile_backend(args.compile_backend):
-                dit = build_model(config, settings, device, dtype, attention=args.attention,
-                                  lora_rank=args.distilled_lora_rank if grid["distilled"] else 0)
+                lora_rank = args.distilled_lora_rank if grid["distilled"] else 0
+                dit = build_model(config, settings, device, dtype, attention=args.attention, lora_rank=lora_rank,
+                                  merge_loras=merge_loras)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 r, final = time_run(dit, grid, args.timed_steps, inputs)
             official = forwards * OFFICIAL_FORWARD_S
-            r.update(settings=settings.describe(), forwards=forwards, official_s=round(official, 1),
+            merged, _ = sample_command.choose_merge(merge_loras, base_precision=settings.base_precision,
+                                                    loras=1 if lora_rank else 0)
+            r.update(settings=settings.describe(), lora=("merged" if merged else "un-merged") if lora_rank else None,
+                     forwards=forwards, official_s=round(official, 1),
                      ratio_to_official=round(r["video_s_estimate"] / official, 3), target_s=round(TARGET_S[grid_name], 1),
                      meets_target=r["video_s_estimate"] <= TARGET_S[grid_name])
             if device.type == "cuda":

@@ -61,6 +61,7 @@ def compiled_forwards(monkeypatch):
 def test_sample_and_the_benchmark_take_their_settings_from_one_function(tiny_checkpoint, tmp_path, monkeypatch,
                                                                         settings_calls, compiled_forwards, capsys):
     from longcat_tuner.cli import main
+    from longcat_tuner.commands import sample as sample_command
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # `sample` sets it (restored after the test)
     out = tmp_path / "c.mp4"
@@ -74,12 +75,22 @@ def test_sample_and_the_benchmark_take_their_settings_from_one_function(tiny_che
 
     settings_calls.clear()
     compiled_forwards.clear()
+    prepared = []  # (merge, with a LoRA) of each model the bench prepared: through `sample`'s own function
+    real_prepare = sample_command.prepare_sampling_dit
+
+    def prepare_spy(dit, settings, device, loras, *, merge):
+        prepared.append((merge, bool(loras)))
+        return real_prepare(dit, settings, device, loras, merge=merge)
+
+    monkeypatch.setattr(sample_command, "prepare_sampling_dit", prepare_spy)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the bench points these at its own
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     assert _bench().main(["--tiny", "--timed-steps", "1", "--out", str(tmp_path)]) == 0
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads((tmp_path / "sampling-tiny.json").read_text())["results"] == payload["results"]
 
+    assert [merge for merge, lora in prepared if lora] == [True, True, False]  # distilled16's LoRA: auto's choice
+    assert [lora for _, lora in prepared] == [False] * 3 + [True] * 3
     runs = [(kw["steps"], kw["compile"], kw["base_precision"]) for kw, _ in settings_calls if kw["compile"] != "auto"]
     assert runs == [(50, "off", "no_change"), (50, "on", "no_change"), (50, "on", "fp8-compute"),
                     (16, "off", "no_change"), (16, "on", "no_change"), (16, "on", "fp8-compute")]
@@ -94,6 +105,8 @@ def test_sample_and_the_benchmark_take_their_settings_from_one_function(tiny_che
         assert "compile_blocks" not in by_runtime["eager"]["settings"]
         assert "compile_blocks" in by_runtime["compiled"]["settings"]
         assert "fp8-compute" in by_runtime["compiled_fp8_compute"]["settings"]
+        lora = [by_runtime[name]["lora"] for name in ("eager", "compiled", "compiled_fp8_compute")]
+        assert lora == ([None] * 3 if grid == "cfg50" else ["merged", "merged", "un-merged"])
         fp8 = by_runtime["compiled_fp8_compute"]["vs_eager"]
         assert 20 < fp8["latents_psnr_db"] < 200 and 0 < fp8["update_rel_error"] < 0.5  # float8: close, not equal
         assert by_runtime["compiled"]["vs_eager"]["update_rel_error"] < 1e-5  # the eager backend: the same ops

@@ -77,8 +77,37 @@ def test_sample_with_8bit_weights_and_a_lora(tiny_checkpoint, tmp_path, precisio
                   "--base-precision", precision, "--prompt", "a cat", "--frames", "5", "--steps", "2",
                   "--resolution", "64x64", "--output", str(out))
     assert result.returncode == 0, result.stderr
+    # auto keeps the LoRA un-merged on 8-bit weights (merging would round its update to 8 bits too)
+    assert f"LoRAs: --merge-loras auto: un-merged on {precision} weights" in result.stderr
     with av.open(str(out)) as container:
         assert len(list(container.decode(video=0))) == 5
+
+
+@pytest.mark.parametrize("flag, merged", [(None, True), ("off", False), ("on", True)])
+def test_sample_merges_loras_by_default(tiny_checkpoint, tmp_path, monkeypatch, capsys, flag, merged):
+    from longcat_tuner.cli import main
+    from longcat_tuner.commands import sample as sample_command
+    from longcat_tuner.model.lora import lora_modules
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # `sample` sets it
+    calls = []
+    real = sample_command.prepare_sampling_dit
+
+    def spy(dit, settings, device, loras, *, merge):
+        calls.append((merge, [(source, multiplier) for source, _, multiplier in loras]))
+        applied = real(dit, settings, device, loras, merge=merge)
+        calls.append(bool(lora_modules(dit)))
+        return applied
+
+    monkeypatch.setattr(sample_command, "prepare_sampling_dit", spy)
+    lora = str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")
+    out = tmp_path / "m.mp4"
+    argv = ["sample", "--model", str(tiny_checkpoint), "--lora", lora, "--lora-multiplier", "0.5", "--prompt", "a cat",
+            "--frames", "5", "--steps", "1", "--resolution", "64x64", "--device", "cpu", "--output", str(out)]
+    assert main(argv + (["--merge-loras", flag] if flag else [])) == 0
+    assert calls == [(merged, [(lora, 0.5)]), not merged]  # merged: no adapter left attached
+    err = capsys.readouterr().err
+    assert ("LoRAs folded into the weights" in err) == merged and out.is_file()
 
 
 def test_block_swap_needs_cuda(tiny_checkpoint, tmp_path):

@@ -12,6 +12,12 @@ from longcat_tuner.commands.argtypes import bounded_int, finite_float, positive_
 from longcat_tuner.config.sampling import add_sampling_arguments
 
 COMPILE_MODES = ("auto", "on", "off")
+# `--merge-loras`: fold the LoRAs into the base weights before sampling (a forward then costs the plain
+# model's: the un-merged rank-128 distilled LoRA adds about 0.3 s to a 3.4 s forward at 480x832x93, one H100,
+# bench/results/sampling-2026-12-06-h100.json) or keep them un-merged (the official code's application, exact
+# in the layers' own arithmetic). auto: merge unless the base weights are stored in 8 bits, where merging
+# would put the LoRA's update through the 8-bit rounding too; on merges there before the weights are stored.
+MERGE_MODES = ("auto", "on", "off")
 # `--compile auto` compiles the DiT blocks on CUDA when the run makes at least this many DiT forwards (a
 # denoising step is one forward, two with guidance > 1: CFG batches both passes, twice the tokens). Why 12:
 # measured through `sample`'s own runtime (bench/bench_sampling.py, one H100, 2026-12-06,
@@ -56,6 +62,10 @@ def register(subparsers) -> None:
                    f"about 30-60 s at 480x832x93). auto: on CUDA with Triton when the run makes at least "
                    f"{AUTO_COMPILE_MIN_FORWARDS} DiT forwards (steps, twice that with --guidance > 1), else eager; "
                    "on: always (CUDA needs Triton; on the CPU torch.compile's C++ backend); off: eager")
+    p.add_argument("--merge-loras", choices=MERGE_MODES, default="auto",
+                   help="fold the --lora files into the DiT's weights (forwards as fast as without a LoRA; each weight "
+                   "summed in float32 and rounded once) or keep them un-merged (the official application). auto: merge "
+                   "unless --base-precision stores the weights in 8 bits; on: merge there too, before they are stored")
     p.add_argument("--output", required=True, help="output video: .mp4, .mov or .mkv (an existing file only with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--progress-json", action="store_true",
@@ -107,6 +117,10 @@ def _sample(args: argparse.Namespace, ctx) -> int:
         if ctx.is_main:
             print(f"compile: {why}", file=sys.stderr)
 
+    def say_merge(why: str) -> None:
+        if ctx.is_main:
+            print(f"LoRAs: {why}", file=sys.stderr)
+
     # Decided (and `--compile on` without Triton refused) before minutes of loading.
     settings = sampling_settings_for(args, device, report=say_compile)
     # The text encoder (umT5-XXL, ~11 GB) runs and leaves the GPU before the DiT loads: never both resident.
@@ -118,7 +132,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     del text_encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    dit = load_dit_for_sampling(args, dtype=dtype, device=device, settings=settings, loras=loras)
+    dit = load_dit_for_sampling(args, dtype=dtype, device=device, settings=settings, loras=loras, report=say_merge)
     for lora, adapters, multiplier in loras if ctx.is_main else ():
         print(f"LoRA {lora}: {len(adapters)} layer{'' if len(adapters) == 1 else 's'} adapted, multiplier {multiplier:g}", file=sys.stderr)
     if ctx.enabled:
@@ -245,26 +259,67 @@ def read_sampling_loras(args: argparse.Namespace) -> list[tuple[str, dict, float
             for i, lora in enumerate(args.lora)]
 
 
-def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=None, loras=None):
-    """The DiT with its LoRAs (`loras`: `read_sampling_loras(args)`, read here when None), through the runtime
-    `train` uses (`longcat_tuner.runtime.apply`) under `settings` (default: `sampling_settings_for(args,
-    device)`): with block swap or 8-bit weights it is assembled on the host first, so a model larger than the
-    GPU never lands on it whole."""
+def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=None, loras=None, report=None):
+    """The DiT with its LoRAs (`loras`: `read_sampling_loras(args)`, read here when None), prepared by
+    `prepare_sampling_dit` under `settings` (default: `sampling_settings_for(args, device)`) and
+    `--merge-loras` (`report` gets the merge decision): with block swap or 8-bit weights it is assembled on
+    the host first, so a model larger than the GPU never lands on it whole."""
     from longcat_tuner import runtime
     from longcat_tuner.model.loading import load_dit
-    from longcat_tuner.model.lora import attach_lora_adapters
 
     if settings is None:
         settings = sampling_settings_for(args, device)
     if loras is None:
         loras = read_sampling_loras(args)
+    merge, why = choose_merge(getattr(args, "merge_loras", "auto"), base_precision=settings.base_precision, loras=len(loras))
+    if report is not None and loras:
+        report(why)
     attention = args.attention or trained_attention(args.lora) or "auto"
     dit = load_dit(args.model, dtype=dtype, device=runtime.load_device(settings, device), attention_backend=attention)
-    runtime.prepare_base_weights(dit, settings)
-    for i, (lora, adapters, multiplier) in enumerate(loras):
-        attach_lora_adapters(dit, adapters, lora, multiplier=multiplier, name=f"lora{i}")
-    runtime.apply_runtime(dit, settings, device)
+    prepare_sampling_dit(dit, settings, device, loras, merge=merge)
     return dit
+
+
+def choose_merge(mode: str, *, base_precision: str, loras: int) -> tuple[bool, str]:
+    """(merge the LoRAs into the weights?, why) for `--merge-loras` `mode` (see `MERGE_MODES`)."""
+    from longcat_tuner.errors import ConfigError
+
+    if mode not in MERGE_MODES:
+        raise ConfigError(f"--merge-loras {mode!r} is not one of {', '.join(MERGE_MODES)}")
+    if not loras:
+        return False, "no --lora to merge"
+    if mode == "off":
+        return False, "--merge-loras off: LoRAs un-merged (the official application)"
+    if mode == "on":
+        return True, "--merge-loras on: LoRAs folded into the weights" + (
+            " before they are stored in 8 bits" if base_precision != "no_change" else "")
+    if base_precision != "no_change":
+        return False, (f"--merge-loras auto: un-merged on {base_precision} weights (merging would round the LoRA's "
+                       "update to 8 bits too; --merge-loras on to merge anyway)")
+    return True, "--merge-loras auto: LoRAs folded into the weights (forwards as fast as without them)"
+
+
+def prepare_sampling_dit(dit, settings, device, loras, *, merge: bool):
+    """Everything sampling does to a loaded DiT, in order: the LoRAs (`(source, adapters, multiplier)`, as
+    `read_sampling_loras` gives) folded into the weights (`merge`, before any 8-bit storage) or attached
+    un-merged (after it), the base precision, then the runtime (`runtime.apply_runtime` under `settings`).
+    `sample` and bench/bench_sampling.py call it; returns the `AppliedRuntime`."""
+    import torch
+
+    from longcat_tuner import runtime
+    from longcat_tuner.model.lora import attach_lora_adapters, merge_lora_adapters
+
+    device = torch.device(device)
+    if merge:
+        # Summed where the GPU is when the model sits on the host (block swap, 8-bit assembly): seconds, not minutes.
+        at = device if device.type == "cuda" else None
+        for lora, adapters, multiplier in loras:
+            merge_lora_adapters(dit, adapters, lora, multiplier=multiplier, device=at)
+    runtime.prepare_base_weights(dit, settings)
+    if not merge:
+        for i, (lora, adapters, multiplier) in enumerate(loras):
+            attach_lora_adapters(dit, adapters, lora, multiplier=multiplier, name=f"lora{i}")
+    return runtime.apply_runtime(dit, settings, device)
 
 
 def sampling_forwards(steps: int, guidance: float) -> int:

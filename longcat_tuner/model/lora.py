@@ -2,7 +2,8 @@
 
 Adapters are attached from outside with forward hooks, so the model's own module tree and state-dict names
 stay those of the official checkpoint. Application is un-merged, as in the official code:
-`y = linear(x) + multiplier * alpha_scale * up(down(x))`.
+`y = linear(x) + multiplier * alpha_scale * up(down(x))`; for inference `merge_lora_adapters` can instead
+fold a file's adapters into the base weights (`sample --merge-loras`).
 
 Fused projections carry block-diagonal adapters (the official "n_seperate" scheme): `attn.qkv` (3 parts),
 `cross_attn.kv_linear` (2), a block's `adaLN_modulation.1` (6), `final_layer.adaLN_modulation.1` (2). The down
@@ -313,14 +314,56 @@ def _compute_dtype(linear: nn.Linear) -> torch.dtype:
     return bias.dtype if bias is not None and bias.dtype.itemsize >= 2 else torch.bfloat16
 
 
+def _fold(linear: nn.Linear, delta: torch.Tensor, path: str, device: Optional[torch.device]) -> None:
+    """`linear.weight += delta`, summed in float32 on `device` (default: the weight's) and rounded once."""
+    weight = linear.weight
+    if weight.dtype.itemsize < 2:
+        raise ConfigError(f"cannot merge a LoRA into the 8-bit weights of '{path}': merge before the base weights "
+                          "are stored in 8 bits, or keep it un-merged")
+    device = device or weight.device
+    merged = weight.detach().to(device, torch.float32) + delta.to(device, torch.float32)
+    weight.data.copy_(merged.to(weight.dtype))
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module, name: Optional[str] = None) -> None:
-    """Fold adapters into the base weights (faster inference) and detach them."""
+    """Fold attached adapters into the base weights (faster inference) and detach them."""
     modules = lora_modules(model, name)
     for path in modules:
         if model.get_submodule(path).weight.dtype.itemsize < 2:
             raise ConfigError(f"cannot merge a LoRA into the 8-bit weights of '{path}': keep it un-merged")
     for path, adapter in modules.items():
         linear = model.get_submodule(path)
-        linear.weight += adapter.delta_weight().to(linear.weight.dtype)
+        with torch.autocast(device_type=linear.weight.device.type, enabled=False):
+            delta = adapter.up_matrix().float() @ adapter.down.float() * adapter.scale()
+        _fold(linear, delta, path, None)
     remove_lora(model, name)
+
+
+@torch.no_grad()
+def merge_lora_adapters(
+    model: nn.Module, adapters: dict[str, lora_formats.Adapter], path: Union[str, Path], *, multiplier: float = 1.0,
+    device: Optional[torch.device] = None,
+) -> int:
+    """Fold adapters read from `path` (`lora_formats.read_lora_file`) into the base weights; returns the count.
+
+    The inference alternative to `attach_lora_adapters`: afterwards a forward costs what the plain model's
+    costs. Each weight becomes `round(weight + multiplier * scale * up @ down)`, summed in float32 from the
+    file's own values (not from adapters cast to the model's dtype) and rounded to the weight's dtype once;
+    `device` (e.g. the GPU while the model sits on the host) is where that arithmetic runs. 8-bit weights
+    are refused: merge before `runtime.prepare_base_weights` stores them in 8 bits.
+    """
+    if not math.isfinite(multiplier):
+        raise ConfigError(f"LoRA multiplier for {path} is {multiplier}; give a finite number such as 1.0")
+    existing = _check_fits(model, adapters, Path(path))
+    low = [p for p, linear in existing.items() if linear.weight.dtype.itemsize < 2]
+    if low:
+        raise ConfigError(f"cannot merge {path} into the 8-bit weights of '{low[0]}': merge before the base weights "
+                          "are stored in 8 bits, or keep it un-merged")
+    for module_path, item in adapters.items():
+        linear = existing[module_path]
+        at = device or linear.weight.device
+        with torch.autocast(device_type=torch.device(at).type, enabled=False):
+            on_device = lora_formats.Adapter(item.down.to(at), [u.to(at) for u in item.ups], item.scale * float(multiplier))
+            _fold(linear, on_device.delta(), module_path, at)
+    return len(adapters)
