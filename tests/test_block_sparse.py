@@ -273,11 +273,15 @@ def test_triton_interpreter_reads_token_major_strides():
 
 
 @needs_interpreter
-def test_keep_attention_checkpointing_recomputes_block_sparse_attention(monkeypatch):
-    """What the planner assumes (planner.Setting.kept_attention_share): the keep_attention policy keeps SDPA
-    outputs only, so a block-sparse call runs its forward kernel again in backward. If it ever keeps them, the
-    planner's block-sparse memory and time must change with it."""
+@pytest.mark.parametrize("min_keys, launches, backend", [(64, 1, None), (4096, 2, None), (64, 1, "aot_eager"),
+                                                         (64, 1, "inductor"), (4096, 2, "inductor")])
+def test_keep_attention_checkpointing_keeps_block_sparse_attention(monkeypatch, min_keys, launches, backend):
+    """What the planner assumes (planner.Setting.kept_attention_share): the keep_attention policy keeps the
+    block-sparse forward's outputs as it keeps SDPA's, so backward does not run the forward kernel again; calls
+    with fewer keys than SAVE_MIN_KEYS are recomputed. Gradients equal those of an unchecked run. Under
+    torch.compile (compile_scope checkpointed_block compiles the checkpointed block) too, as one graph."""
     import longcat_tuner.model.block_sparse_triton as kernels
+    from longcat_tuner.runtime import selective_checkpoint
     from longcat_tuner.runtime.selective_checkpoint import selective_forward
 
     forward_launches = []
@@ -289,15 +293,23 @@ def test_keep_attention_checkpointing_recomputes_block_sparse_attention(monkeypa
         return launcher(kernel, device)
 
     monkeypatch.setattr(kernels, "_launcher", counting)
-    grid = (4, 8, 8)
+    monkeypatch.setattr(selective_checkpoint, "SAVE_MIN_KEYS", min_keys)
+    grid = (4, 8, 8)  # 256 keys
     q, k, v = (t.requires_grad_(True) for t in random_qkv(grid, grid, heads=2, head_dim=16, seed=5))
 
     def attend(q, k, v):
-        return block_sparse_attention(q, k, v, grid, grid, sparsity=0.5, chunk=(4, 4, 4), impl="triton")
+        return (block_sparse_attention(q, k, v, grid, grid, sparsity=0.5, chunk=(4, 4, 4), impl="triton") * q).sin()
 
-    selective_forward(attend, save_attention=True)(q, k, v).square().sum().backward()
-    assert len(forward_launches) == 2  # the forward, and its recompute in backward
-    assert all(t.grad is not None for t in (q, k, v))
+    want = grads_of(attend(q, k, v), [q, k, v])
+    forward_launches.clear()
+    checkpointed = selective_forward(attend, save_attention=True)
+    if backend is not None:
+        torch._dynamo.reset()
+        checkpointed = torch.compile(checkpointed, backend=backend, fullgraph=True)
+    got = grads_of(checkpointed(q, k, v), [q, k, v])
+    assert len(forward_launches) == launches  # 1: kept from the forward; 2: run again in backward
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 @needs_triton

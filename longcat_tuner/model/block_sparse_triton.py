@@ -411,65 +411,107 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kv_idx, q_grid, k_grid, chunk):  # type: ignore[override]
-        z, heads, n_q_tokens, head_dim = q.shape
-        zh, n_q_blocks, n_selected = kv_idx.shape
-        block_tokens = math.prod(chunk)
-        block, block_d = max(16, triton.next_power_of_2(block_tokens)), max(16, triton.next_power_of_2(head_dim))
-        divisible = all(g % c == 0 for g, c in zip((*q_grid, *k_grid), (*chunk, *chunk)))
-        masked = not (divisible and block == block_tokens and block_d == head_dim)
-        sm_scale = 1.0 / math.sqrt(head_dim)
-        # Allocated like q, so a [B, N, heads, D]-strided q gives an output the projection reads without a copy.
-        o = torch.empty_like(q)
-        lse = torch.empty(zh, n_q_tokens, device=q.device, dtype=torch.float32)
-        _launcher(_bsa_fwd_kernel, q.device)[(n_q_blocks, zh)](
-            q, k, v, o, lse, kv_idx,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            *_geometry(q_grid, chunk), *_geometry(k_grid, chunk),
-            heads, n_q_blocks, n_selected, n_q_tokens, sm_scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block, CT=chunk[0], CH=chunk[1], CW=chunk[2],
-            MASKED=masked, IEEE=q.dtype == torch.float32, **KERNEL_CONFIG["fwd"],
-        )
-        ctx.save_for_backward(q, k, v, o, lse, kv_idx)
-        ctx.meta = (q_grid, k_grid, chunk, block, block_d, masked, sm_scale)
-        return o
+def _tiles(q: torch.Tensor, q_grid, k_grid, chunk) -> tuple[int, int, bool, float]:
+    """(rows per tile, head-dim tile, whether rows or columns need masks, softmax scale) of a call."""
+    head_dim, block_tokens = q.shape[-1], math.prod(chunk)
+    block, block_d = max(16, triton.next_power_of_2(block_tokens)), max(16, triton.next_power_of_2(head_dim))
+    divisible = all(g % c == 0 for g, c in zip((*q_grid, *k_grid), (*chunk, *chunk)))
+    masked = not (divisible and block == block_tokens and block_d == head_dim)
+    return block, block_d, masked, 1.0 / math.sqrt(head_dim)
 
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        q, k, v, o, lse, kv_idx = ctx.saved_tensors
-        q_grid, k_grid, chunk, block, block_d, masked, sm_scale = ctx.meta
-        z, heads, n_q_tokens, head_dim = q.shape
-        zh, n_q_blocks, n_selected = kv_idx.shape
-        n_k_blocks = math.prod(-(-g // c) for g, c in zip(k_grid, chunk))
-        do = _last_dim_contiguous(grad_out)
-        geometry = (*_geometry(q_grid, chunk), *_geometry(k_grid, chunk))
-        tiles = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block, CT=chunk[0], CH=chunk[1], CW=chunk[2],
-                     MASKED=masked, IEEE=q.dtype == torch.float32)
 
-        delta = torch.empty_like(lse)
-        delta_rows = 64
-        _launcher(_bsa_bwd_delta_kernel, q.device)[(triton.cdiv(n_q_tokens, delta_rows), zh)](
-            o, do, delta, *o.stride()[:3], *do.stride()[:3], heads, n_q_tokens,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=delta_rows,
-        )
-        # Every token row belongs to exactly one block, whose program writes it: no zero fill needed.
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        offsets, q_ids = _transpose_lists(kv_idx, n_k_blocks)
-        _launcher(_bsa_bwd_dkdv_kernel, q.device)[(n_k_blocks, zh)](
-            q, k, v, do, dk, dv, lse, delta, offsets, q_ids,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-            *geometry, heads, n_k_blocks, n_q_tokens, sm_scale * LOG2E, sm_scale,
-            **tiles, **KERNEL_CONFIG["bwd_dkdv"],
-        )
-        _launcher(_bsa_bwd_dq_kernel, q.device)[(n_q_blocks, zh)](
-            q, k, v, do, dq, lse, delta, kv_idx,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-            *geometry, heads, n_q_blocks, n_selected, n_q_tokens, sm_scale * LOG2E, sm_scale,
-            **tiles, **KERNEL_CONFIG["bwd_dq"],
-        )
-        return dq, dk, dv, None, None, None, None
+# The kernels as PyTorch operators (torch.library.custom_op) rather than an autograd.Function: an operator is
+# one opaque node to torch.compile (no kernel tracing, no graph break) and one op a selective-checkpoint policy
+# can name, so `gradient_checkpointing_mode: keep_attention` keeps the forward's output and log-sum-exp
+# (`runtime/selective_checkpoint.py`) instead of running the forward kernel again in backward.
+FORWARD_OP = "longcat_tuner::block_sparse_attention_forward"
+
+
+@torch.library.custom_op(FORWARD_OP, mutates_args=())
+def block_sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
+                         q_grid: list[int], k_grid: list[int], chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O like q, base-2 log-sum-exp [batch * heads, Nq] float32) of q over its selected key blocks
+    (`kv_idx` [batch * heads, n_q_blocks, topk] int32); q, k, v have contiguous last dimensions."""
+    z, heads, n_q_tokens, head_dim = q.shape
+    zh, n_q_blocks, n_selected = kv_idx.shape
+    block, block_d, masked, sm_scale = _tiles(q, q_grid, k_grid, chunk)
+    # Allocated like q, so a [B, N, heads, D]-strided q gives an output the projection reads without a copy.
+    o = torch.empty_like(q)
+    lse = torch.empty(zh, n_q_tokens, device=q.device, dtype=torch.float32)
+    _launcher(_bsa_fwd_kernel, q.device)[(n_q_blocks, zh)](
+        q, k, v, o, lse, kv_idx,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        *_geometry(q_grid, chunk), *_geometry(k_grid, chunk),
+        heads, n_q_blocks, n_selected, n_q_tokens, sm_scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block, CT=chunk[0], CH=chunk[1], CW=chunk[2],
+        MASKED=masked, IEEE=q.dtype == torch.float32, **KERNEL_CONFIG["fwd"],
+    )
+    return o, lse
+
+
+@block_sparse_forward.register_fake
+def _(q, k, v, kv_idx, q_grid, k_grid, chunk):
+    return torch.empty_like(q), q.new_empty((kv_idx.shape[0], q.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("longcat_tuner::block_sparse_attention_backward", mutates_args=())
+def block_sparse_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, kv_idx: torch.Tensor, q_grid: list[int], k_grid: list[int],
+                          chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `block_sparse_forward` for the output gradient `grad_out`."""
+    z, heads, n_q_tokens, head_dim = q.shape
+    zh, n_q_blocks, n_selected = kv_idx.shape
+    block, block_d, masked, sm_scale = _tiles(q, q_grid, k_grid, chunk)
+    n_k_blocks = math.prod(-(-g // c) for g, c in zip(k_grid, chunk))
+    do = _last_dim_contiguous(grad_out)
+    geometry = (*_geometry(q_grid, chunk), *_geometry(k_grid, chunk))
+    tiles = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block, CT=chunk[0], CH=chunk[1], CW=chunk[2],
+                 MASKED=masked, IEEE=q.dtype == torch.float32)
+
+    delta = torch.empty_like(lse)
+    delta_rows = 64
+    _launcher(_bsa_bwd_delta_kernel, q.device)[(triton.cdiv(n_q_tokens, delta_rows), zh)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], heads, n_q_tokens,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=delta_rows,
+    )
+    # Every token row belongs to exactly one block, whose program writes it: no zero fill needed.
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    offsets, q_ids = _transpose_lists(kv_idx, n_k_blocks)
+    _launcher(_bsa_bwd_dkdv_kernel, q.device)[(n_k_blocks, zh)](
+        q, k, v, do, dk, dv, lse, delta, offsets, q_ids,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        *geometry, heads, n_k_blocks, n_q_tokens, sm_scale * LOG2E, sm_scale,
+        **tiles, **KERNEL_CONFIG["bwd_dkdv"],
+    )
+    _launcher(_bsa_bwd_dq_kernel, q.device)[(n_q_blocks, zh)](
+        q, k, v, do, dq, lse, delta, kv_idx,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        *geometry, heads, n_q_blocks, n_selected, n_q_tokens, sm_scale * LOG2E, sm_scale,
+        **tiles, **KERNEL_CONFIG["bwd_dq"],
+    )
+    return dq, dk, dv
+
+
+@block_sparse_backward.register_fake
+def _(grad_out, q, k, v, o, lse, kv_idx, q_grid, k_grid, chunk):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, kv_idx, q_grid, k_grid, chunk = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, kv_idx)
+    ctx.mark_non_differentiable(lse)
+    ctx.grids = (q_grid, k_grid, chunk)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, o, lse, kv_idx = ctx.saved_tensors
+    dq, dk, dv = block_sparse_backward(grad_out, q, k, v, o, lse, kv_idx, *ctx.grids)
+    return dq, dk, dv, None, None, None, None
+
+
+block_sparse_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_block_sparse_attention(
@@ -490,4 +532,4 @@ def triton_block_sparse_attention(
     z, heads = q.shape[:2]
     kv_idx = indices.to(torch.int32).reshape(z * heads, indices.shape[2], indices.shape[3]).contiguous()
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    return _BlockSparseAttention.apply(q, k, v, kv_idx, tuple(q_grid), tuple(k_grid), tuple(chunk))
+    return block_sparse_forward(q, k, v, kv_idx, list(q_grid), list(k_grid), list(chunk))[0]

@@ -118,13 +118,10 @@ def pinned_fields(config: Any, explicit: Iterable[str]) -> dict[str, Any]:
     return pinned
 
 
-def _candidates(pinned: dict[str, Any], *, allow_none: bool, compile_ok: bool, precision: str,
-                keep_attention_ok: bool = True) -> Iterator[MemorySettings]:
-    """Memory settings to try. `keep_attention_ok` False (block-sparse self-attention, whose Triton kernels the
-    keep_attention policy cannot keep: planner.Setting.kept_attention_share) leaves keep_attention out unless
-    the user pinned it: it would run as full checkpointing under another name."""
+def _candidates(pinned: dict[str, Any], *, allow_none: bool, compile_ok: bool, precision: str) -> Iterator[MemorySettings]:
+    """Memory settings to try (pinned fields fixed)."""
     modes = [pinned["checkpointing"]] if "checkpointing" in pinned else (
-        (["keep_attention"] if keep_attention_ok else []) + ["full", "offload_inputs"] + (["none"] if allow_none else []))
+        ["keep_attention", "full", "offload_inputs"] + (["none"] if allow_none else []))
     compiles = [pinned["compile_blocks"]] if "compile_blocks" in pinned else ([True, False] if compile_ok else [False])
     for mode in modes:
         keeps = [pinned.get("keep_attention_blocks")] if ("keep_attention_blocks" in pinned or mode != "keep_attention") \
@@ -148,7 +145,7 @@ def _candidates(pinned: dict[str, Any], *, allow_none: bool, compile_ok: bool, p
 class Workload:
     """What a plan is sized for: the largest training clip, the validation video (None: no validation),
     the LoRA rank, whether the allocator runs expandable segments (runtime/allocator.py) and whether the
-    self-attention is block-sparse (its time differs, and keep_attention keeps nothing of it)."""
+    self-attention is block-sparse (its time, not its memory, differs)."""
 
     shape: ClipShape
     lora_rank: int = planner.DEFAULT_LORA_RANK
@@ -226,8 +223,7 @@ def _fastest(pinned: dict[str, Any], work: Workload, budget_gib: float, *, compi
     never swapped to make room for them (a swapped block frees ~0.5 GiB, a block's activations take ~10)."""
     best = None
     for precision in precisions:
-        for base in _candidates(pinned, allow_none=True, compile_ok=compile_ok, precision=precision,
-                                keep_attention_ok=not work.block_sparse):
+        for base in _candidates(pinned, allow_none=True, compile_ok=compile_ok, precision=precision):
             swaps = [pinned["blocks_to_swap"]] if "blocks_to_swap" in pinned else range(0, planner.DEPTH + 1)
             for swap in swaps:
                 settings = dataclasses.replace(base, blocks_to_swap=swap)
@@ -326,9 +322,6 @@ def choose_plan(
         + (f"; set by you: {', '.join(sorted(set(CONFIG_KEYS) - set(auto_fields)))}" if pinned else "")
         + ("; 8-bit base weights because nothing in bf16 fits" if settings.quantized and "base_precision" not in pinned else "")
         + validation_warning
-        + ("; keep_attention keeps the outputs of SDPA kernels only: with block-sparse attention it recomputes "
-           "attention as full checkpointing does (set gradient_checkpointing_mode full or leave it to the plan)"
-           if block_sparse and settings.checkpointing == "keep_attention" else "")
     )
     return Plan(settings, "auto", reason, budget_gib=budget, card_gib=card_gib, cap_gib=cap, shape=shape,
                 predicted_step_s=estimate.step_s, predicted_peak_gib=estimate.peak_gib, chosen_by=chosen_by,

@@ -200,13 +200,13 @@ class Setting:
 
     @property
     def kept_attention_share(self) -> float:
-        """Share of the blocks that are checkpointed and keep their attention outputs.
+        """Share of the blocks that are checkpointed and keep their attention outputs: SDPA's, or block-sparse
+        attention's forward operator (runtime/selective_checkpoint.py), the same bytes per token either way.
 
-        Zero with block-sparse self-attention: the keep_attention policy keeps the outputs of PyTorch's SDPA
-        kernels (runtime/selective_checkpoint.py), and block-sparse attention runs our Triton kernels, which
-        it cannot see; those blocks recompute attention and keep nothing, as full checkpointing does
-        (measured: `bench/results/train_step_plan_caps-2026-12-07-h100-704x1280-bsa.json`)."""
-        if not self.keep_attention or self.block_sparse:
+        Until 2026-12-07 the block-sparse forward was an autograd.Function the policy could not see, and such
+        plans ran as full checkpointing (`bench/results/train_step_plan_caps-2026-12-07-h100-704x1280-bsa.json`);
+        it is an operator now, which the policy keeps."""
+        if not self.keep_attention:
             return 0.0
         keeping = DEPTH if self.keep_attention_blocks is None else max(0, min(self.keep_attention_blocks, DEPTH))
         return max(0, keeping - self.uncheckpointed) / DEPTH

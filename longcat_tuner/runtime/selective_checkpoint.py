@@ -6,9 +6,9 @@ forward). Here the block is checkpointed with a PyTorch selective-checkpoint pol
 outputs of the long self-attention SDPA kernel (attention output and its log-sum-exp, ~290 MB per block
 at 480x832x93)
 and recomputes everything else (projections, norms, RoPE, the FFN), so backward skips one attention
-forward per block. Block-sparse attention is not an SDPA kernel (it launches our Triton kernels inside an
-autograd Function, which the policy never sees): it is recomputed, as under plain checkpointing, and the
-planner counts it so (`planner.Setting.kept_attention_share`).
+forward per block. Block-sparse attention's forward is an operator of ours
+(`longcat_tuner::block_sparse_attention_forward`, `model/block_sparse_triton.py`), kept the same way: its output
+and log-sum-exp, the same bytes as SDPA's.
 
 `apply_selective_checkpointing(dit, save_attention_blocks=k)` applies it to the first k blocks (all
 by default) and plain checkpointing to the rest, which trades memory for speed in a controlled way. It
@@ -45,12 +45,18 @@ SAVE_MIN_KEYS = 4096
 
 
 def _save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in _ATTENTION_OPS and args[1].shape[-2] >= SAVE_MIN_KEYS:
+    if _is_attention(op) and args[1].shape[-2] >= SAVE_MIN_KEYS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 _ATTENTION_OPS = _attention_ops()
+# Our block-sparse forward, matched by name: registering it needs Triton, which this module does not import.
+_ATTENTION_OP_NAMES = frozenset({"longcat_tuner::block_sparse_attention_forward"})
+
+
+def _is_attention(op) -> bool:
+    return op in _ATTENTION_OPS or (getattr(op, "namespace", None) == "longcat_tuner" and op.name() in _ATTENTION_OP_NAMES)
 
 
 def _context_fn():
