@@ -41,6 +41,9 @@ DEFAULT_CHUNK: Grid = (4, 4, 4)
 # The Triton kernel keeps a whole block (rows) and a whole head (columns) in one tile.
 MAX_KERNEL_BLOCK_TOKENS = 128
 MAX_KERNEL_HEAD_DIM = 256
+# The PyTorch operator that runs the kernel's forward (block_sparse_triton.py), named here, where Triton is not
+# needed: keep_attention's checkpoint policy keeps its outputs by this name (runtime/selective_checkpoint.py).
+FORWARD_OP = "longcat_tuner::block_sparse_attention_forward"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from longcat_tuner.errors import ShapeError
-from longcat_tuner.model.block_sparse import MAX_KERNEL_BLOCK_TOKENS, MAX_KERNEL_HEAD_DIM
+from longcat_tuner.model.block_sparse import FORWARD_OP, MAX_KERNEL_BLOCK_TOKENS, MAX_KERNEL_HEAD_DIM
 
 LOG2E = 1.4426950408889634
 
@@ -424,7 +424,6 @@ def _tiles(q: torch.Tensor, q_grid, k_grid, chunk) -> tuple[int, int, bool, floa
 # one opaque node to torch.compile (no kernel tracing, no graph break) and one op a selective-checkpoint policy
 # can name, so `gradient_checkpointing_mode: keep_attention` keeps the forward's output and log-sum-exp
 # (`runtime/selective_checkpoint.py`) instead of running the forward kernel again in backward.
-FORWARD_OP = "longcat_tuner::block_sparse_attention_forward"
 
 
 @torch.library.custom_op(FORWARD_OP, mutates_args=())

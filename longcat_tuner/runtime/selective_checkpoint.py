@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from longcat_tuner.model.block_sparse import FORWARD_OP as BLOCK_SPARSE_FORWARD_OP
 
 
 def _attention_ops() -> set:
@@ -51,12 +52,11 @@ def _save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 _ATTENTION_OPS = _attention_ops()
-# Our block-sparse forward, matched by name: registering it needs Triton, which this module does not import.
-_ATTENTION_OP_NAMES = frozenset({"longcat_tuner::block_sparse_attention_forward"})
 
 
 def _is_attention(op) -> bool:
-    return op in _ATTENTION_OPS or (getattr(op, "namespace", None) == "longcat_tuner" and op.name() in _ATTENTION_OP_NAMES)
+    # Our block-sparse forward is matched by name: registering the operator needs Triton, not imported here.
+    return op in _ATTENTION_OPS or (getattr(op, "namespace", None) == "longcat_tuner" and op.name() == BLOCK_SPARSE_FORWARD_OP)
 
 
 def _context_fn():
