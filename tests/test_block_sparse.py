@@ -273,13 +273,17 @@ def test_triton_interpreter_reads_token_major_strides():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("min_keys, launches, backend", [(64, 1, None), (4096, 2, None), (64, 1, "aot_eager"),
-                                                         (64, 1, "inductor"), (4096, 2, "inductor")])
-def test_keep_attention_checkpointing_keeps_block_sparse_attention(monkeypatch, min_keys, launches, backend):
+@pytest.mark.parametrize("min_keys, launches, backend, scope", [
+    (64, 1, None, None), (4096, 2, None, None),
+    (64, 1, "aot_eager", "checkpointed_block"), (64, 1, "inductor", "checkpointed_block"),
+    (4096, 2, "inductor", "checkpointed_block"), (64, 1, "inductor", "block"), (4096, 2, "aot_eager", "block"),
+])
+def test_keep_attention_checkpointing_keeps_block_sparse_attention(monkeypatch, min_keys, launches, backend, scope):
     """What the planner assumes (planner.Setting.kept_attention_share): the keep_attention policy keeps the
     block-sparse forward's outputs as it keeps SDPA's, so backward does not run the forward kernel again; calls
     with fewer keys than SAVE_MIN_KEYS are recomputed. Gradients equal those of an unchecked run. Under
-    torch.compile (compile_scope checkpointed_block compiles the checkpointed block) too, as one graph."""
+    torch.compile too, in both compile scopes: `checkpointed_block` compiles the checkpointed forward (as one
+    graph), `block` checkpoints the compiled forward."""
     import longcat_tuner.model.block_sparse_triton as kernels
     from longcat_tuner.runtime import selective_checkpoint
     from longcat_tuner.runtime.selective_checkpoint import selective_forward
@@ -302,10 +306,13 @@ def test_keep_attention_checkpointing_keeps_block_sparse_attention(monkeypatch, 
 
     want = grads_of(attend(q, k, v), [q, k, v])
     forward_launches.clear()
-    checkpointed = selective_forward(attend, save_attention=True)
-    if backend is not None:
-        torch._dynamo.reset()
-        checkpointed = torch.compile(checkpointed, backend=backend, fullgraph=True)
+    torch._dynamo.reset()
+    if scope == "block":
+        checkpointed = selective_forward(torch.compile(attend, backend=backend, fullgraph=True), save_attention=True)
+    else:
+        checkpointed = selective_forward(attend, save_attention=True)
+        if scope == "checkpointed_block":
+            checkpointed = torch.compile(checkpointed, backend=backend, fullgraph=True)
     got = grads_of(checkpointed(q, k, v), [q, k, v])
     assert len(forward_launches) == launches  # 1: kept from the forward; 2: run again in backward
     for g, w in zip(got, want):
