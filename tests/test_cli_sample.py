@@ -100,12 +100,21 @@ def test_sample_merges_loras_by_default(tiny_checkpoint, tmp_path, monkeypatch, 
         return applied
 
     monkeypatch.setattr(sample_command, "prepare_sampling_dit", spy)
+    planned = []  # the un-merged adapters' GiB the memory plan counts (none once merged)
+    real_swap = sample_command.sampling_swap
+
+    def swap_spy(args, *, height, width, device, lora_gib=0.0):
+        planned.append(lora_gib)
+        return real_swap(args, height=height, width=width, device=device, lora_gib=lora_gib)
+
+    monkeypatch.setattr(sample_command, "sampling_swap", swap_spy)
     lora = str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")
     out = tmp_path / "m.mp4"
     argv = ["sample", "--model", str(tiny_checkpoint), "--lora", lora, "--lora-multiplier", "0.5", "--prompt", "a cat",
             "--frames", "5", "--steps", "1", "--resolution", "64x64", "--device", "cpu", "--output", str(out)]
     assert main(argv + (["--merge-loras", flag] if flag else [])) == 0
     assert calls == [(merged, [(lora, 0.5)]), not merged]  # merged: no adapter left attached
+    assert len(planned) == 1 and (planned[0] == 0) == merged
     err = capsys.readouterr().err
     assert ("LoRAs folded into the weights" in err) == merged and out.is_file()
 

@@ -268,6 +268,25 @@ def test_sampling_swaps_the_fewest_blocks_that_fit():
     assert choose_sampling_swap(cfg, 24, base_precision="fp8-torchao")[0] < swap
     with pytest.raises(ConfigError, match="--guidance 1"):
         choose_sampling_swap(cfg, 6)
+    # Un-merged LoRA adapters stay on the GPU whatever is swapped: the official distilled LoRA (rank 128) takes
+    # 1.17 GiB in bf16, which costs more swapped blocks at 24 GiB and is named when nothing fits.
+    with_lora, lora_peak = choose_sampling_swap(cfg, 24, lora_gib=1.17)
+    assert with_lora > swap and lora_peak == pytest.approx(sampling_peak_gib(cfg, with_lora, "no_change") + 1.17, abs=0.01)
+    with pytest.raises(ConfigError, match="un-merged LoRA adapters.*--merge-loras on"):
+        choose_sampling_swap(cfg, 6, lora_gib=1.17)
+
+
+def test_resident_lora_gib_counts_the_adapters_of_each_file(tiny_checkpoint):
+    from longcat_tuner.commands.sample import resident_lora_gib
+    from longcat_tuner.model.lora_formats import read_lora_file
+
+    path = tiny_checkpoint / "lora" / "tiny_lora.safetensors"
+    adapters = read_lora_file(path)[0]
+    params = sum(a.down.numel() + sum(u.numel() for u in a.ups) for a in adapters.values())
+    assert params > 0
+    assert resident_lora_gib([(str(path), adapters, 1.0)], torch.bfloat16) == params * 2 / 2**30
+    assert resident_lora_gib([(str(path), adapters, 1.0)] * 2, torch.float32) == params * 8 / 2**30
+    assert resident_lora_gib([], torch.bfloat16) == 0
 
 
 def test_sample_flags_refuse_cuda_only_options_on_the_cpu(tiny_checkpoint):

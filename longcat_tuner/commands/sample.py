@@ -111,7 +111,9 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     device = ctx.device if ctx.enabled else chosen_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
-    args.blocks_to_swap = sampling_swap(args, height=height, width=width, device=device)
+    merge, _ = choose_merge(args.merge_loras, base_precision=args.base_precision, loras=len(loras))
+    lora_gib = 0.0 if merge else resident_lora_gib(loras, dtype)
+    args.blocks_to_swap = sampling_swap(args, height=height, width=width, device=device, lora_gib=lora_gib)
 
     def say_compile(why: str) -> None:
         if ctx.is_main:
@@ -164,9 +166,16 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     return 0
 
 
-def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) -> int:
+def resident_lora_gib(loras, dtype) -> float:
+    """GiB that `loras` (`read_sampling_loras`) take attached un-merged, in `dtype`: on the GPU whatever is swapped."""
+    params = sum(item.down.numel() + sum(u.numel() for u in item.ups) for _, adapters, _ in loras for item in adapters.values())
+    return params * dtype.itemsize / 2**30
+
+
+def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device, lora_gib: float = 0.0) -> int:
     """--blocks-to-swap, or on CUDA the fewest swapped blocks that fit the card or --max-gpu-memory-gib for the
-    13.6B DiT (the planner's calibration); the cap is enforced with PyTorch's per-process memory fraction."""
+    13.6B DiT (the planner's calibration) beside `lora_gib` of un-merged LoRA adapters (`resident_lora_gib`);
+    the cap is enforced with PyTorch's per-process memory fraction."""
     import torch
 
     from longcat_tuner.errors import ConfigError
@@ -195,9 +204,10 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device) 
 
     compiled, _ = choose_compile(args.compile, device_type="cuda", steps=args.steps, guidance=args.guidance)
     swap, peak = choose_sampling_swap(shape, budget, base_precision=args.base_precision,
-                                      expandable_segments=expandable_in_use(), compiled=compiled)
-    print(f"memory plan: --blocks-to-swap {swap} (predicted {peak:.1f} GiB at {shape.text}, budget {budget:.1f} GiB)",
-          file=sys.stderr)
+                                      expandable_segments=expandable_in_use(), compiled=compiled, lora_gib=lora_gib)
+    with_lora = f", {lora_gib:.1f} GiB of it un-merged LoRA adapters" if lora_gib >= 0.05 else ""
+    print(f"memory plan: --blocks-to-swap {swap} (predicted {peak:.1f} GiB at {shape.text}{with_lora}, budget "
+          f"{budget:.1f} GiB)", file=sys.stderr)
     return swap
 
 

@@ -372,15 +372,22 @@ def _working_share(compiled: bool) -> float:
 
 
 def choose_sampling_swap(shape: ClipShape, budget_gib: float, *, base_precision: str = "no_change",
-                         expandable_segments: bool = False, compiled: bool = False) -> tuple[int, float]:
-    """(fewest swapped blocks whose sampling peak fits `budget_gib`, that peak); `ConfigError` when none does."""
+                         expandable_segments: bool = False, compiled: bool = False,
+                         lora_gib: float = 0.0) -> tuple[int, float]:
+    """(fewest swapped blocks whose sampling peak fits `budget_gib`, that peak); `ConfigError` when none does.
+
+    `lora_gib`: un-merged LoRA adapters, which stay on the GPU whatever is swapped (runtime/block_swap.py)."""
     factor = planner.reserved_factor(planner.Setting(expandable_segments=expandable_segments))
     for swap in range(planner.DEPTH + 1):
-        peak = sampling_peak_gib(shape, swap, base_precision, compiled=compiled)
+        peak = sampling_peak_gib(shape, swap, base_precision, compiled=compiled) + lora_gib
         if planner.fits_gib(peak, budget_gib, factor):
-            return swap, peak
+            return swap, round(peak, 2)
+    lowest = sampling_peak_gib(shape, planner.DEPTH, base_precision, compiled=compiled) + lora_gib
     raise ConfigError(
         f"sampling {shape.text} does not fit {budget_gib:.1f} GiB even with every block swapped "
-        f"(predicted {sampling_peak_gib(shape, planner.DEPTH, base_precision):.1f} GiB): lower --resolution or "
-        "--frames, use --guidance 1 (one pass per step), or raise --max-gpu-memory-gib"
+        f"(predicted {lowest:.1f} GiB"
+        + (f", {lora_gib:.1f} of them un-merged LoRA adapters" if lora_gib else "")
+        + "): lower --resolution or --frames, use --guidance 1 (one pass per step)"
+        + (", merge the LoRAs (--merge-loras on)" if lora_gib else "")
+        + ", or raise --max-gpu-memory-gib"
     )
