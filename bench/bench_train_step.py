@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     H100_BF16_PEAK_TFLOPS,
     LATENT_SHAPE,
+    block_sparse_kept,
     environment,
     gib,
     i2v_inputs,
@@ -129,8 +130,11 @@ def one_step(dit, optimizer, inputs) -> float:
 
 
 def bench_run(dit, run: dict, inputs, *, steps: int, warmup: int, config: DiTConfig,
-              settings: MemorySettings | None = None, memory_fraction: float | None = None) -> dict:
-    """One run: `settings` (default: the spec's) through `apply_runtime`, `warmup` + `steps` timed steps."""
+              settings: MemorySettings | None = None, memory_fraction: float | None = None,
+              self_attention_kept: float = 1.0) -> dict:
+    """One run: `settings` (default: the spec's) through `apply_runtime`, `warmup` + `steps` timed steps.
+    FLOPs (MFU) are counted at the inputs' latent shape; `self_attention_kept` < 1 for block-sparse attention
+    (`common.block_sparse_kept`)."""
     select_sdpa_backend(run["sdpa"])
     select_lora_apply(run["lora"])
     settings = settings or memory_settings(run)
@@ -154,7 +158,9 @@ def bench_run(dit, run: dict, inputs, *, steps: int, warmup: int, config: DiTCon
             losses.append(one_step(dit, optimizer, inputs))
             times.append(sync_time() - t0)
         step_s = sorted(times)[len(times) // 2]
-        flops = lora_train_flops(config, recompute="attention_saved" if settings.checkpointing == "keep_attention" else "full")
+        flops = lora_train_flops(config, tuple(inputs[0].shape),
+                                 recompute="attention_saved" if settings.checkpointing == "keep_attention" else "full",
+                                 self_attention_kept=self_attention_kept)
         result.update(
             step_s=round(step_s, 3),
             step_times_s=[round(t, 3) for t in times],
@@ -276,6 +282,7 @@ def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, 
     shape = ClipShape(frames=93, height=height, width=width)
     block_sparse = uses_block_sparse(attention, shape, enable_bsa=config.enable_bsa, chunk=tuple(config.bsa_chunk_k),
                                      triton=find_spec("triton") is not None)
+    kept = block_sparse_kept(config, latent_shape) if block_sparse else 1.0
     rows = []
     base = {"pretrained_model_name_or_path": "model", "data_backend_config": "data.json", "output_dir": "out",
             "max_train_steps": 10, **GUIDE_CONFIG, "attention_implementation": attention}
@@ -283,7 +290,7 @@ def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, 
     if baseline:
         rows.append({"cap_gib": None, "plan": "config as pasted (no plan)",
                      **bench_run(dit, parse_run("name=pasted"), inputs, steps=steps, warmup=warmup, config=config,
-                             settings=MemorySettings.from_config(pasted))})
+                             settings=MemorySettings.from_config(pasted), self_attention_kept=kept)})
         print(json.dumps(rows[-1]), flush=True)
     for cap in caps:
         train_config = TrainConfig.model_validate({**base, **({"max_gpu_memory_gib": cap} if cap else {})})
@@ -297,7 +304,8 @@ def plan_caps(caps: list[float], *, steps: int, warmup: int, depth: int | None, 
             prepare_base_weights(dit, plan.settings)  # one way: 8-bit plans come last (smallest caps)
         # bench_run lifts the cap again before it undoes the runtime.
         result = bench_run(dit, parse_run(f"name=cap{cap or 'card'}"), inputs, steps=steps, warmup=warmup,
-                           config=config, settings=plan.settings, memory_fraction=min(1.0, (cap or card_gib) / card_gib))
+                           config=config, settings=plan.settings, memory_fraction=min(1.0, (cap or card_gib) / card_gib),
+                           self_attention_kept=kept)
         rows.append({"cap_gib": cap or None, "plan": plan.to_event(), **result})
         print(json.dumps(rows[-1]), flush=True)
         write_result("train_step_plan_caps", {"benchmark": "lora_train_step_auto_plan", "card_gib": round(card_gib, 1),

@@ -61,13 +61,15 @@ def i2v_inputs(device: str = "cuda", batch: int = 1, latent_shape=LATENT_SHAPE, 
 
 
 def forward_flops(config: DiTConfig, latent_shape=LATENT_SHAPE, *, num_cond_latents: int = 1,
-                  text_tokens: int = TEXT_TOKENS) -> dict[str, float]:
+                  text_tokens: int = TEXT_TOKENS, self_attention_kept: float = 1.0) -> dict[str, float]:
     """Matmul FLOPs of one DiT forward (batch 1), split into linear layers and attention.
 
     Per block: self-attention projections and the SwiGLU over all N tokens; cross-attention query and
     output projections over the noisy tokens only (condition tokens skip it); key/value projections over
     the text tokens. Self-attention: the condition call (cond x cond) plus the noisy call (noisy x all),
     4*n_q*n_k*hidden each (QK^T and PV). Embedders, adaLN and the final layer are <0.1% and left out.
+    `self_attention_kept`: the share of key blocks block-sparse attention computes (`block_sparse_kept`); the
+    noisy self-attention call counts only that work.
     """
     _, _, T, H, W = latent_shape
     pt, ph, pw = config.patch_size
@@ -77,11 +79,26 @@ def forward_flops(config: DiTConfig, latent_shape=LATENT_SHAPE, *, num_cond_late
     n_noisy = n - n_cond
     c, f = config.hidden_size, config.ffn_hidden_size
     linear = 2 * (n * (3 * c * c + c * c + 3 * c * f) + n_noisy * 2 * c * c + text_tokens * 2 * c * c)
-    attention = 4 * c * (n_cond * n_cond + n_noisy * n) + 4 * c * n_noisy * text_tokens
+    attention = 4 * c * (n_cond * n_cond + n_noisy * n * self_attention_kept) + 4 * c * n_noisy * text_tokens
     return {"linear": linear * config.depth, "attention": attention * config.depth, "tokens": n}
 
 
-def lora_train_flops(config: DiTConfig, latent_shape=LATENT_SHAPE, *, recompute: str = "full") -> dict[str, float]:
+def block_sparse_kept(config: DiTConfig, latent_shape) -> float:
+    """Share of the key blocks block-sparse self-attention computes over `latent_shape`'s token grid (the
+    selection rule of `model/block_sparse.py` at the checkpoint's sparsity and chunk)."""
+    import math
+
+    from longcat_tuner.model.block_sparse import num_selected_blocks
+
+    _, _, T, H, W = latent_shape
+    pt, ph, pw = config.patch_size
+    grid = (T // pt, H // ph, W // pw)
+    blocks = math.prod(-(-g // c) for g, c in zip(grid, config.bsa_chunk_k))
+    return num_selected_blocks(blocks, config.bsa_sparsity) / blocks
+
+
+def lora_train_flops(config: DiTConfig, latent_shape=LATENT_SHAPE, *, recompute: str = "full",
+                     self_attention_kept: float = 1.0) -> dict[str, float]:
     """Model and hardware FLOPs of one LoRA training step.
 
     Model FLOPs (the MFU numerator) are what LoRA training must do: the forward, the input gradients of
@@ -89,7 +106,7 @@ def lora_train_flops(config: DiTConfig, latent_shape=LATENT_SHAPE, *, recompute:
     Hardware FLOPs add the recompute of checkpointing: the whole forward (`full`) or all but attention
     (`attention_saved`). Adapter FLOPs (<1%) are left out.
     """
-    fwd = forward_flops(config, latent_shape)
+    fwd = forward_flops(config, latent_shape, self_attention_kept=self_attention_kept)
     model = 2 * fwd["linear"] + 3 * fwd["attention"]
     recomputed = fwd["linear"] + (fwd["attention"] if recompute == "full" else 0.0)
     return {"model": model, "hardware": model + recomputed, "forward": fwd["linear"] + fwd["attention"]}
