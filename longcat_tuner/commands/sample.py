@@ -13,8 +13,9 @@ from longcat_tuner.config.sampling import add_sampling_arguments
 
 COMPILE_MODES = ("auto", "on", "off")
 # `--merge-loras`: fold the LoRAs into the base weights before sampling (a forward then costs the plain
-# model's: the un-merged rank-128 distilled LoRA adds about 0.3 s to a 3.4 s forward at 480x832x93, one H100,
-# bench/results/sampling-2026-12-06-h100.json) or keep them un-merged (the official code's application, exact
+# model's: merged, the rank-128 distilled LoRA's compiled forward at 480x832x93 takes 3.386 s against 3.681 s
+# un-merged, with final latents 69.2 dB apart; one H100, bench/results/sampling-2026-12-07-h100-merge.json) or keep
+# them un-merged (the official code's application, exact
 # in the layers' own arithmetic). auto: merge unless the base weights are stored in 8 bits, where merging
 # would put the LoRA's update through the 8-bit rounding too; on merges there before the weights are stored.
 MERGE_MODES = ("auto", "on", "off")
