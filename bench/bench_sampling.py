@@ -166,15 +166,14 @@ def random_lora(dit, rank: int, device: torch.device) -> dict:
 
 
 def build_model(config: DiTConfig, settings, device: torch.device, dtype: torch.dtype, *, attention: str,
-                lora_rank: int, merge_loras: str) -> Any:
+                lora_rank: int, merge: bool) -> Any:
     """The DiT as `load_dit_for_sampling` builds it under `settings`: random weights (seed 0) instead of a
     checkpoint, then `sample`'s own `prepare_sampling_dit` (the LoRA, a random `cfg_step_lora`-shaped one,
-    merged or attached as `--merge-loras merge_loras` decides; base precision; the runtime)."""
+    merged when `merge`; base precision; the runtime)."""
     weights_device = runtime.load_device(settings, device) if settings.blocks_to_swap else device
     dit = random_dit(config, device=str(weights_device), dtype=dtype, seed=0)
     dit.set_attention_backend(attention)
     loras = [("cfg_step_lora", random_lora(dit, lora_rank, weights_device), 1.0)] if lora_rank else []
-    merge, _ = sample_command.choose_merge(merge_loras, base_precision=settings.base_precision, loras=len(loras))
     sample_command.prepare_sampling_dit(dit, settings, device, loras, merge=merge)
     dit.requires_grad_(False)
     return dit
@@ -294,18 +293,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             settings = sample_command.sampling_settings(
                 device=device, steps=grid["steps"], guidance=grid["guidance"], blocks_to_swap=args.blocks_to_swap,
                 **flags)
+            lora_rank = args.distilled_lora_rank if grid["distilled"] else 0
+            # How `sample --merge-loras` applies this runtime's LoRA.
+            merged, _ = sample_command.choose_merge(merge_loras, base_precision=settings.base_precision,
+                                                    loras=1 if lora_rank else 0)
             torch._dynamo.reset()
             with compile_backend(args.compile_backend):
-                lora_rank = args.distilled_lora_rank if grid["distilled"] else 0
                 dit = build_model(config, settings, device, dtype, attention=args.attention, lora_rank=lora_rank,
-                                  merge_loras=merge_loras)
+                                  merge=merged)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 r, final = time_run(dit, grid, args.timed_steps, inputs)
             official = forwards * OFFICIAL_FORWARD_S
-            merged, _ = sample_command.choose_merge(merge_loras, base_precision=settings.base_precision,
-                                                    loras=1 if lora_rank else 0)
             r.update(settings=settings.describe(), lora=("merged" if merged else "un-merged") if lora_rank else None,
                      forwards=forwards, official_s=round(official, 1),
                      ratio_to_official=round(r["video_s_estimate"] / official, 3), target_s=round(TARGET_S[grid_name], 1),

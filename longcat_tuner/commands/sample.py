@@ -112,17 +112,15 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     device = ctx.device if ctx.enabled else chosen_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
-    merge, _ = choose_merge(args.merge_loras, base_precision=args.base_precision, loras=len(loras))
+    merge, why = choose_merge(args.merge_loras, base_precision=args.base_precision, loras=len(loras))
+    if loras and ctx.is_main:
+        print(f"LoRAs: {why}", file=sys.stderr)
     lora_gib = 0.0 if merge else resident_lora_gib(loras, dtype)
     args.blocks_to_swap = sampling_swap(args, height=height, width=width, device=device, lora_gib=lora_gib)
 
     def say_compile(why: str) -> None:
         if ctx.is_main:
             print(f"compile: {why}", file=sys.stderr)
-
-    def say_merge(why: str) -> None:
-        if ctx.is_main:
-            print(f"LoRAs: {why}", file=sys.stderr)
 
     # Decided (and `--compile on` without Triton refused) before minutes of loading.
     settings = sampling_settings_for(args, device, report=say_compile)
@@ -135,7 +133,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     del text_encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    dit = load_dit_for_sampling(args, dtype=dtype, device=device, settings=settings, loras=loras, report=say_merge)
+    dit = load_dit_for_sampling(args, dtype=dtype, device=device, settings=settings, loras=loras, merge=merge)
     for lora, adapters, multiplier in loras if ctx.is_main else ():
         print(f"LoRA {lora}: {len(adapters)} layer{'' if len(adapters) == 1 else 's'} adapted, multiplier {multiplier:g}", file=sys.stderr)
     if ctx.enabled:
@@ -270,11 +268,11 @@ def read_sampling_loras(args: argparse.Namespace) -> list[tuple[str, dict, float
             for i, lora in enumerate(args.lora)]
 
 
-def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=None, loras=None, report=None):
+def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=None, loras=None, merge=None):
     """The DiT with its LoRAs (`loras`: `read_sampling_loras(args)`, read here when None), prepared by
-    `prepare_sampling_dit` under `settings` (default: `sampling_settings_for(args, device)`) and
-    `--merge-loras` (`report` gets the merge decision): with block swap or 8-bit weights it is assembled on
-    the host first, so a model larger than the GPU never lands on it whole."""
+    `prepare_sampling_dit` under `settings` (default: `sampling_settings_for(args, device)`), the LoRAs merged
+    when `merge` (None: as `choose_merge` decides for `--merge-loras`): with block swap or 8-bit weights it is
+    assembled on the host first, so a model larger than the GPU never lands on it whole."""
     from longcat_tuner import runtime
     from longcat_tuner.model.loading import load_dit
 
@@ -282,9 +280,9 @@ def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=N
         settings = sampling_settings_for(args, device)
     if loras is None:
         loras = read_sampling_loras(args)
-    merge, why = choose_merge(getattr(args, "merge_loras", "auto"), base_precision=settings.base_precision, loras=len(loras))
-    if report is not None and loras:
-        report(why)
+    if merge is None:
+        merge, _ = choose_merge(getattr(args, "merge_loras", "auto"), base_precision=settings.base_precision,
+                                loras=len(loras))
     attention = args.attention or trained_attention(args.lora) or "auto"
     dit = load_dit(args.model, dtype=dtype, device=runtime.load_device(settings, device), attention_backend=attention)
     prepare_sampling_dit(dit, settings, device, loras, merge=merge)

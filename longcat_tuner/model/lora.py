@@ -314,12 +314,17 @@ def _compute_dtype(linear: nn.Linear) -> torch.dtype:
     return bias.dtype if bias is not None and bias.dtype.itemsize >= 2 else torch.bfloat16
 
 
-def _fold(linear: nn.Linear, delta: torch.Tensor, path: str, device: Optional[torch.device]) -> None:
+def _refuse_8bit(linears: dict[str, nn.Linear], what: str) -> None:
+    """Before any weight changes: merging into 8-bit weights is refused (nothing is half-merged)."""
+    low = [path for path, linear in linears.items() if linear.weight.dtype.itemsize < 2]
+    if low:
+        raise ConfigError(f"cannot merge {what} into the 8-bit weights of '{low[0]}': merge before the base weights "
+                          "are stored in 8 bits, or keep it un-merged")
+
+
+def _fold(linear: nn.Linear, delta: torch.Tensor, device: Optional[torch.device]) -> None:
     """`linear.weight += delta`, summed in float32 on `device` (default: the weight's) and rounded once."""
     weight = linear.weight
-    if weight.dtype.itemsize < 2:
-        raise ConfigError(f"cannot merge a LoRA into the 8-bit weights of '{path}': merge before the base weights "
-                          "are stored in 8 bits, or keep it un-merged")
     device = device or weight.device
     merged = weight.detach().to(device, torch.float32) + delta.to(device, torch.float32)
     weight.data.copy_(merged.to(weight.dtype))
@@ -329,14 +334,12 @@ def _fold(linear: nn.Linear, delta: torch.Tensor, path: str, device: Optional[to
 def merge_lora(model: nn.Module, name: Optional[str] = None) -> None:
     """Fold attached adapters into the base weights (faster inference) and detach them."""
     modules = lora_modules(model, name)
-    for path in modules:
-        if model.get_submodule(path).weight.dtype.itemsize < 2:
-            raise ConfigError(f"cannot merge a LoRA into the 8-bit weights of '{path}': keep it un-merged")
+    _refuse_8bit({path: model.get_submodule(path) for path in modules}, "a LoRA")
     for path, adapter in modules.items():
         linear = model.get_submodule(path)
         with torch.autocast(device_type=linear.weight.device.type, enabled=False):
             delta = adapter.up_matrix().float() @ adapter.down.float() * adapter.scale()
-        _fold(linear, delta, path, None)
+        _fold(linear, delta, None)
     remove_lora(model, name)
 
 
@@ -356,14 +359,11 @@ def merge_lora_adapters(
     if not math.isfinite(multiplier):
         raise ConfigError(f"LoRA multiplier for {path} is {multiplier}; give a finite number such as 1.0")
     existing = _check_fits(model, adapters, Path(path))
-    low = [p for p, linear in existing.items() if linear.weight.dtype.itemsize < 2]
-    if low:
-        raise ConfigError(f"cannot merge {path} into the 8-bit weights of '{low[0]}': merge before the base weights "
-                          "are stored in 8 bits, or keep it un-merged")
+    _refuse_8bit(existing, str(path))
     for module_path, item in adapters.items():
         linear = existing[module_path]
         at = device or linear.weight.device
         with torch.autocast(device_type=torch.device(at).type, enabled=False):
             on_device = lora_formats.Adapter(item.down.to(at), [u.to(at) for u in item.ups], item.scale * float(multiplier))
-            _fold(linear, on_device.delta(), module_path, at)
+            _fold(linear, on_device.delta(), at)
     return len(adapters)
