@@ -29,10 +29,24 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import longcat_tuner.model.block_sparse_triton as K  # noqa: E402
 from longcat_tuner.model.block_sparse_triton import _block_rows  # noqa: E402
 from longcat_tuner.model.block_sparse import select_key_blocks  # noqa: E402
+from bench_attention import time_cuda  # noqa: E402  (median of CUDA-event timings after a warm-up call)
+
+@triton.jit
+def _softmax_step(q, k, v, m_i, l_i, acc, qk_scale):
+    """One key tile of the forward's online softmax in base 2 (as the product kernel, without masks)."""
+    s = tl.dot(q, tl.trans(k))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
 
 @triton.jit
 def probe_fwd(Q, KK, V, O, KV_IDX, stride_qh, stride_qn, stride_kh, stride_kn,
@@ -69,17 +83,11 @@ def probe_fwd(Q, KK, V, O, KV_IDX, stride_qh, stride_qn, stride_kh, stride_kn,
             s = tl.dot(q, tl.trans(k))
             acc += tl.dot(s.to(v.dtype), v)
         else:
-            s = tl.dot(q, tl.trans(k))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc += tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale)
     if MODE == 0 or MODE == 3:
         acc = acc / l_i[:, None]
     tl.store(O + zh * stride_qh + q_tok[:, None] * stride_qn + dims[None, :], acc.to(O.dtype.element_ty))
+
 
 @triton.jit
 def probe_tma(Q, k_desc, v_desc, O, KV_IDX, stride_qh, stride_qn,
@@ -103,24 +111,10 @@ def probe_tma(Q, k_desc, v_desc, O, KV_IDX, stride_qh, stride_qn,
         bw = kb % q_nbw
         k = tl.reshape(k_desc.load([zh, bt * CT, bh * CH, bw * CW, 0]), [BLOCK, BLOCK_D])
         v = tl.reshape(v_desc.load([zh, bt * CT, bh * CH, bw * CW, 0]), [BLOCK, BLOCK_D])
-        s = tl.dot(q, tl.trans(k))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc += tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale)
     acc = acc / l_i[:, None]
     tl.store(O + zh.to(tl.int64) * stride_qh + q_tok[:, None] * stride_qn + dims[None, :], acc.to(O.dtype.element_ty))
 
-def time_cuda(fn, repeat=5):
-    fn(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) / 1000)
-    return sorted(ts)[len(ts) // 2]
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -190,6 +184,7 @@ def main():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
