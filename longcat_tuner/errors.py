@@ -26,3 +26,8 @@ class GPUMemoryError(LongcatError):
 
 class ShapeError(LongcatError):
     """A size, frame count or token grid that the model or an attention backend cannot take."""
+
+
+class NonFiniteOutputError(LongcatError):
+    """Sampling produced NaN or infinite latents: the weights (a LoRA, its multiplier, a diverged checkpoint)
+    overflow, so the video would be black or noise."""

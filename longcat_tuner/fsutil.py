@@ -5,7 +5,8 @@
 error the temporary file is removed and the error goes on. `write_failure(err, folder)` turns what the
 writers raise when space runs out into words: Python's `OSError(ENOSPC)`, safetensors'
 `SafetensorError("... No space left on device (os error 28)")` and torch.save's short-write
-`RuntimeError("... unexpected pos N vs M")`, which never mentions the disk.
+`RuntimeError("... unexpected pos N vs M")`, which never mentions the disk. Files written through
+`atomic_file` get the permissions a plain `open` gives (`shareable`), whatever the writer chose.
 
 No torch import here: the web server uses the package without it.
 """
@@ -110,6 +111,27 @@ def folder_problem(folder: Path, name: str, where: str) -> Optional[str]:
     return None
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it too, which races with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def shareable(path: Union[str, Path]) -> None:
+    """Give a file we wrote the permissions a plain `open` would (0666 less the umask): safetensors' writer
+    creates its files 0600, so a LoRA or checkpoint would be unreadable to another user (a ComfyUI service, a
+    shared group) where every other output is readable."""
+    path = Path(path)
+    if path.is_file() and not path.is_symlink():
+        os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: Union[str, Path], *, suffix: Optional[str] = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` if the block succeeds, else delete it.
@@ -122,6 +144,7 @@ def atomic_file(path: Union[str, Path], *, suffix: Optional[str] = None) -> Iter
     temporary = path.with_name(path.name + (suffix if suffix is not None else f".tmp{os.getpid()}"))
     try:
         yield temporary
+        shareable(temporary)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):

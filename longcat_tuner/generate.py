@@ -79,6 +79,7 @@ class GenerationResult:
     latents: torch.Tensor  # [1, 16, T, h, w] normalised latents after sampling
     cond_latents: Optional[torch.Tensor]  # [1, 16, 1, h, w] the encoded start frame (I2V) or None
     video: torch.Tensor  # [3, F, H, W] in [-1, 1]
+    finite: bool = True  # False when the sampled latents hold NaN or inf (the video is then black or noise)
 
 
 def check_i2v_frames(frames: int) -> None:
@@ -144,9 +145,10 @@ def generate(
             negative_mask=negative_mask, num_cond_latents=1 if cond is not None else 0, steps=steps,
             guidance=guidance, shift=shift, distilled=distilled, callback=after_step,
         )
+        finite = bool(torch.isfinite(out).all())
         progress.decoding(steps)
         video = vae.decode(out)[0]
     finally:
         progress.close()
     progress.done(steps)
-    return GenerationResult(latents=out, cond_latents=cond, video=video)
+    return GenerationResult(latents=out, cond_latents=cond, video=video, finite=finite)

@@ -194,3 +194,19 @@ def test_sampling_settings_compile_by_the_auto_rule(monkeypatch, triton):
     assert (settings.checkpointing, settings.blocks_to_swap, settings.base_precision) == ("none", 3, "fp8-compute")
     with pytest.raises(ConfigError, match="--blocks-to-swap"):
         sampling_settings(device="cpu", steps=50, guidance=4.0, blocks_to_swap=1)
+
+
+def test_a_lora_that_overflows_gives_an_error_not_a_black_video(tiny_checkpoint, tmp_path):
+    """Finite but absurd LoRA values pass every file check; the sampled latents are NaN/inf and the video came out
+    black with exit status 0. Now nothing is written and the error names the LoRA and its multiplier."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tiny_checkpoint / "lora" / "tiny_lora.safetensors"))
+    huge = tmp_path / "huge.safetensors"
+    save_file({k: v * 1e18 if k.endswith(".weight") else v for k, v in tensors.items()}, str(huge))
+    out = tmp_path / "x.mp4"
+    result = _run("--model", str(tiny_checkpoint), "--lora", str(huge), "--prompt", "a cat", "--frames", "5",
+                  "--steps", "1", "--resolution", "64x64", "--output", str(out))
+    assert result.returncode == 2, result.stderr
+    assert "sampling produced NaN/inf latents" in result.stderr and f"{huge} (multiplier 1)" in result.stderr
+    assert not out.exists()

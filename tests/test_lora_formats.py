@@ -307,18 +307,27 @@ def test_official_file_fits_the_official_loader_with_one_rank(tiny_checkpoint, t
     save_file(tensors, str(tmp_path / "kijai.safetensors"))
     out_path = lf.convert_lora_file(tmp_path / "kijai.safetensors", tmp_path / "official.safetensors", "official")
     dim = int(_header(out_path)["lora_network_dim"])
-    assert dim == 10  # the merged qkv adapter: 2 + 3 + 5, scales folded into its up
-    official = _tensors(out_path)
-    for key, value in official.items():  # the official LoRAModule shapes for n_seperate parts of rank `dim`
-        if key.endswith(".lora_down.weight"):
-            base = key[: -len(".lora_down.weight")]
-            n = sum(k.startswith(base + ".lora_up.blocks.") for k in official) or 1
-            assert value.shape[0] == n * dim
-            ups = [official[f"{base}.lora_up.blocks.{j}.weight"] for j in range(n)] if n > 1 else [official[f"{base}.lora_up.weight"]]
-            assert all(u.shape[1] == dim for u in ups)
-            assert official[f"{base}.alpha_scale"].ndim == 0
+    assert dim == 5  # q, k, v as the 3 blocks of attn.qkv, each as wide as its own rank, padded to the widest
+    _assert_official_loader_shapes(_tensors(out_path), dim)
     adapters, _ = lf.read_lora_file(out_path)
     assert float((adapters["blocks.0.attn.qkv"].delta() - want).abs().max()) <= 1e-6
+
+
+def _assert_official_loader_shapes(official: dict[str, torch.Tensor], dim: int) -> None:
+    """The module shapes LongCat's lora_utils builds (and loads strictly): a fused layer as `fused_parts` blocks
+    (its table of the model, not what the file says) of rank `dim`, every other layer one up matrix."""
+    downs = [key for key in official if key.endswith(".lora_down.weight")]
+    assert downs
+    for key in downs:
+        base = key[: -len(".lora_down.weight")]
+        n = lf.fused_parts(base[len(lf.OFFICIAL_PREFIX):].replace(lf.OFFICIAL_SEP, "."))
+        assert official[key].shape[0] == n * dim, key
+        ups = [official.pop(f"{base}.lora_up.blocks.{j}.weight") for j in range(n)] if n > 1 \
+            else [official.pop(f"{base}.lora_up.weight")]
+        assert all(u.shape[1] == dim for u in ups), key
+        assert official.pop(f"{base}.alpha_scale").ndim == 0
+        del official[key]
+    assert not official, f"keys the official loader would not expect: {sorted(official)[:4]}"
 
 
 # --- foreign layouts ---------------------------------------------------------------------------------------
@@ -424,3 +433,76 @@ def test_wan_lora_of_another_size_is_refused(tiny_checkpoint, tmp_path):
                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(5120, 2)}, str(tmp_path / "wan.safetensors"))
     with pytest.raises(CheckpointError, match="do not fit the layer"):
         load_lora(load_dit(tiny_checkpoint), tmp_path / "wan.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["diffsynth", "musubi", "simpletuner", "kijai"])
+@pytest.mark.parametrize("fmt", lf.LORA_FILE_FORMATS)
+def test_peer_files_convert_to_every_format(tmp_path, kind, fmt):
+    """PEFT, DiffSynth and musubi train one adapter on attn.qkv / kv_linear. Converting such a file to the
+    ComfyUI layout failed to write (q, k and v shared the one down matrix: safetensors refuses shared tensors),
+    and the official file held a single up matrix where LongCat's loader builds the layer's blocks."""
+    tensors, header, want = _foreign(kind, torch.Generator().manual_seed(3))
+    source = tmp_path / f"{kind}.safetensors"
+    save_file(tensors, str(source), metadata=header or None)
+    target = lf.convert_lora_file(source, tmp_path / f"out-{fmt}.safetensors", fmt)
+    adapters, _ = lf.read_lora_file(target)
+    _assert_same_deltas({p: a.delta() for p, a in adapters.items() if p in want}, want)
+    assert all(float(a.delta().abs().max()) == 0 for p, a in adapters.items() if p not in want)
+    if fmt == "official":
+        _assert_official_loader_shapes(_tensors(target), int(_header(target)["lora_network_dim"]))
+
+
+def test_a_damaged_peft_header_is_refused_only_where_the_alpha_comes_from_it(tmp_path):
+    """A header that is not JSON used to be ignored: alpha silently became the rank, another strength."""
+    down, up = torch.randn(2, 256), torch.randn(768, 2)
+    peft = tmp_path / "peft.safetensors"
+    save_file({"transformer.blocks.0.attn.qkv.lora_A.weight": down, "transformer.blocks.0.attn.qkv.lora_B.weight": up},
+              str(peft), metadata={lf.PEFT_METADATA_KEY: "{not json"})
+    with pytest.raises(CheckpointError, match=f"{peft}: the header's {lf.PEFT_METADATA_KEY} is not a JSON object"):
+        lf.read_lora_file(peft)
+    own_alpha = tmp_path / "musubi.safetensors"
+    save_file({"lora_unet_blocks_0_attn_qkv.lora_down.weight": down, "lora_unet_blocks_0_attn_qkv.lora_up.weight": up,
+               "lora_unet_blocks_0_attn_qkv.alpha": torch.tensor(1.0)}, str(own_alpha),
+              metadata={lf.PEFT_METADATA_KEY: "[1, 2]"})
+    adapters, _ = lf.read_lora_file(own_alpha)  # its alpha is its own: the header is not needed
+    assert adapters["blocks.0.attn.qkv"].scale == 0.5
+
+
+def test_a_pipe_given_as_a_lora_is_named_as_one(tmp_path):
+    import os
+
+    fifo = tmp_path / "lora.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        lf.read_lora_file(fifo)
+
+
+def test_written_lora_files_are_readable_by_other_users(tiny_checkpoint, tmp_path):
+    """safetensors creates its files 0600: a ComfyUI service running as another user could not read a LoRA."""
+    import os
+
+    from longcat_tuner.fsutil import _umask
+
+    dit = _trained(tiny_checkpoint)
+    config = SimpleNamespace(model_type="lora", lora_export_formats=list(lf.LORA_FILE_FORMATS))
+    from longcat_tuner.train.trainer import save_outputs
+
+    save_outputs(dit, config, tmp_path, {"step": 1})
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == len(lf.LORA_FILE_FORMATS)
+    for path in files:
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask(), path.name
+
+
+def test_train_names_every_lora_file_it_wrote(tiny_checkpoint, tmp_path):
+    """`train` printed the official and ComfyUI paths only: the Wan2GP and diffusers files went unnamed."""
+    from longcat_tuner.commands.train import other_lora_files
+    from longcat_tuner.train.trainer import save_outputs
+
+    config = SimpleNamespace(model_type="lora", lora_export_formats=list(lf.LORA_FILE_FORMATS))
+    main, wrapper = save_outputs(_trained(tiny_checkpoint), config, tmp_path, {"step": 1})
+    result = SimpleNamespace(lora_path=main, comfyui_lora_path=wrapper)
+    assert other_lora_files(config, result) == [("Wan2GP", tmp_path / "longcat_lora_wan2gp.safetensors"),
+                                                ("diffusers/PEFT (SimpleTuner)", tmp_path / "longcat_lora_diffusers.safetensors")]
+    config.lora_export_formats = ["official", "comfyui-wanvideowrapper"]
+    assert other_lora_files(config, result) == []

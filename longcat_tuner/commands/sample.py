@@ -157,12 +157,28 @@ def _sample(args: argparse.Namespace, ctx) -> int:
         shift=args.shift, distilled=args.distilled, seed=args.seed,
         progress=SamplingProgress(label="sampling", bar=not args.progress_json and ctx.is_main, report=report),
     )
+    if not result.finite:
+        raise nonfinite_output_error(loras, args.model)
     if not ctx.is_main:
         return 0
     out = write_video_output(args.output, video_to_uint8(result.video), fps=args.fps)
     message = {"event": "sample_done", "output": str(out), "height": height, "width": width, "frames": args.frames}
     print(json.dumps(message) if args.progress_json else f"wrote {out} ({args.frames} frames, {height}x{width}, {args.fps} fps)", file=sys.stdout)
     return 0
+
+
+def nonfinite_output_error(loras, model) -> "NonFiniteOutputError":
+    """What to say when the sampled latents hold NaN/inf: which weights to suspect, and that nothing was written."""
+    from longcat_tuner.errors import NonFiniteOutputError
+
+    if loras:
+        named = ", ".join(f"{path} (multiplier {multiplier:g})" for path, _, multiplier in loras)
+        cause = (f"the LoRA weights overflow: {named}; a LoRA with absurd values or alpha, or a multiplier too large. "
+                 "Sample without it, or with a smaller --lora-multiplier (say 0.5), to tell")
+    else:
+        cause = f"the model's weights in {model} overflow (a diverged full fine-tune?); sample with the base model to tell"
+    return NonFiniteOutputError(f"sampling produced NaN/inf latents, so the video would be black or noise; no video was "
+                                f"written. Likely cause: {cause}")
 
 
 def resident_lora_gib(loras, dtype) -> float:

@@ -40,6 +40,21 @@ def final_weights_label(config) -> str:
     return "LoRA (official LongCat format)" if "official" in formats else f"LoRA ({formats[0]})"
 
 
+def other_lora_files(config, result) -> list[tuple[str, "os.PathLike"]]:
+    """(client, path) of each LoRA file the run wrote besides `lora_path` and `comfyui_lora_path` (Wan2GP's,
+    diffusers'), in the order of `lora_export_formats`."""
+    if config.model_type != "lora" or result.lora_path is None:
+        return []
+    from longcat_tuner.model.lora_formats import FILE_NAMES, WRITTEN_LAYOUTS, resolve_format
+
+    shown, others = {result.lora_path, result.comfyui_lora_path}, []
+    for name in dict.fromkeys(resolve_format(f) for f in config.lora_export_formats):
+        path = result.lora_path.parent / FILE_NAMES[name]
+        if path not in shown and path.is_file():
+            others.append((WRITTEN_LAYOUTS[name][0], path))
+    return others
+
+
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig
     from longcat_tuner.train.trainer import train
@@ -58,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{final_weights_label(config)}: {result.lora_path}")
     if result.comfyui_lora_path is not None:
         print(f"LoRA (ComfyUI-WanVideoWrapper): {result.comfyui_lora_path}")
+    for client, path in other_lora_files(config, result):
+        print(f"LoRA ({client}): {path}")
     for video in result.validation_videos:
         print(f"validation video: {video}")
     if result.status == "interrupted":

@@ -45,6 +45,7 @@ Keys that match no layout are an error that lists them.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -250,6 +251,29 @@ def _as_block_diagonal(adapter: Adapter, parts: int) -> Adapter:
     return Adapter(adapter.down, [up[j * rows : (j + 1) * rows, j * r : (j + 1) * r] for j in range(parts)], adapter.scale)
 
 
+def _as_parts(adapter: Adapter, parts: int) -> Adapter:
+    """The same delta as `parts` blocks on the diagonal (the official layout of a fused layer).
+
+    Block j is the rows j of the up matrix; it reads only the down rows those rows use (an adapter merged from
+    per-projection files uses one slice of its rank per block), and blocks narrower than the widest are padded
+    with zeros. Exact: only products with zero are left out. An adapter already in `parts` blocks, or whose
+    output does not split evenly (a LoRA for another size), is returned as it is."""
+    if parts == 1 or adapter.parts == parts or adapter.parts != 1 or adapter.out_features % parts:
+        return adapter
+    downs, ups = [], []
+    for j in range(parts):
+        down, up = adapter.row_slice(j, parts)
+        used = up.ne(0).any(dim=0)
+        if not bool(used.any()):
+            used[0] = True  # an all-zero block keeps rank 1
+        downs.append(down[used])
+        ups.append(up[:, used])
+    rank = max(d.shape[0] for d in downs)
+    downs = [torch.cat([d, d.new_zeros(rank - d.shape[0], d.shape[1])]) for d in downs]
+    ups = [torch.cat([u, u.new_zeros(u.shape[0], rank - u.shape[1])], dim=1) for u in ups]
+    return Adapter(torch.cat(downs), ups, adapter.scale)
+
+
 def _merge_slices(pieces: dict[Optional[int], Adapter], n: int, path: str, source: str) -> Adapter:
     """One adapter on the fused layer `path` from adapters on its row slices (and/or on the whole layer)."""
     if set(pieces) == {None}:
@@ -323,7 +347,7 @@ def _normalise_module(name: str) -> Optional[tuple[str, Optional[int], int]]:
     return None
 
 
-def _peft_config(metadata: dict[str, str]) -> Optional[dict[str, Any]]:
+def _peft_config(metadata: dict[str, str], source: str) -> Optional[dict[str, Any]]:
     """The transformer's PEFT LoraConfig fields from a diffusers header (`lora_adapter_metadata`), if any."""
     raw = metadata.get(PEFT_METADATA_KEY)
     if not raw:
@@ -331,9 +355,11 @@ def _peft_config(metadata: dict[str, str]) -> Optional[dict[str, Any]]:
     try:
         config = json.loads(raw)
     except ValueError:
-        return None
+        config = None
     if not isinstance(config, dict):
-        return None
+        # Its alpha sets the strength of every layer: guessing alpha = rank would change the LoRA silently.
+        raise CheckpointError(f"{source}: the header's {PEFT_METADATA_KEY} is not a JSON object ({raw[:80]!r}), so the "
+                              "LoRA's alpha cannot be read; the file is damaged or was exported wrongly: export it again")
     prefixed = {k[len(DIFFUSERS_PREFIX):]: v for k, v in config.items() if k.startswith(DIFFUSERS_PREFIX)}
     return prefixed or config
 
@@ -435,7 +461,9 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
     if not groups:
         raise CheckpointError(f"{source}: the file holds no tensors, so it is not a LoRA")
     _check_values(tensors, source)
-    peft = _peft_config(metadata or {})
+    # The PEFT header is read only for adapters that carry no alpha of their own (so a damaged header refuses
+    # just the files that depend on it), and parsed once.
+    peft = functools.cache(lambda: _peft_config(metadata or {}, source))
     pieces: dict[str, dict[Optional[int], Adapter]] = {}
     slices: dict[str, int] = {}
     for module, group in groups.items():
@@ -459,7 +487,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
             scale = group["alpha_scale"]
         elif group["alpha"] is not None:
             scale = group["alpha"] / total_rank
-        elif peft is not None and (peft_scale := _peft_scale(peft, _strip_prefix(module), total_rank, source)) is not None:
+        elif peft() is not None and (peft_scale := _peft_scale(peft(), _strip_prefix(module), total_rank, source)) is not None:
             scale = peft_scale
         else:
             scale = 1.0  # no alpha anywhere: alpha = rank, as ComfyUI and PEFT assume
@@ -494,6 +522,9 @@ def read_lora_file(path: Union[str, Path]) -> tuple[dict[str, Adapter], dict[str
             + (f" (in it: {', '.join(inside[:5])})" if inside else " (it holds no .safetensors file)")
         )
     if not path.is_file():
+        if path.exists():
+            raise CheckpointError(f"LoRA path {path} is not a regular file (a pipe, socket or device); give the LoRA "
+                                  ".safetensors file itself")
         raise CheckpointError(f"LoRA file {path} does not exist; check the path (a LoRA is one .safetensors file)")
     # The header names an empty, truncated or pickled file, and a file of other keys (a whole model passed as a
     # LoRA), before any tensor is read.
@@ -513,7 +544,9 @@ def read_lora_file(path: Union[str, Path]) -> tuple[dict[str, Adapter], dict[str
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().cpu().contiguous()
+    """A float32 CPU copy that owns its memory: safetensors refuses to write tensors sharing storage (the slices of
+    one adapter written as q, k and v, or one down matrix repeated for each block of a fused layer)."""
+    return t.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
 
 
 def _scalar(value: float) -> torch.Tensor:
@@ -529,7 +562,10 @@ def format_tensors(adapters: dict[str, Adapter], format: str) -> tuple[dict[str,
     header: dict[str, str] = {}
     items = sorted(adapters.items(), key=lambda kv: _sort_key(kv[0]))
     if format == "official":
-        rank = max(a.rank for a in adapters.values())
+        # LongCat's loader builds a fused layer (attn.qkv, kv_linear, the modulations) as its blocks and loads
+        # strictly: a single adapter there (as PEFT, DiffSynth or musubi train qkv) is written as those blocks.
+        items = [(path, _as_parts(adapter, fused_parts(path))) for path, adapter in items]
+        rank = max(a.rank for _, a in items)
         header["lora_network_dim"] = str(rank)
         for path, adapter in items:
             adapter = adapter.padded(rank)

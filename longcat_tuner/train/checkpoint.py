@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from longcat_tuner.errors import CheckpointError
-from longcat_tuner.fsutil import is_write_error, write_failure
+from longcat_tuner.fsutil import is_write_error, shareable, write_failure
 from longcat_tuner.train.outputs import (  # torch-free, shared with `check`
     CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints, resume_path_problem,
 )
@@ -132,6 +132,7 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
+            shareable(tmp / WEIGHTS_FILE)
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(scheduler_state, tmp / SCHEDULER_FILE)
         torch.save(rng_state, tmp / RNG_FILE)

@@ -864,6 +864,11 @@ def validate(run: Run) -> list[Path]:
         run.events.emit("validation", step=run.step, items=items, heldout_loss=held, **run.memory.read(),
                         **{f"validation_{key}": value for key, value in phase.items()},
                         **({"stopped": str(stopped)} if stopped else {}))
+        overflowed = sum(item.get("finite") is False for item in items)
+        if overflowed:
+            run.parallel.say(f"warning: validation at step {run.step}: {overflowed} of {len(items)} video(s) sampled NaN/inf "
+                             "latents (black or noise): the weights overflow; lower learning_rate and resume from an "
+                             "earlier checkpoint", file=sys.stderr)
         if stopped:
             raise stopped
         return [out_root / item["video"] for item in items]

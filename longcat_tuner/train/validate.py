@@ -120,6 +120,8 @@ def run_validation(
                     "early_frame_drift_psnr": early_frame_psnr(video, start) if start is not None else None,
                     "early_frames": min(EARLY_DRIFT_FRAMES, video.shape[1] - 1) if start is not None else None,
                     "psnr_first_frame": psnr(video[:, 0], start) if start is not None else None,
+                    # NaN/inf latents (weights that overflow): the video is black or noise, kept as a record.
+                    "finite": result.finite,
                 }
             )
     finally:
