@@ -207,3 +207,40 @@ def test_empty_video_file_says_so(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(DataError, match=r"copying.mp4: empty file \(0 bytes\)"):
         probe_video(empty)
+
+
+def _trim_without_reencoding(source: Path, target: Path, cut_frames: int) -> None:
+    """What `ffmpeg -ss ... -c copy` (or LosslessCut, QuickTime's trim) writes: the same packets, shifted so the
+    first `cut_frames` frames fall before time 0; the MP4 muxer keeps them behind an edit list (discard flag)."""
+    import av
+
+    with av.open(str(source)) as src, av.open(str(target), "w") as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        step = int(round(1 / (float(stream.time_base) * float(stream.average_rate))))
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.pts -= cut_frames * step
+            packet.dts -= cut_frames * step
+            packet.stream = out
+            dst.mux(packet)
+
+
+def test_a_clip_trimmed_without_reencoding_starts_at_its_first_shown_frame(tmp_path):
+    """The frames before the cut used to count as the clip's first frames: time 0 mapped to a frame the decoder
+    never outputs, and every such clip was skipped as "truncated or corrupt"."""
+    import av
+
+    full = write_video(tmp_path / "full.mp4", frames=40, fps=15, height=32, width=48)
+    trimmed = tmp_path / "trimmed.mp4"
+    _trim_without_reencoding(full, trimmed, 10)
+    with av.open(str(trimmed)) as container:
+        hidden = sum(packet.is_discard for packet in container.demux(video=0) if packet.size)
+    assert hidden == 10  # the edit list is there: this is the case being tested
+    info = probe_video(trimmed)
+    assert len(info.frame_pts) == 30 and info.frame_times[0] == 0.0
+    indices = select_frame_indices(info.frame_times, 15.0, 9)
+    frames = decode_frames(trimmed, info, indices, plan_resize(32, 48, 32, 48))
+    # The first frame of the trimmed clip is source frame 10, as a player shows it.
+    np.testing.assert_allclose(frames[:, 16, 24, 1].astype(int), [frame_level(10 + k, 40) for k in indices], atol=3)

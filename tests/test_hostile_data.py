@@ -169,6 +169,18 @@ def test_a_decomposed_unicode_name_pairs_with_its_composed_start_frame(tmp_path,
     assert not plan.conditioning_problems
 
 
+def test_a_caption_whose_name_is_stored_in_another_unicode_form_is_found(tmp_path, capsys):
+    # The clip stored decomposed (macOS), its caption and start frame composed: the start frame paired, the
+    # caption was reported missing although it sat right beside the clip.
+    decomposed, composed = unicodedata.normalize("NFD", "über"), unicodedata.normalize("NFC", "über")
+    write_video(tmp_path / "clips" / f"{decomposed}.mp4", frames=6, fps=15, height=32, width=32)
+    (tmp_path / "clips" / f"{composed}.txt").write_text("a dog runs")
+    write_image(tmp_path / "starts" / f"{composed}.png", height=32, width=32)
+    plan = plan_data(load_datasets(write_backend(tmp_path)), eval_dataset_id=None, alignment=16)
+    assert not plan.train[0].problems, [str(p) for p in plan.train[0].problems]
+    assert [s.source.caption for s in plan.train_samples] == ["a dog runs"]
+
+
 def test_a_name_too_long_for_its_cache_entry_is_skipped_by_name_in_check(tmp_path, capsys):
     # 245 bytes + ".mp4" is a valid name; "<name>.safetensors.tmp<pid>" is not (255 bytes at most): the cache
     # stage stopped with an OSError traceback ("File name too long").

@@ -281,7 +281,9 @@ def _walk_media(root: Path, extensions: tuple[str, ...], dataset_id: str, proble
 
 
 def sidecar_caption_path(media_path: Path) -> Path:
-    """`clip.txt` beside `clip.mp4`; also `clip.TXT` / `clip.Txt` (cameras and Windows tools write those)."""
+    """`clip.txt` beside `clip.mp4`; also `clip.TXT` / `clip.Txt` (cameras and Windows tools write those), and a
+    name equal in Unicode NFC form (`über.txt` typed on Linux beside `über.mp4` stored decomposed by macOS), as
+    clips and start frames pair."""
     exact = media_path.with_suffix(".txt")
     if exact.is_file():
         return exact
@@ -289,6 +291,12 @@ def sidecar_caption_path(media_path: Path) -> Path:
     for candidate in sorted(media_path.parent.glob(glob.escape(media_path.stem) + ".*")):
         if candidate.suffix.lower() == ".txt" and candidate.stem == media_path.stem and candidate.is_file():
             return candidate
+    stem = unicodedata.normalize("NFC", media_path.stem)
+    if stem != media_path.stem or not stem.isascii():
+        for candidate in sorted(media_path.parent.iterdir()):
+            if candidate.suffix.lower() == ".txt" and unicodedata.normalize("NFC", candidate.stem) == stem \
+                    and candidate.is_file():
+                return candidate
     return exact
 
 

@@ -140,7 +140,11 @@ def probe_video(path: str | Path) -> VideoInfo:
                 if packet.pts is None or packet.size == 0:
                     untimed += packet.pts is None and packet.size > 0
                     continue
-                pts.append(packet.pts)
+                # A clip trimmed without re-encoding (`ffmpeg -ss ... -c copy`, LosslessCut, QuickTime) keeps the
+                # frames before the cut, flagged discard by its edit list: they decode (the first shown frame
+                # needs its keyframe) but are never output, so they are not frames of the clip.
+                if not getattr(packet, "is_discard", False):
+                    pts.append(packet.pts)
                 if rotation is None:
                     # Decode until the first frame: proves the stream decodes and gives the display
                     # rotation (phone videos), which PyAV reports per frame only.
