@@ -75,6 +75,17 @@ def test_bad_values_name_the_key(key, value, message):
         TrainConfig.from_dict(data)
 
 
+def test_text_to_video_validation_needs_an_exact_size():
+    """`check` passed `validation_resolution: 64p` with prompt-only validation; `train` then stopped after loading
+    the model (a class is sized from a start frame's aspect, and a prompt has none)."""
+    base = {"pretrained_model_name_or_path": "m", "output_dir": "o", "data_backend_config": "d",
+            "validation_using_datasets": False, "eval_dataset_id": None, "validation_prompt": "a cat"}
+    with pytest.raises(ConfigError, match="needs validation_resolution as HEIGHTxWIDTH .* got '64p'"):
+        TrainConfig.from_dict({**base, "validation_resolution": "64p"})
+    assert TrainConfig.from_dict({**base, "validation_resolution": "64x128"}).validation_resolution == "64x128"
+    TrainConfig.from_dict({**base, "validation_prompt": None, "validation_resolution": "64p"})  # no validation
+
+
 def test_missing_path_says_to_add_it():
     with pytest.raises(ConfigError, match="output_dir: required"):
         TrainConfig.from_dict({"pretrained_model_name_or_path": "m", "data_backend_config": "d"})

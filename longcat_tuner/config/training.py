@@ -375,6 +375,14 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 "validation_using_datasets is true but eval_dataset_id is empty: name the eval split's id"
             )
+        if not self.validation_using_datasets and self.validation_prompt \
+                and not isinstance(parse_resolution(self.validation_resolution), tuple):
+            # A class such as 480p is sized from each start frame's aspect; a prompt has none (`train` stopped
+            # here after loading the model, where `check` had said yes).
+            raise ValueError(
+                "text-to-video validation (validation_using_datasets: false, validation_prompt set) needs "
+                f"validation_resolution as HEIGHTxWIDTH (e.g. 480x832), got '{self.validation_resolution}'"
+            )
         return self
 
     # --- helpers ---------------------------------------------------------------------------------
