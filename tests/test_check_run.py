@@ -418,6 +418,27 @@ def test_the_demo_never_replaces_a_config_it_did_not_write(tmp_path, capsys):
     assert sorted(p.name for p in mine.iterdir()) == ["config.json"]
 
 
+def test_a_demo_rerun_keeps_a_config_the_user_edited(tmp_path):
+    """Rerunning the demo into its folder reverted an edited config.json (it had the demo's eval split id, so it
+    counted as the demo's own)."""
+    import json
+
+    from longcat_tuner.commands.demo import write_demo
+    from longcat_tuner.errors import ConfigError
+
+    small = dict(steps=1, frames=5, height=32, width=32, train_clips=1, eval_clips=1)
+    config = write_demo(tmp_path / "demo", **small)
+    assert write_demo(tmp_path / "demo", **small) == config  # unchanged: the demo may write it again
+    edited = {**json.loads(config.read_text()), "learning_rate": 5e-4}
+    config.write_text(json.dumps(edited))
+    with pytest.raises(ConfigError, match=f"{config}: changed since the demo wrote it") as err:
+        write_demo(tmp_path / "demo", **small)
+    assert f"longcat-tuner train --config {config}" in str(err.value)
+    assert json.loads(config.read_text())["learning_rate"] == 5e-4
+    config.unlink()  # moved away: a fresh demo
+    assert json.loads(write_demo(tmp_path / "demo", **small).read_text())["learning_rate"] == 1e-3
+
+
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys):
     """`--resume_from_checkpoint latest` on a run already at max_train_steps ended printing only the run folder."""
     from longcat_tuner.commands.demo import write_demo

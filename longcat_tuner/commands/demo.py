@@ -10,6 +10,7 @@ are coloured noise by design: the point is the pipeline, not the pictures.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -232,16 +233,47 @@ def dataset_entries(prefix: str, clips: Path, starts: Path, cache: Path, *, fram
 
 
 DEMO_IDS = ("demo-train", "demo-train-cond", "demo-val", "demo-val-cond")
+# What the demo last wrote: the SHA-256 of each config file, so a rerun can tell a file the user edited since
+# (a changed learning_rate) from its own, and keep it.
+DEMO_RECORD = ".longcat-demo.json"
+DEMO_CONFIGS = ("config.json", "multidatabackend.json")
 
 
-def not_the_demos(folder: Path) -> list[Path]:
-    """config.json / multidatabackend.json in `folder` that an earlier demo did not write, and, where no demo ran
-    before, the model/ data/ cache/ output/ it would write into: `demo .` in a project folder would otherwise
-    replace the user's own files (captions, clips, a finished run's LoRA and checkpoints) without a word."""
-    found = []
-    if not (folder / "config.json").exists() and not (folder / "multidatabackend.json").exists():
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_config_file(folder: Path, name: str, data: Any) -> Path:
+    """Write one of the demo's config files and record its digest in DEMO_RECORD."""
+    path = folder / name
+    path.write_text(json.dumps(data, indent=2))
+    record_path = folder / DEMO_RECORD
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    record[name] = _digest(path)
+    record_path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def not_the_demos(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files and folders the demo did not write, config files it wrote that were edited since) in `folder`.
+
+    Not written: config.json / multidatabackend.json that are not the demo's, and, where no demo ran before, the
+    model/ data/ cache/ output/ it would write into: `demo .` in a project folder would otherwise replace the
+    user's own files (captions, clips, a finished run's LoRA and checkpoints) without a word. Edited: a demo
+    config whose content no longer matches what the demo recorded (a rerun reverted the user's changes)."""
+    found, edited = [], []
+    if not any((folder / name).exists() for name in DEMO_CONFIGS):
         found += [folder / name for name in ("model", "data", "cache", "output") if (folder / name).exists()]
-    for name in ("config.json", "multidatabackend.json"):
+    try:
+        record = json.loads((folder / DEMO_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    for name in DEMO_CONFIGS:
         path = folder / name
         if not path.exists():
             continue
@@ -254,7 +286,9 @@ def not_the_demos(folder: Path) -> list[Path]:
             isinstance(data, list) and all(isinstance(d, dict) and d.get("id") in DEMO_IDS for d in data))
         if not ours:
             found.append(path)
-    return found
+        elif name in record and record[name] != _digest(path):
+            edited.append(path)
+    return found, edited
 
 
 def write_demo(
@@ -272,12 +306,19 @@ def write_demo(
     if problem:
         raise ConfigError(problem)
     folder = Path(folder).resolve()
-    foreign = not_the_demos(folder)
+    foreign, edited = not_the_demos(folder)
     if foreign:
         raise ConfigError(
             f"{', '.join(map(str, foreign))}: not written by the demo, which writes config.json, multidatabackend.json, "
             f"model/, data/, cache/ and output/ in {folder}; give the demo a new or empty folder "
             "(`longcat-tuner demo FOLDER`; default demo_output)"
+        )
+    if edited:
+        names = ", ".join(map(str, edited))
+        raise ConfigError(
+            f"{names}: changed since the demo wrote it, and the demo would write its own again; to train with your "
+            f"changes run `longcat-tuner train --config {folder / 'config.json'}`, or move the file away (or delete "
+            "it) for a fresh demo, or give the demo a new folder"
         )
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "model"
@@ -290,7 +331,7 @@ def write_demo(
                                               height=height, width=width, seed=seed + 1)
     datasets = dataset_entries("demo-train", train_clips_dir, train_starts, folder / "cache", frames=frames, resolution=resolution)
     datasets += dataset_entries("demo-val", eval_clips_dir, eval_starts, folder / "cache", frames=frames, resolution=resolution)
-    (folder / "multidatabackend.json").write_text(json.dumps(datasets, indent=2))
+    _write_config_file(folder, "multidatabackend.json", datasets)
     config = {
         "model_family": "longcat_video",
         "model_flavour": "final",
@@ -318,6 +359,4 @@ def write_demo(
         "seed": seed,
         **(extra_config or {}),
     }
-    path = folder / "config.json"
-    path.write_text(json.dumps(config, indent=2))
-    return path
+    return _write_config_file(folder, "config.json", config)
