@@ -483,3 +483,32 @@ def test_files_of_the_user_in_a_cache_folder_are_never_overwritten(tmp_path, enc
     assert torch.equal(load_file(str(entry))["lora_down"], torch.ones(2))
     entry.write_bytes(entry.read_bytes()[:20])  # a damaged file is a stale entry: rebuilt
     assert build().report.built["clip"] == 1
+
+
+def test_pipes_links_to_devices_and_near_miss_start_frames_are_named_for_what_they_are(tmp_path, capsys):
+    """A pipe or a link to /dev/zero named like a clip was reported as a broken link or left out silently, a
+    pipe caption as missing, a start frame in .tiff or another letter case as just "no start frame", and the
+    start frames of clips the scan skipped as orphans "with no clip"."""
+    add_pair(tmp_path, "good")
+    clips, starts = tmp_path / "clips", tmp_path / "starts"
+    os.mkfifo(clips / "pipe.mp4")
+    write_image(starts / "pipe.png", height=32, width=32)
+    os.symlink("/dev/zero", clips / "zero.mp4")
+    write_image(starts / "zero.png", height=32, width=32)
+    add_pair(tmp_path, "pipecap")
+    (clips / "pipecap.txt").unlink()
+    os.mkfifo(clips / "pipecap.txt")
+    add_pair(tmp_path, "tiffed")
+    (starts / "tiffed.png").rename(starts / "tiffed.tiff")
+    add_pair(tmp_path, "Cased")
+    (starts / "Cased.png").rename(starts / "cased.png")
+    code, out, _ = check(capsys, write_backend(tmp_path))
+    assert code == 0 and "1 usable" in out
+    assert f"{clips / 'pipe.mp4'}: not a regular file (a pipe, socket or device)" in out
+    assert f"{clips / 'zero.mp4'}: symbolic link to /dev/zero, not a regular file" in out
+    assert "caption file pipecap.txt is not a regular file" in out
+    assert "tiffed.tiff is there, but .tiff is not a start-frame format: convert it to .png or .jpg" in out
+    assert "cased.png differs only in letter case: rename it to Cased.png" in out
+    assert f"{starts / 'pipe.png'}: start frame unused: its clip {clips / 'pipe.mp4'} is skipped" in out
+    assert f"{starts / 'zero.png'}: start frame unused: its clip {clips / 'zero.mp4'} is skipped" in out
+    assert "orphan start frame: no clip 'pipe.*'" not in out

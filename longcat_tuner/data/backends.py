@@ -273,8 +273,12 @@ def _walk_media(root: Path, extensions: tuple[str, ...], dataset_id: str, proble
                 elif path.suffix.lower() in extensions:
                     if entry.is_file(follow_symlinks=True):
                         yield path, through_link or entry.is_symlink()
-                    elif entry.is_symlink():
+                    elif entry.is_symlink() and not path.exists():
                         problems.append(Problem(dataset_id, str(path), f"broken symbolic link to {os.readlink(path)}; fix or remove it"))
+                    else:  # a pipe, socket or device (or a link to one): reading it would block or never end
+                        via = f"symbolic link to {os.readlink(path)}, " if entry.is_symlink() else ""
+                        problems.append(Problem(dataset_id, str(path), f"{via}not a regular file (a pipe, socket or "
+                                                                       "device); replace it with the file itself"))
             except OSError as err:
                 problems.append(Problem(dataset_id, str(path), f"cannot be read ({err.strerror or err}); fix or remove it"))
         stack.extend(reversed(subfolders))
@@ -344,8 +348,11 @@ def read_caption(dataset: DatasetConfig, media_path: Path, key: str) -> tuple[Op
     if not sidecar.is_file():
         if sidecar.is_dir():
             return None, f"caption file {sidecar.name} is a folder; replace it with the caption text file"
-        if sidecar.is_symlink():  # there, but leads nowhere (or round in a loop): not "missing"
+        if sidecar.is_symlink() and not sidecar.exists():  # there, but leads nowhere (or round in a loop): not "missing"
             return None, f"caption file {sidecar.name} is a broken symbolic link to {os.readlink(sidecar)}; fix or remove it"
+        if sidecar.exists():
+            return None, (f"caption file {sidecar.name} is not a regular file (a pipe, socket or device); replace it "
+                          "with the caption text file")
         return None, f"caption file {sidecar.name} is missing; add it or use caption_strategy 'filename'"
     try:
         caption, removed = clean_caption(decode_caption(sidecar.read_bytes()))
@@ -385,6 +392,33 @@ def no_media_reason(dataset: DatasetConfig, media_type: MediaType, *, source: st
     return reason
 
 
+def near_start_frames(expected: Path, listings: dict[Path, list[str]]) -> str:
+    """Why files beside a missing start frame's expected name were not taken (`; ...`, or "" when none): the same
+    stem in a format the loader does not read (.tiff, .heic), the same name in another letter case, or a name
+    that is a folder, pipe or device. `listings` caches each folder's names (only the error path lists them)."""
+    folder = expected.parent
+    if folder not in listings:
+        try:
+            listings[folder] = sorted(os.listdir(folder))
+        except OSError:
+            listings[folder] = []
+    stem = unicodedata.normalize("NFC", expected.stem)
+    notes = []
+    for name in listings[folder]:
+        base, suffix = os.path.splitext(unicodedata.normalize("NFC", name))
+        if base == stem and suffix.lower() in IMAGE_EXTENSIONS:  # there, yet not scanned as an image
+            where = folder / name
+            kind = "a folder" if where.is_dir() else "a broken link" if not where.exists() else \
+                "not a regular file (a pipe or device)"
+            notes.append(f"{name} is there but is {kind}")
+        elif base == stem:
+            notes.append(f"{name} is there, but {suffix or 'a name without extension'} is not a start-frame format: "
+                         "convert it to .png or .jpg")
+        elif base.casefold() == stem.casefold() and suffix.lower() in IMAGE_EXTENSIONS:
+            notes.append(f"{name} differs only in letter case: rename it to {expected.stem}{suffix}")
+    return "".join(f"; {note}" for note in notes[:3])
+
+
 def pair_dataset(dataset: DatasetConfig, datasets: DatasetList) -> tuple[list[SampleSource], list[Problem], int, set[tuple[str, str]]]:
     """Scan a clip dataset, read captions, attach start frames. Returns (sources, problems, scanned, used cond keys)."""
     media_type: MediaType = "image" if dataset.dataset_type == "image" else "video"
@@ -400,6 +434,7 @@ def pair_dataset(dataset: DatasetConfig, datasets: DatasetList) -> tuple[list[Sa
                                                source=datasets.source)
         problems += cond_problems
     sources, used = [], set()
+    listings: dict[Path, list[str]] = {}  # start-frame folders listed to explain a missing start frame
     for key, path in media.items():
         cond_path = cond_media.get(key) if cond_dataset is not None else None
         if cond_path is not None:
@@ -424,7 +459,8 @@ def pair_dataset(dataset: DatasetConfig, datasets: DatasetList) -> tuple[list[Sa
                     dataset.id,
                     str(path),
                     f"{NO_START_FRAME}: expected {expected} (same relative path and stem, any of "
-                    f"{', '.join(IMAGE_EXTENSIONS)}) in conditioning dataset '{cond_dataset.id}'",
+                    f"{', '.join(IMAGE_EXTENSIONS)}) in conditioning dataset '{cond_dataset.id}'"
+                    + near_start_frames(expected, listings),
                 )
             )
             continue
@@ -567,6 +603,7 @@ def plan_data(datasets: DatasetList, *, eval_dataset_id: Optional[str], alignmen
         for cond_id in dataset.conditioning_data:
             users.setdefault(cond_id, []).append(dataset.id)
     unpaired = clips_without_start_frame(train_plans + ([eval_plan] if eval_plan else []), datasets)
+    skipped_clips = clips_skipped_before_pairing(train_plans + ([eval_plan] if eval_plan else []))
     for cond_id, clip_ids in users.items():
         cond = datasets.by_id(cond_id)
         media, _ = scan_media(cond.instance_data_dir, IMAGE_EXTENSIONS, cond.id, source=datasets.source)
@@ -582,11 +619,32 @@ def plan_data(datasets: DatasetList, *, eval_dataset_id: Optional[str], alignmen
                     f"frame; move this file to {expected}{path.suffix} (the clip's relative path and stem)",
                     clip=str(clip),
                 ))
+            elif key in skipped_clips:
+                conditioning_problems.append(Problem(
+                    cond_id, str(path), f"start frame unused: its clip {skipped_clips[key]} is skipped (its reason is "
+                    "listed with its dataset)"))
             else:
                 conditioning_problems.append(
                     Problem(cond_id, str(path), f"orphan start frame: no clip '{key}.*' in dataset(s) {clip_ids}; remove it or add the clip")
                 )
     return DataPlan(train_plans, eval_plan, conditioning_problems)
+
+
+def clips_skipped_before_pairing(plans: list[DatasetPlan]) -> dict[str, str]:
+    """Key (relative path without suffix, NFC) -> path of the clips the scan skipped (a broken link, a pipe, a
+    second link to one file): their start frames are unused, not orphans."""
+    found: dict[str, str] = {}
+    for plan in plans:
+        root = plan.dataset.instance_data_dir
+        for problem in plan.problems:
+            if not problem.skipped:
+                continue
+            try:
+                relative = Path(problem.path).relative_to(root)
+            except ValueError:
+                continue
+            found.setdefault(unicodedata.normalize("NFC", relative.with_suffix("").as_posix()), problem.path)
+    return found
 
 
 def clips_without_start_frame(plans: list[DatasetPlan], datasets: DatasetList) -> dict[str, list[tuple[str, Path, Path]]]:
