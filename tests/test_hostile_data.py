@@ -512,3 +512,12 @@ def test_pipes_links_to_devices_and_near_miss_start_frames_are_named_for_what_th
     assert f"{starts / 'pipe.png'}: start frame unused: its clip {clips / 'pipe.mp4'} is skipped" in out
     assert f"{starts / 'zero.png'}: start frame unused: its clip {clips / 'zero.mp4'} is skipped" in out
     assert "orphan start frame: no clip 'pipe.*'" not in out
+
+
+def test_a_right_to_left_override_in_a_name_is_shown_escaped():
+    """U+202E printed raw makes the terminal show the rest of a name reversed: a false name in the report."""
+    from longcat_tuner.data.backends import Problem
+
+    problem = Problem("train", "clips/clip\u202egnp.mp4", "caption file clip\u202egnp.txt is missing")
+    assert problem.path == "clips/clip\\u202egnp.mp4" and "clip\\u202egnp.txt" in problem.reason
+    assert Problem("train", "clips/café\u0301.mp4", "ok").path == "clips/café\u0301.mp4"  # letters stay as they are

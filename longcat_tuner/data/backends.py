@@ -203,21 +203,32 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+# Bidirectional-text controls: a right-to-left override in a file name makes a terminal show the name's end
+# reversed (`clip\u202egnp.mp4` reads as clip4pm.png), so they are escaped like control characters.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _escaped(char: str) -> bool:
+    return unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS
+
+
 def _has_control(text: str) -> bool:
-    return any(unicodedata.category(char) == "Cc" for char in text)
+    return any(_escaped(char) for char in text)
 
 
 def printable(text: str) -> str:
     """`text` (a path, or a message naming one) as text that can be printed and saved: bytes of a file name
-    that were not UTF-8 become U+FFFD, control characters are escaped (`\\n`, `\\x1b`), so a file name cannot
-    add lines to a report or send escape sequences to the terminal."""
+    that were not UTF-8 become U+FFFD, control characters are escaped (`\\n`, `\\x1b`) and so are bidirectional
+    overrides (`\\u202e`), so a file name cannot add lines to a report, send escape sequences to the terminal or
+    show itself reversed."""
     if not _is_unicode(text):
         try:
             text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         except UnicodeEncodeError:
             text = text.encode("utf-8", "replace").decode("utf-8")
     if _has_control(text):
-        text = "".join(repr(char)[1:-1] if unicodedata.category(char) == "Cc" else char for char in text)
+        text = "".join((repr(char)[1:-1] if unicodedata.category(char) == "Cc" else f"\\u{ord(char):04x}")
+                       if _escaped(char) else char for char in text)
     return text
 
 
