@@ -559,6 +559,37 @@ def test_resuming_from_an_earlier_checkpoint_keeps_the_later_ones(workspace, cap
 
 
 @needs_tiny
+def test_overwriting_an_output_dir_moves_the_earlier_run_aside(workspace, capsys):
+    """Before: `overwrite_output_dir` left the earlier run's checkpoints 2 and 3 beside the new run's 1 (three
+    folders under a limit of 2), `latest` then resumed the replaced run at step 3, the pruning removed the new
+    run's checkpoint, and events.jsonl held both runs back to back."""
+    from longcat_tuner.train.trainer import train
+
+    run_dir, limit = workspace / "overwrite", {"checkpoints_total_limit": 2}
+    train(make_config(workspace, "overwrite", max_train_steps=3, **limit), progress=False)
+    checkpoints = run_dir / "checkpoints"
+    earlier = {path.relative_to(run_dir): path.read_bytes() for path in run_dir.rglob("*")
+               if path.is_file() and path.name != run_lock.LOCK_FILE}
+    assert [s for s, _ in ckpt.list_checkpoints(checkpoints)] == [2, 3] and Path("longcat_lora.safetensors") in earlier
+    capsys.readouterr()
+
+    train(make_config(workspace, "overwrite", max_train_steps=1, overwrite_output_dir=True, **limit), progress=False)
+    aside = [p for p in run_dir.iterdir() if p.name.startswith("superseded-run-")]
+    assert len(aside) == 1 and f"moved, untouched, to {aside[0]}" in capsys.readouterr().out
+    for name, content in earlier.items():  # the earlier run, byte for byte: checkpoints, final files, events
+        assert (aside[0] / name).read_bytes() == content, name
+    assert [s for s, _ in ckpt.list_checkpoints(checkpoints)] == [1]
+    assert [e["start_step"] for e in read_events(run_dir) if e["event"] == "start"] == [0]  # a new events.jsonl
+
+    train(make_config(workspace, "overwrite", max_train_steps=4, resume_from_checkpoint="latest", **limit), progress=False)
+    starts = [e for e in read_events(run_dir) if e["event"] == "start"]
+    assert starts[-1]["resumed_from"] == str(checkpoints / "checkpoint-000001")  # the new run, not the replaced one
+    assert [s for s, _ in ckpt.list_checkpoints(checkpoints)] == [3, 4]
+    assert [p for p in run_dir.iterdir() if p.name.startswith("superseded-run-")] == aside  # resume moves nothing
+    assert [s for s, _ in ckpt.list_checkpoints(aside[0] / "checkpoints")] == [2, 3]  # never pruned
+
+
+@needs_tiny
 def test_second_run_on_a_locked_output_dir_is_refused_and_touches_nothing(workspace):
     from longcat_tuner.train.trainer import train
 

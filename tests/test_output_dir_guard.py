@@ -49,6 +49,31 @@ def test_resume_or_overwrite_go_past_the_guard(tmp_path, tiny_checkpoint):
             train(_config(tmp_path, tiny_checkpoint, **keys), progress=False)
 
 
+def test_overwrite_moves_the_earlier_run_into_a_superseded_folder(tmp_path, tiny_checkpoint):
+    """Before: the earlier run stayed beside the new one, for `latest` to resume and the pruning to mix."""
+    out = tmp_path / "out"
+    _finished_run(out)
+    (out / "events.jsonl").write_text('{"event": "start"}\n')
+    (out / "validation" / "step-000040").mkdir(parents=True)
+    (out / "validation" / "step-000040" / "video.mp4").write_bytes(b"video")
+    (out / "notes.txt").write_text("mine")
+    resume = _config(tmp_path, tiny_checkpoint, overwrite_output_dir=True, resume_from_checkpoint="latest")
+    with pytest.raises(ConfigError, match="missing.json"):  # a resume wins: nothing is moved
+        train(resume, progress=False)
+    assert not [p for p in out.iterdir() if p.name.startswith("superseded-")]
+    with pytest.raises(ConfigError, match="missing.json"):
+        train(_config(tmp_path, tiny_checkpoint, overwrite_output_dir=True), progress=False)
+    [aside] = [p for p in out.iterdir() if p.name.startswith("superseded-run-")]
+    assert (aside / "checkpoints" / ckpt.checkpoint_name(40) / ckpt.COMPLETE_MARKER).is_file()
+    assert (aside / "longcat_lora.safetensors").read_bytes() == b"not touched"
+    assert (aside / "validation" / "step-000040" / "video.mp4").read_bytes() == b"video"
+    assert '"start"' in (aside / "events.jsonl").read_text()
+    assert earlier_outputs(out) == [] and (out / "notes.txt").read_text() == "mine"  # not the run's: left alone
+    with pytest.raises(ConfigError, match="missing.json"):  # again within the second: a folder of its own
+        train(_config(tmp_path, tiny_checkpoint, overwrite_output_dir=True), progress=False)
+    assert len([p for p in out.iterdir() if p.name.startswith("superseded-run-")]) == 2
+
+
 def test_an_empty_or_interrupted_folder_is_fine(tmp_path):
     assert earlier_outputs(tmp_path / "new") == []
     (tmp_path / "out" / "checkpoints" / ".tmp-checkpoint-x").mkdir(parents=True)  # never complete

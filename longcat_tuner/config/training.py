@@ -291,7 +291,8 @@ class TrainConfig(BaseModel):
     )
     overwrite_output_dir: bool = Field(
         False, description="Start from step 0 in an output_dir that holds an earlier run's checkpoints or final "
-        "files (false: such a run is refused, naming resume_from_checkpoint and a fresh folder).",
+        "files; the earlier run is first moved, untouched, into a superseded-run-<date>-<time> folder there "
+        "(false: such a run is refused, naming resume_from_checkpoint and a fresh folder).",
     )
     report_to: Literal["none", "tensorboard"] = Field(
         "none", description="Also log to TensorBoard (needs the tensorboard package)."

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Optional
 
+from longcat_tuner.errors import CheckpointError
+
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# What a run writes into its output_dir (besides its lock): an earlier run's copies are set aside together.
+RUN_FOLDERS = ("checkpoints", "dit", "validation", "tensorboard")
+RUN_FILES = ("events.jsonl",)  # train/events.py EVENTS_FILE; the final weights are the folder's *.safetensors
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
@@ -47,8 +53,41 @@ def earlier_run_problem(run_dir: Path, *, resume_from_checkpoint: Optional[str],
     return (
         f"output_dir {run_dir} already holds an earlier run ({', '.join(found[:4])}); continue it with "
         "--resume_from_checkpoint latest, choose a fresh output_dir, or set overwrite_output_dir: true to "
-        "train from step 0 there (its final files are then replaced)"
+        "train from step 0 there (the earlier run is then moved, untouched, into a superseded-run-<date>-<time> "
+        "folder in it)"
     )
+
+
+def set_aside_earlier_run(run_dir: Path) -> Optional[Path]:
+    """Move what an earlier run left in `run_dir` (checkpoints/, final weights, dit/, validation/, tensorboard/,
+    events.jsonl) into one new `superseded-run-<date>-<time>` folder there, and return it (None when there is
+    nothing). `overwrite_output_dir` starts from step 0: left in place, the earlier checkpoints would be what
+    `latest` resumes and what `checkpoints_total_limit` prunes among the new run's, and its events and validation
+    videos would be appended to or saved over."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    earlier = [run_dir / name for name in RUN_FOLDERS if (run_dir / name).is_dir() and any((run_dir / name).iterdir())]
+    earlier += [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    earlier += sorted(path for path in run_dir.glob("*.safetensors") if path.is_file())
+    if not earlier:
+        return None
+    stamp, number = time.strftime("%Y%m%d-%H%M%S"), 1
+    folder = run_dir / f"superseded-run-{stamp}"
+    while folder.exists():  # two overwrites within a second (the run holds the folder's lock)
+        number += 1
+        folder = run_dir / f"superseded-run-{stamp}-{number}"
+    try:
+        folder.mkdir()
+        for path in earlier:
+            path.rename(folder / path.name)  # the same disk: nothing is copied
+    except OSError as err:
+        raise CheckpointError(
+            f"overwrite_output_dir: moving the earlier run's {', '.join(path.name for path in earlier)} in {run_dir} "
+            f"aside into {folder} failed ({err}); move them out of that folder yourself, choose a fresh output_dir, "
+            "or continue the earlier run with --resume_from_checkpoint latest"
+        ) from None
+    return folder
 
 
 def resume_path_problem(value: Optional[str], checkpoints_dir: Path) -> Optional[str]:

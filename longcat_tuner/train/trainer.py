@@ -43,7 +43,7 @@ from longcat_tuner.generate import SamplingProgress
 from longcat_tuner.runtime.allocator import expandable_in_use, use_default_allocator
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
-from longcat_tuner.train.outputs import checkpoint_weights_problem, earlier_run_problem
+from longcat_tuner.train.outputs import checkpoint_weights_problem, earlier_run_problem, set_aside_earlier_run
 from longcat_tuner.train.distributed import (
     available_host_memory,
     check_resume_strategy,
@@ -400,21 +400,29 @@ def claimed_output_dir(config: TrainConfig, parallel: SingleProcess) -> Iterator
     """The run's hold on `output_dir`, yielding its event log; on the way out (also on errors) the log is
     closed, the lock released and the process group left.
 
-    The writer holds the folder's lock for the whole run, refuses an earlier run's outputs and removes stale
-    checkpoint temporaries; a refusal stops every rank before anything is written there (the other run's
-    events, checkpoints and temporaries stay untouched)."""
+    The writer holds the folder's lock for the whole run, refuses an earlier run's outputs (with
+    `overwrite_output_dir`, moves them into a `superseded-run-*` folder there) and removes stale checkpoint
+    temporaries; a refusal stops every rank before anything is written there (the other run's events,
+    checkpoints and temporaries stay untouched)."""
     run_dir = Path(config.output_dir)
     held: list[run_lock.RunLock] = []
 
-    def claim() -> None:
+    def claim() -> Optional[Path]:
         held.append(run_lock.acquire(run_dir))
         refuse_finished_outputs(config, run_dir)
         ckpt.remove_stale_temporaries(run_dir / "checkpoints")
+        if config.resume_from_checkpoint or not config.overwrite_output_dir:
+            return None
+        # Step 0 again: the earlier run is moved aside, so `latest`, the pruning and the events see this run only.
+        return set_aside_earlier_run(run_dir)
 
     with contextlib.ExitStack() as stack:
         stack.callback(parallel.close)
         stack.callback(lambda: [lock.release() for lock in held])
-        parallel.decide(claim, error=ConfigError)  # the others list checkpoints only after the cleanup
+        aside = parallel.decide(claim, error=ConfigError)  # the others list checkpoints only after the cleanup
+        if aside is not None:
+            parallel.say(f"overwrite_output_dir: this run starts from step 0; the earlier run's outputs (checkpoints, "
+                         f"final weights, validation, events) were moved, untouched, to {aside}")
         tensorboard = run_dir / "tensorboard" if config.report_to == "tensorboard" else None
         events = parallel.event_log(run_dir, tensorboard_dir=tensorboard)
         stack.callback(events.close)
