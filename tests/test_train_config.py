@@ -155,3 +155,12 @@ def test_checkpointed_block_compile_scope_with_keep_attention():
                                     "compile_blocks": True, "gradient_checkpointing_mode": "keep_attention",
                                     "compile_scope": "checkpointed_block"})
     assert config.compile_scope == "checkpointed_block"
+
+
+def test_the_frame_count_hint_says_what_image_to_video_needs():
+    """`sample --image --frames 3` suggested "use 1 or 5", and 1 is then refused for image-to-video."""
+    from longcat_tuner.config.sampling import causal_frame_count_error
+
+    assert causal_frame_count_error(3).endswith("use 1 or 5; image-to-video needs 5 or more")
+    assert causal_frame_count_error(7).endswith("use 5 or 9")
+    assert causal_frame_count_error(9) is None

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from longcat_tuner.config.resolution import parse_resolution
-from longcat_tuner.config.sampling import MAX_FRAMES, causal_frame_count_error
+from longcat_tuner.config.sampling import MAX_FRAMES, MIN_I2V_FRAMES, causal_frame_count_error  # noqa: F401
 from longcat_tuner.config.training import numeric_range, refuse_bool_number
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.fsutil import symlink_loop
@@ -28,9 +28,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Bounds far above real use, so that a typo (`1e10`, `1e9`) is refused up front.
 MAX_REPEATS = 10_000
 MAX_FPS = 240.0
-# Image-to-video keeps the start frame as latent frame 0 (4 pixel frames a latent after the first): 1-4 frames make
-# only that latent and leave nothing to denoise. The dataset rule, `check`'s validation rule and `generate` read it.
-MIN_I2V_FRAMES = 5
 
 
 class VideoSettings(BaseModel):

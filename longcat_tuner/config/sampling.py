@@ -23,12 +23,20 @@ MAX_SEED = 2**63 - 1
 MAX_FRAMES = 4097
 
 
+# Image-to-video keeps the start frame as latent frame 0 (4 pixel frames a latent after the first): 1-4 frames make
+# only that latent and leave nothing to denoise. The dataset rule, `check`'s validation rule, `generate` and the
+# frame-count hint below read it (`config.datasets` re-exports it).
+MIN_I2V_FRAMES = 5
+
+
 def causal_frame_count_error(frames: int) -> Optional[str]:
     """Why `frames` does not fit the causal VAE (1 + 4k frames), or None when it does."""
     if frames >= 1 and (frames - 1) % 4 == 0:
         return None
     lower = max(1, frames - (frames - 1) % 4)
-    return f"{frames} frames: (frames - 1) must be divisible by 4 (causal VAE); use {lower} or {lower + 4}"
+    # 1 frame is a still for text-to-video only.
+    i2v = f"; image-to-video needs {MIN_I2V_FRAMES} or more" if lower < MIN_I2V_FRAMES else ""
+    return f"{frames} frames: (frames - 1) must be divisible by 4 (causal VAE); use {lower} or {lower + 4}{i2v}"
 
 
 def _causal_frames(value: int) -> int:
