@@ -164,3 +164,16 @@ def test_the_frame_count_hint_says_what_image_to_video_needs():
     assert causal_frame_count_error(3).endswith("use 1 or 5; image-to-video needs 5 or more")
     assert causal_frame_count_error(7).endswith("use 5 or 9")
     assert causal_frame_count_error(9) is None
+
+
+def test_null_and_a_string_for_a_list_say_what_to_write():
+    """`output_dir: null` said "Input is not a valid path for <class 'pathlib.Path'>"; a string where a list goes
+    did not say how to write the list."""
+    from longcat_tuner.config.datasets import parse_datasets
+
+    with pytest.raises(ConfigError, match=r"output_dir: null is not allowed here; give a path \(got None\)"):
+        TrainConfig.from_dict({"pretrained_model_name_or_path": "m", "output_dir": None, "data_backend_config": "d"})
+    entries = [{"id": "train", "dataset_type": "video", "is_i2v": True, "instance_data_dir": "clips",
+                "resolution": "32x32", "cache_dir_vae": "c", "conditioning_data": "train-cond"}]
+    with pytest.raises(ConfigError, match=r"conditioning_data': .*write it as a list: \[\"train-cond\"\]"):
+        parse_datasets(entries)

@@ -532,6 +532,18 @@ def _strip_json_comments(text: str) -> str:
     return "".join(out)
 
 
+def plain_type_message(problem: dict[str, Any], message: str) -> str:
+    """Pydantic's message for a wrong type, with the fix where it is plain: null given for a value, or one string
+    given where a list goes (`"conditioning_data": "train-cond"` -> `["train-cond"]`)."""
+    value = problem.get("input")
+    if value is None and problem["type"] != "missing":
+        what = "a path" if problem["type"].startswith("path") else "a value"
+        return f"null is not allowed here; give {what}"
+    if problem["type"] == "list_type" and isinstance(value, str):
+        return f"{message}; write it as a list: [{json.dumps(value)}]"
+    return message
+
+
 def format_validation_error(err: ValidationError, model: type[BaseModel] = TrainConfig, *,
                             command_line: Iterable[str] = ()) -> str:
     """One line per problem: `key: message (got value)`, plus the valid range of a numeric key. A key in
@@ -550,7 +562,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = Train
         if not problem["loc"]:  # a rule across keys: the message names them; the input is the whole file
             lines.append(f"{key}: {message}")
             continue
-        line = f"{key}: {message} (got {problem.get('input')!r})"
+        line = f"{key}: {plain_type_message(problem, message)} (got {problem.get('input')!r})"
         valid = numeric_range(model, problem["loc"])
         if valid and "valid:" not in message:
             line += f"; valid: {valid}"
