@@ -1,6 +1,7 @@
 """Scan, pairing and problems; `check`; cache build, invalidation and resume; the cache-reading dataset."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -364,3 +365,151 @@ def test_captions_longer_than_the_text_encoder_reads_are_named(tmp_path, encoder
     assert warning.path.endswith("long.mp4") and not warning.skipped
     assert f"reads the first {encoders[1].max_length}" in warning.reason
     assert len(index.train) == 2  # still trained on (the first 512 tokens)
+
+
+# --- start frames shared by clip datasets of other sizes ---------------------------------------------------
+def write_shared_start_frames(root: Path, clip_sets: list[tuple[str, str, dict]], cache: dict[str, str] | None = None) -> Path:
+    """Clip datasets (id, clips folder, keys) whose start frames all come from one conditioning dataset `cond`
+    (`root/starts`, cached in `cache/cond`); each clip dataset caches in `cache/<id>` unless `cache` says."""
+    cache = cache or {}
+    datasets = [
+        {"id": dataset_id, "dataset_type": "video", "is_i2v": True, "instance_data_dir": clips,
+         "cache_dir_vae": cache.get(dataset_id, f"cache/{dataset_id}"), "cache_dir_text": "cache/text",
+         "conditioning_data": ["cond"], "video": {"num_frames": 5}, **keys}
+        for dataset_id, clips, keys in clip_sets
+    ]
+    datasets.append({"id": "cond", "dataset_type": "conditioning", "instance_data_dir": "starts", "caption_strategy": None,
+                     "cache_dir_vae": cache.get("cond", "cache/cond")})
+    path = root / "multidatabackend.json"
+    path.write_text(json.dumps(datasets))
+    return path
+
+
+def build_shared(config: Path, encoders):
+    vae = CountingVAE(encoders[0])
+    index = build_caches(config, vae=vae, text_encoder=encoders[1], alignment=16, progress=False, decode_workers=1)
+    return index, vae
+
+
+def assert_start_frames_fit(index) -> None:
+    """What the training step needs: every item's start-frame latent has its clip latents' size."""
+    dataset = CachedVideoDataset(index.train, index.empty_text_path)
+    for position, sample in enumerate(dataset.samples):
+        item = dataset[position]
+        assert item["cond_mean"].shape[2:] == item["latents_mean"].shape[2:], sample.sample_id
+
+
+def test_datasets_of_two_sizes_sharing_start_frames_keep_one_entry_per_size(tmp_path, encoders):
+    # Before: both wrote cache/cond/x.safetensors, the last size won; every `cache` rebuilt the start frames and
+    # training stopped with "start-frame latents (1, 16, 1, 4, 4) do not match clip latents (1, 16, 2, 4, 8)".
+    add_pair(tmp_path, "clips", "starts", "x")
+    config = write_shared_start_frames(tmp_path, [("a", "clips", {"resolution": "32x32"}),
+                                                  ("b", "clips", {"resolution": "32x64"})])
+    assert cli_main(["check", "--data_backend_config", str(config), "--data-only"]) == 0
+    index, vae = build_shared(config, encoders)
+    assert index.report.built == {"clip": 2, "start_frame": 2, "text": 2}
+    assert sorted(vae.calls) == [(1, 32, 32), (1, 32, 64), (5, 32, 32), (5, 32, 64)]
+    by_size = {tmp_path / "cache/cond/32x32/x.safetensors": "32", tmp_path / "cache/cond/32x64/x.safetensors": "64"}
+    for entry, width in by_size.items():
+        assert read_fingerprint(entry)["width"] == width and read_fingerprint(entry)["kind"] == "start_frame"
+    assert {Path(s.cond_path) for s in index.train} == set(by_size)
+    assert_start_frames_fit(index)
+    before = entry_times(tmp_path)
+
+    index, vae = build_shared(config, encoders)  # the next run reuses both sizes
+    assert vae.calls == [] and index.report.built == {"clip": 0, "start_frame": 0, "text": 0}
+    assert index.report.reused == {"clip": 2, "start_frame": 2, "text": 2}
+    assert entry_times(tmp_path) == before
+    dataset = CachedVideoDataset.from_manifests([tmp_path / "cache/a/manifest.json", tmp_path / "cache/b/manifest.json"])
+    assert {(s.bucket, Path(s.cond_path).parent.name) for s in dataset.samples} == {((5, 32, 32), "32x32"), ((5, 32, 64), "32x64")}
+
+    # A start frame of another size (the collision's leftover) is named by the dataset, not by the training step.
+    (tmp_path / "cache/cond/32x64/x.safetensors").write_bytes((tmp_path / "cache/cond/32x32/x.safetensors").read_bytes())
+    wide = [s.sample_id for s in dataset.samples].index("b/x")
+    with pytest.raises(DataError, match=r"sample 'b/x': cached start frame .*32x64/x.safetensors \(16, 1, 4, 4\) does "
+                                        r"not match bucket 5x32x64; rerun `longcat-tuner cache`"):
+        dataset[wide]
+    index, vae = build_shared(config, encoders)  # and `cache` rebuilds it
+    assert vae.calls == [(1, 32, 64)]
+
+
+def test_clip_folders_with_the_same_names_and_one_start_frame_folder(tmp_path, encoders):
+    # data/a/x.mp4 (wide), data/b/x.mp4 (tall) and data/c/x.mp4 (wide) all start from starts/x.png: the tall
+    # bucket needs its own start-frame entry, the two wide ones share one (built once).
+    write_image(tmp_path / "starts/x.png", height=48, width=80)
+    for folder, (height, width) in (("a", (48, 80)), ("b", (80, 48)), ("c", (48, 80))):
+        write_video(tmp_path / f"data/{folder}/x.mp4", frames=18, fps=30, height=height, width=width)
+        (tmp_path / f"data/{folder}/x.txt").write_text(f"clip {folder}")
+    config = write_shared_start_frames(tmp_path, [(name, f"data/{name}", {"resolution": 32}) for name in "abc"])
+    assert cli_main(["check", "--data_backend_config", str(config), "--data-only"]) == 0
+    index, vae = build_shared(config, encoders)
+    assert {s.sample_id: s.bucket for s in index.train} == {"a/x": (5, 32, 64), "b/x": (5, 64, 32), "c/x": (5, 32, 64)}
+    assert index.report.built == {"clip": 3, "start_frame": 2, "text": 4}
+    assert sorted(call for call in vae.calls if call[0] == 1) == [(1, 32, 64), (1, 64, 32)]
+    assert {s.sample_id: Path(s.cond_path).relative_to(tmp_path).as_posix() for s in index.train} == {
+        "a/x": "cache/cond/32x64/x.safetensors", "b/x": "cache/cond/64x32/x.safetensors", "c/x": "cache/cond/32x64/x.safetensors"}
+    assert_start_frames_fit(index)
+
+    index, vae = build_shared(config, encoders)
+    assert vae.calls == [] and index.report.reused == {"clip": 3, "start_frame": 3, "text": 4}
+
+
+def test_start_frame_entries_are_named_by_size_and_crop(tmp_path):
+    from longcat_tuner.data.cache_layout import cache_entry_conflicts, start_frame_entry_path
+
+    add_pair(tmp_path, "clips", "starts", "x")
+    config = write_shared_start_frames(tmp_path, [
+        ("plain", "clips", {"resolution": "32x32"}), ("same", "clips", {"resolution": "32x32"}),
+        ("stretched", "clips", {"resolution": "32x32", "crop": False}),
+        ("random", "clips", {"resolution": "32x32", "crop_style": "random"}),
+        ("odd id/2", "clips", {"resolution": "32x32", "crop_style": "random"}),
+    ])
+    datasets = load_datasets(config)
+    plan = plan_data(datasets, eval_dataset_id=None, alignment=16)
+    paths = {p.dataset.id: start_frame_entry_path(p.dataset, p.samples[0], datasets).relative_to(tmp_path / "cache/cond").as_posix()
+             for p in plan.train}
+    digest = hashlib.sha256(b"odd id/2").hexdigest()[:12]
+    assert paths == {"plain": "32x32/x.safetensors", "same": "32x32/x.safetensors", "stretched": "32x32-stretch/x.safetensors",
+                     "random": "32x32-random-random/x.safetensors", "odd id/2": f"32x32-random-+{digest}/x.safetensors"}
+    assert cache_entry_conflicts(plan, datasets) == []  # "plain" and "same" share one entry of one content
+
+
+def test_start_frames_cached_before_the_size_folders_are_moved_not_rebuilt(tmp_path, encoders):
+    add_pair(tmp_path, "clips", "starts", "x")
+    add_pair(tmp_path, "clips", "starts", "y", caption="another")
+    config = write_shared_start_frames(tmp_path, [("a", "clips", {"resolution": "32x32"})])
+    build_shared(config, encoders)
+    cond = tmp_path / "cache/cond"
+    # The old layout: x's entry as the earlier version wrote it; y's old entry holds another image (a stale one).
+    (cond / "32x32/x.safetensors").replace(cond / "x.safetensors")
+    (cond / "y.safetensors").write_bytes((cond / "x.safetensors").read_bytes())
+    (cond / "32x32/y.safetensors").unlink()
+
+    index, vae = build_shared(config, encoders)
+    assert vae.calls == [(1, 32, 32)]  # y's start frame only: x's entry was its own, moved into 32x32/
+    assert index.report.built["start_frame"] == 1 and index.report.reused["start_frame"] == 1
+    assert not (cond / "x.safetensors").exists() and (cond / "32x32/x.safetensors").is_file()
+    assert (cond / "y.safetensors").is_file()  # not this run's entry: left alone
+    assert read_fingerprint(cond / "32x32/y.safetensors")["source"] == str((tmp_path / "starts/y.png").resolve())
+    assert_start_frames_fit(index)
+
+
+def test_a_cache_folder_inside_another_is_refused_before_any_encoder_loads(tmp_path, capsys):
+    # Clip b/x of dataset "a" (cache/vae) and clip x of dataset "b" (cache/vae/b) are one file: cache/vae/b/x.safetensors.
+    class Untouchable:  # any use (encode, identity, device) fails the test with an AttributeError
+        pass
+
+    add_pair(tmp_path, "data/a", "starts", "b/x")
+    add_pair(tmp_path, "data/b", "starts", "x", caption="another clip")
+    write_video(tmp_path / "data/b/x.mp4", frames=18, fps=30, height=80, width=48)  # another size, too
+    config = write_shared_start_frames(tmp_path, [("a", "data/a", {"resolution": 32}), ("b", "data/b", {"resolution": 32})],
+                                       cache={"a": "cache/vae", "b": "cache/vae/b"})
+    assert cli_main(["check", "--data_backend_config", str(config), "--data-only"]) == 1
+    error = capsys.readouterr().err
+    assert f"cache entry {(tmp_path / 'cache/vae/b/x.safetensors').resolve()} would hold both the clip" in error
+    assert "of dataset 'a' (5x32x64)" in error and "of dataset 'b' (5x64x32)" in error
+    assert "cache_dir_vae of dataset 'b'" in error and "lies inside that of dataset 'a'" in error
+    assert f"not inside another's, in {config}" in error
+    with pytest.raises(DataError, match=r"would hold both .* lies inside that of dataset 'a'"):
+        build_caches(config, vae=Untouchable(), text_encoder=Untouchable(), alignment=16, progress=False)
+    assert not list(tmp_path.rglob("*.safetensors"))

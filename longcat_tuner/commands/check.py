@@ -3,7 +3,8 @@
 Prints, per dataset, the usable items, their buckets, and every skipped file with its reason, and what the
 validation settings will cost; exits non-zero when `train` would stop (bad config, no usable training item,
 empty or missing eval split, a missing or broken model folder, an output_dir or a dataset's cache folder that
-cannot be created or written, an output_dir holding an earlier run without resume or overwrite, a start frame in
+cannot be created or written, a cache entry two items would write (a cache_dir_vae inside another's), an
+output_dir holding an earlier run without resume or overwrite, a start frame in
 another folder than its clip, settings this machine cannot run: block swap
 without CUDA, xformers or bitsandbytes not installed). Start frames are decoded in full, so `check` and
 `train` agree on which are usable; the model folder is checked from its configs and safetensors headers
@@ -312,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.datasets import MIN_I2V_FRAMES, load_datasets
     from longcat_tuner.data.backends import cache_folder_problems, plan_data, plan_summary
     from longcat_tuner.data.buckets import continuation_problem, unbatched_warning
+    from longcat_tuner.data.cache_layout import cache_entry_conflicts
 
     settings = data_settings(args)
     datasets = load_datasets(settings.data_backend_config)
@@ -320,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.data_only:
         summary["model"] = model_summary(settings)
     problems = blocking_problems(summary, settings, data_only=args.data_only) + cache_folder_problems(datasets)
+    problems += cache_entry_conflicts(plan, datasets)  # two items, one cache file: each run would overwrite the other
     if summary.get("model") and not summary["model"]["problems"]:
         problem = patch_problem(plan, Path(settings.model_root))
         problems += [problem] if problem else []

@@ -3,8 +3,10 @@
 Three kinds of entries, each in its own folder:
   * clip: `<clip dataset cache_dir_vae>/<relative path>.safetensors`, tensors `mean`, `std` [16, T, h, w]
     (the VAE posterior of the clip encoded as a video, T = 1 + (F - 1) // 4, normalised latent space);
-  * start frame: `<conditioning dataset cache_dir_vae>/<relative path>.safetensors`, `mean`, `std`
-    [16, 1, h, w] (the image encoded alone as a 1-frame video, cropped to its clip's bucket);
+  * start frame: `<conditioning dataset cache_dir_vae>/<variant>/<relative path>.safetensors`, `mean`, `std`
+    [16, 1, h, w] (the image encoded alone as a 1-frame video, cropped to its clip's bucket); the variant
+    folder is that bucket's `<height>x<width>` (plus the clip dataset's crop when it is not the default), so
+    clip datasets of other sizes that share start frames keep one entry each (`data/cache_layout.py`);
   * text: `<cache_dir_text>/<sha256 of the caption>.safetensors`, `embeds` [512, C], `mask` [512]; the
     empty prompt always has one (caption dropout and CFG negatives use it).
 The posterior is stored (not a sample) so training draws `mean + std * randn` each time it sees the
@@ -34,6 +36,10 @@ import torch
 from longcat_tuner.config.datasets import DatasetConfig, DatasetList, load_datasets
 from longcat_tuner.data.backends import (
     DataPlan, DatasetPlan, PlannedSample, Problem, cache_folder_problems, plan_data, require_usable,
+)
+from longcat_tuner.data.cache_layout import (
+    cache_entry_conflicts, clip_entry_path, clip_settings, legacy_start_frame_path, start_frame_entry_path,
+    start_frame_settings,
 )
 from longcat_tuner.data.images import load_image
 from longcat_tuner.data.video import decode_frames, frames_to_pixels
@@ -178,18 +184,10 @@ def default_cache_dtype(device: Union[str, torch.device]) -> torch.dtype:
 
 # --- fingerprints ----------------------------------------------------------------------------------
 def clip_fingerprint(sample: PlannedSample, vae_identity: str, dtype: torch.dtype) -> dict[str, str]:
-    plan = sample.plan
     return {
         "format_version": FORMAT_VERSION,
-        "kind": "clip" if sample.source.media_type == "video" else "image",
         "model": vae_identity,
-        "height": str(sample.bucket.height),
-        "width": str(sample.bucket.width),
-        "frames": str(sample.bucket.frames),
-        "fps": f"{sample.fps:g}",
-        "frame_indices": hashlib.sha256(",".join(map(str, sample.frame_indices)).encode()).hexdigest()[:16],
-        "crop": f"{sample.crop_style}:{sample.crop_fraction[0]:.6f},{sample.crop_fraction[1]:.6f}:"
-        f"{plan.scaled_height}x{plan.scaled_width}+{plan.top}+{plan.left}",
+        **clip_settings(sample),  # kind, size, frames, fps, frame indices, crop
         "dtype": _dtype_name(dtype),
         **source_stat(sample.source.media_path),
     }
@@ -197,16 +195,10 @@ def clip_fingerprint(sample: PlannedSample, vae_identity: str, dtype: torch.dtyp
 
 def cond_fingerprint(sample: PlannedSample, vae_identity: str, dtype: torch.dtype) -> dict[str, str]:
     assert sample.source.cond_path is not None and sample.cond_plan is not None
-    plan = sample.cond_plan
     return {
         "format_version": FORMAT_VERSION,
-        "kind": "start_frame",
         "model": vae_identity,
-        "height": str(sample.bucket.height),
-        "width": str(sample.bucket.width),
-        "frames": "1",
-        "crop": f"{sample.crop_style}:{sample.crop_fraction[0]:.6f},{sample.crop_fraction[1]:.6f}:"
-        f"{plan.scaled_height}x{plan.scaled_width}+{plan.top}+{plan.left}",
+        **start_frame_settings(sample),  # kind, size, frames, crop
         "dtype": _dtype_name(dtype),
         **source_stat(sample.source.cond_path),
     }
@@ -455,29 +447,49 @@ class _Job:
     sample: PlannedSample
     dataset: DatasetConfig
     latent_path: Path
-    cond_path: Optional[Path]
+    cond_path: Optional[Path]  # <start-frame cache_dir_vae>/<bucket size[-crop]>/<key>.safetensors (cache_layout.py)
     text_path: Path
+    legacy_cond_path: Optional[Path] = None  # where caches before the size folders kept it (moved from there)
     clip_current: bool = False
     cond_current: bool = False
 
 
 def _plan_jobs(plan: DatasetPlan, datasets: DatasetList) -> list[_Job]:
-    jobs = []
-    for sample in plan.samples:
-        source = sample.source
-        cond_path = None
-        if source.cond_dataset_id is not None:
-            cond_path = datasets.by_id(source.cond_dataset_id).cache_dir_vae / f"{source.key}.safetensors"
-        jobs.append(
-            _Job(
-                sample,
-                plan.dataset,
-                plan.dataset.cache_dir_vae / f"{source.key}.safetensors",
-                cond_path,
-                text_cache_path(plan.dataset.text_cache_dir, source.caption),
-            )
+    return [
+        _Job(
+            sample,
+            plan.dataset,
+            clip_entry_path(plan.dataset, sample),
+            start_frame_entry_path(plan.dataset, sample, datasets),
+            text_cache_path(plan.dataset.text_cache_dir, sample.source.caption),
+            legacy_start_frame_path(sample, datasets),
         )
-    return jobs
+        for sample in plan.samples
+    ]
+
+
+def refuse_entry_conflicts(plan: DataPlan, datasets: DatasetList) -> None:
+    """`DataError` naming the cache entries two different items would write (a cache_dir_vae inside another's),
+    before any encoder is loaded; `check` refuses the same (`cache_layout.cache_entry_conflicts`)."""
+    conflicts = cache_entry_conflicts(plan, datasets)
+    if conflicts:
+        raise DataError("; ".join(conflicts))
+
+
+def _adopt_legacy_start_frame(job: _Job, fingerprint: dict[str, str], shapes: Shapes) -> bool:
+    """Move a start-frame entry written before the size folders (`<key>.safetensors` beside them) into its
+    folder when it is exactly this job's entry (fingerprint and shapes); other old entries are left alone and
+    the entry is built."""
+    legacy = job.legacy_cond_path
+    if legacy is None or job.cond_path is None or legacy == job.cond_path or not is_current(legacy, fingerprint, shapes):
+        return False
+    try:
+        job.cond_path.parent.mkdir(parents=True, exist_ok=True)
+        legacy.replace(job.cond_path)
+    except OSError as err:
+        log.warning("could not move the cache entry %s to %s (%s); building it there", legacy, job.cond_path, err)
+        return False
+    return True
 
 
 def _build_text(jobs: list[_Job], text_dirs: set[Path], encoder: LazyEncoder, dtype: torch.dtype, report: CacheReport, *, batch_size: int, progress: bool) -> None:
@@ -538,8 +550,11 @@ def _build_latents(jobs: list[_Job], vae: LazyEncoder, dtype: torch.dtype, repor
             bucket = job.sample.bucket
             job.clip_current = is_current(job.latent_path, clip_fingerprint(job.sample, vae.model_key, dtype),
                                           latent_shapes(bucket.frames, bucket.height, bucket.width))
-            job.cond_current = job.cond_path is None or is_current(
-                job.cond_path, cond_fingerprint(job.sample, vae.model_key, dtype), latent_shapes(1, bucket.height, bucket.width))
+            if job.cond_path is None:
+                job.cond_current = True
+                continue
+            fingerprint, shapes = cond_fingerprint(job.sample, vae.model_key, dtype), latent_shapes(1, bucket.height, bucket.width)
+            job.cond_current = is_current(job.cond_path, fingerprint, shapes) or _adopt_legacy_start_frame(job, fingerprint, shapes)
 
     refresh()
     if any(not (j.clip_current and j.cond_current) for j in jobs) and not vae.loaded:
@@ -558,6 +573,7 @@ def _build_latents(jobs: list[_Job], vae: LazyEncoder, dtype: torch.dtype, repor
         return frames, start
 
     failed: set[int] = set()
+    written: set[Path] = set()  # start frames built in this run: clip datasets of one size share them
     with _progress(len(todo), "VAE latents", progress, "clip") as bar, _fast_convolutions(vae if todo else None):
         for job, result in _prefetch(todo, decode, decode_workers):
             try:
@@ -569,9 +585,12 @@ def _build_latents(jobs: list[_Job], vae: LazyEncoder, dtype: torch.dtype, repor
                     mean, std = vae.get().encode_posterior(frames_to_pixels(frames, device))
                     write_entry(job.latent_path, {"mean": mean[0].to(dtype), "std": std[0].to(dtype)}, clip_fingerprint(job.sample, vae.model_key, dtype))
                     report.built["clip"] += 1
-                if start is not None:
+                if start is not None and job.cond_path in written:
+                    report.reused["start_frame"] += 1  # one entry per path holds one content (cache_entry_conflicts)
+                elif start is not None:
                     mean, std = vae.get().encode_posterior(frames_to_pixels(start, device))
                     write_entry(job.cond_path, {"mean": mean[0].to(dtype), "std": std[0].to(dtype)}, cond_fingerprint(job.sample, vae.model_key, dtype))
+                    written.add(job.cond_path)
                     report.built["start_frame"] += 1
             except CacheWriteError:  # the disk, not this sample: stop the build, keep what is finished
                 raise
@@ -641,6 +660,7 @@ def build_latent_cache(
 ) -> CacheReport:
     """Only the VAE stage of `cache_plan` (clips and start frames; no text): what `bench/bench_cache.py` times."""
     report = CacheReport()
+    refuse_entry_conflicts(plan, datasets)
     jobs = [job for dataset_plan in plan.all_plans for job in _plan_jobs(dataset_plan, datasets)]
     _build_latents(jobs, vae, dtype, report, progress=progress, decode_workers=decode_workers)
     return report
@@ -660,11 +680,13 @@ def cache_plan(
     """Build every stale entry of `plan` (text first, then VAE latents) and write the manifests."""
     started = time.perf_counter()
     report = CacheReport()
+    refuse_entry_conflicts(plan, datasets)
     train_jobs = [job for dataset_plan in plan.train for job in _plan_jobs(dataset_plan, datasets)]
     eval_jobs = _plan_jobs(plan.eval, datasets) if plan.eval is not None else []
     all_jobs = train_jobs + eval_jobs
     text_dirs = {dataset_plan.dataset.text_cache_dir for dataset_plan in plan.all_plans}
-    for folder in {j.latent_path.parent for j in all_jobs} | {j.cond_path.parent for j in all_jobs if j.cond_path} | text_dirs:
+    cond_dirs = {p.parent for j in all_jobs for p in (j.cond_path, j.legacy_cond_path) if p is not None}
+    for folder in {j.latent_path.parent for j in all_jobs} | cond_dirs | text_dirs:
         remove_stale_temporaries(folder)
     _build_text(all_jobs, text_dirs, text_encoder, dtype, report, batch_size=text_batch_size, progress=progress)
     text_encoder.release()  # the VAE stage does not need it; free its memory first

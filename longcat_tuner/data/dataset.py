@@ -69,6 +69,11 @@ class CachedVideoDataset(torch.utils.data.Dataset):
                 f"sample '{sample.sample_id}': cached latents {tuple(latents['mean'].shape)} do not match bucket "
                 f"{frames}x{height}x{width}; rerun `longcat-tuner cache`"
             )
+        if cond is not None and tuple(cond["mean"].shape[1:]) != (1, *expected[1:]):
+            raise DataError(
+                f"sample '{sample.sample_id}': cached start frame {sample.cond_path} {tuple(cond['mean'].shape)} does not "
+                f"match bucket {frames}x{height}x{width}; rerun `longcat-tuner cache`"
+            )
         return {
             "latents_mean": latents["mean"],
             "latents_std": latents["std"],
