@@ -307,20 +307,21 @@ def test_official_file_fits_the_official_loader_with_one_rank(tiny_checkpoint, t
     save_file(tensors, str(tmp_path / "kijai.safetensors"))
     out_path = lf.convert_lora_file(tmp_path / "kijai.safetensors", tmp_path / "official.safetensors", "official")
     dim = int(_header(out_path)["lora_network_dim"])
-    assert dim == 5  # q, k, v as the 3 blocks of attn.qkv, each as wide as its own rank, padded to the widest
+    assert dim == 10  # the merged qkv adapter: 2 + 3 + 5, scales folded into its up
     _assert_official_loader_shapes(_tensors(out_path), dim)
     adapters, _ = lf.read_lora_file(out_path)
     assert float((adapters["blocks.0.attn.qkv"].delta() - want).abs().max()) <= 1e-6
 
 
 def _assert_official_loader_shapes(official: dict[str, torch.Tensor], dim: int) -> None:
-    """The module shapes LongCat's lora_utils builds (and loads strictly): a fused layer as `fused_parts` blocks
-    (its table of the model, not what the file says) of rank `dim`, every other layer one up matrix."""
+    """The module shapes LongCat's lora_utils builds and then loads strictly: rank `dim` for every layer (the
+    `lora_network_dim` given at load), and as many up blocks as the file has `lora_up.blocks.*` keys for that
+    layer (it counts them: `n_seperate`), else one up matrix; nothing else in the file."""
     downs = [key for key in official if key.endswith(".lora_down.weight")]
     assert downs
     for key in downs:
         base = key[: -len(".lora_down.weight")]
-        n = lf.fused_parts(base[len(lf.OFFICIAL_PREFIX):].replace(lf.OFFICIAL_SEP, "."))
+        n = sum(k.startswith(base + ".lora_up.blocks.") for k in official) or 1
         assert official[key].shape[0] == n * dim, key
         ups = [official.pop(f"{base}.lora_up.blocks.{j}.weight") for j in range(n)] if n > 1 \
             else [official.pop(f"{base}.lora_up.weight")]
@@ -439,8 +440,7 @@ def test_wan_lora_of_another_size_is_refused(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("fmt", lf.LORA_FILE_FORMATS)
 def test_peer_files_convert_to_every_format(tmp_path, kind, fmt):
     """PEFT, DiffSynth and musubi train one adapter on attn.qkv / kv_linear. Converting such a file to the
-    ComfyUI layout failed to write (q, k and v shared the one down matrix: safetensors refuses shared tensors),
-    and the official file held a single up matrix where LongCat's loader builds the layer's blocks."""
+    ComfyUI layout failed to write: q, k and v shared the one down matrix, and safetensors refuses shared tensors."""
     tensors, header, want = _foreign(kind, torch.Generator().manual_seed(3))
     source = tmp_path / f"{kind}.safetensors"
     save_file(tensors, str(source), metadata=header or None)

@@ -251,29 +251,6 @@ def _as_block_diagonal(adapter: Adapter, parts: int) -> Adapter:
     return Adapter(adapter.down, [up[j * rows : (j + 1) * rows, j * r : (j + 1) * r] for j in range(parts)], adapter.scale)
 
 
-def _as_parts(adapter: Adapter, parts: int) -> Adapter:
-    """The same delta as `parts` blocks on the diagonal (the official layout of a fused layer).
-
-    Block j is the rows j of the up matrix; it reads only the down rows those rows use (an adapter merged from
-    per-projection files uses one slice of its rank per block), and blocks narrower than the widest are padded
-    with zeros. Exact: only products with zero are left out. An adapter already in `parts` blocks, or whose
-    output does not split evenly (a LoRA for another size), is returned as it is."""
-    if parts == 1 or adapter.parts == parts or adapter.parts != 1 or adapter.out_features % parts:
-        return adapter
-    downs, ups = [], []
-    for j in range(parts):
-        down, up = adapter.row_slice(j, parts)
-        used = up.ne(0).any(dim=0)
-        if not bool(used.any()):
-            used[0] = True  # an all-zero block keeps rank 1
-        downs.append(down[used])
-        ups.append(up[:, used])
-    rank = max(d.shape[0] for d in downs)
-    downs = [torch.cat([d, d.new_zeros(rank - d.shape[0], d.shape[1])]) for d in downs]
-    ups = [torch.cat([u, u.new_zeros(u.shape[0], rank - u.shape[1])], dim=1) for u in ups]
-    return Adapter(torch.cat(downs), ups, adapter.scale)
-
-
 def _merge_slices(pieces: dict[Optional[int], Adapter], n: int, path: str, source: str) -> Adapter:
     """One adapter on the fused layer `path` from adapters on its row slices (and/or on the whole layer)."""
     if set(pieces) == {None}:
@@ -562,9 +539,8 @@ def format_tensors(adapters: dict[str, Adapter], format: str) -> tuple[dict[str,
     header: dict[str, str] = {}
     items = sorted(adapters.items(), key=lambda kv: _sort_key(kv[0]))
     if format == "official":
-        # LongCat's loader builds a fused layer (attn.qkv, kv_linear, the modulations) as its blocks and loads
-        # strictly: a single adapter there (as PEFT, DiffSynth or musubi train qkv) is written as those blocks.
-        items = [(path, _as_parts(adapter, fused_parts(path))) for path, adapter in items]
+        # LongCat's loader counts a layer's `lora_up.blocks.*` keys to build it, so a single adapter on a fused
+        # layer (as PEFT, DiffSynth or musubi train attn.qkv) is written as one `lora_up.weight` and loads as is.
         rank = max(a.rank for _, a in items)
         header["lora_network_dim"] = str(rank)
         for path, adapter in items:
