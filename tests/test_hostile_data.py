@@ -521,3 +521,14 @@ def test_a_right_to_left_override_in_a_name_is_shown_escaped():
     problem = Problem("train", "clips/clip\u202egnp.mp4", "caption file clip\u202egnp.txt is missing")
     assert problem.path == "clips/clip\\u202egnp.mp4" and "clip\\u202egnp.txt" in problem.reason
     assert Problem("train", "clips/café\u0301.mp4", "ok").path == "clips/café\u0301.mp4"  # letters stay as they are
+
+
+def test_names_that_differ_only_in_unicode_form_are_told_apart_in_the_report(tmp_path, capsys):
+    """Two files `café.mp4` (composed, decomposed) in one folder were reported as "same name as café.mp4": two
+    names that look identical, with no hint why."""
+    decomposed, composed = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
+    add_pair(tmp_path, composed)
+    write_video(tmp_path / "clips" / f"{decomposed}.mp4", frames=6, fps=15, height=32, width=32)
+    code, out, _ = check(capsys, write_backend(tmp_path))
+    assert code == 0 and "1 usable" in out
+    assert "the two names differ only in Unicode form" in out

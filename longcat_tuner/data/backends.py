@@ -185,8 +185,12 @@ def scan_media(root: Path, extensions: tuple[str, ...], dataset_id: str, *,
     found: dict[str, Path] = {}
     for key, path, _ in (chosen[p] for p in sorted(chosen)):
         if key in found:
+            other = found[key]
+            twin = other.stem != path.stem and unicodedata.normalize("NFC", other.stem) == unicodedata.normalize("NFC", path.stem)
+            why = (" (the two names differ only in Unicode form: one stores accents as separate characters, as macOS "
+                   "writes them; they look the same)") if twin else ""
             problems.append(
-                Problem(dataset_id, str(path), f"same name as {found[key].name}; rename one of them (kept {found[key].name})")
+                Problem(dataset_id, str(path), f"same name as {other.name}{why}; rename one of them (kept {other.name})")
             )
             continue
         found[key] = path
