@@ -559,3 +559,20 @@ def test_bucket_sizes_the_checkpoints_patch_cannot_take_are_named(tmp_path):
         (model / "dit" / "config.json").write_text(json.dumps(config.to_dict()))
         problem = patch_problem(plan, model)
         assert (problem is None) if expected is None else (expected in problem and "'train'" in problem), problem
+
+
+def test_text_to_video_eval_samples_with_a_resolution_class_are_refused_by_check(tmp_path, workspace, capsys):
+    """An eval split without start frames and `validation_resolution: 480p` passed check; train then stopped after
+    loading the model ("eval sample ... has no start frame, so validation_resolution must be HEIGHTxWIDTH")."""
+    datasets = [d for d in json.loads((workspace / "multidatabackend.json").read_text()) if d["id"] != "val-cond"]
+    for entry in datasets:
+        if entry["id"] == "val":
+            entry.pop("conditioning_data", None)
+            entry["is_i2v"] = False
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(datasets))
+    backend = str(tmp_path / "multidatabackend.json")
+    code, _, err = check(write_config(tmp_path, workspace, data_backend_config=backend, validation_resolution="32p"), capsys)
+    assert code == 1 and "has no start frame, so validation_resolution must be HEIGHTxWIDTH" in err, err
+    code, _, err = check(write_config(tmp_path / "b", workspace, data_backend_config=backend,
+                                      validation_resolution="32x32"), capsys)
+    assert code == 0, err

@@ -309,6 +309,23 @@ def model_summary(settings: DataSettings) -> Optional[dict]:
     return inspect_model(root, lora_rank=settings.lora_rank, lora_targets=settings.lora_targets).to_dict()
 
 
+def eval_size_problem(config: Any, plan: Any) -> Optional[str]:
+    """Why validation cannot size a video, as `train` finds after loading the model: a validated eval sample
+    without a start frame (text-to-video) and a `validation_resolution` class (480p), which follows a start
+    frame's aspect. The validated samples are the eval split's first `validation_max_samples`, in cache order."""
+    from longcat_tuner.config.resolution import parse_resolution
+
+    if not config.validation_using_datasets or plan.eval is None:
+        return None
+    if isinstance(parse_resolution(config.validation_resolution), tuple):
+        return None
+    for sample in plan.eval.samples[: config.validation_max_samples]:
+        if sample.source.cond_path is None:
+            return (f"eval sample {sample.source.media_path} has no start frame, so validation_resolution must be "
+                    f"HEIGHTxWIDTH (e.g. 480x832), not '{config.validation_resolution}', which follows a start frame's aspect")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.datasets import MIN_I2V_FRAMES, load_datasets
     from longcat_tuner.data.backends import cache_folder_problems, plan_data, plan_summary
@@ -343,6 +360,8 @@ def run(args: argparse.Namespace) -> int:
                 f"validation_num_video_frames {frames}: image-to-video validation needs at least {MIN_I2V_FRAMES} "
                 f"frames (the start frame is the first latent frame); set it to {MIN_I2V_FRAMES} or more"
             )
+        problem = eval_size_problem(settings.config, plan)
+        problems += [problem] if problem else []
         summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])
     largest = largest_batch_group(plan)
     if 0 < largest < settings.train_batch_size:
