@@ -158,27 +158,18 @@ def test_a_clip_of_absurd_aspect_is_refused_in_check_not_failed_in_the_scaler(tm
 
 
 # --- file names ------------------------------------------------------------------------------------
-def test_a_decomposed_unicode_name_pairs_with_its_composed_start_frame(tmp_path, capsys):
-    # macOS writes "café" as "cafe" + combining accent; the same name typed on Linux or Windows is composed.
+@pytest.mark.parametrize("caption_form", ["NFD", "NFC"])
+def test_a_decomposed_unicode_name_pairs_with_its_composed_start_frame_and_caption(tmp_path, capsys, caption_form):
+    # macOS writes "café" as "cafe" + combining accent; the same name typed on Linux or Windows is composed. The
+    # start frame paired in either form; a caption in the other form than its clip was reported missing.
     decomposed, composed = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
     write_video(tmp_path / "clips" / f"{decomposed}.mp4", frames=6, fps=15, height=32, width=32)
-    (tmp_path / "clips" / f"{decomposed}.txt").write_text("a cup")
+    (tmp_path / "clips" / f"{unicodedata.normalize(caption_form, 'café')}.txt").write_text("a cup")
     write_image(tmp_path / "starts" / f"{composed}.png", height=32, width=32)
     plan = plan_data(load_datasets(write_backend(tmp_path)), eval_dataset_id=None, alignment=16)
-    assert [s.source.key for s in plan.train_samples] == [composed] and not plan.train[0].problems
-    assert not plan.conditioning_problems
-
-
-def test_a_caption_whose_name_is_stored_in_another_unicode_form_is_found(tmp_path, capsys):
-    # The clip stored decomposed (macOS), its caption and start frame composed: the start frame paired, the
-    # caption was reported missing although it sat right beside the clip.
-    decomposed, composed = unicodedata.normalize("NFD", "über"), unicodedata.normalize("NFC", "über")
-    write_video(tmp_path / "clips" / f"{decomposed}.mp4", frames=6, fps=15, height=32, width=32)
-    (tmp_path / "clips" / f"{composed}.txt").write_text("a dog runs")
-    write_image(tmp_path / "starts" / f"{composed}.png", height=32, width=32)
-    plan = plan_data(load_datasets(write_backend(tmp_path)), eval_dataset_id=None, alignment=16)
+    assert [s.source.key for s in plan.train_samples] == [composed]
     assert not plan.train[0].problems, [str(p) for p in plan.train[0].problems]
-    assert [s.source.caption for s in plan.train_samples] == ["a dog runs"]
+    assert [s.source.caption for s in plan.train_samples] == ["a cup"] and not plan.conditioning_problems
 
 
 def test_a_name_too_long_for_its_cache_entry_is_skipped_by_name_in_check(tmp_path, capsys):

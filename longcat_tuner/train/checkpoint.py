@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from longcat_tuner.errors import CheckpointError
 from longcat_tuner.fsutil import is_write_error, shareable, write_failure
 from longcat_tuner.train.outputs import (  # torch-free, shared with `check`
-    CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints, resume_path_problem,
+    CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints, move_aside, resume_path_problem,
 )
 
 WEIGHTS_FILE = CHECKPOINT_WEIGHTS_FILE
@@ -174,18 +174,11 @@ def set_aside_newer_checkpoints(checkpoints_dir: Path, step: int) -> Optional[Pa
     newer = [path for saved, path in list_checkpoints(checkpoints_dir) if saved > step]
     if not newer:
         return None
-    folder = Path(checkpoints_dir) / f"superseded-after-{checkpoint_name(step)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        folder.mkdir()
-        for path in newer:
-            path.rename(folder / path.name)  # the same disk: nothing is copied
-    except OSError as err:
-        raise CheckpointError(
-            f"resuming from step {step} would save over the later checkpoints {', '.join(p.name for p in newer)} in "
-            f"{checkpoints_dir}, and moving them aside into {folder} failed ({err}); move them out of that folder "
-            "yourself, or resume into another output_dir"
-        ) from None
-    return folder
+    return move_aside(
+        newer, Path(checkpoints_dir), f"superseded-after-{checkpoint_name(step)}-{time.strftime('%Y%m%d-%H%M%S')}",
+        reason=f"resuming from step {step} would save over the later checkpoints in {checkpoints_dir}",
+        fix="move them out of that folder yourself, or resume into another output_dir",
+    )
 
 
 class NonFiniteWeightsError(CheckpointError):

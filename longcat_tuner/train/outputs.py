@@ -72,21 +72,29 @@ def set_aside_earlier_run(run_dir: Path) -> Optional[Path]:
     earlier += sorted(path for path in run_dir.glob("*.safetensors") if path.is_file())
     if not earlier:
         return None
-    stamp, number = time.strftime("%Y%m%d-%H%M%S"), 1
-    folder = run_dir / f"superseded-run-{stamp}"
-    while folder.exists():  # two overwrites within a second (the run holds the folder's lock)
+    return move_aside(
+        earlier, run_dir, f"superseded-run-{time.strftime('%Y%m%d-%H%M%S')}",
+        reason=f"overwrite_output_dir starts a new run in {run_dir}",
+        fix="move them out of that folder yourself, choose a fresh output_dir, or continue the earlier run with "
+            "--resume_from_checkpoint latest",
+    )
+
+
+def move_aside(paths: list[Path], parent: Path, name: str, *, reason: str, fix: str) -> Path:
+    """Move `paths` into a new folder `parent/name` (`name-2`, ... when that exists: two runs within a second) and
+    return it; on one disk they are renamed, never copied. A failure is a `CheckpointError` saying `reason`, what
+    could not be moved where, and `fix`."""
+    folder, number = Path(parent) / name, 1
+    while folder.exists():
         number += 1
-        folder = run_dir / f"superseded-run-{stamp}-{number}"
+        folder = Path(parent) / f"{name}-{number}"
     try:
         folder.mkdir()
-        for path in earlier:
-            path.rename(folder / path.name)  # the same disk: nothing is copied
+        for path in paths:
+            path.rename(folder / path.name)
     except OSError as err:
-        raise CheckpointError(
-            f"overwrite_output_dir: moving the earlier run's {', '.join(path.name for path in earlier)} in {run_dir} "
-            f"aside into {folder} failed ({err}); move them out of that folder yourself, choose a fresh output_dir, "
-            "or continue the earlier run with --resume_from_checkpoint latest"
-        ) from None
+        raise CheckpointError(f"{reason}, and moving {', '.join(p.name for p in paths)} aside into {folder} failed "
+                              f"({err}); {fix}") from None
     return folder
 
 
