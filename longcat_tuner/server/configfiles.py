@@ -6,8 +6,12 @@ path the files imply, defaults included, must lie inside the allowed folders (`s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, Field, ValidationError
 
 from longcat_tuner.config.datasets import DatasetConfig, parse_datasets
-from longcat_tuner.config.training import PATH_FIELDS, TrainConfig, resolve_paths
+from longcat_tuner.config.training import PATH_FIELDS, TrainConfig, plain_type_message, read_json, resolve_paths
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.fsutil import atomic_file
 from longcat_tuner.server import security
@@ -37,6 +41,8 @@ def error_list(err: ValidationError, prefix: tuple[Any, ...] = ()) -> list[dict[
             message = "unknown key; remove it or fix the spelling"
         elif problem["type"] == "missing":
             message = "required"
+        else:  # the CLI's wording: `null is not allowed here; give a path`, a string where a list goes
+            message = plain_type_message(problem, message)
         items.append({"loc": list(prefix) + [str(p) for p in problem["loc"]], "msg": message})
     return items
 
@@ -159,14 +165,58 @@ def launch_files(
 
 
 def write_json(path: Path, data: Any) -> None:
-    with atomic_file(path, suffix=".tmp") as partial:
+    """Write `path` atomically through a temporary of its own (`<name>.tmp<pid>-<random>`): concurrent writers
+    never share a temporary file, so none renames another's half-written file or finds its own gone."""
+    with atomic_file(path, suffix=f".tmp{os.getpid()}-{secrets.token_hex(4)}") as partial:
         partial.write_text(json.dumps(data, indent=2) + "\n")
 
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: the thread lock alone
+    fcntl = None  # type: ignore[assignment]
+
+CONFIG_LOCK_NAME = ".config.lock"
+
+
+@contextlib.contextmanager
+def config_files_lock(thread_lock: threading.Lock, folder: Path) -> Any:
+    """Hold while the saved config pair (config.json + multidatabackend.json) is written or read as one unit:
+    `thread_lock` for this server's worker threads, and a `fcntl.flock` on `<folder>/.config.lock` for another
+    server process on the same data folder (where flock is available)."""
+    with thread_lock:
+        if fcntl is None:
+            yield
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / CONFIG_LOCK_NAME, "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def read_json_file(path: Path, default: Any) -> Any:
-    if not path.is_file():
-        return default
+    """A JSON file read as the CLI reads it (`config.training.read_json`: UTF-8 with or without a byte-order mark,
+    `//` comments, a repeated key refused); `default` when it does not exist. A file that exists but cannot be
+    read (not UTF-8, broken JSON, empty, a folder) is a 422 naming the file and the problem, never `default`:
+    the page would show an empty form and a save would overwrite the user's file."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        if not path.exists() and not path.is_symlink():
+            return default
+        return read_json(path)
+    except ConfigError as err:
+        message = str(err) if str(path) in str(err) else f"{path}: {err}"
+        raise HTTPException(422, f"cannot read the saved file {message} (fix or remove it)") from None
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte
+        raise HTTPException(422, f"cannot read {path}: {err}") from None
+
+
+def read_report(path: Path, default: Any) -> Any:
+    """A JSON file a job writes (the check report): `default` when it is missing, empty or torn (a job that
+    crashed before writing it)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return default

@@ -15,9 +15,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 
-from longcat_tuner.server.configfiles import launch_files, read_json_file
+from longcat_tuner.server.configfiles import config_files_lock, launch_files, read_json_file
 from longcat_tuner.server.jobs import Job, JobStore
 from longcat_tuner.server.settings import ServerSettings
+
+MAX_JOB_ID = 64
 
 
 @dataclass
@@ -28,6 +30,8 @@ class ServerState:
     store: JobStore
     # Starting a job (check, run, preview) holds this lock from the "is it busy" test to the start.
     launching: threading.Lock = field(default_factory=threading.Lock)
+    # The saved config pair is written (and read) as one unit under this lock (`config_files`).
+    config_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def create(cls, settings: ServerSettings) -> "ServerState":
@@ -46,15 +50,27 @@ class ServerState:
     def uploads(self) -> Path:
         return self.data_dir / "uploads"
 
+    def config_files(self):  # type: ignore[no-untyped-def]
+        """A context that holds the config pair's lock (this server's threads and, through a lock file beside
+        the files, another server process on the same data folder)."""
+        return config_files_lock(self.config_lock, self.settings.config_path.parent)
+
     def job(self, kind: str, job_id: str) -> Job:
-        """The job, or 404 naming the id (ids are checked before they touch the file system)."""
-        job = self.store.get(kind, job_id) if re.fullmatch(r"[0-9A-Za-z_-]+", job_id) else None
+        """The job, or 404 naming the id (ids are checked before they touch the file system: at most
+        MAX_JOB_ID characters of letters, digits, `-` and `_`; the server's own ids are 22)."""
+        valid = len(job_id) <= MAX_JOB_ID and re.fullmatch(r"[0-9A-Za-z_-]+", job_id)
+        try:
+            job = self.store.get(kind, job_id) if valid else None
+        except (OSError, ValueError, KeyError, TypeError):  # a job.json torn by a crash or unreadable
+            job = None
         if job is None:
-            raise HTTPException(404, f"no {kind} with id {job_id!r}")
+            shown = job_id if len(job_id) <= 80 else job_id[:40] + "..."
+            raise HTTPException(404, f"no {kind} with id {shown!r}")
         return job
 
     def stop(self, kind: str, job_id: str) -> Job:
-        """Send SIGTERM to a job's process; 409 when it is not running."""
+        """Send SIGTERM to a job's process; 409 when it is not running. A second stop while the first is being
+        handled (stop requested, process alive) sends nothing and answers the same `stopping` status."""
         job = self.job(kind, job_id)
         if not self.store.stop(job):
             raise HTTPException(409, f"{kind} {job_id} is not running")
@@ -70,6 +86,10 @@ class ServerState:
 
     def saved_config(self) -> dict[str, Any]:
         """The config saved from the Config page (409 before the first save)."""
+        with self.config_files():
+            return self._read_saved_config()
+
+    def _read_saved_config(self) -> dict[str, Any]:
         path = self.settings.config_path
         if not path.is_file():
             raise HTTPException(409, "no saved config yet: fill the Config page and press Save")
@@ -81,8 +101,10 @@ class ServerState:
     def saved_files(self) -> tuple[dict[str, Any], list[Any]]:
         """The saved config and datasets, paths absolute and every implied path checked (403 otherwise)."""
         settings = self.settings
+        with self.config_files():  # both files from one save
+            config, datasets = self._read_saved_config(), read_json_file(settings.datasets_path, [])
         return launch_files(
-            settings, self.saved_config(), read_json_file(settings.datasets_path, []),
+            settings, config, datasets,
             config_dir=settings.config_path.parent, datasets_dir=settings.datasets_path.parent,
         )  # fmt: skip
 

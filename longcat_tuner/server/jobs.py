@@ -129,6 +129,7 @@ class JobStore:
         self.cli = list(cli) if cli else cli_command()
         self._processes: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        self._stop_lock = threading.Lock()  # a stop's check-and-signal, so two requests send one SIGTERM
 
     def new_folder(self, kind: str) -> tuple[str, Path]:
         job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
@@ -228,13 +229,24 @@ class JobStore:
         return pid_alive(job.pid, job.start_ticks)
 
     def stop(self, job: Job) -> bool:
-        """SIGTERM: the trainer then writes a resumable checkpoint and an `end` event."""
-        if not self.alive(job):
-            return False
-        os.kill(job.pid, signal.SIGTERM)
-        job.stop_requested = time.time()
-        self.save(job)
-        return True
+        """SIGTERM: the trainer then writes a resumable checkpoint and an `end` event. False when the process
+        is not running. Sent once: while a stop is already requested (by this or another request) and the
+        process is alive, nothing is sent again (a second SIGTERM would interrupt the checkpoint being written)
+        and the answer is True, as for the first stop."""
+        with self._stop_lock:
+            if not self.alive(job):
+                return False
+            if job.stop_requested is None:  # another request may have stopped it since `job` was read
+                try:
+                    job.stop_requested = json.loads((job.folder / JOB_FILE).read_text()).get("stop_requested")
+                except (OSError, ValueError, AttributeError):
+                    pass
+            if job.stop_requested is not None:
+                return True  # already stopping
+            os.kill(job.pid, signal.SIGTERM)
+            job.stop_requested = time.time()
+            self.save(job)
+            return True
 
     def wait(self, job: Job, timeout: float) -> bool:
         deadline = time.time() + timeout

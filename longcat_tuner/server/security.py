@@ -88,7 +88,16 @@ def resolve_inside(path: str | Path, roots: Iterable[Path], *, what: str = "path
     text = str(path)
     if not text or "\x00" in text:
         raise GuardError(400, f"{what}: empty or invalid path")
-    resolved = Path(text).expanduser().resolve()
+    too_long = path_too_long(text)
+    if too_long:
+        raise GuardError(400, f"{what}: {too_long}")
+    try:
+        resolved = Path(text).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, a name the file system refuses
+        raise GuardError(400, f"{what} {text[:200]!r} cannot be resolved ({err})") from None
+    too_long = path_too_long(str(resolved))  # `..` or a symlink may lengthen it
+    if too_long:
+        raise GuardError(400, f"{what}: {too_long}")
     root_list = [Path(root).resolve() for root in roots]
     for root in root_list:
         if resolved == root or resolved.is_relative_to(root):
@@ -98,6 +107,22 @@ def resolve_inside(path: str | Path, roots: Iterable[Path], *, what: str = "path
         f"{what} {text!r} resolves to {resolved}, outside the folders this server may use "
         f"({', '.join(map(str, root_list))}); restart the server with --allow-dir for that folder",
     )
+
+
+# Longest path and file name the file system takes (Linux: PATH_MAX 4096 with the NUL, NAME_MAX 255 bytes).
+MAX_PATH_BYTES = 4095
+MAX_NAME_BYTES = 255
+
+
+def path_too_long(text: str) -> str | None:
+    """Why a path is longer than the file system takes (it would fail with ENAMETOOLONG), or None."""
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) > MAX_PATH_BYTES:
+        return f"path too long ({len(data)} bytes; at most {MAX_PATH_BYTES})"
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in text.split("/")), default=0)
+    if longest > MAX_NAME_BYTES:
+        return f"a file or folder name in the path is too long ({longest} bytes; at most {MAX_NAME_BYTES})"
+    return None
 
 
 def child_path(base: Path, relative: str, *, what: str = "file") -> Path:

@@ -48,11 +48,20 @@ async def schema() -> dict[str, Any]:
 
 @router.get("/api/config")
 def get_config(state: StateDep) -> dict[str, Any]:
+    """The saved files; a file that exists but cannot be read (not UTF-8, broken JSON) is a 422 naming it
+    and the problem, never an empty form (a save would then overwrite it)."""
     settings = state.settings
+    with state.config_files():  # both files from one save
+        config = read_json_file(settings.config_path, {})
+        datasets = read_json_file(settings.datasets_path, [])
+        saved = settings.config_path.is_file()
+    if not isinstance(config, dict):
+        raise HTTPException(422, f"cannot read the saved file {settings.config_path}: it is not a JSON object of "
+                                 "settings (fix or remove it)")  # fmt: skip
     return {
-        "config": read_json_file(settings.config_path, {}),
-        "datasets": read_json_file(settings.datasets_path, []),
-        "saved": settings.config_path.is_file(),
+        "config": config,
+        "datasets": datasets,
+        "saved": saved,
         "config_path": str(settings.config_path),
         "datasets_path": str(settings.datasets_path),
     }
@@ -96,6 +105,7 @@ def save_config(body: ConfigBody, state: StateDep) -> JSONResponse:
     config, datasets, errors = validate_files(settings, body)
     if errors:
         return JSONResponse({"valid": False, "errors": errors}, status_code=422)
-    write_json(settings.datasets_path, datasets)
-    write_json(settings.config_path, config)
+    with state.config_files():  # the pair as one unit: a concurrent save writes both before or after this one
+        write_json(settings.datasets_path, datasets)
+        write_json(settings.config_path, config)
     return JSONResponse({"valid": True, "config_path": str(settings.config_path), "datasets_path": str(settings.datasets_path)})

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from longcat_tuner.data.images import open_image
 from longcat_tuner.errors import DataError
 from longcat_tuner.server import security
-from longcat_tuner.server.configfiles import read_json_file
+from longcat_tuner.server.configfiles import read_report
 from longcat_tuner.server.deps import ServerState, StateDep
 from longcat_tuner.server.jobs import Job, tail_lines
 
@@ -37,7 +37,7 @@ def start_check(state: StateDep) -> dict[str, Any]:
 
 def check_summary(state: ServerState, job: Job) -> dict[str, Any]:
     alive = state.store.alive(job)
-    report = read_json_file(Path(job.extra["report"]), None) if not alive else None
+    report = read_report(Path(job.extra["report"]), None) if not alive else None
     # Exit code 1 with a report means "checked, training could not start" (report.blocking says why).
     status = state.job_status(job, alive=alive, produced=isinstance(report, dict) and "datasets" in report)
     return {"id": job.id, "status": status, "returncode": job.returncode, "report": report, "log": tail_lines(job.log_path, 200)}

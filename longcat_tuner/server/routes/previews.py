@@ -34,6 +34,7 @@ router = APIRouter()
 MULTIPART_OVERHEAD = 64 * 1024
 # Preview bounds: the sampler needs (frames - 1) % 4 == 0 and sides divisible by 16.
 MAX_PREVIEW_FRAMES = 257
+MIN_PREVIEW_FRAMES = 5  # the start frame plus one latent frame of motion: what image-to-video needs
 MAX_PREVIEW_SIDE = 2048
 MAX_PREVIEW_PIXELS = 1280 * 1280  # 720x1280 (720p) fits
 MAX_PROMPT_CHARS = 4000
@@ -63,6 +64,16 @@ class PreviewBody(BaseModel):
         description="16-step distilled preview (guidance 1) with the checkpoint's official lora/cfg_step_lora.safetensors; "
         "steps and guidance are then ignored.",
     )
+
+    @field_validator("frames")
+    @classmethod
+    def _video_frames(cls, value: int) -> int:
+        if value < MIN_PREVIEW_FRAMES:  # `sample` would start, load the model, then fail
+            raise ValueError(
+                f"a preview starts from its start frame, and image-to-video needs at least {MIN_PREVIEW_FRAMES} frames "
+                f"(1 + 4k: 5, 9, ..., 93); got {value}"
+            )
+        return value
 
     @field_validator("prompt")
     @classmethod

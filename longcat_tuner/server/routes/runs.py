@@ -229,7 +229,10 @@ def run_log(run_id: str, state: StateDep, lines: int = 200) -> dict[str, Any]:
 def run_file(run_id: str, relative: str, state: StateDep) -> FileResponse:
     job = state.job("run", run_id)
     digest = run_digest(find_events_file(job), job)
-    file = security.child_path(run_dir_of(job, digest.events), relative, what="run file")
+    # The run folder comes from the events file (anyone who can write it can name any folder): it must
+    # itself lie inside the allowed folders before anything in it is served.
+    run_dir = security.resolve_inside(run_dir_of(job, digest.events), state.settings.roots, what="run folder")
+    file = security.child_path(run_dir, relative, what="run file")
     if not file.is_file():
         raise HTTPException(404, f"{relative} does not exist in run {run_id}")
     return FileResponse(file, media_type=MEDIA_TYPES.get(file.suffix.lower()))

@@ -378,6 +378,12 @@ async function loadConfigPage() {
   for (const key of ["frames", "steps", "guidance", "resolution", "seed"]) {
     $(`#preview-${key}`).value = schema.sampling.properties[key].default;
   }
+  if (saved.detail) { // a saved file the server cannot read: say so, and do not offer to overwrite it
+    banner(detailText(saved.detail));
+    setSaveState("the saved config cannot be read: fix the file, then reload", "bad");
+    for (const button of document.querySelectorAll(".save-config")) button.disabled = true;
+    return;
+  }
   $("#config-path").textContent = saved.config_path;
   $("#datasets-path").textContent = saved.datasets_path;
   buildConfigForm(saved.config || {});
@@ -482,6 +488,7 @@ async function startRun() {
 }
 
 async function stopRun() {
+  $("#run-stop").disabled = true; // one SIGTERM: a second would interrupt the checkpoint being written
   try { await api("POST", `/api/runs/${live.id}/stop`); } catch (err) { banner(err.message); }
 }
 
