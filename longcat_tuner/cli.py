@@ -7,6 +7,7 @@ are imported lazily so `longcat-tuner --help` stays fast and the server never im
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -69,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except LongcatError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A path the file system refuses as too long (`OSError: [Errno 36]`) where no flag check caught it first
+        # (a path inside config.json): one line, as other bad paths, not a traceback.
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        from longcat_tuner.commands.argtypes import shown_path
+
+        print(f"error: {shown_path(str(err.filename))} is too long for the file system; give a shorter path",
+              file=sys.stderr)
         return 2
 
 

@@ -70,6 +70,21 @@ def test_bad_sizes_are_clear_errors(tiny_checkpoint, tmp_path, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--model", "--output"])
+def test_an_over_long_path_is_one_line_naming_the_flag(tiny_checkpoint, tmp_path, monkeypatch, capsys, flag):
+    # Before: `OSError: [Errno 36] File name too long` as a traceback (exit 1).
+    from longcat_tuner.cli import main
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # `sample` sets it
+    paths = {"--model": str(tiny_checkpoint), "--output": str(tmp_path / "y.mp4")}
+    paths[flag] = str(tmp_path / ("x" * 300)) + (".mp4" if flag == "--output" else "")
+    argv = ["sample", "--prompt", "x", "--frames", "5", "--steps", "1", "--resolution", "64x64"]
+    assert main(argv + ["--model", paths["--model"], "--output", paths["--output"]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} ") and "too long for the file system" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 @pytest.mark.parametrize("precision", ["int8-quanto", "fp8-compute"])
 def test_sample_with_8bit_weights_and_a_lora(tiny_checkpoint, tmp_path, precision):
     out = tmp_path / "q.mp4"

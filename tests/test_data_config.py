@@ -102,3 +102,12 @@ def test_relative_paths_resolve_against_the_file_and_comments_are_allowed(tmp_pa
     assert dataset.text_cache_dir == tmp_path / "cache/text"
     with pytest.raises(ConfigError, match="does not exist; create it with `cp config/multidatabackend.json.example"):
         load_datasets(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("key", ["instance_data_dir", "cache_dir_text"])
+@pytest.mark.parametrize("value, shown", [(True, "true"), (5, "5"), (["a", "b"], '["a", "b"]')])
+def test_a_dataset_path_key_that_is_not_a_string_is_refused(tmp_path, key, value, shown):
+    entry = {"id": "clips", "dataset_type": "video", "instance_data_dir": "media", "cache_dir_vae": "cache/clips", key: value}
+    (tmp_path / "multidatabackend.json").write_text(json.dumps([entry]))
+    with pytest.raises(ConfigError, match=re.escape(f"key '{key}': expected a path (a string), not {shown}")):
+        load_datasets(tmp_path / "multidatabackend.json")

@@ -308,6 +308,51 @@ def test_cache_command_builds_then_reuses_without_loading_models(tmp_path, monke
     assert "built 0 clips, 0 start frames, 0 captions; reused 1 / 1 / 2" in capsys.readouterr().out
 
 
+def test_sigterm_stops_the_cache_command_like_ctrl_c_and_keeps_finished_entries(tmp_path, encoders):
+    # SIGTERM used to end `cache` silently (exit 143); now it prints `interrupted` and exits 130, as SIGINT does.
+    for key in ("a", "b", "c"):
+        add_pair(tmp_path, "clips", "starts", key, caption=f"clip {key}")
+    config = write_config(tmp_path, eval_split=False)
+    script = (
+        "import sys, time\n"
+        "from longcat_tuner.encoders import VideoVAE\n"
+        "encode = VideoVAE.encode_posterior\n"
+        "def slow(self, pixels):\n"
+        "    out = encode(self, pixels)\n"
+        "    time.sleep(0.7)\n"
+        "    return out\n"
+        "VideoVAE.encode_posterior = slow\n"
+        "from longcat_tuner.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["cache", "--data_backend_config", str(config), "--model", str(TINY), "--eval_dataset_id", "none",
+            "--aspect_bucket_alignment", "16", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len([p for p in (tmp_path / "cache").rglob("*.safetensors")
+                                              if "text" not in p.parts]) < 2:
+            assert process.poll() is None, f"the build ended before it could be stopped: {process.communicate()}"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted"
+    done = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors") if "text" not in p.parts}
+    assert 2 <= len(done) < 6, "stop the build midway (3 clips + 3 start frames)"
+
+    vae = CountingVAE(encoders[0])
+    build_caches(config, vae=vae, text_encoder=encoders[1], eval_dataset_id=None, alignment=16, progress=False,
+                 decode_workers=1)
+    assert len(vae.calls) == 6 - len(done)  # the finished entries are kept, not redone
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in done.items())
+
+
 def test_image_dataset_and_caption_strategies(tmp_path):
     write_image(tmp_path / "photos/a_red_bar.jpg", height=40, width=80, exif_orientation=6)  # displayed 80x40
     write_video(tmp_path / "clips/some_clip.mp4", frames=12, fps=30, height=48, width=80)

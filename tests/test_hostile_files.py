@@ -180,17 +180,52 @@ def test_sample_reads_lora_files_before_loading_models(tiny_checkpoint, tmp_path
 def test_export_lora_never_replaces_a_file_unless_told(tiny_checkpoint, tmp_path, capsys):
     source = tmp_path / "mine.safetensors"
     source.write_bytes((tiny_checkpoint / "lora" / "tiny_lora.safetensors").read_bytes())
-    kept = tmp_path / "notes.txt"
+    kept = tmp_path / "kept.safetensors"
     kept.write_text("keep me")
     assert main(["export-lora", str(source), str(kept)]) == 2
     assert "already exists" in capsys.readouterr().err and kept.read_text() == "keep me"
     before = source.read_bytes()
     assert main(["export-lora", str(source), str(source), "--format", "wan2gp"]) == 2
-    assert "it is the input file" in capsys.readouterr().err and source.read_bytes() == before
+    assert "is the input file" in capsys.readouterr().err and source.read_bytes() == before
     assert main(["export-lora", str(source), str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert main(["export-lora", str(source), str(kept), "--overwrite"]) == 0
     assert set(lf.read_lora_file(kept)[0]) == set(lf.read_lora_file(source)[0])
+
+
+def test_export_lora_refuses_its_input_as_output_even_with_overwrite(tiny_checkpoint, tmp_path, capsys):
+    # Before: `export-lora IN IN --overwrite` replaced the input with another layout under the same name.
+    source = tmp_path / "mine.safetensors"
+    source.write_bytes((tiny_checkpoint / "lora" / "tiny_lora.safetensors").read_bytes())
+    (tmp_path / "link.safetensors").symlink_to(source)
+    before = source.read_bytes()
+    for same in (str(source), str(tmp_path / "." / "mine.safetensors"), str(tmp_path / "link.safetensors")):
+        assert main(["export-lora", str(source), same, "--format", "wan2gp", "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "is the input file" in err and "give another OUTPUT" in err
+    assert source.read_bytes() == before
+
+
+def test_export_lora_writes_only_a_safetensors_name(tiny_checkpoint, tmp_path, capsys):
+    source = str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")
+    for name in ("a.txt", "a", "a.safetensors.bak"):
+        assert main(["export-lora", source, str(tmp_path / name)]) == 2
+        assert "must end in .safetensors" in capsys.readouterr().err
+        assert not (tmp_path / name).exists()
+    assert main(["export-lora", source, str(tmp_path / "a.SafeTensors")]) == 0  # the case of the suffix is free
+
+
+@pytest.mark.parametrize("which", ["export-lora INPUT", "export-lora OUTPUT", "plan --config"])
+def test_export_lora_and_plan_name_an_over_long_path(tiny_checkpoint, tmp_path, capsys, which):
+    long = str(tmp_path / ("x" * 300))
+    lora = str(tiny_checkpoint / "lora" / "tiny_lora.safetensors")
+    argv = {"export-lora INPUT": ["export-lora", long + ".safetensors", str(tmp_path / "out.safetensors")],
+            "export-lora OUTPUT": ["export-lora", lora, long + ".safetensors"],
+            "plan --config": ["plan", "--config", long + ".json"]}[which]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {which.split()[1]} ") and "too long for the file system" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def _config(tmp_path, **extra):

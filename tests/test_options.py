@@ -88,6 +88,13 @@ def test_web_preview_defaults_are_the_sampling_section(tmp_path):
         assert "value=" not in tag[: tag.index(">")], key
 
 
+@pytest.mark.parametrize("bad", ["99999x99999", "99999x832", "480x8192", "0x832"])
+def test_a_size_out_of_range_names_the_limit_too(bad):
+    # Before: `99999x99999` only said "divisible by 16" (99999 is not), not that sides stop at 4096.
+    with pytest.raises(ValueError, match=r"divisible by 16 and lie in 16\.\.4096"):
+        parse_resolution(bad)
+
+
 def test_one_resolution_parser():
     assert parse_resolution("480x832") == (480, 832)
     assert parse_resolution("480p") == parse_resolution("480") == parse_resolution(480) == 480

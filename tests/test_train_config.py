@@ -91,6 +91,17 @@ def test_missing_path_says_to_add_it():
         TrainConfig.from_dict({"pretrained_model_name_or_path": "m", "data_backend_config": "d"})
 
 
+@pytest.mark.parametrize("key", ["output_dir", "pretrained_model_name_or_path", "init_lora"])
+@pytest.mark.parametrize("value, shown", [(True, "true"), (5, "5"), (["a", "b"], '["a", "b"]')])
+def test_a_path_key_that_is_not_a_string_is_refused_not_made_a_folder_name(tmp_path, key, value, shown):
+    # `"output_dir": true` used to pass `check` and `train` wrote into a folder named `True`.
+    data = {"pretrained_model_name_or_path": "m", "output_dir": "o", "data_backend_config": "d.json", key: value}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: expected a path (a string), not {shown}")):
+        TrainConfig.from_file(path)
+
+
 def test_jsonc_comments_and_cli_overrides(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{\n // comment\n "pretrained_model_name_or_path": "http://x//y", /* c */ "output_dir": "o",\n'

@@ -24,3 +24,15 @@ def test_demo_trains_and_reports_its_outputs(tmp_path, capsys):
 
     config = TrainConfig.from_file(tmp_path / "demo" / "config.json")
     assert config.pretrained_model_name_or_path == tmp_path / "demo" / "model"
+
+
+@pytest.mark.parametrize("steps", ["0", "-5", "two"])
+def test_demo_refuses_a_step_count_below_one_before_writing_anything(tmp_path, capsys, steps):
+    from longcat_tuner.cli import main
+
+    folder = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", str(folder), "--steps", steps, "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "--steps" in capsys.readouterr().err
+    assert not folder.exists()  # 0 used to write the whole demo (15 MB), then refuse max_train_steps

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
-from typing import Callable, Optional
+import os
+from typing import Callable, Optional, Union
+
+from longcat_tuner.errors import ConfigError
 
 
 def bounded_int(low: int, high: Optional[int] = None) -> Callable[[str], int]:
@@ -43,3 +47,34 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
     return value
+
+
+def shown_path(text: str, limit: int = 80) -> str:
+    """`text`, its middle elided when longer than `limit` (a 300-character name stays one readable line)."""
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-(limit // 2 - 3):]}"
+
+
+def path_too_long(text: Union[str, "os.PathLike[str]"]) -> Optional[str]:
+    """Why the file system cannot take `text` as a path (a name in it longer than the file system allows, or the
+    whole path over PATH_MAX), or None. Asked of the file system itself (`lstat` answers ENAMETOOLONG)."""
+    text = os.fspath(text)
+    try:
+        os.lstat(text)
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            longest = max((len(part.encode()) for part in text.split(os.sep)), default=0)
+            return (f"{shown_path(text)} is too long for the file system (a name of {longest} bytes in a path of "
+                    f"{len(text.encode())}; names are at most 255 bytes on most file systems); give a shorter one")
+    except (ValueError, TypeError):  # a NUL byte: not ours to judge here
+        return None
+    return None
+
+
+def refuse_long_path(flag: str, value: Union[str, "os.PathLike[str]", None]) -> None:
+    """A `ConfigError` naming `flag` (exit 2, one line) for a path the file system refuses as too long, instead
+    of the `OSError: [Errno 36] File name too long` traceback of the first `exists()` on it."""
+    if value is None:
+        return
+    problem = path_too_long(value)
+    if problem:
+        raise ConfigError(f"{flag} {problem}")

@@ -6,14 +6,41 @@ Only entries whose fingerprint changed are rebuilt; an interrupted build resumes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
+from typing import Any, Iterator
 
 from longcat_tuner.commands.argtypes import bounded_int
 from longcat_tuner.commands.check import add_data_arguments, data_settings, format_summary
 from longcat_tuner.errors import ConfigError
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the build as Ctrl-C does (`KeyboardInterrupt`: the CLI prints `interrupted`, exit 130, as
+    `train` does for either signal); finished entries are kept either way. Without it a `kill` ended the process
+    silently (exit 143). The previous handler is restored on exit."""
+    def handle(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: signals stay with the caller
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
+    with sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from longcat_tuner.runtime.allocator import use_default_allocator
 
     use_default_allocator()  # before CUDA starts (runtime/allocator.py)

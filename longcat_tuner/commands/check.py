@@ -52,6 +52,9 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
     values: dict = {}
     overrides = {key: getattr(args, key) for key in DATA_KEYS if hasattr(args, key)}
     if args.config is not None:
+        from longcat_tuner.commands.argtypes import refuse_long_path
+
+        refuse_long_path("--config", args.config)  # one line naming the flag, not an OSError traceback
         config = TrainConfig.from_file(args.config, overrides=overrides)
         values = {
             "data_backend_config": config.data_backend_config,

@@ -33,7 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("folder", nargs="?", type=Path, default=Path("demo_output"), help="where to put everything (default: demo_output in the current "
                         "folder; rerunning into it starts afresh)")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps to train (default: 40)")
+    from longcat_tuner.commands.argtypes import bounded_int
+    from longcat_tuner.config.training import MAX_STEPS
+
+    # Refused by argparse, before anything is written (0 used to write the whole demo, then fail max_train_steps).
+    parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=40,
+                        help="optimizer steps to train, at least 1 (default: 40)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (the libraries' included)")
     parser.set_defaults(func=run)
 

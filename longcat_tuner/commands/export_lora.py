@@ -7,8 +7,10 @@ exact splitting/merging rules live in `longcat_tuner.model.lora_formats`; this m
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from longcat_tuner.commands.argtypes import refuse_long_path
 from longcat_tuner.errors import ConfigError, LongcatError
 from longcat_tuner.model.lora_names import LORA_FILE_FORMATS
 
@@ -31,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         + ". `comfyui` is accepted for comfyui-wanvideowrapper.",
     )
     parser.add_argument("input", type=Path, help="LoRA .safetensors file to convert")
-    parser.add_argument("output", type=Path, help="where to write the converted file")
+    parser.add_argument("output", type=Path, help="where to write the converted file: a .safetensors name other than INPUT")
     parser.add_argument(
         "--format", choices=LORA_FILE_FORMATS + ("comfyui",), default="comfyui-wanvideowrapper",
         help="output layout (default: comfyui-wanvideowrapper)",
@@ -47,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from longcat_tuner.fsutil import is_write_error, write_failure
 
     name = resolve_format(args.format)
-    check_output(args.input, args.output, overwrite=args.overwrite)
+    refuse_long_path("INPUT", args.input)  # one line naming the argument, not an OSError traceback
+    refuse_long_path("OUTPUT", args.output)
+    check_output(args.input, args.output, overwrite=args.overwrite, format=name)
     try:
         path = convert_lora_file(args.input, args.output, format=name)
     except Exception as err:  # the disk filled up: name the file and the cause (no partial file is left)
@@ -69,19 +73,37 @@ def convert_lora_file(source: Path, target: Path, *, format: str) -> Path:
     return convert(source, target, format)
 
 
-def check_output(source: Path, target: Path, *, overwrite: bool) -> None:
-    """Refuse an OUTPUT that is a folder, lies under a file or in a folder that cannot be written, or an existing
-    file (the input itself included) without --overwrite."""
+def same_file(source: Path, target: Path) -> bool:
+    """True when `target` names `source` (after resolving links and `..`; a hard link counts too)."""
+    try:
+        if Path(source).exists() and Path(target).exists() and os.path.samefile(source, target):
+            return True
+        return Path(target).resolve() == Path(source).resolve()
+    except OSError:
+        return False
+
+
+def check_output(source: Path, target: Path, *, overwrite: bool, format: str = "comfyui-wanvideowrapper") -> None:
+    """Refuse an OUTPUT that is a folder, lies under a file or in a folder that cannot be written, is not a
+    .safetensors name, is the input file itself (even with --overwrite: the input would be replaced by another
+    layout under its own name), or is an existing file without --overwrite."""
     from longcat_tuner.fsutil import folder_problem
 
+    suggestion = Path(source).stem + f"_{format}.safetensors"
     if target.is_dir():
-        raise ConfigError(f"output {target} is a folder; give a file name, e.g. {target / (Path(source).stem + '_converted.safetensors')}")
+        raise ConfigError(f"output {target} is a folder; give a file name, e.g. {target / suggestion}")
+    if target.suffix.lower() != ".safetensors":
+        try:
+            example = target.with_suffix(".safetensors")
+        except ValueError:  # no name to put a suffix on
+            example = Path(suggestion)
+        raise ConfigError(f"output {target} must end in .safetensors (the file is a safetensors LoRA), e.g. {example}")
+    if same_file(source, target):
+        raise ConfigError(f"output {target} is the input file; converting in place would replace it with the "
+                          f"{format} layout under the same name: give another OUTPUT, e.g. "
+                          f"{Path(source).with_name(suggestion)}")
     problem = folder_problem(target.parent, "the folder of OUTPUT", "the command line")
     if problem:
         raise ConfigError(problem)
     if target.exists() and not overwrite:
-        same = source.exists() and target.resolve() == Path(source).resolve()
-        raise ConfigError(
-            f"output {target} already exists{' (it is the input file)' if same else ''}; choose another name, or "
-            "pass --overwrite to replace it"
-        )
+        raise ConfigError(f"output {target} already exists; choose another name, or pass --overwrite to replace it")

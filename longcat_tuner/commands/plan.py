@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from longcat_tuner.commands.argtypes import positive_float
+from longcat_tuner.commands.argtypes import positive_float, refuse_long_path
 from longcat_tuner.config.sampling import add_sampling_arguments
 from longcat_tuner.config.training import add_config_arguments
 from longcat_tuner.errors import ConfigError
@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from longcat_tuner.config.training import TrainConfig, config_overrides
     from longcat_tuner.runtime.planner import format_plan
 
+    refuse_long_path("--config", args.config)  # one line naming the flag, not an OSError traceback
     config = TrainConfig.from_file(args.config, overrides=config_overrides(args))
     resolution, frames = args.resolution, args.frames
     if resolution is None and frames is None:

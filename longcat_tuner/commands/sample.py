@@ -8,7 +8,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from longcat_tuner.commands.argtypes import bounded_int, finite_float, positive_float
+from longcat_tuner.commands.argtypes import bounded_int, finite_float, positive_float, refuse_long_path
 from longcat_tuner.config.sampling import add_sampling_arguments
 
 COMPILE_MODES = ("auto", "on", "off")
@@ -100,6 +100,9 @@ def _sample(args: argparse.Namespace, ctx) -> int:
 
     from longcat_tuner.model.inspect import require_intact_model
 
+    for flag, value in [("--model", args.model), ("--output", args.output), ("--image", args.image),
+                        *(("--lora", lora) for lora in args.lora)]:
+        refuse_long_path(flag, value)  # a 300-character name: one line naming the flag, not an OSError traceback
     check_video_output(args.output, overwrite=args.overwrite)  # before minutes of work, not when it is written
     loras = read_sampling_loras(args)  # a bad LoRA file is named before minutes of model loading
     # A wrong --model, a missing component or a damaged config or tokenizer file, named as `check` names them,

@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         from longcat_tuner.commands import quiet_library_progress
 
         quiet_library_progress()
+    from longcat_tuner.commands.argtypes import refuse_long_path
+
+    refuse_long_path("--config", args.config)  # one line naming the flag, not an OSError traceback
     overrides = config_overrides(args)
     config = TrainConfig.from_file(args.config, overrides=overrides)
     result = train(config, progress=not args.no_progress)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from longcat_tuner.config.resolution import parse_resolution
 from longcat_tuner.config.sampling import MAX_FRAMES, MIN_I2V_FRAMES, causal_frame_count_error  # noqa: F401
-from longcat_tuner.config.training import numeric_range, plain_type_message, refuse_bool_number
+from longcat_tuner.config.training import numeric_range, plain_type_message, refuse_bool_number, refuse_non_path
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.fsutil import symlink_loop
 
@@ -138,6 +138,11 @@ class DatasetConfig(BaseModel):
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         return refuse_bool_number(cls, info.field_name, value)
+
+    @field_validator("instance_data_dir", "cache_dir_vae", "cache_dir_text", mode="before")
+    @classmethod
+    def _path_is_a_string(cls, value: Any) -> Any:
+        return refuse_non_path(value)  # `true`, 5, a list: "expected a path (a string)", not pydantic's wording
 
     @field_validator("instance_data_dir", "cache_dir_vae", mode="before")
     @classmethod

@@ -39,10 +39,10 @@ def parse_resolution(value: Union[int, str]) -> Union[int, tuple[int, int]]:
             raise ValueError(f"{resolution} is not a multiple of 16; use {lower} or {lower + 16}")
         return resolution
     height, width = int(match.group(1)), int(match.group(2))
-    if height % 16 or width % 16:
-        raise ValueError(f"{height}x{width}: height and width must be divisible by 16 (e.g. 480x832)")
-    if not (16 <= height <= MAX_RESOLUTION and 16 <= width <= MAX_RESOLUTION):
-        raise ValueError(f"{height}x{width}: height and width must lie in 16..{MAX_RESOLUTION} (e.g. 480x832)")
+    if height % 16 or width % 16 or not (16 <= height <= MAX_RESOLUTION and 16 <= width <= MAX_RESOLUTION):
+        # Both rules at once: `99999x99999` learns the size limit too, not only the divisibility.
+        raise ValueError(f"{height}x{width}: height and width must be divisible by 16 and lie in 16..{MAX_RESOLUTION} "
+                         "(e.g. 480x832)")
     return height, width
 
 

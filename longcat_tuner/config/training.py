@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -305,6 +306,12 @@ class TrainConfig(BaseModel):
         # JSON `true` would otherwise pass as 1 for every int key (`max_train_steps: true` ran 1 step).
         return refuse_bool_number(cls, info.field_name, value)
 
+    @field_validator(*PATH_FIELDS, mode="before")
+    @classmethod
+    def _path_is_a_string(cls, value: Any) -> Any:
+        # `"output_dir": true` (or 5, or a list) would otherwise become a folder named `True`.
+        return refuse_non_path(value)
+
     @field_validator("pretrained_model_name_or_path", "data_backend_config", "output_dir", mode="before")
     @classmethod
     def _path_not_blank(cls, value: Any) -> Any:
@@ -442,6 +449,8 @@ def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_F
         value = data.get(key)
         if value is None or (isinstance(value, str) and not value.strip()) or (key == "resume_from_checkpoint" and value == "latest"):
             continue  # (a blank path is refused or unset by the schema, not made the config's folder)
+        if not isinstance(value, (str, os.PathLike)):
+            continue  # `true`, 5, a list: refused by the schema (`refuse_non_path`), never made a folder name
         candidate = Path(str(value)).expanduser()
         data[key] = str(candidate if candidate.is_absolute() else (base / candidate))
     return data
@@ -579,6 +588,18 @@ def _numeric_kind(annotation: Any) -> Optional[type]:
     if annotation is bool:
         return None
     return annotation if annotation in (int, float) else None
+
+
+def refuse_non_path(value: Any) -> Any:
+    """A path key holds a string (or a Path, from Python): JSON `true`, a number or a list is refused, not turned
+    into a folder named `True` / `5`. None passes (an unset optional path; a required one is refused as null)."""
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return value
+    try:
+        shown = json.dumps(value)
+    except (TypeError, ValueError):
+        shown = repr(value)
+    raise ValueError(f"expected a path (a string), not {shown}")
 
 
 def refuse_bool_number(model: type[BaseModel], name: Optional[str], value: Any) -> Any:
