@@ -16,31 +16,16 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart", reason="python-multipart (the server extra) is needed for uploads")
-from fastapi import FastAPI  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from longcat_tuner.server import jobs  # noqa: E402
 from longcat_tuner.server.configfiles import ConfigBody  # noqa: E402
-from longcat_tuner.server.deps import ServerState, get_state  # noqa: E402
-from longcat_tuner.server.guard import add_error_handlers  # noqa: E402
+from longcat_tuner.server.deps import ServerState  # noqa: E402
 from longcat_tuner.server.jobs import Job  # noqa: E402
 from longcat_tuner.server.routes import config, datasets, previews, runs  # noqa: E402
-from longcat_tuner.server.settings import ServerSettings  # noqa: E402
+from test_server_routes import mount  # noqa: E402  (routers on a bare app with its own state)
 
 
-def mount(routers, tmp_path: Path, **overrides) -> tuple[TestClient, ServerState]:
-    work = tmp_path / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    settings = ServerSettings(**{"token": "unused", "data_dir": tmp_path / "data", "allowed_roots": (work,),
-                                 "cwd": work, **overrides})  # fmt: skip
-    state = ServerState.create(settings)
-    app = FastAPI()
-    add_error_handlers(app)
-    for router in routers:
-        app.include_router(router)
-    app.dependency_overrides[get_state] = lambda: state
-    return TestClient(app), state
 
 
 def config_body(work: Path, marker: int) -> dict:

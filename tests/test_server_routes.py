@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def mount(router, tmp_path: Path, **overrides) -> tuple[TestClient, ServerState]:
-    """One router on a bare app whose state is made here (the real `create_app` is not involved)."""
+    """One router (or a list of them) on a bare app whose state is made here (the real `create_app` is not
+    involved)."""
     work = tmp_path / "work"
     work.mkdir(parents=True, exist_ok=True)
     settings = ServerSettings(**{"token": "unused", "data_dir": tmp_path / "data", "allowed_roots": (work,),
@@ -39,7 +40,8 @@ def mount(router, tmp_path: Path, **overrides) -> tuple[TestClient, ServerState]
     state = ServerState.create(settings)
     app = FastAPI()
     add_error_handlers(app)  # a GuardError (path outside the allowed folders) answers 403, as in the full app
-    app.include_router(router)
+    for one in router if isinstance(router, (list, tuple)) else [router]:
+        app.include_router(one)
     app.dependency_overrides[get_state] = lambda: state
     return TestClient(app), state
 
