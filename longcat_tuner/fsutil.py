@@ -111,6 +111,24 @@ def folder_problem(folder: Path, name: str, where: str) -> Optional[str]:
     return None
 
 
+# Longest path and file name Linux file systems take (PATH_MAX 4096 with the NUL, NAME_MAX 255 bytes).
+MAX_PATH_BYTES = 4095
+MAX_NAME_BYTES = 255
+
+
+def path_too_long(text: Union[str, Path]) -> Optional[str]:
+    """Why a path is longer than the file system takes (opening it would fail with ENAMETOOLONG), or None.
+    Judged from its bytes alone, without touching the file system (the web UI asks this of untrusted input)."""
+    text = os.fspath(text)
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) > MAX_PATH_BYTES:
+        return f"path too long ({len(data)} bytes; at most {MAX_PATH_BYTES})"
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in text.split(os.sep)), default=0)
+    if longest > MAX_NAME_BYTES:
+        return f"a file or folder name in the path is too long ({longest} bytes; at most {MAX_NAME_BYTES})"
+    return None
+
+
 def _umask() -> int:
     """This process's umask, read without changing it (os.umask sets it too, which races with other threads)."""
     try:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import os
 from typing import Callable, Optional, Union
 
 from longcat_tuner.errors import ConfigError
+from longcat_tuner.fsutil import path_too_long
 
 
 def bounded_int(low: int, high: Optional[int] = None) -> Callable[[str], int]:
@@ -54,22 +54,6 @@ def shown_path(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-(limit // 2 - 3):]}"
 
 
-def path_too_long(text: Union[str, "os.PathLike[str]"]) -> Optional[str]:
-    """Why the file system cannot take `text` as a path (a name in it longer than the file system allows, or the
-    whole path over PATH_MAX), or None. Asked of the file system itself (`lstat` answers ENAMETOOLONG)."""
-    text = os.fspath(text)
-    try:
-        os.lstat(text)
-    except OSError as err:
-        if err.errno == errno.ENAMETOOLONG:
-            longest = max((len(part.encode()) for part in text.split(os.sep)), default=0)
-            return (f"{shown_path(text)} is too long for the file system (a name of {longest} bytes in a path of "
-                    f"{len(text.encode())}; names are at most 255 bytes on most file systems); give a shorter one")
-    except (ValueError, TypeError):  # a NUL byte: not ours to judge here
-        return None
-    return None
-
-
 def refuse_long_path(flag: str, value: Union[str, "os.PathLike[str]", None]) -> None:
     """A `ConfigError` naming `flag` (exit 2, one line) for a path the file system refuses as too long, instead
     of the `OSError: [Errno 36] File name too long` traceback of the first `exists()` on it."""
@@ -77,4 +61,5 @@ def refuse_long_path(flag: str, value: Union[str, "os.PathLike[str]", None]) -> 
         return
     problem = path_too_long(value)
     if problem:
-        raise ConfigError(f"{flag} {problem}")
+        raise ConfigError(f"{flag} {shown_path(os.fspath(value))} is too long for the file system: {problem}; "
+                          "give a shorter one")

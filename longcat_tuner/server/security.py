@@ -16,6 +16,8 @@ from typing import BinaryIO, Iterable, Union
 
 from PIL import Image, UnidentifiedImageError
 
+from longcat_tuner.fsutil import path_too_long
+
 TOKEN_ENV = "LONGCAT_TUNER_TOKEN"
 COOKIE_NAME = "longcat_tuner_token"
 # Header a page of ours adds to every POST/PUT/DELETE; a cross-site <form> cannot set it and a
@@ -108,21 +110,6 @@ def resolve_inside(path: str | Path, roots: Iterable[Path], *, what: str = "path
         f"({', '.join(map(str, root_list))}); restart the server with --allow-dir for that folder",
     )
 
-
-# Longest path and file name the file system takes (Linux: PATH_MAX 4096 with the NUL, NAME_MAX 255 bytes).
-MAX_PATH_BYTES = 4095
-MAX_NAME_BYTES = 255
-
-
-def path_too_long(text: str) -> str | None:
-    """Why a path is longer than the file system takes (it would fail with ENAMETOOLONG), or None."""
-    data = text.encode("utf-8", "surrogateescape")
-    if len(data) > MAX_PATH_BYTES:
-        return f"path too long ({len(data)} bytes; at most {MAX_PATH_BYTES})"
-    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in text.split("/")), default=0)
-    if longest > MAX_NAME_BYTES:
-        return f"a file or folder name in the path is too long ({longest} bytes; at most {MAX_NAME_BYTES})"
-    return None
 
 
 def child_path(base: Path, relative: str, *, what: str = "file") -> Path:
