@@ -299,3 +299,21 @@ def test_null_output_dir_is_explained_as_the_cli_does(tmp_path: Path) -> None:
         errors = {tuple(e["loc"]): e["msg"] for e in answer.json()["errors"]}
         assert errors[("config", "output_dir")] == "null is not allowed here; give a path", errors
         assert "pathlib" not in json.dumps(list(errors.values()))
+
+
+def test_a_run_refused_at_start_says_why_and_log_lines_carry_no_terminal_codes(tmp_path):
+    """A run the CLI refused before its first event (an output_dir holding another run) showed only "died ...
+    without an end event; see the log"; the log endpoint passed tqdm's cursor codes (`\\x1b[A`) to the page."""
+    from longcat_tuner.server.routes.runs import run_status
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    job = Job(id="r1", kind="run", folder=folder, argv=["train"], pid=0, start_ticks=None, started=0.0,
+              extra={"output_dir": str(tmp_path)})
+    job.returncode = 2
+    job.log_path.write_text("loading\n\x1b[Asteps 0/10\rsteps 1/10\nerror: output_dir /x already holds an earlier run\n")
+    status, message = run_status(job, False, [])
+    assert status == "died" and message.endswith(": output_dir /x already holds an earlier run")
+    assert jobs.tail_lines(job.log_path) == ["loading", "steps 1/10", "error: output_dir /x already holds an earlier run"]
+    job.log_path.write_text("a traceback nobody named\n")
+    assert run_status(job, False, [])[1].endswith("; see the log below")

@@ -266,9 +266,25 @@ def tail_lines(path: Path, count: int = 200, max_bytes: int = 256 * 1024) -> lis
         size = handle.tell()
         handle.seek(max(0, size - max_bytes))
         data = handle.read()
-    # tqdm redraws progress bars with carriage returns: keep the last state of each line.
-    lines = [line.rsplit("\r", 1)[-1] for line in data.decode("utf-8", "replace").splitlines()]
+    # tqdm redraws progress bars with carriage returns: keep the last state of each line; its cursor moves
+    # (`ESC [ A`) and any colour codes are terminal controls, not text for the page.
+    # (split on newlines only: `splitlines` also splits on the carriage returns, leaving every redraw a line)
+    lines = [_TERMINAL_CODES.sub("", line.rstrip("\r").rsplit("\r", 1)[-1])
+             for line in data.decode("utf-8", "replace").split("\n")]
     return [line for line in lines if line.strip()][-count:]
+
+
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+CLI_ERROR_PREFIX = "error: "  # how the CLI prints an error it names (cli.main), the line a died job left
+
+
+def last_error_line(path: Path) -> Optional[str]:
+    """The CLI's last `error: ...` line in a job's log, without the prefix, or None: why a process that wrote
+    no error event stopped (a run refused at start, e.g. an output_dir holding another run)."""
+    for line in reversed(tail_lines(path, count=50)):
+        if line.startswith(CLI_ERROR_PREFIX):
+            return line[len(CLI_ERROR_PREFIX):].strip()
+    return None
 
 
 def read_events(path: Path, offset: int = 0, max_bytes: Optional[int] = None) -> tuple[list[dict[str, Any]], int]:

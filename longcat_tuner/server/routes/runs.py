@@ -30,6 +30,7 @@ from longcat_tuner.server.jobs import (
     JobStore,
     find_events_file,
     is_own_start,
+    last_error_line,
     read_events,
     run_digest,
     same_folder,
@@ -87,7 +88,8 @@ def run_status(job: Job, alive: bool, events: list[dict[str, Any]]) -> tuple[str
     if code == 0:
         return "completed", "the process exited with code 0; its events file has no end event for this run"
     message = f"the process exited{'' if code is None else f' with code {code}'} without an end event"
-    return "died", message + (f": {errors[-1]}" if errors else "; see the log below")
+    reason = errors[-1] if errors else last_error_line(job.log_path)
+    return "died", message + (f": {reason}" if reason else "; see the log below")
 
 
 def run_dir_of(job: Job, events: list[dict[str, Any]]) -> Path:
