@@ -188,3 +188,14 @@ def test_null_and_a_string_for_a_list_say_what_to_write():
                 "resolution": "32x32", "cache_dir_vae": "c", "conditioning_data": "train-cond"}]
     with pytest.raises(ConfigError, match=r"conditioning_data': .*write it as a list: \[\"train-cond\"\]"):
         parse_datasets(entries)
+
+
+def test_a_prompt_the_size_of_a_pasted_file_is_refused():
+    """A 60 MB validation_prompt was accepted (the web UI wrote it into config.json); the encoder reads 512 tokens."""
+    from longcat_tuner.config.sampling import MAX_CONFIG_PROMPT_CHARS
+
+    base = {"pretrained_model_name_or_path": "m", "output_dir": "o", "data_backend_config": "d"}
+    for key in ("validation_prompt", "validation_negative_prompt"):
+        with pytest.raises(ConfigError, match=f"{key}: String should have at most {MAX_CONFIG_PROMPT_CHARS} characters"):
+            TrainConfig.from_dict({**base, key: "x" * (MAX_CONFIG_PROMPT_CHARS + 1)})
+        TrainConfig.from_dict({**base, key: "a cat " * 1000})  # a long but real prompt

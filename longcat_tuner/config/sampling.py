@@ -23,6 +23,10 @@ MAX_SEED = 2**63 - 1
 MAX_FRAMES = 4097
 
 
+# A prompt in a config or flag: the text encoder reads 512 tokens (a few thousand characters) and cuts the rest, so
+# this only keeps a pasted file (a 60 MB validation_prompt was accepted and written into config.json) out.
+MAX_CONFIG_PROMPT_CHARS = 20_000
+
 # Image-to-video keeps the start frame as latent frame 0 (4 pixel frames a latent after the first): 1-4 frames make
 # only that latent and leave nothing to denoise. The dataset rule, `check`'s validation rule, `generate` and the
 # frame-count hint below read it (`config.datasets` re-exports it).
@@ -75,7 +79,8 @@ class SamplingOptions(BaseModel):
     )
     shift: float = Field(12.0, gt=0, le=100, description="Shift of the sampling sigmas (the official 12).")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for the initial noise and the start frame's latent sample.")
-    negative_prompt: str = Field("", description="Negative prompt for guidance; empty is the official default.")
+    negative_prompt: str = Field("", max_length=MAX_CONFIG_PROMPT_CHARS,
+                                 description="Negative prompt for guidance; empty is the official default.")
     fps: int = Field(15, ge=1, le=240, description="Frame rate written into the mp4 (the model's 15 fps).")
     distilled: bool = Field(
         False, description="16-step distilled schedule (use with the official cfg_step_lora and guidance 1)."

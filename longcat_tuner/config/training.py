@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from longcat_tuner.config.resolution import parse_resolution  # noqa: F401  (re-exported: the one parser)
-from longcat_tuner.config.sampling import MAX_SEED, sampling_field
+from longcat_tuner.config.sampling import MAX_CONFIG_PROMPT_CHARS, MAX_SEED, sampling_field
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.model.lora_names import BLOCK_LINEARS, DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS, TOP_LINEARS, unknown_targets
 
@@ -267,7 +267,8 @@ class TrainConfig(BaseModel):
     validation_num_inference_steps: int = sampling_field("steps", 40, "Sampling steps per validation video.")
     validation_guidance: float = sampling_field("guidance", 4.0)
     validation_prompt: Optional[str] = Field(
-        None, description="Prompt used when validation_using_datasets is false (text-to-video samples)."
+        None, max_length=MAX_CONFIG_PROMPT_CHARS,
+        description="Prompt used when validation_using_datasets is false (text-to-video samples).",
     )
     validation_negative_prompt: str = sampling_field("negative_prompt", "")
     validation_seed: int = sampling_field("seed", 42, "Seed for validation noise (same every validation).")
