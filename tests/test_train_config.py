@@ -199,3 +199,12 @@ def test_a_prompt_the_size_of_a_pasted_file_is_refused():
         with pytest.raises(ConfigError, match=f"{key}: String should have at most {MAX_CONFIG_PROMPT_CHARS} characters"):
             TrainConfig.from_dict({**base, key: "x" * (MAX_CONFIG_PROMPT_CHARS + 1)})
         TrainConfig.from_dict({**base, key: "a cat " * 1000})  # a long but real prompt
+
+
+def test_a_long_bad_value_is_not_echoed_whole():
+    from longcat_tuner.config.sampling import MAX_CONFIG_PROMPT_CHARS
+
+    base = {"pretrained_model_name_or_path": "m", "output_dir": "o", "data_backend_config": "d"}
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({**base, "validation_prompt": "x" * (MAX_CONFIG_PROMPT_CHARS + 1)})
+    assert len(str(err.value)) < 400 and f"({MAX_CONFIG_PROMPT_CHARS + 3} characters)" in str(err.value)

@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from longcat_tuner.config.resolution import parse_resolution
 from longcat_tuner.config.sampling import MAX_FRAMES, MIN_I2V_FRAMES, causal_frame_count_error  # noqa: F401
-from longcat_tuner.config.training import numeric_range, plain_type_message, refuse_bool_number, refuse_non_path
+from longcat_tuner.config.training import (
+    numeric_range, plain_type_message, refuse_bool_number, refuse_non_path, shown_input,
+)
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.fsutil import symlink_loop
 
@@ -357,7 +359,7 @@ def _format_dataset_error(err: ValidationError, dataset_id: str, index: int, sou
             lines.append(f"unknown key '{key}'{hint}")
         else:
             valid = numeric_range(DatasetConfig, problem["loc"])
-            lines.append(f"key '{key}': {plain_type_message(problem, message)} (got {problem.get('input')!r})"
+            lines.append(f"key '{key}': {plain_type_message(problem, message)} (got {shown_input(problem.get('input'))})"
                          + (f"; valid: {valid}" if valid else ""))
     return f"{source}: dataset '{dataset_id}' (entry {index}): " + "; ".join(lines)
 

@@ -542,6 +542,14 @@ def _strip_json_comments(text: str) -> str:
     return "".join(out)
 
 
+def shown_input(value: Any, limit: int = 120) -> str:
+    """`repr(value)` for an error message, its middle cut when long (a 20,000-character prompt is not echoed)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit // 2]}...{text[-(limit // 4):]} ({len(text)} characters)"
+
+
 def plain_type_message(problem: dict[str, Any], message: str) -> str:
     """Pydantic's message for a wrong type, with the fix where it is plain: null given for a value, or one string
     given where a list goes (`"conditioning_data": "train-cond"` -> `["train-cond"]`)."""
@@ -572,7 +580,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = Train
         if not problem["loc"]:  # a rule across keys: the message names them; the input is the whole file
             lines.append(f"{key}: {message}")
             continue
-        line = f"{key}: {plain_type_message(problem, message)} (got {problem.get('input')!r})"
+        line = f"{key}: {plain_type_message(problem, message)} (got {shown_input(problem.get('input'))})"
         valid = numeric_range(model, problem["loc"])
         if valid and "valid:" not in message:
             line += f"; valid: {valid}"
