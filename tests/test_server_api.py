@@ -518,6 +518,9 @@ def test_import_reads_an_existing_config_relative_to_its_folder(env) -> None:
     assert client.get("/api/config/import", params={"path": "/etc/passwd"}, headers=AUTH).status_code == 403
     (project / "bad.json").write_text("[1, 2]")
     assert client.get("/api/config/import", params={"path": str(project / "bad.json")}, headers=AUTH).status_code == 422
+    (project / "broken.json").write_text("{not json")
+    answer = client.get("/api/config/import", params={"path": str(project / "broken.json")}, headers=AUTH)
+    assert answer.status_code == 422 and answer.json()["detail"].count(str(project / "broken.json")) == 1  # named once
 
 
 def test_log_stream_starts_near_the_end_of_a_long_log(tmp_path: Path) -> None:

@@ -197,6 +197,12 @@ def config_files_lock(thread_lock: threading.Lock, folder: Path) -> Any:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def with_path(path: Any, err: Exception) -> str:
+    """`err`'s message naming `path` once (the readers' own messages often begin with it: "X: X: not valid JSON")."""
+    text = str(err)
+    return text if str(path) in text else f"{path}: {text}"
+
+
 def read_json_file(path: Path, default: Any) -> Any:
     """A JSON file read as the CLI reads it (`config.training.read_json`: UTF-8 with or without a byte-order mark,
     `//` comments, a repeated key refused); `default` when it does not exist. A file that exists but cannot be
@@ -207,8 +213,7 @@ def read_json_file(path: Path, default: Any) -> Any:
             return default
         return read_json(path)
     except ConfigError as err:
-        message = str(err) if str(path) in str(err) else f"{path}: {err}"
-        raise HTTPException(422, f"cannot read the saved file {message} (fix or remove it)") from None
+        raise HTTPException(422, f"cannot read the saved file {with_path(path, err)} (fix or remove it)") from None
     except (OSError, ValueError) as err:  # a name too long, a NUL byte
         raise HTTPException(422, f"cannot read {path}: {err}") from None
 

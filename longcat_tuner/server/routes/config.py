@@ -12,7 +12,9 @@ from longcat_tuner.config.training import PATH_FIELDS, TrainConfig, read_json, r
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
 from longcat_tuner.server import security
-from longcat_tuner.server.configfiles import ConfigBody, dataset_paths, read_json_file, validate_files, write_json
+from longcat_tuner.server.configfiles import (
+    ConfigBody, dataset_paths, read_json_file, validate_files, with_path, write_json,
+)
 from longcat_tuner.server.deps import StateDep
 from longcat_tuner.server.settings import DATASET_PATH_FIELDS
 
@@ -78,7 +80,7 @@ def import_config(path: str, state: StateDep) -> dict[str, Any]:
     try:
         config = read_json(file) if file.is_file() else None
     except (ConfigError, OSError, UnicodeDecodeError) as err:
-        raise HTTPException(422, f"{file}: {err}") from None
+        raise HTTPException(422, with_path(file, err)) from None
     if not isinstance(config, dict):
         raise HTTPException(422, f"{file} is not a config.json (a JSON object of settings)")
     config = resolve_paths(config, file.parent)
@@ -88,7 +90,7 @@ def import_config(path: str, state: StateDep) -> dict[str, Any]:
         try:
             loaded = read_json(datasets_file) if datasets_file.is_file() else []
         except (ConfigError, OSError, UnicodeDecodeError) as err:
-            raise HTTPException(422, f"{datasets_file}: {err}") from None
+            raise HTTPException(422, with_path(datasets_file, err)) from None
         datasets = [dataset_paths(entry, datasets_file.parent) for entry in (loaded if isinstance(loaded, list) else [])]
     return {"config": config, "datasets": datasets, "source": str(file)}
 
