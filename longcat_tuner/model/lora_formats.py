@@ -521,8 +521,8 @@ def read_lora_file(path: Union[str, Path]) -> tuple[dict[str, Adapter], dict[str
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
-    """A float32 CPU copy that owns its memory: safetensors refuses to write tensors sharing storage (the slices of
-    one adapter written as q, k and v, or one down matrix repeated for each block of a fused layer)."""
+    """A float32 CPU copy that owns its memory: safetensors refuses to write tensors sharing storage (the one down
+    matrix of a fused adapter, written for each of q, k and v)."""
     return t.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
 
 
@@ -541,7 +541,7 @@ def format_tensors(adapters: dict[str, Adapter], format: str) -> tuple[dict[str,
     if format == "official":
         # LongCat's loader counts a layer's `lora_up.blocks.*` keys to build it, so a single adapter on a fused
         # layer (as PEFT, DiffSynth or musubi train attn.qkv) is written as one `lora_up.weight` and loads as is.
-        rank = max(a.rank for _, a in items)
+        rank = max(a.rank for a in adapters.values())
         header["lora_network_dim"] = str(rank)
         for path, adapter in items:
             adapter = adapter.padded(rank)

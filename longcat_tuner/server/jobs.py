@@ -238,9 +238,11 @@ class JobStore:
                 return False
             if job.stop_requested is None:  # another request may have stopped it since `job` was read
                 try:
-                    job.stop_requested = json.loads((job.folder / JOB_FILE).read_text()).get("stop_requested")
-                except (OSError, ValueError, AttributeError):
-                    pass
+                    stored = self.get(job.kind, job.id)
+                except (OSError, ValueError, KeyError, TypeError):  # a job.json torn by a crash
+                    stored = None
+                if stored is not None:
+                    job.stop_requested = stored.stop_requested
             if job.stop_requested is not None:
                 return True  # already stopping
             os.kill(job.pid, signal.SIGTERM)

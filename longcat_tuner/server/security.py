@@ -111,7 +111,6 @@ def resolve_inside(path: str | Path, roots: Iterable[Path], *, what: str = "path
     )
 
 
-
 def child_path(base: Path, relative: str, *, what: str = "file") -> Path:
     """`base / relative`, refused when `relative` is absolute or escapes `base`."""
     if Path(relative).is_absolute():

@@ -23,7 +23,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from longcat_tuner.config.resolution import parse_resolution
-from longcat_tuner.config.sampling import MAX_SEED, SAMPLING_DEFAULTS
+from longcat_tuner.config.sampling import MAX_SEED, MIN_I2V_FRAMES, SAMPLING_DEFAULTS
 from longcat_tuner.fsutil import atomic_file
 from longcat_tuner.server import security
 from longcat_tuner.server.deps import ServerState, StateDep
@@ -34,7 +34,6 @@ router = APIRouter()
 MULTIPART_OVERHEAD = 64 * 1024
 # Preview bounds: the sampler needs (frames - 1) % 4 == 0 and sides divisible by 16.
 MAX_PREVIEW_FRAMES = 257
-MIN_PREVIEW_FRAMES = 5  # the start frame plus one latent frame of motion: what image-to-video needs
 MAX_PREVIEW_SIDE = 2048
 MAX_PREVIEW_PIXELS = 1280 * 1280  # 720x1280 (720p) fits
 MAX_PROMPT_CHARS = 4000
@@ -68,9 +67,9 @@ class PreviewBody(BaseModel):
     @field_validator("frames")
     @classmethod
     def _video_frames(cls, value: int) -> int:
-        if value < MIN_PREVIEW_FRAMES:  # `sample` would start, load the model, then fail
+        if value < MIN_I2V_FRAMES:  # `sample` would start, load the model, then fail
             raise ValueError(
-                f"a preview starts from its start frame, and image-to-video needs at least {MIN_PREVIEW_FRAMES} frames "
+                f"a preview starts from its start frame, and image-to-video needs at least {MIN_I2V_FRAMES} frames "
                 f"(1 + 4k: 5, 9, ..., 93); got {value}"
             )
         return value
