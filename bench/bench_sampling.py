@@ -17,7 +17,11 @@ Runtimes (`--runtimes`), each what `sample` runs with these flags:
   application; the others run `sample`'s default `--merge-loras auto`, which folds it into bf16 weights);
 * `compiled_fp8_compute`: `--compile on --base-precision fp8-compute` (float8 matmuls of the frozen block
   linears, runtime/fp8_compute.py; auto keeps the LoRA un-merged on 8-bit weights);
-* `compiled_fp8_compute_merged`: the same with `--merge-loras on` (merged before the weights go to 8 bits).
+* `compiled_fp8_compute_merged`: the same with `--merge-loras on` (merged before the weights go to 8 bits);
+* `compiled_fp8_attention`: `--compile on --attention fp8` (float8 self-attention, model/fp8_attention.py);
+* `compiled_fp8_all_merged`: `--compile on --base-precision fp8-compute --merge-loras on --attention fp8`.
+
+A runtime that names an attention backend runs it in place of `--attention`.
 
 Default: eager, compiled, compiled_fp8_compute. The LoRA runtimes differ only on grids with a LoRA
 (distilled16); each result names how its LoRA ran (`lora`: merged, un-merged, or null without one).
@@ -119,6 +123,8 @@ RUNTIMES = {
     "compiled_unmerged": dict(compile="on", base_precision="no_change", merge_loras="off"),
     "compiled_fp8_compute": dict(compile="on", base_precision="fp8-compute", merge_loras="auto"),
     "compiled_fp8_compute_merged": dict(compile="on", base_precision="fp8-compute", merge_loras="on"),
+    "compiled_fp8_attention": dict(compile="on", base_precision="no_change", merge_loras="auto", attention="fp8"),
+    "compiled_fp8_all_merged": dict(compile="on", base_precision="fp8-compute", merge_loras="on", attention="fp8"),
 }
 DEFAULT_RUNTIMES = ("eager", "compiled", "compiled_fp8_compute")
 REFERENCE_ORDER = ("eager", "compiled")  # the runtime the others' latents are compared with: the first that ran
@@ -290,6 +296,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             # The settings `sample` would run this grid with under this runtime's flags.
             flags = dict(RUNTIMES[runtime_name])
             merge_loras = flags.pop("merge_loras")
+            attention = flags.pop("attention", args.attention)
             settings = sample_command.sampling_settings(
                 device=device, steps=grid["steps"], guidance=grid["guidance"], blocks_to_swap=args.blocks_to_swap,
                 **flags)
@@ -299,14 +306,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                     loras=1 if lora_rank else 0)
             torch._dynamo.reset()
             with compile_backend(args.compile_backend):
-                dit = build_model(config, settings, device, dtype, attention=args.attention, lora_rank=lora_rank,
+                dit = build_model(config, settings, device, dtype, attention=attention, lora_rank=lora_rank,
                                   merge=merged)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 r, final = time_run(dit, grid, args.timed_steps, inputs)
             official = forwards * OFFICIAL_FORWARD_S
-            r.update(settings=settings.describe(), lora=("merged" if merged else "un-merged") if lora_rank else None,
+            r.update(settings=settings.describe(), attention=attention, lora=("merged" if merged else "un-merged") if lora_rank else None,
                      forwards=forwards, official_s=round(official, 1),
                      ratio_to_official=round(r["video_s_estimate"] / official, 3), target_s=round(TARGET_S[grid_name], 1),
                      meets_target=r["video_s_estimate"] <= TARGET_S[grid_name])

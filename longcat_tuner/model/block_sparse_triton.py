@@ -372,10 +372,12 @@ def _interpreted(kernel):
 
     fn = kernel.fn
     scope = dict(fn.__globals__)
-    for name in _JIT_HELPERS:
-        scope[name] = getattr(scope[name], "fn", scope[name])
+    for name in _JIT_HELPERS:  # the helpers this kernel's module has (fp8_attention.py imports some of them)
+        if name in scope:
+            scope[name] = getattr(scope[name], "fn", scope[name])
     for name, library in _INTERPRETER_COMBINERS.items():
-        scope[name] = getattr(tl.standard, library, scope[name])
+        if name in scope:
+            scope[name] = getattr(tl.standard, library, scope[name])
     plain = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     return InterpretedFunction(plain)
 
