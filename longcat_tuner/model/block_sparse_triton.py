@@ -361,9 +361,6 @@ def _bsa_bwd_dq_kernel(
 
 
 # Jit'd helpers that kernels call; the interpreter path swaps in their plain Python functions.
-_JIT_HELPERS = ("_block_rows", "_as_fp32")
-
-
 @functools.lru_cache(maxsize=None)
 def _interpreted(kernel):
     """The kernel under Triton's interpreter, with jit'd helpers replaced by their Python functions
@@ -372,9 +369,9 @@ def _interpreted(kernel):
 
     fn = kernel.fn
     scope = dict(fn.__globals__)
-    for name in _JIT_HELPERS:  # the helpers this kernel's module has (fp8_attention.py imports some of them)
-        if name in scope:
-            scope[name] = getattr(scope[name], "fn", scope[name])
+    for name, value in scope.items():  # every jit'd helper of the kernel's module (fp8_attention.py has its own)
+        if isinstance(value, triton.runtime.JITFunction) and value is not kernel:
+            scope[name] = value.fn
     for name, library in _INTERPRETER_COMBINERS.items():
         if name in scope:
             scope[name] = getattr(tl.standard, library, scope[name])

@@ -61,6 +61,38 @@ def fp8_device_error(device: torch.device | str) -> str | None:
 
 
 @triton.jit
+def _fp8_key_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, start, cols, n_k, stride_kn,
+                  P_OFFSET: tl.constexpr, MASKED: tl.constexpr, ROUND_FIRST: tl.constexpr):
+    """One key tile of the online softmax: (acc, l_i, m_i) updated. MASKED: the tile runs past the last key."""
+    keys = start + cols
+    if MASKED:
+        key_ok = keys < n_k
+        k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kn, mask=key_ok[:, None], other=0.0)
+        k_scale = tl.load(ks_base + keys, mask=key_ok, other=0.0)
+        v = tl.load(v_base + keys[:, None], mask=key_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kn)
+        k_scale = tl.load(ks_base + keys)
+        v = tl.load(v_base + keys[:, None])
+    # Scores in base 2: dequantised by the row (query) and column (key) scales, softmax scale folded in.
+    s = tl.dot(q, tl.trans(k)) * q_scale[:, None] * k_scale[None, :]
+    if MASKED:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - (m_new[:, None] - P_OFFSET))
+    l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+    if ROUND_FIRST:
+        # Triton's interpreter converts to float8 wrongly when rounding carries into the exponent (31.6 -> 16,
+        # not 32): round to e4m3's 4 significant bits in fp32 first (Veltkamp's split), so the conversion is
+        # exact. On the GPU the conversion is the hardware's, round to nearest.
+        t = p * 1048577.0  # 2^20 + 1: keeps the top 24 - 20 = 4 bits
+        p = t - (t - p)
+    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fp8_attention_fwd_kernel(
     Q, QS, K, KS, VT, VS, O,
     stride_qz, stride_qh, stride_qn,
@@ -69,7 +101,7 @@ def _fp8_attention_fwd_kernel(
     stride_oz, stride_oh, stride_on,
     num_heads, n_q, n_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P_OFFSET: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ROUND_FIRST: tl.constexpr,
+    EVEN_M: tl.constexpr, ROUND_FIRST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     zh = tl.program_id(1)
@@ -96,33 +128,14 @@ def _fp8_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
-    for start in range(0, n_k, BLOCK_N):
-        keys = start + cols
-        if EVEN_N:
-            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kn)
-            k_scale = tl.load(ks_base + keys)
-            v = tl.load(v_base + keys[:, None])
-        else:
-            key_ok = keys < n_k
-            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kn, mask=key_ok[:, None], other=0.0)
-            k_scale = tl.load(ks_base + keys, mask=key_ok, other=0.0)
-            v = tl.load(v_base + keys[:, None], mask=key_ok[:, None], other=0.0)
-        # Scores in base 2: dequantised by the row (query) and column (key) scales, softmax scale folded in.
-        s = tl.dot(q, tl.trans(k)) * q_scale[:, None] * k_scale[None, :]
-        if not EVEN_N:
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - (m_new[:, None] - P_OFFSET))
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
-        if ROUND_FIRST:
-            # Triton's interpreter converts to float8 wrongly when rounding carries into the exponent (31.6 ->
-            # 16, not 32): round to e4m3's 4 significant bits in fp32 first (Veltkamp's split), so the
-            # conversion is exact. On the GPU the conversion is the hardware's, round to nearest.
-            t = p * 1048577.0  # 2^20 + 1: keeps the top 24 - 20 = 4 bits
-            p = t - (t - p)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
-        m_i = m_new
+    # Whole key tiles without masks, then the partial last one (37,440 keys are 292.5 tiles of 128).
+    n_whole = (n_k // BLOCK_N) * BLOCK_N
+    for start in range(0, n_whole, BLOCK_N):
+        acc, l_i, m_i = _fp8_key_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, start, cols, n_k,
+                                      stride_kn, P_OFFSET, False, ROUND_FIRST)
+    if n_whole < n_k:
+        acc, l_i, m_i = _fp8_key_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, n_whole, cols, n_k,
+                                      stride_kn, P_OFFSET, True, ROUND_FIRST)
 
     v_scale = tl.load(VS + zh.to(tl.int64) * HEAD_DIM + dims)
     acc = acc * (v_scale[None, :] / l_i[:, None])
@@ -165,7 +178,7 @@ def fp8_attention_forward(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Ten
         *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3], *o.stride()[:3],
         heads, n_q, n_k, LOG2E / math.sqrt(head_dim),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, P_OFFSET=P_OFFSET_LOG2,
-        EVEN_M=n_q % block_m == 0, EVEN_N=n_k % block_n == 0, ROUND_FIRST=not q8.is_cuda, **config,
+        EVEN_M=n_q % block_m == 0, ROUND_FIRST=not q8.is_cuda, **config,
     )
     return o
 
