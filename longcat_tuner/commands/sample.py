@@ -99,6 +99,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     from longcat_tuner.media import image_to_tensor, video_to_uint8
 
     from longcat_tuner.model.inspect import require_intact_model
+    from longcat_tuner.model.lora_formats import check_fits_checkpoint
 
     for flag, value in [("--model", args.model), ("--output", args.output), ("--image", args.image),
                         *(("--lora", lora) for lora in args.lora)]:
@@ -108,6 +109,8 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     # A wrong --model, a missing component or a damaged config or tokenizer file, named as `check` names them,
     # before the compile decision and the loaders.
     require_intact_model(args.model)
+    for lora, adapters, _ in loras:  # a LoRA for another model or size: named now, not after loading the models
+        check_fits_checkpoint(adapters, args.model, lora)
     image = read_image(args.image) if args.image else None
     if image is not None:
         check_i2v_frames(args.frames)

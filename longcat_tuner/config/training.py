@@ -349,6 +349,8 @@ class TrainConfig(BaseModel):
     @field_validator("validation_loss_sigmas")
     @classmethod
     def _sigmas_in_range(cls, value: list[float]) -> list[float]:
+        if not value:  # the held-out loss is their mean: every validation failed with a ZeroDivisionError
+            raise ValueError("empty list; give at least one sigma, or leave the key out for [0.25, 0.5, 0.75, 0.9]")
         bad = [s for s in value if not 0.0 < s <= 1.0]
         if bad:
             raise ValueError(f"sigmas {bad} are outside (0, 1]")
@@ -603,6 +605,8 @@ def refuse_non_path(value: Any) -> Any:
     """A path key holds a string (or a Path, from Python): JSON `true`, a number or a list is refused, not turned
     into a folder named `True` / `5`. None passes (an unset optional path; a required one is refused as null)."""
     if value is None or isinstance(value, (str, os.PathLike)):
+        if value is not None and "\x00" in str(value):  # JSON "\u0000": every file call failed with a ValueError
+            raise ValueError("contains a NUL character (\\u0000), which no file path may hold; remove it")
         return value
     try:
         shown = json.dumps(value)

@@ -221,22 +221,9 @@ def load_lora(
 
 def _check_fits(model: nn.Module, adapters: dict[str, lora_formats.Adapter], path: Path) -> dict[str, nn.Linear]:
     """`{module path: linear}` for `adapters` (read from `path`); a module or shape the DiT lacks is an error."""
-    existing = dict(model.named_modules())
-    unknown = [p for p in adapters if not isinstance(existing.get(p), nn.Linear)]
-    if unknown:
-        raise CheckpointError(
-            f"{path}: {len(unknown)} LoRA modules are not linear layers of this DiT ({', '.join(unknown[:5])}); "
-            f"is this a LoRA for another model or a model with fewer blocks?"
-        )
-    for module_path, item in adapters.items():
-        linear = existing[module_path]
-        if item.in_features != linear.in_features or item.out_features != linear.out_features:
-            raise CheckpointError(
-                f"{path}: LoRA shapes for '{module_path}' (down {tuple(item.down.shape)}, up "
-                f"{[tuple(u.shape) for u in item.ups]}) do not fit the layer [{linear.out_features}, {linear.in_features}]; "
-                "is this a LoRA for another model or another size of it?"
-            )
-    return {module_path: existing[module_path] for module_path in adapters}
+    linears = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+    lora_formats.check_fits({p: (m.in_features, m.out_features) for p, m in linears.items()}, adapters, path)
+    return {module_path: linears[module_path] for module_path in adapters}
 
 
 def attach_lora_adapters(

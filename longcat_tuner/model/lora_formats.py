@@ -255,6 +255,10 @@ def _merge_slices(pieces: dict[Optional[int], Adapter], n: int, path: str, sourc
     """One adapter on the fused layer `path` from adapters on its row slices (and/or on the whole layer)."""
     if set(pieces) == {None}:
         return pieces[None]
+    in_sizes = {a.in_features for a in pieces.values()}
+    if len(in_sizes) != 1:  # torch.cat below would fail with a RuntimeError traceback
+        raise CheckpointError(f"{source}: the split adapters for '{path}' read inputs of different sizes "
+                              f"{sorted(in_sizes)}; the file mixes LoRAs of different models or is damaged")
     slice_rows = {a.out_features for j, a in pieces.items() if j is not None}
     if len(slice_rows) != 1:
         raise CheckpointError(f"{source}: the split adapters for '{path}' have different output sizes {sorted(slice_rows)}")
@@ -287,7 +291,25 @@ _UP = re.compile(r"^(?P<m>.+)\.(?:lora_up|lora_B)(?:\.[A-Za-z0-9_\-]+)?\.weight$
 _DOTTED_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "pipe.dit.",
                     "dit.", "model.")
 _UNDERSCORED_PREFIXES = ("lora_unet_", "lora_transformer_")
-_UNSUPPORTED = (".dora_scale", ".lokr_w1", ".lokr_w2", ".hada_w1_a", ".hada_w1_b", ".diff", ".diff_b", ".lora_mid.weight")
+# Adapter kinds other than a plain LoRA (their delta is not `scale * up @ down`), by the keys that mark them:
+# named as such, not as a LoRA for another model.
+_UNSUPPORTED_KINDS: tuple[tuple[str, re.Pattern], ...] = (
+    ("DoRA", re.compile(r"\.(dora_scale|magnitude|lora_magnitude_vector(\.[A-Za-z0-9_\-]+)?)$")),
+    ("LoKr (LyCORIS)", re.compile(r"\.lokr_[A-Za-z0-9_]+$")),
+    ("LoHa (LyCORIS)", re.compile(r"\.hada_[A-Za-z0-9_]+$")),
+    ("LoCon/Tucker mid weights (LyCORIS)", re.compile(r"\.lora_mid\.weight$")),
+    ("full-weight diff", re.compile(r"\.(diff|diff_b)$")),
+)
+# Module names of other models' LoRAs (kohya `_` or dotted paths), checked in this order: the file is named as
+# such a LoRA rather than listed against every LongCat layout.
+_FOREIGN_MODELS: tuple[tuple[str, re.Pattern], ...] = (
+    ("Wan 2.1/2.2", re.compile(r"(^|[._])(blocks[._]\d+[._](ffn[._][02]|cross_attn[._][kv]_img|attn[12][._]to_)"
+                               r"|img_emb|time_projection|time_embedding[._][02]|condition_embedder)([._]|$)")),
+    ("Flux or HunyuanVideo", re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks|"
+                                        r"token_refiner)([._]|$)")),
+    ("Stable Diffusion 1.x/2.x/SDXL", re.compile(r"(^|[._])(down_blocks|up_blocks|mid_block|lora_te\d?|"
+                                                 r"input_blocks|output_blocks)([._]|$)")),
+)
 
 
 def _strip_prefix(name: str) -> str:
@@ -363,16 +385,29 @@ def _peft_scale(config: dict[str, Any], module: str, rank: int, source: str) -> 
     return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def _unmatched_error(source: str, keys: list[str]) -> CheckpointError:
+def _unmatched_error(source: str, keys: list[str], total: int) -> CheckpointError:
+    """The error for `keys` (of the file's `total`) that match no layout, naming the kind of file where it is plain."""
     shown = ", ".join(sorted(keys)[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
     layouts = "; ".join(f"{name} ({client}): {example}" for name, (client, example) in WRITTEN_LAYOUTS.items())
     foreign = "; ".join(f"{name}: {example}" for name, example in READ_ONLY_LAYOUTS.items())
-    hint = ""
-    if any(k.endswith(_UNSUPPORTED) for k in keys):
-        hint = " DoRA, LoKr, LoHa, LoCon mid weights and full-weight diffs are not supported."
+    what = ""  # what the file is, where its keys say so plainly
+    kinds = [kind for kind, pattern in _UNSUPPORTED_KINDS if any(pattern.search(k) for k in keys)]
+    models = [(model, k) for model, pattern in _FOREIGN_MODELS for k in sorted(keys) if pattern.search(k)]
+    if kinds:
+        example = next(k for k in sorted(keys) if any(pattern.search(k) for _, pattern in _UNSUPPORTED_KINDS))
+        what = (f" This is a {'/'.join(kinds)} file, not a plain LoRA ({example}): DoRA, LoKr, LoHa, LoCon mid weights "
+                "and full-weight diffs are not supported; train or export it as a plain LoRA (lora_down/lora_up or "
+                "lora_A/lora_B only).")
+    elif len(keys) == total and all(k.endswith((".weight", ".bias")) and "lora" not in k.lower() for k in keys):
+        what = (f" This holds a model's own weights ({sorted(keys)[0]}), not a LoRA (no lora_down/lora_up or "
+                "lora_A/lora_B keys); give a LoRA file (sample --model takes the model folder).")
+    elif models:
+        what = (f" This looks like a {models[0][0]} LoRA, not a LongCat-Video one ({models[0][1]}): a LoRA trained "
+                "for another model cannot be applied to LongCat-Video; use one trained for LongCat-Video.")
     return CheckpointError(
-        f"{source}: {len(keys)} keys match no known LongCat LoRA layout: {shown}.{hint} "
-        f"Known layouts - written: {layouts}. Read as well: {foreign}. Is this a LoRA for another model?"
+        f"{source}: {len(keys)} keys match no known LongCat LoRA layout: {shown}.{what} "
+        f"Known layouts - written: {layouts}. Read as well: {foreign}."
+        + ("" if what else " Is this a LoRA for another model?")
     )
 
 
@@ -434,7 +469,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
             if group[role] is None:
                 unmatched.append(key)
     if unmatched:
-        raise _unmatched_error(source, unmatched)
+        raise _unmatched_error(source, unmatched, len(tensors))
     if not groups:
         raise CheckpointError(f"{source}: the file holds no tensors, so it is not a LoRA")
     _check_values(tensors, source)
@@ -505,16 +540,81 @@ def read_lora_file(path: Union[str, Path]) -> tuple[dict[str, Adapter], dict[str
         raise CheckpointError(f"LoRA file {path} does not exist; check the path (a LoRA is one .safetensors file)")
     # The header names an empty, truncated or pickled file, and a file of other keys (a whole model passed as a
     # LoRA), before any tensor is read.
-    unmatched = [key for key in read_safetensors_header(path) if _classify(key)[3] is None]
+    header = read_safetensors_header(path)
+    unmatched = [key for key in header if _classify(key)[3] is None]
     if unmatched:
-        raise _unmatched_error(str(path), unmatched)
+        raise _unmatched_error(str(path), unmatched, len(header))
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
             metadata = dict(handle.metadata() or {})
     except Exception as err:
         raise CheckpointError(f"cannot read LoRA file {path}: {err}") from None
-    return parse_lora(tensors, metadata, str(path)), metadata
+    peft = metadata
+    if PEFT_METADATA_KEY not in metadata and (config := _adapter_config(path)) is not None:
+        peft = {**metadata, PEFT_METADATA_KEY: config}  # read, not written into converted files' headers
+    return parse_lora(tensors, peft, str(path)), metadata
+
+
+PEFT_CONFIG_NAME = "adapter_config.json"  # PEFT's save_pretrained: adapter_model.safetensors + this (r, lora_alpha)
+
+
+def _adapter_config(path: Path) -> Optional[str]:
+    """The `adapter_config.json` PEFT writes beside its `adapter_model.safetensors` (the file itself holds no alpha),
+    as JSON text of its LoRA fields; None for any other file or when there is none."""
+    config_path = path.with_name(PEFT_CONFIG_NAME)
+    if path.name != "adapter_model.safetensors" or not config_path.is_file():
+        return None
+    where = f"{config_path} (the PEFT config of {path.name}, which sets the LoRA's alpha)"
+    try:
+        if config_path.stat().st_size > 2**20:
+            raise ValueError("larger than 1 MiB")
+        config = json.loads(config_path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{where} cannot be read ({err}); fix or restore it") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where} is not a JSON object; fix or restore it")
+    alphas = {"lora_alpha": config.get("lora_alpha")}
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{where}: alpha_pattern is not an object ({patterns!r}); fix or restore it")
+    alphas.update({f"alpha_pattern {k!r}": v for k, v in patterns.items()})
+    for key, alpha in alphas.items():
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not math.isfinite(alpha) or alpha == 0):
+            raise CheckpointError(f"{where}: {key} is {alpha!r}, not a finite non-zero number; fix or restore it")
+    return json.dumps({k: config[k] for k in ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora")
+                       if k in config})
+
+
+def check_fits(linears: dict[str, tuple[int, int]], adapters: dict[str, Adapter], path: Union[str, Path]) -> None:
+    """Refuse adapters (read from `path`) on layers that `linears` (`{module path: (in, out)}` of a DiT) lacks or
+    whose sizes differ: a LoRA for another model, or for another size of this one."""
+    unknown = [p for p in adapters if p not in linears]
+    if unknown:
+        raise CheckpointError(
+            f"{path}: {len(unknown)} LoRA modules are not linear layers of this DiT ({', '.join(unknown[:5])}); "
+            f"is this a LoRA for another model or a model with fewer blocks?"
+        )
+    for module_path, item in adapters.items():
+        in_features, out_features = linears[module_path]
+        if item.in_features != in_features or item.out_features != out_features:
+            raise CheckpointError(
+                f"{path}: LoRA shapes for '{module_path}' (down {tuple(item.down.shape)}, up "
+                f"{[tuple(u.shape) for u in item.ups]}) do not fit the layer [{out_features}, {in_features}]; "
+                "is this a LoRA for another model or another size of it?"
+            )
+
+
+def check_fits_checkpoint(adapters: dict[str, Adapter], model: Union[str, Path], path: Union[str, Path]) -> None:
+    """`check_fits` against the DiT that `model` (a checkpoint folder) declares in `dit/config.json`, before
+    minutes of loading it (and the text encoder)."""
+    from longcat_tuner.model.config import DiTConfig
+    from longcat_tuner.model.inspect import find_component
+
+    config = DiTConfig.from_file(find_component(model, "dit") / "config.json")
+    shapes = config.expected_shapes()
+    check_fits({p: shapes[f"{p}.weight"][::-1] for p in official_linears(config.depth)}, adapters, path)
 
 
 # --- writing -----------------------------------------------------------------------------------------------
