@@ -8,7 +8,9 @@ output_dir holding an earlier run without resume or overwrite, a start frame in
 another folder than its clip, settings this machine cannot run: block swap
 without CUDA, xformers or bitsandbytes not installed). Start frames are decoded in full, so `check` and
 `train` agree on which are usable; the model folder is checked from its configs and safetensors headers
-alone. Nothing here imports torch (CUDA is asked about in a child process, only when a setting needs it).
+alone. An `init_lora` file is refused as `train` refuses it (unreadable, for another model or size, modules outside
+lora_targets). Nothing here imports torch (CUDA is asked about in a child process, only when a setting needs it)
+except to read an `init_lora` file's tensors.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from longcat_tuner.errors import ConfigError
 
@@ -249,9 +251,12 @@ def cuda_available() -> bool:
     return result.stdout.strip().endswith("1")
 
 
-def init_lora_problem(path: Path) -> Optional[str]:
-    """Why `train` would refuse the `init_lora` file, from its header alone (no torch), or None."""
-    from longcat_tuner.errors import CheckpointError
+def init_lora_problem(path: Path, targets: Iterable[str], model_root: Optional[Path] = None) -> Optional[str]:
+    """Why `train` would refuse the `init_lora` file, or None: first from its header alone; then as `train` does
+    before caching or loading anything (`lora_formats.check_init_lora`: the LoRA's tensors are read, which imports
+    torch): modules outside `targets` (lora_targets) and, given `model_root` (a model folder whose check passed), a
+    LoRA for another model or size, against its dit/config.json (no weights loaded)."""
+    from longcat_tuner.errors import CheckpointError, LongcatError
     from longcat_tuner.model.inspect import read_safetensors_header
 
     from longcat_tuner.train.outputs import checkpoint_weights_problem
@@ -266,11 +271,18 @@ def init_lora_problem(path: Path) -> Optional[str]:
         read_safetensors_header(path)
     except CheckpointError as err:
         return f"init_lora: {err}"
+    from longcat_tuner.model.lora_formats import check_init_lora
+
+    try:
+        check_init_lora(path, targets, model_root)
+    except LongcatError as err:
+        return f"init_lora: {err}"
     return None
 
 
-def run_problems(config: Any) -> list[str]:
-    """What `train` would refuse about this config on this machine, before touching data or weights."""
+def run_problems(config: Any, *, model_checked: bool = False) -> list[str]:
+    """What `train` would refuse about this config on this machine, before touching data or weights.
+    `model_checked`: the model folder passed its check, so an `init_lora` is compared with its DiT's layer sizes."""
     from importlib.util import find_spec
 
     problems = []
@@ -285,7 +297,8 @@ def run_problems(config: Any) -> list[str]:
     if problem:
         problems.append(problem)
     if config.init_lora:
-        problem = init_lora_problem(Path(config.init_lora))
+        problem = init_lora_problem(Path(config.init_lora), config.lora_targets,
+                                    Path(config.pretrained_model_name_or_path) if model_checked else None)
         if problem:
             problems.append(problem)
     if config.attention_implementation == "xformers" and find_spec("xformers") is None:
@@ -343,11 +356,12 @@ def run(args: argparse.Namespace) -> int:
         summary["model"] = model_summary(settings)
     problems = blocking_problems(summary, settings, data_only=args.data_only) + cache_folder_problems(datasets)
     problems += cache_entry_conflicts(plan, datasets)  # two items, one cache file: each run would overwrite the other
-    if summary.get("model") and not summary["model"]["problems"]:
+    model_ok = bool(summary.get("model")) and not summary["model"]["problems"]
+    if model_ok:
         problem = patch_problem(plan, Path(settings.model_root))
         problems += [problem] if problem else []
     if settings.config is not None:
-        problems += run_problems(settings.config)
+        problems += run_problems(settings.config, model_checked=model_ok)
         problem = datasets.output_dir_problem(Path(settings.config.output_dir))
         if problem:
             problems.append(problem)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from longcat_tuner.config.resolution import parse_resolution
 from longcat_tuner.config.sampling import MAX_FRAMES, MIN_I2V_FRAMES, causal_frame_count_error  # noqa: F401
 from longcat_tuner.config.training import (
-    numeric_range, plain_type_message, refuse_bool_number, refuse_non_path, shown_input,
+    expand_path, numeric_range, plain_type_message, refuse_bool_number, refuse_non_path, shown_input,
 )
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.fsutil import symlink_loop
@@ -386,11 +386,11 @@ def parse_datasets(data: Any, *, source: str = "multidatabackend.json", base_dir
         if base_dir is not None:
             updates = {}
             for key in ("instance_data_dir", "cache_dir_vae", "cache_dir_text"):
-                value = getattr(dataset, key)
-                if value is not None and not Path(value).expanduser().is_absolute():
-                    updates[key] = base_dir / Path(value).expanduser()
+                value = getattr(dataset, key)  # `$VAR`, `${VAR}` and `~` expanded (an unset one is refused above)
+                if value is not None and not Path(expand_path(str(value))).is_absolute():
+                    updates[key] = base_dir / expand_path(str(value))
                 elif value is not None:
-                    updates[key] = Path(value).expanduser()
+                    updates[key] = Path(expand_path(str(value)))
             dataset = dataset.model_copy(update=updates)
         for key in ("instance_data_dir", "cache_dir_vae", "cache_dir_text"):
             loop = getattr(dataset, key) is not None and symlink_loop(getattr(dataset, key))

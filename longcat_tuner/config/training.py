@@ -12,6 +12,8 @@ import argparse
 import difflib
 import json
 import os
+import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -174,10 +176,11 @@ class TrainConfig(BaseModel):
         1, ge=1, le=65536, description="Micro-batches summed before each optimizer step."
     )
     max_train_steps: Optional[int] = Field(
-        1000, ge=1, le=MAX_STEPS, description="Optimizer steps to train. Empty means use num_train_epochs."
+        1000, ge=1, le=MAX_STEPS, description="Optimizer steps to train. Empty (or left out while num_train_epochs "
+        "is set) means use num_train_epochs; set both and max_train_steps wins."
     )
     num_train_epochs: Optional[int] = Field(
-        None, ge=1, le=1_000_000, description="Epochs to train when max_train_steps is empty."
+        None, ge=1, le=1_000_000, description="Epochs to train when max_train_steps is empty or left out."
     )
     seed: int = Field(
         42, ge=0, le=MAX_SEED, description="Seed for noise, sigmas, caption dropout and data order."
@@ -356,6 +359,15 @@ class TrainConfig(BaseModel):
             raise ValueError(f"sigmas {bad} are outside (0, 1]")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_without_steps(cls, data: Any) -> Any:
+        # `num_train_epochs: 3` with max_train_steps left out used to train max_train_steps' default (1000 steps)
+        # and ignore the epochs; a max_train_steps that is written (a number, or null) still decides as before.
+        if isinstance(data, dict) and data.get("num_train_epochs") is not None and "max_train_steps" not in data:
+            data = {**data, "max_train_steps": None}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         top = OPTIMIZER_MAX_LEARNING_RATE.get(self.optimizer)
@@ -454,9 +466,47 @@ def resolve_paths(data: dict[str, Any], base: Path, keys: Iterable[str] = PATH_F
             continue  # (a blank path is refused or unset by the schema, not made the config's folder)
         if not isinstance(value, (str, os.PathLike)):
             continue  # `true`, 5, a list: refused by the schema (`refuse_non_path`), never made a folder name
-        candidate = Path(str(value)).expanduser()
+        if path_text_problem(str(value)):
+            continue  # an unset `$VAR` or a Windows path: left as written, for the schema to name the key
+        candidate = Path(expand_path(str(value)))
         data[key] = str(candidate if candidate.is_absolute() else (base / candidate))
     return data
+
+
+# `$VAR` and `${VAR}` as `os.path.expandvars` finds them (on POSIX); what it leaves behind names an unset variable.
+_ENV_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+_WINDOWS_DRIVE = re.compile(r"^([A-Za-z]):(?:[\\/]|$)")  # C:\Users, D:/data, C:
+
+
+def expand_path(text: str) -> str:
+    """A path key's text with `$VAR` / `${VAR}` and then `~` expanded; an unset variable is left as written
+    (`path_text_problem` names it)."""
+    return os.path.expanduser(os.path.expandvars(text))
+
+
+def path_text_problem(text: str) -> Optional[str]:
+    """Why a path key's text cannot be used as a path on this machine, or None: an environment variable that is not
+    set (it would become a folder literally named `$HOME`), or, on POSIX, a Windows path (`C:\\Users\\me`,
+    `D:/data`, `\\\\server\\share`), which would become an odd relative folder name. A backslash inside a
+    POSIX name is fine."""
+    if os.name == "posix":
+        drive = _WINDOWS_DRIVE.match(text)
+        if drive or text.startswith("\\\\"):
+            if drive:
+                rest = text[drive.end():].replace("\\", "/").strip("/")
+                example = f"/mnt/{drive[1].lower()}" + (f"/{rest}" if rest else "")
+                where = f"e.g. {example} under WSL"
+            else:
+                where = "e.g. the folder where the share is mounted, such as /mnt/share"
+            return (f"this is a Windows path, which this {sys.platform} machine would take as a relative folder name; "
+                    f"give the path as this machine sees it ({where})")
+    unset = sorted({match[0] for match in _ENV_VARIABLE.finditer(os.path.expandvars(text))})
+    if unset:
+        names = ", ".join(unset)
+        if len(unset) == 1:
+            return f"environment variable {names} is not set; set it or write the path out"
+        return f"environment variables {names} are not set; set them or write the path out"
+    return None
 
 
 MAX_SETTINGS_BYTES = 16 * 2**20  # config.json and multidatabackend.json are a few kB
@@ -607,6 +657,9 @@ def refuse_non_path(value: Any) -> Any:
     if value is None or isinstance(value, (str, os.PathLike)):
         if value is not None and "\x00" in str(value):  # JSON "\u0000": every file call failed with a ValueError
             raise ValueError("contains a NUL character (\\u0000), which no file path may hold; remove it")
+        problem = None if value is None else path_text_problem(str(value))
+        if problem:  # (`resolve_paths` leaves such a value as written)
+            raise ValueError(problem)
         return value
     try:
         shown = json.dumps(value)

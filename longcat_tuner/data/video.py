@@ -275,12 +275,13 @@ def frames_to_pixels(frames: np.ndarray, device=None):
 
 
 def clip_frame_count(available: int, num_frames: int, min_frames: Optional[int], max_frames: Optional[int]) -> Optional[int]:
-    """Frames a clip trains with: num_frames if it has them, else the largest 1+4k >= min_frames, else None."""
+    """Frames a clip trains with: num_frames if it has them, else (a clip of at least min_frames) the largest 1+4k
+    count it has, else None. A min_frames that is not 1+4k (7) keeps a 7-frame clip as 5 frames, as the key's
+    description says: it used to be skipped as "too short: 7 frames ..., 7 needed"."""
     if max_frames is not None:
         available = min(available, max_frames)
     if available >= num_frames:
         return num_frames
-    if min_frames is None or available < 1:
+    if min_frames is None or available < max(1, min_frames):
         return None
-    shortened = available - (available - 1) % 4
-    return shortened if shortened >= min_frames else None
+    return available - (available - 1) % 4

@@ -96,6 +96,12 @@ class DiTConfig:
             raise CheckpointError(
                 f"{source}: hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}"
             )
+        if config.head_dim % 2:  # it used to pass `check`, then stop the first step with a RoPE shape traceback
+            raise CheckpointError(
+                f"{source}: hidden_size {config.hidden_size} / num_heads {config.num_heads} gives an odd head_dim "
+                f"{config.head_dim}, but the 3-D RoPE rotates pairs of channels: the head_dim must be even "
+                f"(128 in the release); {_REDOWNLOAD}"
+            )
         return config
 
     @classmethod

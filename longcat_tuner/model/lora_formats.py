@@ -617,6 +617,28 @@ def check_fits_checkpoint(adapters: dict[str, Adapter], model: Union[str, Path],
     check_fits({p: shapes[f"{p}.weight"][::-1] for p in official_linears(config.depth)}, adapters, path)
 
 
+def check_targets(adapters: dict[str, Adapter], targets: Iterable[str], path: Union[str, Path]) -> None:
+    """Refuse adapters (read from `path`) on layers that `lora_targets` gives no trainable adapter (the model's rule:
+    a layer path equal to a target or ending with `.` + target): an `init_lora` that cannot start this run."""
+    targets = tuple(targets)
+    outside = [p for p in adapters if not any(p == t or p.endswith("." + t) for t in targets)]
+    if outside:
+        raise CheckpointError(
+            f"{path}: {len(outside)} LoRA modules have no trainable adapter here ({', '.join(outside[:5])}); "
+            "add their layers to lora_targets, or use a LoRA trained for this model"
+        )
+
+
+def check_init_lora(path: Union[str, Path], targets: Iterable[str], model: Union[str, Path, None]) -> None:
+    """What `train` refuses about an `init_lora` file before it builds caches or loads a model, and `check` reports:
+    an unreadable file, a LoRA for another model or size (against `model`'s dit/config.json alone; not compared when
+    `model` is None) and modules outside `targets` (lora_targets)."""
+    adapters, _ = read_lora_file(path)
+    if model is not None:
+        check_fits_checkpoint(adapters, model, path)
+    check_targets(adapters, targets, path)
+
+
 # --- writing -----------------------------------------------------------------------------------------------
 
 

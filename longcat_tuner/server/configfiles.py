@@ -136,7 +136,9 @@ def validate_files(settings: ServerSettings, body: ConfigBody) -> tuple[dict[str
     for error in nonfinite_errors(body.config, ["config"]) + nonfinite_errors(body.datasets, ["datasets"]):
         if tuple(error["loc"]) not in reported:
             errors.append(error)
-    errors.extend(path_errors(settings, config, datasets))
+    # A key the schema refused (an unset `$VAR`, a Windows path) is named once, not also as a folder "outside".
+    refused = {tuple(error["loc"]) for error in errors}
+    errors.extend(error for error in path_errors(settings, config, datasets) if tuple(error["loc"]) not in refused)
     if not errors:
         try:  # cross-dataset rules (unique ids, conditioning references, separate caches)
             parse_datasets(datasets, source=DATASETS_NAME)

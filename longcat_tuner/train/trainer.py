@@ -506,23 +506,16 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     # A damaged config or tokenizer file is named as `check` names it, not met by a loader as a traceback.
     parallel.decide(lambda: require_intact_model(config.pretrained_model_name_or_path), error=CheckpointError)
     if config.init_lora:  # a missing or broken file is named now, before minutes of caching and model loading
-        from longcat_tuner.model.lora_formats import check_fits_checkpoint, read_lora_file
+        from longcat_tuner.model.lora_formats import check_init_lora
 
         def read_init_lora() -> None:  # no tensors sent
             problem = checkpoint_weights_problem(config.init_lora)
             if problem:
                 raise CheckpointError(f"init_lora: {problem}")
-            adapters, _ = read_lora_file(config.init_lora)
             # A LoRA for another model or size, or on layers without a trainable adapter: named as
-            # `init_lora_from_file` names them, but before the caches are built and the model is loaded.
-            check_fits_checkpoint(adapters, config.pretrained_model_name_or_path, config.init_lora)
-            outside = [p for p in adapters if not any(p == t or p.endswith("." + t) for t in config.lora_targets)]
-            if outside:
-                raise CheckpointError(
-                    f"{config.init_lora}: {len(outside)} LoRA modules have no trainable adapter here "
-                    f"({', '.join(outside[:5])}); add their layers to lora_targets, or use a LoRA trained for this "
-                    "model"
-                )
+            # `init_lora_from_file` names them, but before the caches are built and the model is loaded
+            # (`check` reports the same, through the same function).
+            check_init_lora(config.init_lora, config.lora_targets, config.pretrained_model_name_or_path)
 
         parallel.decide(read_init_lora, error=CheckpointError)
     precision = choose_precision(config, parallel.device)
