@@ -461,7 +461,7 @@ def test_sample_names_a_wrong_model_folder_first(tmp_path, capsys):
     code = cli_main(["sample", "--model", str(tmp_path / "nomodel"), "--prompt", "x", "--frames", "5",
                      "--output", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err
-    assert code == 2 and f"{tmp_path / 'nomodel'} does not exist: point pretrained_model_name_or_path / --model" in err
+    assert code == 2 and f"--model {tmp_path / 'nomodel'} does not exist: give a LongCat-Video folder" in err
     assert "compile:" not in err
 
 

@@ -9,7 +9,8 @@ another folder than its clip, settings this machine cannot run: block swap
 without CUDA, xformers or bitsandbytes not installed). Start frames are decoded in full, so `check` and
 `train` agree on which are usable; the model folder is checked from its configs and safetensors headers
 alone. An `init_lora` file is refused as `train` refuses it (unreadable, for another model or size, modules outside
-lora_targets). Nothing here imports torch (CUDA is asked about in a child process, only when a setting needs it)
+lora_targets, a rank above lora_rank); so are a lora_rank above the narrowest adapted layer, a validation_resolution
+the DiT's patch cannot take, and a resume with another train_batch_size or gradient_accumulation_steps. Nothing here imports torch (CUDA is asked about in a child process, only when a setting needs it)
 except to read an `init_lora` file's tensors.
 """
 from __future__ import annotations
@@ -137,6 +138,48 @@ def patch_problem(plan, model_root: Path) -> Optional[str]:
             f"of {step_h}x{step_w}, or aspect_bucket_alignment to a multiple of {max(step_h, step_w)}")
 
 
+def validation_sizes(config: Any, plan: Any) -> list[tuple[int, int, Optional[str]]]:
+    """(height, width, the start frame that sized it or None) of each validation video `train` would sample, as
+    `train.feed.validation_items` sizes them: the first `validation_max_samples` eval samples in cache order (a
+    resolution class follows each start frame's aspect, displayed as EXIF says), or the `validation_prompt` video."""
+    from longcat_tuner.config.resolution import parse_resolution
+    from longcat_tuner.data.buckets import resolution_size
+    from longcat_tuner.data.images import probe_image
+    from longcat_tuner.errors import LongcatError
+
+    setting = config.validation_resolution
+    fixed = parse_resolution(setting)
+    if not config.validation_using_datasets:
+        return [(*fixed, None)] if config.validation_prompt and isinstance(fixed, tuple) else []
+    if plan.eval is None:
+        return []
+    sizes = []
+    for sample in plan.eval.samples[: config.validation_max_samples]:
+        if isinstance(fixed, tuple):
+            sizes.append((*fixed, None))
+        elif sample.source.cond_path is not None:  # (a class without a start frame: `eval_size_problem`)
+            try:
+                source_hw = probe_image(sample.source.cond_path, decode=False)
+            except LongcatError:  # an unreadable start frame is named by the data check
+                continue
+            sizes.append((*resolution_size(setting, source_hw, config.aspect_bucket_alignment),
+                          f"eval sample {sample.source.media_path}"))
+    return sizes
+
+
+def validation_patch_problem(config: Any, plan: Any, model_root: Path) -> Optional[str]:
+    """`patch_problem` for the validation videos: a `validation_resolution` the checkpoint's DiT cannot patchify
+    (48x80 with patch_size (1, 4, 4)) failed every validation as a warning; `train` refuses it before loading."""
+    from longcat_tuner.data.buckets import validation_size_problem
+    from longcat_tuner.model.config import DiTConfig
+
+    try:
+        patch = DiTConfig.from_file(Path(model_root) / "dit" / "config.json").patch_size
+    except Exception:  # a damaged config is named by the model check
+        return None
+    return validation_size_problem(config.validation_resolution, validation_sizes(config, plan), patch)
+
+
 def blocking_problems(summary: dict, settings: DataSettings, *, data_only: bool) -> list[str]:
     """Reasons training could not start."""
     problems = []
@@ -251,11 +294,13 @@ def cuda_available() -> bool:
     return result.stdout.strip().endswith("1")
 
 
-def init_lora_problem(path: Path, targets: Iterable[str], model_root: Optional[Path] = None) -> Optional[str]:
+def init_lora_problem(path: Path, targets: Iterable[str], model_root: Optional[Path] = None,
+                      rank: Optional[int] = None) -> Optional[str]:
     """Why `train` would refuse the `init_lora` file, or None: first from its header alone; then as `train` does
     before caching or loading anything (`lora_formats.check_init_lora`: the LoRA's tensors are read, which imports
-    torch): modules outside `targets` (lora_targets) and, given `model_root` (a model folder whose check passed), a
-    LoRA for another model or size, against its dit/config.json (no weights loaded)."""
+    torch): modules outside `targets` (lora_targets), given `rank` (lora_rank) a layer of a higher rank, and, given
+    `model_root` (a model folder whose check passed), a LoRA for another model or size, against its dit/config.json
+    (no weights loaded)."""
     from longcat_tuner.errors import CheckpointError, LongcatError
     from longcat_tuner.model.inspect import read_safetensors_header
 
@@ -274,7 +319,7 @@ def init_lora_problem(path: Path, targets: Iterable[str], model_root: Optional[P
     from longcat_tuner.model.lora_formats import check_init_lora
 
     try:
-        check_init_lora(path, targets, model_root)
+        check_init_lora(path, targets, model_root, rank)
     except LongcatError as err:
         return f"init_lora: {err}"
     return None
@@ -286,19 +331,27 @@ def run_problems(config: Any, *, model_checked: bool = False) -> list[str]:
     from importlib.util import find_spec
 
     problems = []
-    from longcat_tuner.train.outputs import earlier_run_problem, resume_path_problem
+    from longcat_tuner.train.outputs import (
+        earlier_run_problem, resolved_resume_checkpoint, resume_path_problem, resume_settings_problem,
+    )
 
     problem = output_dir_problem(Path(config.output_dir)) or earlier_run_problem(
         Path(config.output_dir), resume_from_checkpoint=config.resume_from_checkpoint,
         overwrite_output_dir=config.overwrite_output_dir)
     if problem:
         problems.append(problem)
-    problem = resume_path_problem(config.resume_from_checkpoint, Path(config.output_dir) / "checkpoints")
+    checkpoints = Path(config.output_dir) / "checkpoints"
+    problem = resume_path_problem(config.resume_from_checkpoint, checkpoints)
     if problem:
+        problems.append(problem)
+    resumed = resolved_resume_checkpoint(config.resume_from_checkpoint, checkpoints)
+    problem = resume_settings_problem(resumed, config) if resumed is not None else None
+    if problem:  # train_batch_size or gradient_accumulation_steps changed since that checkpoint
         problems.append(problem)
     if config.init_lora:
         problem = init_lora_problem(Path(config.init_lora), config.lora_targets,
-                                    Path(config.pretrained_model_name_or_path) if model_checked else None)
+                                    Path(config.pretrained_model_name_or_path) if model_checked else None,
+                                    config.lora_rank)
         if problem:
             problems.append(problem)
     if config.attention_implementation == "xformers" and find_spec("xformers") is None:
@@ -378,6 +431,8 @@ def run(args: argparse.Namespace) -> int:
                 f"frames (the start frame is the first latent frame); set it to {MIN_I2V_FRAMES} or more"
             )
         problem = eval_size_problem(settings.config, plan)
+        problems += [problem] if problem else []
+        problem = validation_patch_problem(settings.config, plan, Path(settings.model_root)) if model_ok else None
         problems += [problem] if problem else []
         summary["validation_estimate"] = validation_estimate(settings.config, summary["eval_items"])
     largest = largest_batch_group(plan)

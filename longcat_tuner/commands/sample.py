@@ -36,7 +36,12 @@ def register(subparsers) -> None:
         help="generate a video from a start frame and a prompt",
         description="Image-to-video (text-to-video without --image) with the official Euler sampler and CFG-Zero*.",
     )
-    p.add_argument("--model", required=True, help="checkpoint root in the official layout (dit/ text_encoder/ vae/ ...)")
+    p.add_argument("--model", required=True, help="checkpoint root in the official layout (dit/ text_encoder/ vae/ ...), "
+                   "or a full fine-tune's output_dir (its DiT, with the text encoder, tokenizer and VAE of the base "
+                   "model recorded in its base_model.json)")
+    p.add_argument("--dit", default=None, help="DiT weights to use instead of --model's dit/: a full fine-tune's "
+                   "output_dir/dit (or its output_dir); the text encoder, tokenizer and VAE come from --model, the "
+                   "base model it was trained from (same DiT sizes, checked)")
     p.add_argument("--lora", action="append", default=[], help="LoRA file (official LongCat, ComfyUI or ours); repeatable")
     p.add_argument("--lora-multiplier", type=finite_float, action="append", default=[], help="strength per --lora (default 1.0)")
     p.add_argument("--image", help="start frame (PNG/JPEG); omit for text-to-video")
@@ -102,16 +107,29 @@ def _sample(args: argparse.Namespace, ctx) -> int:
     from longcat_tuner.model.inspect import require_intact_model
     from longcat_tuner.model.lora_formats import check_fits_checkpoint
 
-    for flag, value in [("--model", args.model), ("--output", args.output), ("--image", args.image),
-                        *(("--lora", lora) for lora in args.lora)]:
+    from longcat_tuner.model.sources import resolve_model
+
+    for flag, value in [("--model", args.model), ("--dit", getattr(args, "dit", None)), ("--output", args.output),
+                        ("--image", args.image), *(("--lora", lora) for lora in args.lora)]:
         refuse_long_path(flag, value)  # a 300-character name: one line naming the flag, not an OSError traceback
     check_video_output(args.output, overwrite=args.overwrite)  # before minutes of work, not when it is written
     loras = read_sampling_loras(args)  # a bad LoRA file is named before minutes of model loading
+    # Where each component comes from: a full fine-tune's DiT (--dit, or --model output_dir through its
+    # base_model.json) with the base model's text encoder, tokenizer and VAE; from here on args.model is that base
+    # and args.dit the DiT folder.
+    sources = resolve_model(args.model, getattr(args, "dit", None))
+    args.model, args.dit = str(sources.root), str(sources.dit)
+    if ctx.is_main and sources.fine_tuned:
+        print(sources.describe(), file=sys.stderr)
+    if ctx.is_main and sources.warning:
+        print(sources.warning, file=sys.stderr)
+    if args.attention is None and not args.lora and sources.fine_tuned:
+        args.attention = fine_tune_attention(sources)  # the attention it was trained with, as for a LoRA
     # A wrong --model, a missing component or a damaged config or tokenizer file, named as `check` names them,
     # before the compile decision and the loaders.
-    require_intact_model(args.model)
+    require_intact_model(sources.root, dit=sources.dit if sources.fine_tuned else None)
     for lora, adapters, _ in loras:  # a LoRA for another model or size: named now, not after loading the models
-        check_fits_checkpoint(adapters, args.model, lora)
+        check_fits_checkpoint(adapters, args.dit, lora)
     image = read_image(args.image) if args.image else None
     if image is not None:
         check_i2v_frames(args.frames)
@@ -165,7 +183,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
         progress=SamplingProgress(label="sampling", bar=not args.progress_json and ctx.is_main, report=report),
     )
     if not result.finite:
-        raise nonfinite_output_error(loras, args.model)
+        raise nonfinite_output_error(loras, args.dit)
     if not ctx.is_main:
         return 0
     out = write_video_output(args.output, video_to_uint8(result.video), fps=args.fps)
@@ -214,10 +232,10 @@ def sampling_swap(args: argparse.Namespace, *, height: int, width: int, device, 
     if args.blocks_to_swap is not None:
         return args.blocks_to_swap
     from longcat_tuner.model.config import DiTConfig
-    from longcat_tuner.model.loading import find_component
+    from longcat_tuner.model.loading import find_dit
     from longcat_tuner.runtime.auto import ClipShape, budget_gib, choose_sampling_swap, is_calibrated
 
-    if not is_calibrated(DiTConfig.from_file(find_component(args.model, "dit") / "config.json")):
+    if not is_calibrated(DiTConfig.from_file(find_dit(getattr(args, "dit", None) or args.model) / "config.json")):
         return 0
     budget = budget_gib(card_gib, others_gib, args.max_gpu_memory_gib)
     shape = ClipShape(frames=args.frames, height=height, width=width, batch=2 if args.guidance > 1 else 1,
@@ -313,7 +331,9 @@ def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=N
 
         if why := fp8_device_error(device):
             raise ConfigError(f"--attention fp8: {why}")
-    dit = load_dit(args.model, dtype=dtype, device=runtime.load_device(settings, device), attention_backend=attention)
+    # --dit: a full fine-tune's DiT folder (`_sample` resolves it, with `model/sources.py`); else --model's dit/.
+    dit = load_dit(getattr(args, "dit", None) or args.model, dtype=dtype, device=runtime.load_device(settings, device),
+                   attention_backend=attention)
     prepare_sampling_dit(dit, settings, device, loras, merge=merge)
     return dit
 
@@ -422,6 +442,23 @@ def sampling_settings_for(args: argparse.Namespace, device: Any, *, report: Opti
     """`sampling_settings` from `sample`'s flags."""
     return sampling_settings(device=device, steps=args.steps, guidance=args.guidance, compile=args.compile,
                              blocks_to_swap=args.blocks_to_swap or 0, base_precision=args.base_precision, report=report)
+
+
+def fine_tune_attention(sources) -> str | None:
+    """The `attention_implementation` a full fine-tune recorded beside its DiT (`base_model.json`), so its weights
+    meet at inference the attention they learned with (None when none is recorded or it cannot run here)."""
+    name = sources.recorded("attention_implementation")
+    if not isinstance(name, str):
+        return None
+    from longcat_tuner.errors import ConfigError
+    from longcat_tuner.model.attention import validate_backend_name
+
+    try:
+        return validate_backend_name(name)
+    except ConfigError as err:
+        print(f"warning: {sources.dit} was trained with attention '{name}', which cannot be used here ({err}); "
+              "sampling with auto (pass --attention to choose)", file=sys.stderr)
+        return None
 
 
 def trained_attention(lora_paths: list[str]) -> str | None:

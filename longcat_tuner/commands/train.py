@@ -74,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"run folder: {result.run_dir}")
     if result.lora_path is not None:
         print(f"{final_weights_label(config)}: {result.lora_path}")
+        if config.model_type == "full" and result.status == "completed":
+            # dit/ alone has no text encoder or VAE: `sample` takes them from the base recorded beside it.
+            print(f"sample it: longcat-tuner sample --model {result.run_dir} --image START.png --prompt \"...\" "
+                  f"--output out.mp4 (the text encoder, tokenizer and VAE come from the base model "
+                  f"{config.pretrained_model_name_or_path}, recorded in {result.run_dir}/base_model.json)")
     if result.comfyui_lora_path is not None:
         print(f"LoRA (ComfyUI-WanVideoWrapper): {result.comfyui_lora_path}")
     for client, path in other_lora_files(config, result):

@@ -21,10 +21,11 @@ batch order, and can save and restore its position (epoch, batches done) for exa
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Hashable, Iterable, Iterator, Optional, Sequence, Union
 
 from longcat_tuner.config.resolution import parse_resolution
 from longcat_tuner.errors import ConfigError, DataError, ShapeError
@@ -170,6 +171,31 @@ def continuation_problem(items: Iterable[tuple[str, int, bool]], continuation_la
             "or set disabled: true on them (image datasets have one latent frame)")
 
 
+def validation_size_problem(setting: Union[int, str], sizes: Iterable[tuple[int, int, Optional[str]]],
+                            patch_size: Sequence[int]) -> Optional[str]:
+    """Why the validation videos (height, width, the eval start frame that sized it or None) of
+    `validation_resolution` `setting` cannot be sampled by a DiT of `patch_size`: each side must be a multiple of
+    the VAE's 8 x the patch (the release's (1, 2, 2) takes every multiple of 16; (1, 4, 4) needs 32). The rule
+    `check` applies to the bucket sizes; `check` and `train` (before loading the model) ask this one."""
+    _, patch_h, patch_w = patch_size
+    step_h, step_w = 8 * patch_h, 8 * patch_w
+    bad = [(height, width, source) for height, width, source in sizes if height % step_h or width % step_w]
+    if not bad:
+        return None
+    height, width, source = bad[0]
+    need = (f"not a multiple of {step_h}x{step_w} (height x width), which this checkpoint's patch_size "
+            f"(1, {patch_h}, {patch_w}) needs (the VAE's 8 x the patch), so every validation would fail")
+    if source is None:  # a fixed HEIGHTxWIDTH
+        example = "x".join(str(max(step, math.floor(side / step + 0.5) * step))
+                           for side, step in ((height, step_h), (width, step_w)))
+        return f"validation_resolution {setting}: {height}x{width} is {need}; set it to multiples of {step_h}x{step_w} (e.g. {example})"
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return (f"validation_resolution {setting}: the validation video of {source} (sized from its start frame) is "
+            f"{height}x{width}{more}, {need}; "
+            f"set validation_resolution to HEIGHTxWIDTH in multiples of {step_h}x{step_w}, or aspect_bucket_alignment "
+            f"to a multiple of {max(step_h, step_w)}")
+
+
 class BucketBatchSampler:
     """Yields lists of dataset indices; every batch comes from one group (bucket).
 
@@ -253,16 +279,38 @@ class BucketBatchSampler:
         self.epoch += 1
         self.position = 0
 
-    def state_dict(self) -> dict[str, int]:
-        """Position to resume from. With DataLoader prefetching, save the count the trainer consumed."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": len(self.group_keys)}
+    def layout(self) -> str:
+        """A fingerprint of what the epochs' batches are cut from: each item's group (bucket) and repeats."""
+        return hashlib.sha256(repr(list(zip(self.group_keys, self.repeats))).encode()).hexdigest()[:16]
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """Position to resume from. With DataLoader prefetching, save the count the trainer consumed. `batch_size`
+        and `layout` say what the position counts: batches of that size, cut from items in those groups."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": len(self.group_keys),
+                "batch_size": self.batch_size, "layout": self.layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position; refused (`DataError`) when it would point at other batches than the ones it counted
+        (a checkpoint written before `batch_size` and `layout` were saved is checked for its item count only)."""
         if state.get("num_items", len(self.group_keys)) != len(self.group_keys):
             raise DataError(
                 f"the checkpoint's data sampler saw {state['num_items']} items but the cache now has "
                 f"{len(self.group_keys)}; the data changed since the checkpoint, so the position cannot be "
                 "restored exactly (resume with the same data, or start a new run)"
+            )
+        if state.get("batch_size", self.batch_size) != self.batch_size:
+            raise DataError(
+                f"train_batch_size is {self.batch_size}, the checkpoint's data position counts batches of "
+                f"{state['batch_size']}: it would point at other batches of the epoch; set train_batch_size back to "
+                f"{state['batch_size']} to resume, or start a new run (init_lora: the checkpoint's "
+                "longcat_lora.safetensors, in a fresh output_dir)"
+            )
+        if state.get("layout", self.layout()) != self.layout():
+            raise DataError(
+                f"the {len(self.group_keys)} cached items fall into other buckets or repeat other counts than at the "
+                "checkpoint (a dataset's resolution, repeats, crop or aspect_bucket_alignment, or its files, changed), "
+                "so its data position would point at other batches; resume with the data settings of the run, or "
+                "start a new run (init_lora: the checkpoint's longcat_lora.safetensors, in a fresh output_dir)"
             )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])

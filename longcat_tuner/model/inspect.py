@@ -12,6 +12,7 @@ offsets are relative to the end of the header, and the data must cover the rest 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -60,6 +61,35 @@ def find_component(path: PathLike, component: str, marker: str = "config.json") 
     if path.name == component and (path / marker).exists():
         return path
     raise CheckpointError(f"{path} has no {component}/{marker}: expected the official layout with a {component}/ folder")
+
+
+DIT_CLASS_NAME = "LongCatVideoTransformer3DModel"  # `_class_name` of dit/config.json (the hub's and ours)
+
+
+def config_class(folder: PathLike) -> Optional[str]:
+    """What `folder/config.json` declares it configures: its `_class_name` (diffusers), else its `model_type`
+    (transformers), else None (also when it cannot be read)."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    declared = raw.get("_class_name") or raw.get("model_type")
+    if declared is None and "caption_channels" in raw:
+        return DIT_CLASS_NAME  # the DiT's own key (neither the VAE's nor the text encoder's config has it)
+    return declared if isinstance(declared, str) else None
+
+
+def find_dit(path: PathLike) -> Path:
+    """The DiT folder of `path`: as `find_component(path, "dit")` finds it (a checkpoint root, a full fine-tune's
+    output_dir, a folder named `dit`), or `path` itself when its config.json declares the LongCat-Video DiT
+    (`config_class`: a DiT folder under another name; the VAE folder has a config.json and
+    diffusion_pytorch_model.safetensors too, so the declared class is what tells them apart)."""
+    folder = Path(path).expanduser()
+    if not (folder / "dit" / "config.json").exists() and config_class(folder) == DIT_CLASS_NAME:
+        return folder
+    return find_component(folder, "dit")
 
 
 def read_index(index: Path) -> dict[str, str]:
@@ -288,8 +318,8 @@ class ModelReport:
         return {"root": str(self.root), "ok": self.ok, "problems": list(self.problems), "components": dict(self.notes)}
 
 
-def _inspect_dit(root: Path, report: ModelReport) -> None:
-    folder = root / "dit"
+def _inspect_dit(root: Path, report: ModelReport, folder: Optional[Path] = None) -> None:
+    folder = root / "dit" if folder is None else Path(folder)
     config = DiTConfig.from_file(folder / "config.json")
     report.dit_config = config
     files = weight_files(folder, WEIGHTS_NAME)
@@ -376,17 +406,33 @@ def _inspect_scheduler(root: Path, report: ModelReport) -> None:
         report.notes["scheduler"] = "ok"
 
 
+def adapted_linears(config: DiTConfig, targets: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """`{module path: (in, out)}` of the DiT's linear layers that `targets` (lora_targets) adapt, by the rule
+    `inject_lora` applies (a path equal to a target or ending with `.` + target): block layers (`attn.qkv`), one
+    block's (`blocks.3.attn.qkv`) and top-level ones (`final_layer.linear`) alike. Torch-free."""
+    from longcat_tuner.model.lora_names import BLOCK_LINEARS, TOP_LINEARS
+
+    targets = tuple(targets)
+    shapes = config.expected_shapes()
+    paths = [f"blocks.{i}.{name}" for i in range(config.depth) for name in BLOCK_LINEARS] + list(TOP_LINEARS)
+    found = {}
+    for path in paths:
+        if any(path == target or path.endswith("." + target) for target in targets):
+            out_features, in_features = shapes[f"{path}.weight"]
+            found[path] = (in_features, out_features)
+    return found
+
+
 def lora_rank_problem(config: DiTConfig, rank: int, targets: Iterable[str]) -> Optional[str]:
-    """Why `rank` does not fit the adapted layers (rank above min(in, out) adds nothing), or None."""
+    """Why `rank` does not fit the adapted layers (rank above min(in, out) adds nothing), or None. `check` reports
+    it and `train` refuses it before caching, both through this function."""
     narrowest: Optional[tuple[int, str, int, int]] = None
-    for target in targets:
-        try:
-            in_features, out_features = config.linear_widths(target)
-        except KeyError:
-            continue  # unknown targets are named by the LoRA code with the list of known ones
+    targets = tuple(targets)
+    for path, (in_features, out_features) in adapted_linears(config, targets).items():
         width = min(in_features, out_features)
         if narrowest is None or width < narrowest[0]:
-            narrowest = (width, target, in_features, out_features)
+            name = next(t for t in targets if path == t or path.endswith("." + t))  # as lora_targets says it
+            narrowest = (width, name, in_features, out_features)
     if narrowest is not None and rank > narrowest[0]:
         width, target, in_features, out_features = narrowest
         return (
@@ -397,13 +443,16 @@ def lora_rank_problem(config: DiTConfig, rank: int, targets: Iterable[str]) -> O
 
 
 def inspect_model(
-    root: PathLike, *, lora_rank: Optional[int] = None, lora_targets: Optional[Iterable[str]] = None
+    root: PathLike, *, lora_rank: Optional[int] = None, lora_targets: Optional[Iterable[str]] = None,
+    dit: Optional[PathLike] = None,
 ) -> ModelReport:
     """Check a checkpoint folder cheaply (configs, shard index, safetensors headers, DiT shapes); never raises
-    for a broken component: each problem is collected, naming the file and the fix."""
+    for a broken component: each problem is collected, naming the file and the fix. `dit`: a DiT folder used
+    instead of `root/dit` (a full fine-tune's weights, `model/sources.py`): the text encoder is checked against it."""
     root = Path(root).expanduser()
     report = ModelReport(root)
-    for inspect_component in (_inspect_dit, _inspect_text_encoder, _inspect_vae, _inspect_tokenizer, _inspect_scheduler):
+    inspect_dit = functools.partial(_inspect_dit, folder=None if dit is None else Path(dit).expanduser())
+    for inspect_component in (inspect_dit, _inspect_text_encoder, _inspect_vae, _inspect_tokenizer, _inspect_scheduler):
         try:
             inspect_component(root, report)
         except CheckpointError as err:
@@ -415,10 +464,12 @@ def inspect_model(
     return report
 
 
-def require_intact_model(root: PathLike) -> None:
+def require_intact_model(root: PathLike, *, dit: Optional[PathLike] = None) -> None:
     """Raise `CheckpointError` naming every problem `inspect_model` finds (what `check` reports) before a loader
-    meets it as a traceback (a config of the wrong type, a damaged tokenizer or scheduler file). Headers only."""
-    find_component(root, "dit")  # a missing or wrong folder: the one sentence that says so, not one per component
-    report = inspect_model(root)
+    meets it as a traceback (a config of the wrong type, a damaged tokenizer or scheduler file). Headers only.
+    `dit`: the DiT folder to use instead of `root/dit` (see `inspect_model`)."""
+    # A missing or wrong folder: the one sentence that says so, not one per component.
+    find_component(root, "dit") if dit is None else find_dit(dit)
+    report = inspect_model(root, dit=dit)
     if report.problems:
         raise CheckpointError("; ".join(report.problems))

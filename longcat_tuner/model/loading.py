@@ -20,6 +20,7 @@ from longcat_tuner.model.dit import LongCatDiT
 from longcat_tuner.model.inspect import (  # noqa: F401
     WEIGHTS_NAME,
     find_component,
+    find_dit,
     verify_weight_files,
     weight_files,
 )
@@ -91,8 +92,9 @@ def build_dit(config: DiTConfig, *, device="meta") -> LongCatDiT:
 def load_dit(
     path: PathLike, *, dtype: torch.dtype = torch.float32, device="cpu", attention_backend: str = "sdpa"
 ) -> LongCatDiT:
-    """Load the DiT from a checkpoint root or its `dit/` folder (single or sharded safetensors)."""
-    folder = find_component(path, "dit")
+    """Load the DiT from a checkpoint root, its `dit/` folder, a full fine-tune's output_dir or any folder whose
+    config.json declares the DiT (`find_dit`; single or sharded safetensors)."""
+    folder = find_dit(path)
     config = DiTConfig.from_file(folder / "config.json")
     model = build_dit(config, device="meta")
     # Headers first: a truncated or damaged file is named before any tensor is read.

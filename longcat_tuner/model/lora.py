@@ -272,19 +272,8 @@ def init_lora_from_file(model: nn.Module, path: Union[str, Path], *, name: str =
     _check_fits(model, items, path)
     for module_path, item in items.items():
         adapter = trainable[module_path]
-        if item.parts != adapter.parts:
-            if adapter.parts != 1:
-                raise CheckpointError(
-                    f"{path}: '{module_path}' holds one dense adapter where this trainer keeps {adapter.parts} "
-                    "per-projection blocks; it cannot start from it exactly"
-                )
-            item = lora_formats.Adapter(item.down, [item.up_matrix()], item.scale)
-        if item.rank > adapter.rank:
-            raise CheckpointError(
-                f"{path}: '{module_path}' has rank {item.rank}, above lora_rank {adapter.rank}; set lora_rank "
-                f">= {item.rank} to start from this file"
-            )
-        item = item.padded(adapter.rank)
+        # The rule `check_init_lora` applies before the model loads (`train`, `check`).
+        item = lora_formats.trainable_form(item, module_path, adapter.parts, adapter.rank, path).padded(adapter.rank)
         ratio = item.scale / float(adapter.alpha_scale)
         with torch.no_grad():
             adapter.down.copy_(item.down)

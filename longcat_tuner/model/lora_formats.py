@@ -607,12 +607,12 @@ def check_fits(linears: dict[str, tuple[int, int]], adapters: dict[str, Adapter]
 
 
 def check_fits_checkpoint(adapters: dict[str, Adapter], model: Union[str, Path], path: Union[str, Path]) -> None:
-    """`check_fits` against the DiT that `model` (a checkpoint folder) declares in `dit/config.json`, before
-    minutes of loading it (and the text encoder)."""
+    """`check_fits` against the DiT that `model` (a checkpoint folder, or a DiT folder: `find_dit`) declares in its
+    config.json, before minutes of loading it (and the text encoder)."""
     from longcat_tuner.model.config import DiTConfig
-    from longcat_tuner.model.inspect import find_component
+    from longcat_tuner.model.inspect import find_dit
 
-    config = DiTConfig.from_file(find_component(model, "dit") / "config.json")
+    config = DiTConfig.from_file(find_dit(model) / "config.json")
     shapes = config.expected_shapes()
     check_fits({p: shapes[f"{p}.weight"][::-1] for p in official_linears(config.depth)}, adapters, path)
 
@@ -629,14 +629,39 @@ def check_targets(adapters: dict[str, Adapter], targets: Iterable[str], path: Un
         )
 
 
-def check_init_lora(path: Union[str, Path], targets: Iterable[str], model: Union[str, Path, None]) -> None:
+def trainable_form(item: Adapter, module_path: str, parts: int, rank: int, path: Union[str, Path]) -> Adapter:
+    """`item` (read from `path`) in the shape of the trainable adapter on `module_path` that it starts (`parts`
+    blocks of `rank`), before zero-padding to that rank: a dense adapter on a 1-part layer as is, block-diagonal
+    parts as one dense adapter. Refused (`CheckpointError`): a dense adapter where the trainer keeps per-projection
+    blocks, and a rank above `rank` (lora_rank). `init_lora_from_file` and `check_init_lora` apply the same rule."""
+    if item.parts != parts:
+        if parts != 1:
+            raise CheckpointError(
+                f"{path}: '{module_path}' holds one dense adapter where this trainer keeps {parts} "
+                "per-projection blocks; it cannot start from it exactly"
+            )
+        item = Adapter(item.down, [item.up_matrix()], item.scale)
+    if item.rank > rank:
+        raise CheckpointError(
+            f"{path}: '{module_path}' has rank {item.rank}, above lora_rank {rank}; set lora_rank "
+            f">= {item.rank} to start from this file"
+        )
+    return item
+
+
+def check_init_lora(path: Union[str, Path], targets: Iterable[str], model: Union[str, Path, None],
+                    rank: Optional[int] = None) -> None:
     """What `train` refuses about an `init_lora` file before it builds caches or loads a model, and `check` reports:
     an unreadable file, a LoRA for another model or size (against `model`'s dit/config.json alone; not compared when
-    `model` is None) and modules outside `targets` (lora_targets)."""
+    `model` is None), modules outside `targets` (lora_targets) and, given `rank` (lora_rank), an adapter the trainable
+    one cannot hold (`trainable_form`: a rank above it, or a dense adapter on a layer trained in blocks)."""
     adapters, _ = read_lora_file(path)
     if model is not None:
         check_fits_checkpoint(adapters, model, path)
     check_targets(adapters, targets, path)
+    if rank is not None:
+        for module_path, item in adapters.items():
+            trainable_form(item, module_path, fused_parts(module_path), rank, path)
 
 
 # --- writing -----------------------------------------------------------------------------------------------

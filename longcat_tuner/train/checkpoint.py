@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -230,12 +231,35 @@ def last_finite_checkpoint(checkpoints_dir: Path, *, before: Optional[int] = Non
     return None
 
 
-def remove_stale_temporaries(checkpoints_dir: Path) -> None:
-    """Delete leftovers of saves that were interrupted (never complete, never used)."""
-    if Path(checkpoints_dir).is_dir():
-        for path in Path(checkpoints_dir).iterdir():
-            if path.name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
-                shutil.rmtree(path, ignore_errors=True)
+_LEFTOVER = re.compile(r"^\.(tmp|old)-(checkpoint-\d+)-.+$")
+
+
+def remove_stale_temporaries(checkpoints_dir: Path) -> list[Path]:
+    """Delete leftovers of saves that were interrupted, and return the checkpoints put back in place.
+
+    A save over an existing step renames `checkpoint-X` to `.old-checkpoint-X-<pid>`, then its complete
+    temporary to `checkpoint-X`: a kill between the two renames leaves no `checkpoint-X`, and its only copies are
+    those folders. The complete `.old-` one (else a complete `.tmp-` one, marked `COMPLETE` after every file was
+    synced) is renamed back to `checkpoint-X` first; only then is the rest deleted, so no checkpoint is lost."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    leftovers = sorted((path for path in checkpoints_dir.iterdir() if _LEFTOVER.match(path.name)),
+                       key=lambda path: (_LEFTOVER.match(path.name)[1] != "old", path.name))  # .old- first
+    restored = []
+    for path in leftovers:
+        final = checkpoints_dir / _LEFTOVER.match(path.name)[2]
+        if not final.exists() and path.is_dir() and (path / COMPLETE_MARKER).exists():
+            try:
+                path.rename(final)
+            except OSError:
+                continue  # kept, not deleted (below): the next start tries again
+            restored.append(final)
+    for path in leftovers:
+        final = checkpoints_dir / _LEFTOVER.match(path.name)[2]
+        if path.exists() and (final.exists() or not (path / COMPLETE_MARKER).exists()):
+            shutil.rmtree(path, ignore_errors=True)
+    return restored
 
 
 def prune_checkpoints(checkpoints_dir: Path, limit: Optional[int], *, keep: Path) -> list[Path]:

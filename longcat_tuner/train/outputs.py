@@ -2,10 +2,11 @@
 `check` (which imports no torch, so neither does this module)."""
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from longcat_tuner.errors import CheckpointError
 
@@ -13,7 +14,9 @@ COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # What a run writes into its output_dir (besides its lock): an earlier run's copies are set aside together.
 RUN_FOLDERS = ("checkpoints", "dit", "validation", "tensorboard")
-RUN_FILES = ("events.jsonl",)  # train/events.py EVENTS_FILE; the final weights are the folder's *.safetensors
+# train/events.py EVENTS_FILE and a full fine-tune's model/sources.py BASE_MODEL_FILE (beside its dit/); the final
+# LoRA weights are the folder's *.safetensors
+RUN_FILES = ("events.jsonl", "base_model.json")
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
@@ -116,6 +119,50 @@ def resume_path_problem(value: Optional[str], checkpoints_dir: Path) -> Optional
             else "an unfinished save, or not a checkpoint folder")
     return (f"resume_from_checkpoint: {path} is not a complete checkpoint (no {COMPLETE_MARKER} marker: {what}); "
             f"give a checkpoint folder (e.g. {example}) or 'latest'")
+
+
+# What decides which items form each optimizer step (the sampler cuts batches of train_batch_size, a step takes
+# gradient_accumulation_steps of them): each checkpoint's trainer_state.json records them, and a resume must keep
+# them, or the data position it restores (batches taken in the epoch) no longer continues the run it saved.
+STEP_DATA_KEYS = ("train_batch_size", "gradient_accumulation_steps")
+
+
+def resolved_resume_checkpoint(value: Optional[str], checkpoints_dir: Path) -> Optional[Path]:
+    """The checkpoint folder `resume_from_checkpoint` resumes (`latest`: the newest complete one), or None (no
+    resume, none yet, or a path `resume_path_problem` refuses)."""
+    if value is None:
+        return None
+    if value == "latest":
+        found = list_checkpoints(checkpoints_dir)
+        return found[-1][1] if found else None
+    return None if resume_path_problem(value, checkpoints_dir) else Path(value)
+
+
+def resume_settings_problem(checkpoint: Path, config: Any) -> Optional[str]:
+    """Why `config` cannot resume `checkpoint`: a `STEP_DATA_KEYS` value other than the one its run trained with
+    (each step would take other items, the restored data position would not continue that run). None when they
+    agree, or for a checkpoint that predates the record (its state file's problems are named by the resume)."""
+    checkpoint = Path(checkpoint)
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    changed = [(key, state[key], getattr(config, key)) for key in STEP_DATA_KEYS
+               if key in state and state[key] != getattr(config, key)]
+    if not changed:
+        return None
+    values = " and ".join(f"{key} {new} (the checkpoint's run used {old})" for key, old, new in changed)
+    back = ", ".join(f"{key}: {old}" for key, old, _ in changed)
+    lora = checkpoint / CHECKPOINT_LORA_FILE
+    # A fresh output_dir: overwrite_output_dir would first move this checkpoint (and its LoRA) aside.
+    fresh = (f"start a new run from its weights: init_lora: {lora} in a fresh output_dir, without "
+             "resume_from_checkpoint" if lora.is_file()
+             else "start a new run in a fresh output_dir, without resume_from_checkpoint")
+    return (f"resume_from_checkpoint {checkpoint}: this config sets {values}; these decide which items form each step, so "
+            "the saved data position (batches taken in the epoch) would not continue that run. Set "
+            f"{back} again to resume it, or {fresh}")
 
 
 CHECKPOINT_WEIGHTS_FILE = "trainable.safetensors"  # a checkpoint's trainable weights, under the model's own names

@@ -43,7 +43,9 @@ from longcat_tuner.generate import SamplingProgress
 from longcat_tuner.runtime.allocator import expandable_in_use, use_default_allocator
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
-from longcat_tuner.train.outputs import checkpoint_weights_problem, earlier_run_problem, set_aside_earlier_run
+from longcat_tuner.train.outputs import (
+    STEP_DATA_KEYS, checkpoint_weights_problem, earlier_run_problem, resume_settings_problem, set_aside_earlier_run,
+)
 from longcat_tuner.train.distributed import (
     available_host_memory,
     check_resume_strategy,
@@ -52,6 +54,7 @@ from longcat_tuner.train.distributed import (
     ranks_per_host_assembly,
 )
 from longcat_tuner.train.events import EventLog
+from longcat_tuner.data.buckets import validation_size_problem
 from longcat_tuner.train.feed import TrainingData, prepare_data
 from longcat_tuner.train.optim import build_lr_scheduler, build_optimizer
 from longcat_tuner.train.parallel import SingleProcess, parallel_strategy
@@ -337,6 +340,12 @@ def save_outputs(dit: torch.nn.Module, config: TrainConfig, run_dir: Path, metad
             save_file(state, str(temporary))
     with atomic_file(folder / "config.json") as temporary:
         temporary.write_text(json.dumps(dit.config.to_dict(), indent=2))
+    # dit/ alone cannot sample (no text encoder, tokenizer, VAE): record the base they come from, so
+    # `sample --model output_dir` (and the web preview) finds them there without copying anything.
+    from longcat_tuner.model.sources import write_base_pointer
+
+    write_base_pointer(run_dir, config.pretrained_model_name_or_path, dit=folder.name,
+                       extra={"step": metadata.get("step"), "attention_implementation": metadata.get("attention_implementation")})
     return folder, None
 
 
@@ -410,7 +419,9 @@ def claimed_output_dir(config: TrainConfig, parallel: SingleProcess) -> Iterator
     def claim() -> Optional[Path]:
         held.append(run_lock.acquire(run_dir))
         refuse_finished_outputs(config, run_dir)
-        ckpt.remove_stale_temporaries(run_dir / "checkpoints")
+        for restored in ckpt.remove_stale_temporaries(run_dir / "checkpoints"):
+            print(f"{restored.name}: a save over it was interrupted between its two renames; the complete copy was "
+                  f"put back as {restored}")
         if config.resume_from_checkpoint or not config.overwrite_output_dir:
             return None
         # Step 0 again: the earlier run is moved aside, so `latest`, the pruning and the events see this run only.
@@ -500,11 +511,16 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     # reported now, before minutes of caching and model loading.
     resume_path = parallel.decide(lambda: ckpt.resolve_resume_path(config.resume_from_checkpoint, run_dir / "checkpoints"),
                                   error=CheckpointError)
+    if resume_path is not None:  # train_batch_size or gradient_accumulation_steps changed since: before caching
+        parallel.decide(lambda: _refuse(resume_settings_problem(resume_path, config)), error=ConfigError)
     saved_world_size = ckpt.saved_world_size(resume_path) if resume_path is not None else None
     if saved_world_size is not None and not ckpt.is_sharded_checkpoint(resume_path):  # sharded ones reshard
         check_resume_world_size(saved_world_size, parallel, resume_path)
     # A damaged config or tokenizer file is named as `check` names it, not met by a loader as a traceback.
     parallel.decide(lambda: require_intact_model(config.pretrained_model_name_or_path), error=CheckpointError)
+    # A lora_rank wider than an adapted layer, or a fixed validation_resolution the DiT's patch cannot take, refused as
+    # `check` refuses them (the same functions), before minutes of caching and model loading.
+    parallel.decide(lambda: _refuse(model_settings_problem(config)), error=ConfigError)
     if config.init_lora:  # a missing or broken file is named now, before minutes of caching and model loading
         from longcat_tuner.model.lora_formats import check_init_lora
 
@@ -515,12 +531,18 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
             # A LoRA for another model or size, or on layers without a trainable adapter: named as
             # `init_lora_from_file` names them, but before the caches are built and the model is loaded
             # (`check` reports the same, through the same function).
-            check_init_lora(config.init_lora, config.lora_targets, config.pretrained_model_name_or_path)
+            check_init_lora(config.init_lora, config.lora_targets, config.pretrained_model_name_or_path,
+                            config.lora_rank)
 
         parallel.decide(read_init_lora, error=CheckpointError)
     precision = choose_precision(config, parallel.device)
     seed_everything(config.seed)  # the same on every rank: adapters start identical
     data = prepare_data(config, device=precision.device, progress=progress, parallel=parallel)
+    # The validation videos as sized from their start frames (a resolution class), before the model loads.
+    parallel.decide(lambda: _refuse(validation_size_problem(
+        config.validation_resolution, [(*validation_size(item), f"eval sample {item.name}" if item.start_frame is not None else None)
+         for item in data.validation_items],
+        _dit_config(config).patch_size)), error=ConfigError)
     plan = plan_memory(config, data, precision, parallel)  # before the model loads: a pinned key that cannot fit stops here
     config = config.model_copy(update=plan.settings.config_values())  # the snapshot in `start` holds what runs
     parallel.say(plan.summary())
@@ -557,6 +579,42 @@ def start_run(config: TrainConfig, run_dir: Path, events: EventLog, progress: bo
     return run
 
 
+def _refuse(problem: Optional[str]) -> None:
+    if problem:
+        raise ConfigError(problem)
+
+
+def _dit_config(config: TrainConfig) -> Any:
+    from longcat_tuner.model.config import DiTConfig
+    from longcat_tuner.model.loading import find_component
+
+    return DiTConfig.from_file(find_component(config.pretrained_model_name_or_path, "dit") / "config.json")
+
+
+def model_settings_problem(config: TrainConfig) -> Optional[str]:
+    """What `check` refuses about the settings against the model's dit/config.json (no weights read): a lora_rank
+    above the narrowest adapted layer, a fixed validation_resolution that is not a multiple of the patch's pixels."""
+    from longcat_tuner.config.resolution import parse_resolution
+    from longcat_tuner.model.inspect import lora_rank_problem
+
+    dit_config = _dit_config(config)
+    if config.model_type == "lora":
+        problem = lora_rank_problem(dit_config, config.lora_rank, config.lora_targets)
+        if problem:
+            return problem
+    fixed = parse_resolution(config.validation_resolution)
+    if isinstance(fixed, tuple) and (config.validation_using_datasets or config.validation_prompt):
+        return validation_size_problem(config.validation_resolution, [(*fixed, None)], dit_config.patch_size)
+    return None
+
+
+def validation_size(item: Any) -> tuple[int, int]:
+    """(height, width) of a validation item's video (`run_validation` sizes it the same way)."""
+    if item.start_frame is not None:
+        return int(item.start_frame.shape[1]), int(item.start_frame.shape[2])
+    return item.size
+
+
 def resume(run: Run, path: Path) -> None:
     """Weights, optimizer, schedule, sampler position, RNG and step from the checkpoint at `path`."""
     parallel = run.parallel
@@ -581,6 +639,10 @@ def resume(run: Run, path: Path) -> None:
     rng = state["rng"] if resharded else parallel.rng_from_checkpoint(state["rng"])
     ckpt.restore_rng_state(rng, {"train": run.generator}, cuda_device=parallel.cuda_rng_device)
     run.step = int(state["state"]["step"])
+    if Path(path).resolve() == (run.checkpoints_dir / ckpt.checkpoint_name(run.step)).resolve():
+        # This run's own checkpoint of this step: a stop before the next step has nothing new to save, and saving it
+        # again would replace the folder just loaded (two renames: a kill between them leaves no `checkpoint-X`).
+        run.saved_at = run.step
     if resharded:
         # The per-rank noise streams of the old ranks do not map onto the new ones: fresh ones, from the step.
         run.generator.manual_seed(rank_seed(run.config.seed + run.step, parallel.data_rank))
@@ -781,6 +843,7 @@ def _write_checkpoint(run: Run, rng_state: dict[str, Any], weights: dict[str, to
             run.checkpoints_dir, step=run.step, weights=weights, optimizer_state=optimizer_state,
             scheduler_state=run.scheduler.state_dict(), rng_state=rng_state, extra_files=extra, sharded=sharded,
             trainer_state={"sampler": run.data.sampler.state_dict(), "total_steps": run.total_steps,
+                           **{key: getattr(run.config, key) for key in STEP_DATA_KEYS},
                            "world_size": run.parallel.world_size, "data_world_size": run.parallel.data_world_size,
                            "distributed_strategy": run.parallel.checkpoint_layout},
         )
@@ -1070,6 +1133,8 @@ def end_run(run: Run, result: TrainResult) -> TrainResult:
     signal_name = next((name for name in run.parallel.gather(run.stop.signal_name) if name), None)
     if run.step < run.total_steps:
         checkpoint(run, result)
+        if result.checkpoint_path is None and run.saved_at == run.step:  # stopped right after resuming: the one loaded
+            result.checkpoint_path = run.checkpoints_dir / ckpt.checkpoint_name(run.step)
         result.status = "interrupted"
         run.events.emit("end", status="interrupted", step=run.step, lora_path=None, signal=signal_name)
         return result

@@ -1,8 +1,11 @@
-"""`/api/loras`, `/api/uploads` and `/api/previews`: image-to-video previews through `longcat-tuner sample`.
+"""`/api/loras`, `/api/models`, `/api/uploads` and `/api/previews`: image-to-video previews through
+`longcat-tuner sample`.
 
 The LoRA list holds the LoRAs of this server's runs and of every run folder (one with the trainer's
 `events.jsonl`) found in the allowed folders, so a LoRA trained from the command line can be picked
-too; any other `.safetensors` file inside the allowed folders can be named by path.
+too; any other `.safetensors` file inside the allowed folders can be named by path. The model list holds the
+saved config's base model and the full fine-tunes of the same run folders (`model_type: full`: their output_dir,
+which `sample --model` takes with the base model recorded in its base_model.json).
 """
 from __future__ import annotations
 
@@ -47,7 +50,14 @@ RUN_SCAN_SECONDS = 2.0
 class PreviewBody(BaseModel):
     upload: str = Field(..., description="Id of an uploaded start frame (POST /api/uploads).")
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
-    model: Optional[str] = Field(None, description="Checkpoint root; default: the saved config's model.")
+    model: Optional[str] = Field(
+        None, description="Checkpoint root, or a full fine-tune's output_dir from GET /api/models (its DiT with the "
+        "base model's text encoder and VAE); default: the saved config's model.",
+    )  # fmt: skip
+    dit: Optional[str] = Field(
+        None, description="A full fine-tune's DiT folder (output_dir/dit) to sample instead of the model's own dit/; "
+        "the model is then the base it was trained from. Empty: the model's DiT.",
+    )  # fmt: skip
     lora: Optional[str] = Field(
         None, description="A LoRA file from GET /api/loras or any .safetensors path inside the allowed folders; "
         "empty: the base model.",
@@ -143,6 +153,65 @@ def list_loras(state: StateDep) -> list[dict[str, Any]]:
         for file in run_loras(run_dir):
             found.setdefault(str(file.resolve()), lora_entry(file, run_dir, None))
     return sorted(found.values(), key=lambda item: -item["modified"])
+
+
+# --- models: the base and full fine-tunes -------------------------------------------------------------
+def run_model(run_dir: Path) -> Optional[dict[str, Any]]:
+    """A full fine-tune's result in a run folder (its dit/ and the base_model.json `train` writes beside it), as
+    GET /api/models lists it, or None."""
+    from longcat_tuner.model.sources import BASE_MODEL_FILE
+
+    pointer = run_dir / BASE_MODEL_FILE
+    if not pointer.is_file() or not (run_dir / "dit" / "config.json").is_file():
+        return None
+    try:
+        recorded = json.loads(pointer.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        recorded = {}
+    recorded = recorded if isinstance(recorded, dict) else {}
+    return {"path": str(run_dir), "kind": "full", "dit": str(run_dir / "dit"), "base_model": recorded.get("base_model"),
+            "step": recorded.get("step"), "modified": pointer.stat().st_mtime}  # fmt: skip
+
+
+@router.get("/api/models")
+def list_models(state: StateDep) -> list[dict[str, Any]]:
+    """Models a preview can use: the saved config's base model (`kind: base`) and the full fine-tunes of this
+    server's runs (`run`: its id) and of run folders in the allowed folders (`kind: full`, newest first; each
+    `path` is the run's output_dir, which `sample --model` takes as it is)."""
+    found: dict[str, dict[str, Any]] = {}
+    for job in state.store.list("run"):
+        output_dir = Path(job.extra.get("output_dir") or "")
+        entry = run_model(output_dir) if output_dir.is_dir() else None
+        if entry is not None:
+            found.setdefault(str(output_dir.resolve()), {**entry, "run": job.id})
+    for run_dir in find_run_folders(state.settings.roots):
+        entry = run_model(run_dir)
+        if entry is not None:
+            found.setdefault(str(run_dir.resolve()), {**entry, "run": None})
+    models = sorted(found.values(), key=lambda item: -item["modified"])
+    try:
+        base = state.saved_config().get("pretrained_model_name_or_path")
+    except Exception:  # an unreadable saved config is reported by GET /api/config; the fine-tunes are still listed
+        base = None
+    if isinstance(base, str) and base.strip():
+        models.insert(0, {"path": base, "kind": "base", "run": None})
+    return models
+
+
+def preview_sources(model_path: Path, dit: Optional[str], roots: Iterable[Path]) -> tuple[Optional[Path], Path]:
+    """(the --dit to pass or None, the base model folder) of a preview: a full fine-tune's output_dir as the model
+    resolves to its recorded base, which must lie inside the allowed folders too; a DiT folder that does not fit
+    the model (another size, incomplete) is refused now (422), not after the subprocess starts loading."""
+    from longcat_tuner.errors import CheckpointError
+    from longcat_tuner.model.sources import resolve_model
+
+    dit_path = security.resolve_inside(dit.strip(), roots, what="dit") if dit and dit.strip() else None
+    try:
+        sources = resolve_model(model_path, dit_path, model_flag="model", dit_flag="dit")
+    except CheckpointError as err:
+        raise HTTPException(422, str(err)) from None
+    root = security.resolve_inside(sources.root, roots, what="base model")  # a pointer may name any folder
+    return dit_path, root
 
 
 # --- uploads -----------------------------------------------------------------------------------------
@@ -316,10 +385,13 @@ def start_preview(body: PreviewBody, state: StateDep) -> dict[str, Any]:
         if not lora.is_file() or lora.suffix != ".safetensors":
             raise HTTPException(404, f"LoRA {lora} is not a .safetensors file")
         args += ["--lora", str(lora)]
+    dit_path, base_root = preview_sources(model_path, body.dit, roots)
+    if dit_path is not None:
+        args += ["--dit", str(dit_path)]
     steps, guidance = body.steps, body.guidance
     if body.fast:
         # The official CFG- and step-distilled LoRA: 16 steps on the distilled grid, no CFG (MODEL.md 4.4).
-        distill = model_path / "lora" / "cfg_step_lora.safetensors"
+        distill = base_root / "lora" / "cfg_step_lora.safetensors"  # a full fine-tune's: its base model's
         if not distill.is_file():
             raise HTTPException(404, f"fast preview needs the official {distill}; it is not in the model folder")
         args += ["--lora", str(distill), "--distilled"]

@@ -73,7 +73,7 @@ function showTab() {
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.tab === name);
   if (name === "runs") { refreshRuns(); pollGpu(); }
   if (name === "gallery") refreshGallery();
-  if (name === "preview") { refreshLoras(); refreshPreviews(); }
+  if (name === "preview") { refreshLoras(); refreshModels(); refreshPreviews(); }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -760,7 +760,7 @@ async function refreshPreviews() {
   $("#preview-history").replaceChildren(...previews.map((p) => el("li", {},
     el("span", { class: `status ${p.status}`, text: p.status }), " ",
     el("span", { text: `${fmt.time(p.started)} · ${p.request.prompt}` }),
-    el("span", { class: "muted", text: ` · ${p.request.frames} frames, ${p.request.steps} steps${p.request.lora ? `, LoRA ${p.request.lora.split("/").slice(-3).join("/")}` : ", base model"}` }), " ",
+    el("span", { class: "muted", text: ` · ${p.request.frames} frames, ${p.request.steps} steps${p.request.model ? `, model ${p.request.model.split("/").slice(-2).join("/")}` : ""}${p.request.lora ? `, LoRA ${p.request.lora.split("/").slice(-3).join("/")}` : ", no LoRA"}` }), " ",
     p.video ? el("button", { type: "button", onclick: () => showPreviewVideo(p.video) }, "show") : null)));
   $("#preview-history-box").hidden = !previews.length;
 }
@@ -778,6 +778,17 @@ async function refreshLoras() {
       ...data.map((lora) => el("option", { value: lora.path, title: lora.path,
         text: lora.run ? `run ${lora.run} / ${lora.name}` : `${lora.run_dir.split("/").slice(-2).join("/")} / ${lora.name}` })));
     select.value = [...select.options].some((o) => o.value === current) ? current : "";
+  } catch (err) { banner(err.message); }
+}
+
+// The model field suggests the base model and every full fine-tune (model_type: full) found: a fine-tune's
+// output_dir samples its DiT with the base model's text encoder and VAE (recorded in its base_model.json).
+async function refreshModels() {
+  try {
+    const { data } = await api("GET", "/api/models");
+    $("#preview-models").replaceChildren(...data.map((model) => el("option", { value: model.path,
+      label: model.kind === "base" ? "base model (saved config)"
+        : `full fine-tune${model.run ? ` of run ${model.run}` : ""}${model.step != null ? `, step ${model.step}` : ""}` })));
   } catch (err) { banner(err.message); }
 }
 
