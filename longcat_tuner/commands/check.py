@@ -45,7 +45,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--config", type=Path, help="config.json (its data keys and pretrained_model_name_or_path; "
                         "the flags below override them)")
-    add_config_arguments(parser, names=DATA_KEYS, title="data keys (override config.json; `none` clears eval_dataset_id)")
+    add_config_arguments(
+        parser, names=DATA_KEYS, title="data keys (override config.json; `none` clears eval_dataset_id)",
+        description="The defaults shown are config.json's. Without --config, no dataset is held out as the eval "
+        "split unless --eval_dataset_id names it (every dataset is then checked or cached as training data).")
 
 
 def data_settings(args: argparse.Namespace) -> DataSettings:

@@ -32,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "videos are coloured noise by design; the demo proves the pipeline (loss curve, held-out loss, files).",
     )
     parser.add_argument("folder", nargs="?", type=Path, default=Path("demo_output"), help="where to put everything (default: demo_output in the current "
-                        "folder; rerunning into it starts afresh)")
+                        "folder; rerunning into it starts afresh, the earlier run moved into "
+                        "output/superseded-run-*; a config.json or multidatabackend.json it did not write, or "
+                        "one you edited since, is refused, never replaced)")
     from longcat_tuner.commands.argtypes import bounded_int
     from longcat_tuner.config.training import MAX_STEPS
 

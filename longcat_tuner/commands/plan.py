@@ -24,8 +24,10 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "plan",
         help="estimate peak GPU memory and step time of a training config",
-        description="Print the expected peak GPU memory and seconds per step of a LoRA training config, "
-        "and the settings (block swap, base precision, checkpointing) that fit a GPU.",
+        description="Print the memory plan `train` would choose on a GPU of --gpu-memory GiB, then the expected "
+        "peak GPU memory and seconds per step of a LoRA training config's own settings, and the settings (block "
+        "swap, base precision, checkpointing) close to them that fit. The clip size is the largest training clip "
+        "of the datasets file (else the validation size); --resolution / --frames override it.",
     )
     parser.add_argument("--config", type=Path, required=True, help="config.json")
     parser.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GPU memory in GiB (default 80)")
@@ -170,10 +172,12 @@ def run(args: argparse.Namespace) -> int:
     refuse_long_path("--config", args.config)  # one line naming the flag, not an OSError traceback
     config = TrainConfig.from_file(args.config, overrides=config_overrides(args))
     resolution, frames = args.resolution, args.frames
-    if resolution is None and frames is None:
+    if resolution is None or frames is None:
+        # What is not given comes from the largest training clip (`--resolution` alone used to take the frame
+        # count from validation_num_video_frames, `--frames` alone the validation size, unlike --help said).
         shape = training_shape(config)
         if shape is not None:
-            resolution, frames = shape
+            resolution, frames = resolution or shape[0], frames or shape[1]
     dit = checkpoint_dit_config(config)  # read once: the attention and the size note both come from it
     setting = setting_from_config(config, resolution=resolution, frames=frames, dit=dit)
     calibrated, note = model_size_note(config, dit)

@@ -126,4 +126,6 @@ def add_sampling_arguments(
             default=field.default if defaults else None,
             check=lambda value, name=name: check_sampling_value(name, value),
             description=(helps or {}).get(name),
+            # a caller that picks the default itself (`plan`: the training datasets') says so in its own help
+            show_default=defaults or name not in (helps or {}),
         )

@@ -759,15 +759,17 @@ def add_field_argument(
     default: Any = argparse.SUPPRESS,
     check: Optional[Callable[[Any], Any]] = None,
     description: Optional[str] = None,
+    show_default: bool = True,
 ) -> None:
     """Add one schema field as a command-line flag: its type, choices and help (with its default) from the schema.
 
     `default=argparse.SUPPRESS` leaves the option out of the namespace unless typed (config overrides);
-    `check` validates a typed value by the schema's rules (an argparse error otherwise).
+    `check` validates a typed value by the schema's rules (an argparse error otherwise); `show_default=False`
+    leaves the schema's default out of the help, for a caller whose `description` says where the default comes from.
     """
     annotation, optional = _unwrap_optional(field.annotation)
     shown = "required" if field.is_required() else field.get_default(call_default_factory=True)
-    help_text = f"{description or field.description} [default: {shown}]".replace("%", "%%")
+    help_text = (f"{description or field.description}" + (f" [default: {shown}]" if show_default else "")).replace("%", "%%")
     flag = flag or f"--{name}"
     common = {"default": default, "help": help_text, "dest": name}
     if annotation is bool:
@@ -789,15 +791,16 @@ def add_field_argument(
 
 def add_config_arguments(
     parser: argparse.ArgumentParser, model: type[BaseModel] = TrainConfig, names: Optional[Iterable[str]] = None,
-    *, title: str = "config keys (override config.json)",
-) -> None:
+    *, title: str = "config keys (override config.json)", description: Optional[str] = None,
+) -> argparse._ArgumentGroup:
     """Add `--<key>` for every schema field (or those in `names`); help text and defaults come from the schema.
 
     Defaults are suppressed in the namespace so that only options the user typed override the file.
     """
-    group = parser.add_argument_group(title)
+    group = parser.add_argument_group(title, description)
     for name in names or model.model_fields:
         add_field_argument(group, name, model.model_fields[name])
+    return group
 
 
 def config_overrides(args: argparse.Namespace, model: type[BaseModel] = TrainConfig) -> dict[str, Any]:

@@ -14,9 +14,10 @@ COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # What a run writes into its output_dir (besides its lock): an earlier run's copies are set aside together.
 RUN_FOLDERS = ("checkpoints", "dit", "validation", "tensorboard")
-# train/events.py EVENTS_FILE and a full fine-tune's model/sources.py BASE_MODEL_FILE (beside its dit/); the final
-# LoRA weights are the folder's *.safetensors
-RUN_FILES = ("events.jsonl", "base_model.json")
+# train/events.py EVENTS_FILE, a full fine-tune's model/sources.py BASE_MODEL_FILE (beside its dit/) and the demo's
+# loss chart (commands/demo.py: left in place, the chart of the earlier run sat beside the new one's outputs after
+# `train --config FOLDER/config.json`, the demo's own advice); the final LoRA weights are the folder's *.safetensors
+RUN_FILES = ("events.jsonl", "base_model.json", "loss.png")
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
@@ -63,8 +64,8 @@ def earlier_run_problem(run_dir: Path, *, resume_from_checkpoint: Optional[str],
 
 def set_aside_earlier_run(run_dir: Path) -> Optional[Path]:
     """Move what an earlier run left in `run_dir` (checkpoints/, final weights, dit/, validation/, tensorboard/,
-    events.jsonl) into one new `superseded-run-<date>-<time>` folder there, and return it (None when there is
-    nothing). `overwrite_output_dir` starts from step 0: left in place, the earlier checkpoints would be what
+    events.jsonl, base_model.json, the demo's loss.png) into one new `superseded-run-<date>-<time>` folder there,
+    and return it (None when there is nothing). `overwrite_output_dir` starts from step 0: left in place, the earlier checkpoints would be what
     `latest` resumes and what `checkpoints_total_limit` prunes among the new run's, and its events and validation
     videos would be appended to or saved over."""
     run_dir = Path(run_dir)
