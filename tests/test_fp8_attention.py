@@ -120,8 +120,10 @@ def test_the_tiny_dit_samples_with_fp8_attention(tiny_checkpoint):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("exp16", [0, 1])
 @pytest.mark.parametrize("n_q,n_k", [(4096, 4096), (1000, 3001)])
-def test_gpu_kernel_bf16(n_q, n_k):
+def test_gpu_kernel_bf16(n_q, n_k, exp16, monkeypatch):
+    monkeypatch.setitem(fp8.KERNEL_CONFIG, "EXP16", exp16)
     if fp8.fp8_device_error("cuda"):
         pytest.skip(fp8.fp8_device_error("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -36,7 +36,7 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 OP = "longcat_tuner::fp8_attention_forward"
 
 # Launch settings (bench/bench_fp8_attention.py --sweep, one H100, 37,440 keys, 32 heads of 128).
-KERNEL_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+KERNEL_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "EXP16": 0}
 # Under Triton's interpreter (CPU tests): small tiles, so ragged edges are exercised at test sizes.
 INTERPRETER_CONFIG: dict[str, int] = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
 
@@ -62,7 +62,7 @@ def fp8_device_error(device: torch.device | str) -> str | None:
 
 @triton.jit
 def _fp8_key_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, start, cols, n_k, stride_kn,
-                  P_OFFSET: tl.constexpr, MASKED: tl.constexpr, ROUND_FIRST: tl.constexpr):
+                  P_OFFSET: tl.constexpr, MASKED: tl.constexpr, ROUND_FIRST: tl.constexpr, EXP16: tl.constexpr):
     """One key tile of the online softmax: (acc, l_i, m_i) updated. MASKED: the tile runs past the last key."""
     keys = start + cols
     if MASKED:
@@ -80,8 +80,16 @@ def _fp8_key_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, start, col
         s = tl.where(key_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - (m_new[:, None] - P_OFFSET))
-    l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+    if EXP16:
+        # Half the special-function work: two exponentials per instruction in fp16 (P <= 2^8 fits; it is rounded
+        # to e4m3 next). GPU only (inline PTX); the row sums stay fp32.
+        x = (s - (m_new[:, None] - P_OFFSET)).to(tl.float16)
+        p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=True,
+                                      pack=2)
+        l_i = l_i * alpha + tl.reduce(p.to(tl.float32), 1, _sum_combine)
+    else:
+        p = tl.exp2(s - (m_new[:, None] - P_OFFSET))
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
     if ROUND_FIRST:
         # Triton's interpreter converts to float8 wrongly when rounding carries into the exponent (31.6 -> 16,
         # not 32): round to e4m3's 4 significant bits in fp32 first (Veltkamp's split), so the conversion is
@@ -101,7 +109,7 @@ def _fp8_attention_fwd_kernel(
     stride_oz, stride_oh, stride_on,
     num_heads, n_q, n_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P_OFFSET: tl.constexpr,
-    EVEN_M: tl.constexpr, ROUND_FIRST: tl.constexpr,
+    EVEN_M: tl.constexpr, ROUND_FIRST: tl.constexpr, EXP16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     zh = tl.program_id(1)
@@ -132,10 +140,10 @@ def _fp8_attention_fwd_kernel(
     n_whole = (n_k // BLOCK_N) * BLOCK_N
     for start in range(0, n_whole, BLOCK_N):
         acc, l_i, m_i = _fp8_key_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, start, cols, n_k,
-                                      stride_kn, P_OFFSET, False, ROUND_FIRST)
+                                      stride_kn, P_OFFSET, False, ROUND_FIRST, EXP16)
     if n_whole < n_k:
         acc, l_i, m_i = _fp8_key_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, n_whole, cols, n_k,
-                                      stride_kn, P_OFFSET, True, ROUND_FIRST)
+                                      stride_kn, P_OFFSET, True, ROUND_FIRST, EXP16)
 
     v_scale = tl.load(VS + zh.to(tl.int64) * HEAD_DIM + dims)
     acc = acc * (v_scale[None, :] / l_i[:, None])
@@ -171,14 +179,14 @@ def fp8_attention_forward(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Ten
     batch, heads, n_q, head_dim = q8.shape
     n_k = k8.shape[2]
     config = dict(KERNEL_CONFIG if q8.is_cuda else INTERPRETER_CONFIG)
-    block_m, block_n = config.pop("BLOCK_M"), config.pop("BLOCK_N")
+    block_m, block_n, exp16 = config.pop("BLOCK_M"), config.pop("BLOCK_N"), bool(config.pop("EXP16", 0))
     o = torch.empty(q8.shape, device=q8.device, dtype=out_dtype)
     _launcher(_fp8_attention_fwd_kernel, q8.device)[(triton.cdiv(n_q, block_m), batch * heads)](
         q8, q_scale, k8, k_scale, vt8, v_scale, o,
         *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3], *o.stride()[:3],
         heads, n_q, n_k, LOG2E / math.sqrt(head_dim),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, P_OFFSET=P_OFFSET_LOG2,
-        EVEN_M=n_q % block_m == 0, ROUND_FIRST=not q8.is_cuda, **config,
+        EVEN_M=n_q % block_m == 0, ROUND_FIRST=not q8.is_cuda, EXP16=exp16 and q8.is_cuda, **config,
     )
     return o
 
