@@ -150,6 +150,10 @@ def shareable(path: Union[str, Path]) -> None:
         os.chmod(path, 0o666 & ~_umask())
 
 
+class NotRegularFileError(OSError):
+    """`atomic_file` was given a path that exists and is not a regular file (a device, pipe, socket or folder)."""
+
+
 @contextlib.contextmanager
 def atomic_file(path: Union[str, Path], *, suffix: Optional[str] = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` if the block succeeds, else delete it.
@@ -158,6 +162,11 @@ def atomic_file(path: Union[str, Path], *, suffix: Optional[str] = None) -> Iter
     list a folder can tell it apart, and a leftover of a killed process can be found and removed.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        # The rename would replace the node itself: run as root with `/dev/null` (or a pipe) as the output, it
+        # turned the system's /dev/null into a plain file.
+        what = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise NotRegularFileError(f"{path} is {what}, so it is not replaced by a written file; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + (suffix if suffix is not None else f".tmp{os.getpid()}"))
     try:

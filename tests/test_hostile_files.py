@@ -635,3 +635,38 @@ def test_a_tokenizer_json_that_is_no_tokenizer_is_named(tiny_checkpoint, tmp_pat
     (root / "tokenizer" / "tokenizer.json").write_text(content)
     with pytest.raises(CheckpointError, match=r"tokenizer.json is JSON but not a tokenizer"):
         require_intact_model(root)
+
+
+def test_a_device_or_pipe_as_an_output_is_never_replaced(tmp_path, tiny_checkpoint, capsys):
+    """Run as root, an output named /dev/null was renamed over: the system's /dev/null became a plain file.
+    A pipe stands for every node that is not a regular file (tests cannot count on making devices)."""
+    import os
+    import stat
+
+    from longcat_tuner.cli import main as cli_main
+    from longcat_tuner.fsutil import NotRegularFileError, atomic_file
+
+    pipe = tmp_path / "out.safetensors"
+    os.mkfifo(pipe)
+    with pytest.raises(NotRegularFileError, match="not a regular file"):
+        with atomic_file(pipe) as temporary:
+            temporary.write_bytes(b"x")
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode) and not list(tmp_path.glob("out.safetensors.tmp*"))
+
+    from longcat_tuner.model.lora import inject_lora, save_lora
+    from longcat_tuner import load_dit
+
+    dit = load_dit(tiny_checkpoint)
+    inject_lora(dit, rank=2)
+    lora = tmp_path / "in.safetensors"
+    save_lora(dit, lora)
+    assert cli_main(["export-lora", str(lora), str(pipe), "--format", "comfyui", "--overwrite"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+    video = tmp_path / "v.mp4"
+    os.mkfifo(video)
+    code = cli_main(["sample", "--model", str(tiny_checkpoint), "--prompt", "x", "--frames", "5", "--steps", "1",
+                     "--resolution", "32x32", "--device", "cpu", "--output", str(video), "--overwrite"])
+    assert code == 2 and "not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.stat(video).st_mode)
