@@ -282,3 +282,16 @@ def test_the_preview_lists_and_samples_a_full_fine_tune(finetune, tmp_path):
     (inside / "base_model.json").write_text(json.dumps({"base_model": str(outside), "dit": "dit"}))
     refused = client.post("/api/previews", json={**body, "model": str(inside)})
     assert refused.status_code == 403 and "base model" in refused.text
+
+    # The DiT of a run folder inside is a symlink to a DiT outside the allowed folders: refused as the base is.
+    linked = root / "linked-out"
+    linked.mkdir()
+    (linked / "dit").symlink_to(outside / "dit", target_is_directory=True)
+    (linked / "base_model.json").write_text(json.dumps({"base_model": str(base), "dit": "dit"}))
+    refused = client.post("/api/previews", json={**body, "model": str(linked)})
+    assert refused.status_code == 403 and "dit" in refused.text and str(outside / "dit") in refused.text
+    # An over-long recorded base (or DiT name) is a 422 naming the file, not a 500 from the file system.
+    for pointer in ({"base_model": "/" + "x" * 300, "dit": "dit"}, {"base_model": str(base), "dit": "d" * 300}):
+        (inside / "base_model.json").write_text(json.dumps(pointer))
+        too_long = client.post("/api/previews", json={**body, "model": str(inside)})
+        assert too_long.status_code == 422 and "too long" in too_long.text and "base_model.json" in too_long.text

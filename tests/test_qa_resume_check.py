@@ -92,6 +92,7 @@ def test_cleanup_puts_back_a_checkpoint_left_only_as_an_old_folder(tmp_path):
     weights = (kept / ckpt.WEIGHTS_FILE).read_bytes()
     kept.rename(tmp_path / ".old-checkpoint-000001-4242")  # the first rename of a re-save of step 1 ...
     newer = _save(tmp_path / "other", 1)
+    (newer / "from-the-temporary").write_text("")  # the same step's bytes: this tells the two copies apart
     newer.rename(tmp_path / ".tmp-checkpoint-000001-4242")  # ... its complete temporary, not yet renamed
     (tmp_path / ".tmp-checkpoint-000002-4242").mkdir()  # an unfinished save of another step: no COMPLETE
     _save(tmp_path, 3).rename(tmp_path / ".old-checkpoint-000003-17")  # a stale copy beside its checkpoint
@@ -101,6 +102,7 @@ def test_cleanup_puts_back_a_checkpoint_left_only_as_an_old_folder(tmp_path):
 
     assert restored == [tmp_path / "checkpoint-000001"]
     assert (tmp_path / "checkpoint-000001" / ckpt.WEIGHTS_FILE).read_bytes() == weights  # the committed copy
+    assert not (tmp_path / "checkpoint-000001" / "from-the-temporary").exists()  # .old- first, not the .tmp-
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [1, 3]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # the rest is cleaned up
 
@@ -127,6 +129,20 @@ def test_a_stop_right_after_a_resume_does_not_rewrite_the_loaded_checkpoint(work
     assert saves == []  # nothing new to save: the checkpoint it loaded is this step's
     assert result.checkpoint_path == loaded
     assert (loaded / ckpt.COMPLETE_MARKER).stat().st_ino == inode  # the very files it loaded, never replaced
+
+
+@needs_tiny
+def test_a_new_run_is_refused_when_the_cleanup_puts_back_an_earlier_runs_checkpoint(workspace, no_caching):
+    """Before: the earlier-run check ran before the cleanup, so an output_dir whose only checkpoint was left as
+    `.old-checkpoint-X-<pid>` passed as empty; the cleanup then put checkpoint-X back and the new run from step 0
+    trained beside it (its own step X saved over it, `checkpoints_total_limit` pruning it)."""
+    from longcat_tuner.train.trainer import train
+
+    checkpoints = workspace / "only-old" / "checkpoints"
+    _save(checkpoints, 1).rename(checkpoints / ".old-checkpoint-000001-4242")
+    with pytest.raises(ConfigError, match=r"already holds an earlier run \(1 checkpoint\(s\), the newest checkpoint-000001"):
+        train(make_config(workspace, "only-old"), progress=False)
+    assert [step for step, _ in ckpt.list_checkpoints(checkpoints)] == [1]  # put back, and kept
 
 
 # --- 2. what forms a step must not change across a resume ---------------------------------------------------

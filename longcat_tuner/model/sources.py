@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from longcat_tuner.errors import CheckpointError
+from longcat_tuner.fsutil import path_too_long
 from longcat_tuner.model.config import DiTConfig
 from longcat_tuner.model.inspect import DIT_CLASS_NAME, config_class
 
@@ -95,6 +96,10 @@ def read_base_pointer(path: PathLike, *, model_flag: str = "--model", dit_flag: 
         raise CheckpointError(f"{path} has no 'base_model' folder (got {str(base)[:80]!r}); {fix}")
     if not isinstance(dit, str) or not dit or Path(dit).name != dit or dit in (".", ".."):
         raise CheckpointError(f"{path}: 'dit' must name the DiT folder beside it (\"dit\"), got {dit!r}; {fix}")
+    for key, value in (("base_model", base), ("dit", dit)):  # the file system's ENAMETOOLONG: a 500 in the web UI
+        too_long = path_too_long(value)
+        if too_long:
+            raise CheckpointError(f"{path}: its '{key}' is no usable path: {too_long}; {fix}")
     root = Path(base).expanduser()
     root = root if root.is_absolute() else run_dir / root
     if not root.is_dir():

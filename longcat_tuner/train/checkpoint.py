@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from longcat_tuner.errors import CheckpointError
 from longcat_tuner.fsutil import is_write_error, shareable, write_failure
 from longcat_tuner.train.outputs import (  # torch-free, shared with `check`
-    CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints, move_aside, resume_path_problem,
+    CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints, move_aside, resolved_resume_checkpoint,
+    resume_path_problem,
 )
 
 WEIGHTS_FILE = CHECKPOINT_WEIGHTS_FILE
@@ -279,15 +280,10 @@ def prune_checkpoints(checkpoints_dir: Path, limit: Optional[int], *, keep: Path
 def resolve_resume_path(value: Optional[str], checkpoints_dir: Path) -> Optional[Path]:
     """`latest` -> newest complete checkpoint (None when the run is new); a path -> that folder, which must be a
     complete checkpoint (`resume_path_problem`)."""
-    if value is None:
-        return None
-    if value == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1][1] if found else None
     problem = resume_path_problem(value, checkpoints_dir)  # before minutes of caching and model loading
     if problem:
         raise CheckpointError(problem)
-    return Path(value)
+    return resolved_resume_checkpoint(value, checkpoints_dir)  # the one `check` asks
 
 
 def load_checkpoint(path: Path, *, tensors: bool = True) -> dict[str, Any]:

@@ -418,10 +418,12 @@ def claimed_output_dir(config: TrainConfig, parallel: SingleProcess) -> Iterator
 
     def claim() -> Optional[Path]:
         held.append(run_lock.acquire(run_dir))
-        refuse_finished_outputs(config, run_dir)
+        # Before the earlier-run check: a checkpoint left only as `.old-`/`.tmp-` is put back first, so it counts as
+        # the earlier run's (a new run from step 0 would otherwise save over it and prune it).
         for restored in ckpt.remove_stale_temporaries(run_dir / "checkpoints"):
             print(f"{restored.name}: a save over it was interrupted between its two renames; the complete copy was "
                   f"put back as {restored}")
+        refuse_finished_outputs(config, run_dir)
         if config.resume_from_checkpoint or not config.overwrite_output_dir:
             return None
         # Step 0 again: the earlier run is moved aside, so `latest`, the pruning and the events see this run only.

@@ -211,6 +211,8 @@ def preview_sources(model_path: Path, dit: Optional[str], roots: Iterable[Path])
     except CheckpointError as err:
         raise HTTPException(422, str(err)) from None
     root = security.resolve_inside(sources.root, roots, what="base model")  # a pointer may name any folder
+    if sources.fine_tuned:  # the pointer's DiT folder beside it may be a symlink to any folder too
+        security.resolve_inside(sources.dit, roots, what="dit")
     return dit_path, root
 
 
