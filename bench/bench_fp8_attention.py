@@ -1,9 +1,9 @@
-"""Benchmark float8 attention (`sample --attention fp8`, model/fp8_attention.py) against cuDNN bf16 attention.
+"""Benchmark float8 attention (the probe `bench/fp8_attention_probe.py`) against cuDNN bf16 attention.
 
 The sampling call of LongCat-Video I2V at 480x832x93: noisy queries (23 x 30 x 52 = 35,880 tokens) against the
 whole clip's keys (24 x 30 x 52 = 37,440), 32 heads of 128, batch 2 (a CFG pair) and 1 (a distilled step). Per
-case: seconds per call (median of CUDA-event timings) of the product's `attention(..., backend fp8)` path
-(quantization included) and of the kernel alone, cuDNN bf16 (what `sdpa` runs), TFLOP/s (4 * Nq * Nk * D * heads *
+case: seconds per call (median of CUDA-event timings) of `fp8_attention` (quantization in torch ops included) and
+of the kernel alone, cuDNN bf16 (what `sdpa` runs), TFLOP/s (4 * Nq * Nk * D * heads *
 batch per call), and the relative error (Frobenius) of both against fp32 attention on the first 1,024 query rows.
 `--sweep` also times kernel launch settings (tiles, warps, stages).
 
@@ -25,8 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_result  # noqa: E402
-from longcat_tuner.model import fp8_attention as fp8  # noqa: E402
-from longcat_tuner.model.attention import AttentionOptions, attention  # noqa: E402
+from bench import fp8_attention_probe as fp8  # noqa: E402
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16; float8 peaks at twice this
 CASES = {"cfg_pair": dict(batch=2), "distilled": dict(batch=1)}
@@ -85,7 +84,7 @@ def run_case(batch: int, n_q: int, n_k: int, heads: int, head_dim: int, device: 
     want = reference_rows(q, k, v, rows)
     r: dict = {"batch": batch, "n_q": n_q, "n_k": n_k, "heads": heads, "head_dim": head_dim, "tflop": round(flop / 1e12, 4)}
     with torch.no_grad():
-        product = lambda: attention(q, k, v, options=AttentionOptions(backend="fp8"))  # noqa: E731
+        product = lambda: fp8.fp8_attention(q, k, v)  # noqa: E731
         quantized = fp8.quantize(q, k, v)
         kernel = lambda: fp8.fp8_attention_forward(*quantized, q.dtype)  # noqa: E731
         r["fp8_s"] = time_call(product, device, repeat)

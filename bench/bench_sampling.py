@@ -17,11 +17,9 @@ Runtimes (`--runtimes`), each what `sample` runs with these flags:
   application; the others run `sample`'s default `--merge-loras auto`, which folds it into bf16 weights);
 * `compiled_fp8_compute`: `--compile on --base-precision fp8-compute` (float8 matmuls of the frozen block
   linears, runtime/fp8_compute.py; auto keeps the LoRA un-merged on 8-bit weights);
-* `compiled_fp8_compute_merged`: the same with `--merge-loras on` (merged before the weights go to 8 bits);
-* `compiled_fp8_attention`: `--compile on --attention fp8` (float8 self-attention, model/fp8_attention.py);
-* `compiled_fp8_all_merged`: `--compile on --base-precision fp8-compute --merge-loras on --attention fp8`.
+* `compiled_fp8_compute_merged`: the same with `--merge-loras on` (merged before the weights go to 8 bits).
 
-A runtime that names an attention backend runs it in place of `--attention`.
+A runtime that names an attention backend (`attention=` in `RUNTIMES`) runs it in place of `--attention`.
 
 Default: eager, compiled, compiled_fp8_compute. The LoRA runtimes differ only on grids with a LoRA
 (distilled16); each result names how its LoRA ran (`lora`: merged, un-merged, or null without one).
@@ -123,8 +121,6 @@ RUNTIMES = {
     "compiled_unmerged": dict(compile="on", base_precision="no_change", merge_loras="off"),
     "compiled_fp8_compute": dict(compile="on", base_precision="fp8-compute", merge_loras="auto"),
     "compiled_fp8_compute_merged": dict(compile="on", base_precision="fp8-compute", merge_loras="on"),
-    "compiled_fp8_attention": dict(compile="on", base_precision="no_change", merge_loras="auto", attention="fp8"),
-    "compiled_fp8_all_merged": dict(compile="on", base_precision="fp8-compute", merge_loras="on", attention="fp8"),
 }
 DEFAULT_RUNTIMES = ("eager", "compiled", "compiled_fp8_compute")
 REFERENCE_ORDER = ("eager", "compiled")  # the runtime the others' latents are compared with: the first that ran

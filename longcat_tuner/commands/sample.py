@@ -53,8 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--attention", default=None,
-                   help="attention backend: auto, sdpa, xformers, block_sparse, reference, or fp8 (float8 attention: "
-                   "faster on Ada/Hopper GPUs, small quality cost; README \"Sampling\") (default: the one the first "
+                   help="attention backend: auto, sdpa, xformers, block_sparse, reference (default: the one the first "
                    "--lora was trained with, else auto)")
     p.add_argument("--blocks-to-swap", type=bounded_int(0), default=None,
                    help="keep the weights of the last N DiT blocks in pinned host memory and stream them in (CUDA; "
@@ -325,12 +324,6 @@ def load_dit_for_sampling(args: argparse.Namespace, *, dtype, device, settings=N
         merge, _ = choose_merge(getattr(args, "merge_loras", "auto"), base_precision=settings.base_precision,
                                 loras=len(loras))
     attention = args.attention or trained_attention(args.lora) or "auto"
-    if attention == "fp8":
-        from longcat_tuner.errors import ConfigError
-        from longcat_tuner.model.fp8_attention import fp8_device_error
-
-        if why := fp8_device_error(device):
-            raise ConfigError(f"--attention fp8: {why}")
     # --dit: a full fine-tune's DiT folder (`_sample` resolves it, with `model/sources.py`); else --model's dit/.
     dit = load_dit(getattr(args, "dit", None) or args.model, dtype=dtype, device=runtime.load_device(settings, device),
                    attention_backend=attention)

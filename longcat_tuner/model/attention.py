@@ -13,9 +13,6 @@ Every attention call in the DiT goes through `attention(q, k, v, ...)` with tens
   grid (the whole latent grid for noisy queries) is a multiple of the block shape with more than one frame, as the
   official code requires; `sdpa` otherwise. The query grid may be ragged: with one condition latent the noisy
   queries span T-1 frames, which our kernel takes without padding. The 1-frame condition call runs dense.
-- `fp8`: dense attention over float8 (e4m3) Q, K, V, our Triton kernel (`fp8_attention.py`), forward only: for
-  sampling (`sample --attention fp8`), never chosen by `auto`. Calls it cannot take (a key mask, a head dimension
-  that is not a power of two from 16 to 256) run `sdpa`.
 """
 from __future__ import annotations
 
@@ -131,12 +128,6 @@ def block_sparse_attention(q, k, v, *, q_grid, k_grid, options: AttentionOptions
     )
 
 
-def fp8_attention_call(q, k, v, **_unused) -> torch.Tensor:
-    from longcat_tuner.model.fp8_attention import fp8_attention
-
-    return fp8_attention(q, k, v)
-
-
 def _has_module(name: str) -> Callable[[], bool]:
     return lambda: importlib.util.find_spec(name) is not None
 
@@ -154,7 +145,6 @@ register_backend(
     )
 )
 
-register_backend(Backend("fp8", fp8_attention_call, _has_module("triton"), supports_key_mask=False))
 
 
 def _auto_uses_block_sparse(q: torch.Tensor, k_grid: Optional[Grid], chunk: Grid) -> bool:
@@ -176,11 +166,6 @@ def resolve_backend(q: torch.Tensor, q_grid, k_grid, key_mask, options: Attentio
         backend = _BACKENDS["sdpa"]
     if key_mask is not None and not backend.supports_key_mask:
         backend = _BACKENDS["sdpa"]
-    if backend.name == "fp8":
-        from longcat_tuner.model.fp8_attention import fp8_attention_supported
-
-        if not fp8_attention_supported(q.shape[-1])[0]:
-            backend = _BACKENDS["sdpa"]
     return backend
 
 
