@@ -369,7 +369,7 @@ def _interpreted(kernel):
 
     fn = kernel.fn
     scope = dict(fn.__globals__)
-    for name, value in scope.items():  # every jit'd helper of the kernel's module (fp8_attention.py has its own)
+    for name, value in scope.items():  # every jit'd helper of the kernel's module (bench/fp8_attention_probe.py has its own)
         if isinstance(value, triton.runtime.JITFunction) and value is not kernel:
             scope[name] = value.fn
     for name, library in _INTERPRETER_COMBINERS.items():
