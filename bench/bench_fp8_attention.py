@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_result  # noqa: E402
 from bench import fp8_attention_probe as fp8  # noqa: E402
+from bench.bench_attention import time_cuda  # noqa: E402
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16; float8 peaks at twice this
 CASES = {"cfg_pair": dict(batch=2), "distilled": dict(batch=1)}
@@ -35,24 +36,15 @@ CHECK_ROWS = 1024
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    """Median seconds per call (CUDA events; wall clock on the CPU)."""
-    fn()
-    if device.type != "cuda":
-        import time
+    """Median seconds per call (`bench_attention.time_cuda`; one wall-clock call on the CPU)."""
+    if device.type == "cuda":
+        return time_cuda(fn, repeat=repeat)
+    import time
 
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2]
+    fn()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
