@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
+        from longcat_tuner.fsutil import NotRegularFileError
+
+        if isinstance(err, NotRegularFileError):
+            # An output path that exists as a device, pipe, socket or folder, met by a writer no command-level check
+            # caught first: its message names the path and says to give a file name; a user error, not a traceback.
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         # A path the file system refuses as too long (`OSError: [Errno 36]`) where no flag check caught it first
         # (a path inside config.json): one line, as other bad paths, not a traceback.
         if err.errno != errno.ENAMETOOLONG:
@@ -81,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {shown_path(str(err.filename))} is too long for the file system; give a shorter path",
               file=sys.stderr)
         return 2
-
 
 
 if __name__ == "__main__":

@@ -369,6 +369,16 @@ def run_problems(config: Any, *, model_checked: bool = False) -> list[str]:
     return problems
 
 
+def run_warnings(config: Any) -> list[str]:
+    """What `train` would warn about this config and go on: a resume with another `seed` than its checkpoint's run
+    (the checkpoint's random state is restored, so the new seed has no effect)."""
+    from longcat_tuner.train.outputs import resolved_resume_checkpoint, resume_seed_warning
+
+    resumed = resolved_resume_checkpoint(config.resume_from_checkpoint, Path(config.output_dir) / "checkpoints")
+    warning = resume_seed_warning(resumed, config) if resumed is not None else None
+    return [warning] if warning else []
+
+
 def model_summary(settings: DataSettings) -> Optional[dict]:
     """The cheap model-folder check (configs, shard index, safetensors headers, DiT shapes; no weights, no torch)."""
     if settings.model_root is None:
@@ -449,6 +459,7 @@ def run(args: argparse.Namespace) -> int:
     unbatched = {(b.frames, b.height, b.width, start): n for (b, start), n in batch_groups(plan).items()
                  if n < settings.train_batch_size}
     notes = [unbatched_warning(unbatched, settings.train_batch_size)] if unbatched and largest >= settings.train_batch_size else []
+    notes += run_warnings(settings.config) if settings.config is not None else []
     summary["ok"] = not problems
     summary["blocking"] = problems
     summary["batch_warnings"] = notes

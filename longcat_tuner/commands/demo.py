@@ -284,6 +284,9 @@ def not_the_demos(folder: Path) -> tuple[list[Path], list[Path]]:
         path = folder / name
         if not path.exists():
             continue
+        if not path.is_file():  # a folder, a pipe (reading it waited forever) or a device: not the demo's
+            found.append(path)
+            continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):

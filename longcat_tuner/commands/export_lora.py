@@ -89,7 +89,7 @@ def check_output(source: Path, target: Path, *, overwrite: bool, format: str = "
     layout under its own name), or is an existing file without --overwrite."""
     from longcat_tuner.fsutil import folder_problem
 
-    suggestion = Path(source).stem + f"_{format}.safetensors"
+    suggestion = suggested_name(source, format)
     if target.is_dir():
         raise ConfigError(f"output {target} is a folder; give a file name, e.g. {target / suggestion}")
     if target.suffix.lower() != ".safetensors":
@@ -107,3 +107,17 @@ def check_output(source: Path, target: Path, *, overwrite: bool, format: str = "
         raise ConfigError(problem)
     if target.exists() and not overwrite:
         raise ConfigError(f"output {target} already exists; choose another name, or pass --overwrite to replace it")
+
+
+def suggested_name(source: Path, format: str) -> str:
+    """An OUTPUT name for `source` in `format`, named as `train` names its files: `longcat_lora_comfyui.safetensors`
+    for a run's `longcat_lora*.safetensors`, else `<name>_comfyui.safetensors` (`_wan2gp`, `_diffusers`; the official
+    layout adds nothing); `_converted` is added where that would be the input's own name."""
+    from longcat_tuner.model.lora_formats import FILE_NAMES
+
+    base, extension = "longcat_lora", ".safetensors"
+    tail = FILE_NAMES[format][len(base):-len(extension)]  # "_comfyui", "_wan2gp", "_diffusers", "" (official)
+    name = Path(source).name
+    stem = base if name in FILE_NAMES.values() else Path(source).stem
+    suggestion = stem + tail + extension
+    return stem + tail + "_converted" + extension if suggestion == name else suggestion

@@ -187,7 +187,7 @@ def _sample(args: argparse.Namespace, ctx) -> int:
         return 0
     out = write_video_output(args.output, video_to_uint8(result.video), fps=args.fps)
     message = {"event": "sample_done", "output": str(out), "height": height, "width": width, "frames": args.frames}
-    print(json.dumps(message) if args.progress_json else f"wrote {out} ({args.frames} frames, {height}x{width}, {args.fps} fps)", file=sys.stdout)
+    print(json.dumps(message) if args.progress_json else f"wrote {out} ({args.frames} frame{'' if args.frames == 1 else 's'}, {height}x{width}, {args.fps} fps)", file=sys.stdout)
     return 0
 
 

@@ -166,6 +166,23 @@ def resume_settings_problem(checkpoint: Path, config: Any) -> Optional[str]:
             f"{back} again to resume it, or {fresh}")
 
 
+def resume_seed_warning(checkpoint: Path, config: Any) -> Optional[str]:
+    """A warning when `config.seed` differs from the seed of the run that wrote `checkpoint` (its data sampler's,
+    in trainer_state.json): resuming restores the checkpoint's random state (data order, noise, sigmas), so the new
+    seed has no effect. None when they agree, or when the checkpoint records no seed."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        saved = state["sampler"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved == config.seed:
+        return None
+    return (f"warning: resume_from_checkpoint {checkpoint}: this config sets seed {config.seed}, the checkpoint's run "
+            f"used seed {saved}; resuming restores the checkpoint's random state (data order, noise, sigmas), so seed "
+            f"{saved} is used and seed {config.seed} has no effect. Set seed: {saved} to resume without this warning, "
+            f"or start a new run (without resume_from_checkpoint) to train with seed {config.seed}")
+
+
 CHECKPOINT_WEIGHTS_FILE = "trainable.safetensors"  # a checkpoint's trainable weights, under the model's own names
 CHECKPOINT_LORA_FILE = "longcat_lora.safetensors"  # the same adapters in the official LoRA format, beside them
 

@@ -44,7 +44,8 @@ from longcat_tuner.runtime.allocator import expandable_in_use, use_default_alloc
 from longcat_tuner.train import checkpoint as ckpt
 from longcat_tuner.train import run_lock
 from longcat_tuner.train.outputs import (
-    STEP_DATA_KEYS, checkpoint_weights_problem, earlier_run_problem, resume_settings_problem, set_aside_earlier_run,
+    STEP_DATA_KEYS, checkpoint_weights_problem, earlier_run_problem, resume_seed_warning, resume_settings_problem,
+    set_aside_earlier_run,
 )
 from longcat_tuner.train.distributed import (
     available_host_memory,
@@ -637,6 +638,9 @@ def resume(run: Run, path: Path) -> None:
     if resharded:  # the epoch goes on after the batches all ranks took, dealt over the new ranks
         sampler = ckpt.rescale_sampler_state(sampler, int(state["state"].get("data_world_size", saved_ranks)),
                                              parallel.data_world_size)
+    seed_warning = resume_seed_warning(path, run.config)
+    if seed_warning:  # the saved random state wins over a changed `seed` (`check` says the same)
+        parallel.say(seed_warning, file=sys.stderr)
     run.data.sampler.load_state_dict(sampler)
     rng = state["rng"] if resharded else parallel.rng_from_checkpoint(state["rng"])
     ckpt.restore_rng_state(rng, {"train": run.generator}, cuda_device=parallel.cuda_rng_device)
