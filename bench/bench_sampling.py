@@ -19,8 +19,6 @@ Runtimes (`--runtimes`), each what `sample` runs with these flags:
   linears, runtime/fp8_compute.py; auto keeps the LoRA un-merged on 8-bit weights);
 * `compiled_fp8_compute_merged`: the same with `--merge-loras on` (merged before the weights go to 8 bits).
 
-A runtime that names an attention backend (`attention=` in `RUNTIMES`) runs it in place of `--attention`.
-
 Default: eager, compiled, compiled_fp8_compute. The LoRA runtimes differ only on grids with a LoRA
 (distilled16); each result names how its LoRA ran (`lora`: merged, un-merged, or null without one).
 
@@ -292,7 +290,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             # The settings `sample` would run this grid with under this runtime's flags.
             flags = dict(RUNTIMES[runtime_name])
             merge_loras = flags.pop("merge_loras")
-            attention = flags.pop("attention", args.attention)
             settings = sample_command.sampling_settings(
                 device=device, steps=grid["steps"], guidance=grid["guidance"], blocks_to_swap=args.blocks_to_swap,
                 **flags)
@@ -302,14 +299,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                     loras=1 if lora_rank else 0)
             torch._dynamo.reset()
             with compile_backend(args.compile_backend):
-                dit = build_model(config, settings, device, dtype, attention=attention, lora_rank=lora_rank,
+                dit = build_model(config, settings, device, dtype, attention=args.attention, lora_rank=lora_rank,
                                   merge=merged)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 r, final = time_run(dit, grid, args.timed_steps, inputs)
             official = forwards * OFFICIAL_FORWARD_S
-            r.update(settings=settings.describe(), attention=attention, lora=("merged" if merged else "un-merged") if lora_rank else None,
+            r.update(settings=settings.describe(), lora=("merged" if merged else "un-merged") if lora_rank else None,
                      forwards=forwards, official_s=round(official, 1),
                      ratio_to_official=round(r["video_s_estimate"] / official, 3), target_s=round(TARGET_S[grid_name], 1),
                      meets_target=r["video_s_estimate"] <= TARGET_S[grid_name])

@@ -40,7 +40,6 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 P_OFFSET_LOG2 = 8.0  # exponentials are computed as 2^(s - max + 8): the row maximum of P is 256, below 448
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-OP = "longcat_tuner_bench::fp8_attention_forward"
 
 # Launch settings (bench/bench_fp8_attention.py --sweep, one H100, 37,440 keys, 32 heads of 128).
 KERNEL_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "EXP16": 0}
@@ -179,7 +178,6 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q8, q_scale, k8, k_scale, vt8, v_scale.squeeze(2).contiguous()
 
 
-@torch.library.custom_op(OP, mutates_args=())
 def fp8_attention_forward(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
                           vt8: torch.Tensor, v_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for the quantized inputs of `quantize`; [B, H, Nq, D] in `out_dtype`."""
@@ -196,11 +194,6 @@ def fp8_attention_forward(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Ten
         EVEN_M=n_q % block_m == 0, ROUND_FIRST=not q8.is_cuda, EXP16=exp16 and q8.is_cuda, **config,
     )
     return o
-
-
-@fp8_attention_forward.register_fake
-def _(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype):
-    return torch.empty(q8.shape, device=q8.device, dtype=out_dtype)
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

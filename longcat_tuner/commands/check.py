@@ -121,15 +121,24 @@ def largest_batch_group(plan) -> int:
     return max(batch_groups(plan).values(), default=0)
 
 
-def patch_problem(plan, model_root: Path) -> Optional[str]:
-    """Bucket sizes the checkpoint's DiT cannot patchify (pixels = VAE 8 x patch_size): the release's (1, 2, 2)
-    takes every size the buckets make (multiples of 16); another patch would stop the run at its first step."""
+def checkpoint_patch_size(model_root: Path) -> Optional[tuple[int, int, int]]:
+    """The patch_size of the checkpoint's dit/config.json, or None when it cannot be read (the model check names
+    a damaged config)."""
     from longcat_tuner.model.config import DiTConfig
 
     try:
-        _, ph, pw = DiTConfig.from_file(Path(model_root) / "dit" / "config.json").patch_size
-    except Exception:  # a damaged config is named by the model check
+        return tuple(DiTConfig.from_file(Path(model_root) / "dit" / "config.json").patch_size)
+    except Exception:
         return None
+
+
+def patch_problem(plan, model_root: Path) -> Optional[str]:
+    """Bucket sizes the checkpoint's DiT cannot patchify (pixels = VAE 8 x patch_size): the release's (1, 2, 2)
+    takes every size the buckets make (multiples of 16); another patch would stop the run at its first step."""
+    patch = checkpoint_patch_size(model_root)
+    if patch is None:
+        return None
+    _, ph, pw = patch
     step_h, step_w = 8 * ph, 8 * pw
     bad = sorted({(s.bucket.height, s.bucket.width, p.dataset.id) for p in plan.all_plans for s in p.samples
                   if s.bucket.height % step_h or s.bucket.width % step_w})
@@ -174,11 +183,9 @@ def validation_patch_problem(config: Any, plan: Any, model_root: Path) -> Option
     """`patch_problem` for the validation videos: a `validation_resolution` the checkpoint's DiT cannot patchify
     (48x80 with patch_size (1, 4, 4)) failed every validation as a warning; `train` refuses it before loading."""
     from longcat_tuner.data.buckets import validation_size_problem
-    from longcat_tuner.model.config import DiTConfig
 
-    try:
-        patch = DiTConfig.from_file(Path(model_root) / "dit" / "config.json").patch_size
-    except Exception:  # a damaged config is named by the model check
+    patch = checkpoint_patch_size(model_root)
+    if patch is None:
         return None
     return validation_size_problem(config.validation_resolution, validation_sizes(config, plan), patch)
 

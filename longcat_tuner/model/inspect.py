@@ -410,14 +410,14 @@ def adapted_linears(config: DiTConfig, targets: Iterable[str]) -> dict[str, tupl
     """`{module path: (in, out)}` of the DiT's linear layers that `targets` (lora_targets) adapt, by the rule
     `inject_lora` applies (a path equal to a target or ending with `.` + target): block layers (`attn.qkv`), one
     block's (`blocks.3.attn.qkv`) and top-level ones (`final_layer.linear`) alike. Torch-free."""
-    from longcat_tuner.model.lora_names import BLOCK_LINEARS, TOP_LINEARS
+    from longcat_tuner.model.lora_names import BLOCK_LINEARS, TOP_LINEARS, matching_target
 
     targets = tuple(targets)
     shapes = config.expected_shapes()
     paths = [f"blocks.{i}.{name}" for i in range(config.depth) for name in BLOCK_LINEARS] + list(TOP_LINEARS)
     found = {}
     for path in paths:
-        if any(path == target or path.endswith("." + target) for target in targets):
+        if matching_target(path, targets) is not None:
             out_features, in_features = shapes[f"{path}.weight"]
             found[path] = (in_features, out_features)
     return found
@@ -426,13 +426,14 @@ def adapted_linears(config: DiTConfig, targets: Iterable[str]) -> dict[str, tupl
 def lora_rank_problem(config: DiTConfig, rank: int, targets: Iterable[str]) -> Optional[str]:
     """Why `rank` does not fit the adapted layers (rank above min(in, out) adds nothing), or None. `check` reports
     it and `train` refuses it before caching, both through this function."""
+    from longcat_tuner.model.lora_names import matching_target
+
     narrowest: Optional[tuple[int, str, int, int]] = None
     targets = tuple(targets)
     for path, (in_features, out_features) in adapted_linears(config, targets).items():
         width = min(in_features, out_features)
         if narrowest is None or width < narrowest[0]:
-            name = next(t for t in targets if path == t or path.endswith("." + t))  # as lora_targets says it
-            narrowest = (width, name, in_features, out_features)
+            narrowest = (width, matching_target(path, targets), in_features, out_features)  # as lora_targets says it
     if narrowest is not None and rank > narrowest[0]:
         width, target, in_features, out_features = narrowest
         return (

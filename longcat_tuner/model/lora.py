@@ -23,7 +23,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS
+from longcat_tuner.model.lora_names import DEFAULT_LORA_TARGETS, LORA_FILE_FORMATS, matching_target
 from longcat_tuner.errors import CheckpointError, ConfigError
 from longcat_tuner.model import lora_formats
 from longcat_tuner.model.lora_formats import FUSED_SPLITS, fused_parts  # noqa: F401  (re-exported)
@@ -131,9 +131,9 @@ def match_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
     targets = list(targets)
     names = [
         path for path, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(path == t or path.endswith("." + t) for t in targets)
+        if isinstance(module, nn.Linear) and matching_target(path, targets) is not None
     ]
-    unmatched = [t for t in targets if not any(p == t or p.endswith("." + t) for p in names)]
+    unmatched = [t for t in targets if not any(matching_target(p, (t,)) is not None for p in names)]
     if unmatched:
         raise ConfigError(
             f"lora_targets {unmatched} match no linear layer of the DiT; valid examples: {', '.join(DEFAULT_TARGETS)}, "

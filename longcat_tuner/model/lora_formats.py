@@ -56,7 +56,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from longcat_tuner.model.lora_names import BLOCK_LINEARS, LORA_FILE_FORMATS, TOP_LINEARS
+from longcat_tuner.model.lora_names import BLOCK_LINEARS, LORA_FILE_FORMATS, TOP_LINEARS, matching_target
 from longcat_tuner.errors import CheckpointError, ConfigError
 
 # --- the official module tree ------------------------------------------------------------------------------
@@ -621,7 +621,7 @@ def check_targets(adapters: dict[str, Adapter], targets: Iterable[str], path: Un
     """Refuse adapters (read from `path`) on layers that `lora_targets` gives no trainable adapter (the model's rule:
     a layer path equal to a target or ending with `.` + target): an `init_lora` that cannot start this run."""
     targets = tuple(targets)
-    outside = [p for p in adapters if not any(p == t or p.endswith("." + t) for t in targets)]
+    outside = [p for p in adapters if matching_target(p, targets) is None]
     if outside:
         raise CheckpointError(
             f"{path}: {len(outside)} LoRA modules have no trainable adapter here ({', '.join(outside[:5])}); "

@@ -3,6 +3,7 @@ without importing the model; `longcat_tuner.model.lora` and `.lora_formats` use 
 from __future__ import annotations
 
 import re
+from typing import Iterable, Optional
 
 # Every linear layer of every DiT block: the official cfg_step_lora targets (MODEL.md 4.4) plus cross_attn.proj.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (
@@ -30,6 +31,12 @@ TOP_LINEARS: tuple[str, ...] = (
 _BLOCK_TARGET = re.compile(r"^(?:blocks\.)?(\d+)\.")
 
 
+def matching_target(path: str, targets: Iterable[str]) -> Optional[str]:
+    """The first of `targets` (lora_targets) that names the layer at module `path`, by the rule the model applies
+    (the path equals the target or ends with `.` + target: `attn.qkv` names `blocks.7.attn.qkv`), or None."""
+    return next((t for t in targets if path == t or path.endswith("." + t)), None)
+
+
 def unknown_targets(targets: list[str]) -> list[str]:
     """The `lora_targets` entries that name no linear layer of the LongCat DiT at any depth, by the rule the
     model applies (a layer path equal to the target or ending with `.` + target); a block index beyond the
@@ -38,7 +45,7 @@ def unknown_targets(targets: list[str]) -> list[str]:
     for target in targets:
         match = _BLOCK_TARGET.match(target)
         paths = [f"blocks.{match[1] if match else 0}.{name}" for name in BLOCK_LINEARS] + list(TOP_LINEARS)
-        if not any(path == target or path.endswith("." + target) for path in paths):
+        if not any(matching_target(path, (target,)) is not None for path in paths):
             unknown.append(target)
     return unknown
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from longcat_tuner.errors import ConfigError
 from longcat_tuner.model.layers import FP32Linear
+from longcat_tuner.model.lora_names import matching_target
 
 PRECISIONS = ("no_change", "bf16", "fp32", "int8-quanto", "fp8-torchao")
 QUANTIZED = {"fp8-torchao": torch.float8_e4m3fn, "int8-quanto": torch.int8}
@@ -99,7 +100,7 @@ class QuantizedLinear(nn.Linear):
 
 
 def _matches(path: str, targets: Iterable[str]) -> bool:
-    return any(path == t or path.endswith("." + t) for t in targets)
+    return matching_target(path, targets) is not None
 
 
 def quantize_base_weights(

@@ -220,8 +220,6 @@ def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, p
     CUDA the cap is enforced with PyTorch's per-process memory fraction."""
     from importlib.util import find_spec
 
-    from longcat_tuner.model.config import DiTConfig
-    from longcat_tuner.model.loading import find_component
     from longcat_tuner.runtime.auto import choose_plan, is_calibrated, uses_block_sparse
     from longcat_tuner.runtime.settings import MEMORY_CONFIG_KEYS
 
@@ -229,7 +227,7 @@ def plan_memory(config: TrainConfig, data: TrainingData, precision: Precision, p
 
     cuda = precision.device.type == "cuda"
     card_gib, others_gib = gpu_budget(precision.device, config.max_gpu_memory_gib) if cuda else (None, 0.0)
-    dit_config = DiTConfig.from_file(find_component(config.pretrained_model_name_or_path, "dit") / "config.json")
+    dit_config = _dit_config(config)
     shape, triton = largest_clip(data, config.train_batch_size), find_spec("triton") is not None
     return choose_plan(
         config, explicit=config.model_fields_set & set(MEMORY_CONFIG_KEYS),
