@@ -441,17 +441,7 @@ def fine_tune_attention(sources) -> str | None:
     """The `attention_implementation` a full fine-tune recorded beside its DiT (`base_model.json`), so its weights
     meet at inference the attention they learned with (None when none is recorded or it cannot run here)."""
     name = sources.recorded("attention_implementation")
-    if not isinstance(name, str):
-        return None
-    from longcat_tuner.errors import ConfigError
-    from longcat_tuner.model.attention import validate_backend_name
-
-    try:
-        return validate_backend_name(name)
-    except ConfigError as err:
-        print(f"warning: {sources.dit} was trained with attention '{name}', which cannot be used here ({err}); "
-              "sampling with auto (pass --attention to choose)", file=sys.stderr)
-        return None
+    return usable_attention(name, sources.dit) if isinstance(name, str) else None
 
 
 def trained_attention(lora_paths: list[str]) -> str | None:
@@ -466,14 +456,18 @@ def trained_attention(lora_paths: list[str]) -> str | None:
             name = (handle.metadata() or {}).get("attention_implementation")
     except Exception:  # unreadable files get their clear error from load_lora
         return None
-    if name is None:
-        return None
+    return None if name is None else usable_attention(name, lora_paths[0])
+
+
+def usable_attention(name: str, trained: Any) -> str | None:
+    """`name`, the attention `trained` (a LoRA file, a fine-tuned DiT) recorded, when this machine can run it; else
+    a warning and None (sampling goes on with auto): a record from elsewhere does not stop sampling."""
     from longcat_tuner.errors import ConfigError
     from longcat_tuner.model.attention import validate_backend_name
 
     try:
         return validate_backend_name(name)
-    except ConfigError as err:  # a header from elsewhere (another machine, another tool) does not stop sampling
-        print(f"warning: {lora_paths[0]} was trained with attention '{name}', which cannot be used here ({err}); "
+    except ConfigError as err:
+        print(f"warning: {trained} was trained with attention '{name}', which cannot be used here ({err}); "
               "sampling with auto (pass --attention to choose)", file=sys.stderr)
         return None

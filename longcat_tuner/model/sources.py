@@ -50,13 +50,7 @@ class ModelSources:
         """A value the fine-tune recorded in the base_model.json beside its DiT (e.g. `attention_implementation`),
         or None."""
         pointer = pointer_for(self.dit) if self.fine_tuned else None
-        if pointer is None:
-            return None
-        try:
-            payload = json.loads(pointer.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        return payload.get(key) if isinstance(payload, dict) else None
+        return None if pointer is None else pointer_payload(pointer).get(key)
 
     def describe(self) -> str:
         """One line saying where each part comes from (printed by `sample` when the DiT is a fine-tune's)."""
@@ -116,14 +110,20 @@ def pointer_for(model: Path) -> Optional[Path]:
     if (model / BASE_MODEL_FILE).is_file():
         return model / BASE_MODEL_FILE
     beside = model.parent / BASE_MODEL_FILE
-    if beside.is_file() and (model / "config.json").is_file():
-        try:
-            named = json.loads(beside.read_text(encoding="utf-8")).get("dit", "dit")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            named = "dit"
-        if named == model.name:
-            return beside
+    named = pointer_payload(beside).get("dit", "dit") if beside.is_file() else None
+    if named == model.name and (model / "config.json").is_file():
+        return beside
     return None
+
+
+def pointer_payload(path: Path) -> dict[str, Any]:
+    """What a base_model.json holds, or {} when it cannot be read as a JSON object (`read_base_pointer` is the
+    reader that names such a file; this one serves the lookups that fall back to the defaults)."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 # --- what a folder is -----------------------------------------------------------------------------------
