@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from longcat_tuner.errors import CheckpointError
 from longcat_tuner.fsutil import is_write_error, shareable, write_failure
 from longcat_tuner.train.outputs import (  # torch-free, shared with `check`
-    CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, list_checkpoints, move_aside, resolved_resume_checkpoint,
+    CHECKPOINT_WEIGHTS_FILE, COMPLETE_MARKER, STATE_FILE, list_checkpoints, move_aside, resolved_resume_checkpoint,
     resume_path_problem,
 )
 
@@ -36,7 +36,6 @@ WEIGHTS_FILE = CHECKPOINT_WEIGHTS_FILE
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
-STATE_FILE = "trainer_state.json"
 REQUIRED_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, STATE_FILE, COMPLETE_MARKER)
 
 

@@ -128,6 +128,19 @@ def resume_path_problem(value: Optional[str], checkpoints_dir: Path) -> Optional
 STEP_DATA_KEYS = ("train_batch_size", "gradient_accumulation_steps")
 
 
+STATE_FILE = "trainer_state.json"  # a checkpoint's step, schedule, sampler position and the settings above
+
+
+def saved_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json, or {} when it cannot be read as a JSON object (the resume itself names a
+    damaged one: `checkpoint.load_checkpoint`); for the checks that can only speak about what it records."""
+    try:
+        state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def resolved_resume_checkpoint(value: Optional[str], checkpoints_dir: Path) -> Optional[Path]:
     """The checkpoint folder `resume_from_checkpoint` resumes (`latest`: the newest complete one), or None (no
     resume, none yet, or a path `resume_path_problem` refuses)."""
@@ -144,12 +157,7 @@ def resume_settings_problem(checkpoint: Path, config: Any) -> Optional[str]:
     (each step would take other items, the restored data position would not continue that run). None when they
     agree, or for a checkpoint that predates the record (its state file's problems are named by the resume)."""
     checkpoint = Path(checkpoint)
-    try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict):
-        return None
+    state = saved_state(checkpoint)
     changed = [(key, state[key], getattr(config, key)) for key in STEP_DATA_KEYS
                if key in state and state[key] != getattr(config, key)]
     if not changed:
@@ -171,9 +179,8 @@ def resume_seed_warning(checkpoint: Path, config: Any) -> Optional[str]:
     in trainer_state.json): resuming restores the checkpoint's random state (data order, noise, sigmas), so the new
     seed has no effect. None when they agree, or when the checkpoint records no seed."""
     try:
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-        saved = state["sampler"]["seed"]
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = saved_state(checkpoint)["sampler"]["seed"]
+    except (KeyError, TypeError):
         return None
     if not isinstance(saved, int) or isinstance(saved, bool) or saved == config.seed:
         return None
