@@ -386,11 +386,10 @@ def parse_datasets(data: Any, *, source: str = "multidatabackend.json", base_dir
         if base_dir is not None:
             updates = {}
             for key in ("instance_data_dir", "cache_dir_vae", "cache_dir_text"):
-                value = getattr(dataset, key)  # `$VAR`, `${VAR}` and `~` expanded (an unset one is refused above)
-                if value is not None and not Path(expand_path(str(value))).is_absolute():
-                    updates[key] = base_dir / expand_path(str(value))
-                elif value is not None:
-                    updates[key] = Path(expand_path(str(value)))
+                value = getattr(dataset, key)
+                if value is not None:  # `$VAR`, `${VAR}` and `~` expanded (an unset one is refused above)
+                    expanded = Path(expand_path(str(value)))
+                    updates[key] = expanded if expanded.is_absolute() else base_dir / expanded
             dataset = dataset.model_copy(update=updates)
         for key in ("instance_data_dir", "cache_dir_vae", "cache_dir_text"):
             loop = getattr(dataset, key) is not None and symlink_loop(getattr(dataset, key))
