@@ -159,16 +159,12 @@ def list_loras(state: StateDep) -> list[dict[str, Any]]:
 def run_model(run_dir: Path) -> Optional[dict[str, Any]]:
     """A full fine-tune's result in a run folder (its dit/ and the base_model.json `train` writes beside it), as
     GET /api/models lists it, or None."""
-    from longcat_tuner.model.sources import BASE_MODEL_FILE
+    from longcat_tuner.model.sources import BASE_MODEL_FILE, pointer_payload
 
     pointer = run_dir / BASE_MODEL_FILE
     if not pointer.is_file() or not (run_dir / "dit" / "config.json").is_file():
         return None
-    try:
-        recorded = json.loads(pointer.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        recorded = {}
-    recorded = recorded if isinstance(recorded, dict) else {}
+    recorded = pointer_payload(pointer)
     return {"path": str(run_dir), "kind": "full", "dit": str(run_dir / "dit"), "base_model": recorded.get("base_model"),
             "step": recorded.get("step"), "modified": pointer.stat().st_mtime}  # fmt: skip
 
